@@ -1,0 +1,295 @@
+"""Run configuration: YAML files with inheritance, dotted overrides, validated by pydantic.
+
+A config file may name a parent with ``base: other.yaml`` (a path relative to the file); the child
+is deep-merged over it. Command-line overrides use dotted keys (``--set clustering.size_penalty=0.003``),
+their values parsed as YAML scalars. Validation rejects unknown keys, wrong types and out-of-range
+values before anything starts, with a message naming the key, the value and what is allowed.
+
+Every pseudo-label setting of a method lives in its one ``clustering`` block, whose schema is chosen
+by ``method`` (the OpenUnReID convention).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHODS = ("buc", "dbc", "pul", "ssl", "camstyle")
+DATASET_NAMES = ("synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    name: Literal[DATASET_NAMES] = "synthetic"
+    root: str = "data/synthetic"
+    pattern: str | None = None
+    cuhk03_protocol: Literal["labeled", "detected"] = "labeled"
+    height: PosInt = 256
+    width: PosInt = 128
+    num_workers: Annotated[int, Field(ge=0)] = 2
+    bad_images: Literal["fail", "skip"] = "fail"
+    seq_len: PosInt = 16
+    max_test_frames: PosInt = 200
+    synthetic: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _root_exists(self):
+        # The synthetic default is generated on first use; every real dataset must already be there.
+        if self.name != "synthetic" and not Path(self.root).expanduser().is_dir():
+            raise ValueError(f"data.root: dataset folder {self.root!r} does not exist (data.name={self.name!r})")
+        if self.name == "folder" and not self.pattern:
+            raise ValueError("data.pattern: the folder dataset needs a filename regex with a (?P<pid>...) group")
+        return self
+
+    @property
+    def is_video(self) -> bool:
+        return self.name in ("mars", "dukevideo") or bool(self.synthetic.get("video", False))
+
+
+class ModelConfig(_Strict):
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    weights: str = "imagenet"
+    embedding_dim: PosInt = 2048
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    num_stripes: Annotated[int, Field(ge=0)] = 0
+    frozen_stages: Literal["layer2"] | None = None
+
+
+class TrainConfig(_Strict):
+    batch_size: PosInt = 16
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    backbone_lr_mult: NonNegFloat = 0.1
+    momentum: NonNegFloat = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    nesterov: bool = True
+    first_stage_epochs: PosInt = 20
+    first_stage_lr_step: PosInt = 16
+    stage_epochs: PosInt = 2
+    stage_lr: Annotated[float, Field(gt=0)] = 0.01
+    max_batches_per_epoch: PosInt | None = None
+    eval_batch_size: PosInt = 64
+
+
+class LossConfig(_Strict):
+    temperature: Annotated[float, Field(gt=0)] = 0.1
+
+
+class BUCClustering(_Strict):
+    """Lin et al. AAAI 2019. ``size_penalty`` is the diversity weight lambda (paper 0.005, fixed code 0.003)."""
+
+    merge_percent: Fraction = 0.05
+    size_penalty: NonNegFloat = 0.005
+    metric: Literal["sqeuclidean", "euclidean"] = "sqeuclidean"
+
+
+class DBCClustering(_Strict):
+    """Ding et al. ``update='stage'`` is the public code (intra_weight 0 reproduces it), 'merge' the paper's Alg. 1."""
+
+    merge_percent: Fraction = 0.05
+    intra_weight: NonNegFloat = 0.0
+    update: Literal["stage", "merge"] = "stage"
+
+
+class PULClustering(_Strict):
+    """Fan et al. TOMM 2018: k-means, reliable-sample selection, fine-tuning from the original model."""
+
+    num_clusters: PosInt = 750
+    threshold: Annotated[float, Field(ge=-1, le=1)] = 0.85
+    match: Literal["any", "own"] = "any"
+    iterations: PosInt = 20
+    source: DataConfig | None = None
+    pretrain_epochs: PosInt = 60
+    labeled_ids_per_iteration: Annotated[int, Field(ge=0)] = 0
+
+
+class SSLClustering(_Strict):
+    """Lin et al. CVPR 2020: softened similarity learning, no clustering."""
+
+    num_neighbors: PosInt = 4
+    part_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    camera_penalty: NonNegFloat = 0.02
+    soft_weight: Annotated[float, Field(gt=0, le=1)] = 0.6
+    num_stages: PosInt = 10
+
+
+class CamstyleClustering(BUCClustering):
+    """Lin et al. TIP 2020: BUC over real + camera-style fakes; fake-fake distances ignored."""
+
+    fake_root: str | None = None
+
+
+CLUSTERING_SCHEMAS: dict[str, type[_Strict]] = {
+    "buc": BUCClustering,
+    "dbc": DBCClustering,
+    "pul": PULClustering,
+    "ssl": SSLClustering,
+    "camstyle": CamstyleClustering,
+}
+
+
+class ScheduleConfig(_Strict):
+    max_stages: PosInt | None = None
+    patience: PosInt | None = None
+    select_metric: Literal["mAP", "rank1", "rank5"] = "mAP"
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    num_workers: PosInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None
+    experiment: str = "ureid"
+    run_name: str | None = None
+
+
+class Config(_Strict):
+    method: Literal[METHODS]
+    seed: Annotated[int, Field(ge=0)] = 0
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    clustering: BUCClustering | DBCClustering | PULClustering | SSLClustering | CamstyleClustering
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clustering_by_method(cls, data: Any):
+        # The clustering block's schema depends on the method; validate it against exactly that
+        # schema so an unknown key is reported as unknown rather than as a failed union member.
+        if isinstance(data, dict) and data.get("method") in CLUSTERING_SCHEMAS:
+            block = data.get("clustering") or {}
+            if isinstance(block, dict):
+                data = dict(data)
+                data["clustering"] = CLUSTERING_SCHEMAS[data["method"]].model_validate(block)
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file, resolving ``base:`` inheritance (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        candidate = CONFIG_DIR / path
+        if not path.is_absolute() and candidate.is_file():
+            path = candidate
+        else:
+            raise ConfigError(f"config file {str(path)!r} not found (configs live in {CONFIG_DIR})")
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' inheritance loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("base", None)
+    if parent is not None:
+        data = _deep_merge(read_yaml(path.parent / parent, _seen + (path,)), data)
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML (numbers, bools, null, lists)."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.endswith("Clustering")))
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the method's schema")
+        elif err["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg} (got {value!r})" if loc else f"  {msg}")
+    return "\n".join(lines)
+
+
+def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
+    if "method" in data and data["method"] not in METHODS:
+        raise ConfigError(
+            f"invalid configuration ({source}):\n  method: {data['method']!r} is not a method; allowed: {', '.join(METHODS)}"
+        )
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Load, merge and validate a config file plus dotted overrides."""
+    data = apply_overrides(read_yaml(path), overrides)
+    return validate(data, source=str(path))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path

@@ -1,0 +1,46 @@
+"""The one record type every dataset format yields.
+
+An image dataset has one path per record; a video dataset (MARS, DukeMTMC-VideoReID) has one
+record per tracklet whose ``paths`` are its frames in temporal order. ``pid`` is the identity
+(-1 junk, 0 distractor in Market-style layouts; only used for evaluation and diagnostics in the
+unsupervised methods), ``camid`` the 0-based camera index, ``is_fake`` marks camera-style
+transferred images (camstyle), which are never evaluated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Record:
+    paths: tuple[str, ...]
+    pid: int
+    camid: int
+    is_fake: bool = False
+
+    @property
+    def path(self) -> str:
+        return self.paths[0]
+
+
+@dataclass
+class ReidDataset:
+    """The three splits of a re-ID dataset, as lists of :class:`Record`."""
+
+    name: str
+    root: str
+    train: list[Record] = field(default_factory=list)
+    query: list[Record] = field(default_factory=list)
+    gallery: list[Record] = field(default_factory=list)
+    is_video: bool = False
+
+    def summary(self) -> str:
+        def stats(recs: list[Record]) -> str:
+            pids = {r.pid for r in recs}
+            cams = {r.camid for r in recs}
+            return f"{len(recs):>7} records {len(pids):>5} ids {len(cams):>3} cameras"
+
+        return "\n".join(
+            f"  {split:<8}{stats(getattr(self, split))}" for split in ("train", "query", "gallery")
+        )

@@ -1,0 +1,204 @@
+"""CMC and mAP under the Market-1501 protocol, vectorised and chunked over queries.
+
+Protocol (Zheng et al., *Scalable Person Re-identification: A Benchmark*, ICCV 2015, and the official
+evaluation code): for every query, gallery images of the same identity taken by the same camera are
+*junk* (they would be trivial matches), and so are gallery images with identity ``-1`` (bad detections);
+junk is removed from the ranked list before anything is counted. Identity ``0`` (distractors) stays in
+the list as a negative. A query without any remaining match is skipped. Ties in distance are broken by
+gallery index (stable sort), so results never depend on the sorting algorithm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AP_MODES = ("trapezoid", "step")
+METRICS = ("sqeuclidean", "euclidean", "cosine")
+
+
+def _as_numpy(x, name: str) -> np.ndarray:
+    """numpy view of an array-like or a torch tensor (torch is not imported: this module stays light)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_chunk(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def _check_ids(x, n: int, name: str, axis_name: str) -> np.ndarray:
+    arr = _as_numpy(x, name)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with one entry per {axis_name} ({n}); got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def stable_argsort_rows(d: np.ndarray) -> np.ndarray:
+    """Row-wise ``np.argsort(d, kind="stable")``, computed fast.
+
+    numpy's default (SIMD) argsort is ~2.5x faster than its stable timsort but orders equal values
+    arbitrarily. A row without equal values has one sorted order, so only rows that contain a tie are
+    sorted again with the stable algorithm; the result is identical to the stable sort everywhere.
+    """
+    order = np.argsort(d, axis=1)
+    s = np.take_along_axis(d, order, axis=1)
+    tied = (s[:, 1:] == s[:, :-1]).any(axis=1)
+    if tied.any():
+        order[tied] = np.argsort(d[tied], axis=1, kind="stable")
+    return order
+
+
+def evaluate(
+    distmat,
+    query_pids,
+    gallery_pids,
+    query_cams,
+    gallery_cams,
+    max_rank: int = 20,
+    ap: str = "trapezoid",
+    chunk_size: int = 256,
+) -> dict:
+    """CMC and mAP of a query x gallery distance matrix under the Market-1501 protocol.
+
+    AP of one query with ``n`` good matches, the i-th found at position ``r_i`` (1-based, junk removed):
+
+    * ``ap="trapezoid"`` (official Market-1501 ``compute_AP``, also the Python port used by BUC's code):
+      area under the precision-recall curve by the trapezoid rule, starting from precision 1,
+      ``AP = sum_i (1/n) * (p_{i-1} + p_i) / 2`` with ``p_i = i / r_i`` and ``p_{i-1} = (i-1)/(r_i-1)``
+      (``1`` when ``r_i = 1``).
+    * ``ap="step"`` (torchreid / fast-reid): non-interpolated ``AP = (1/n) sum_i i / r_i``.
+
+    CMC at rank k is the fraction of valid queries whose first good match is at position <= k.
+
+    Work is done ``chunk_size`` query rows at a time (argsort a block, gather identities and cameras,
+    masks by broadcasting, cumulative sums for positions), so memory is O(chunk_size x num_gallery)
+    beyond the inputs; a Market-1501 matrix (3,368 x 19,732) takes a few seconds.
+
+    Args:
+        distmat: (num_query, num_gallery) distances, smaller = more similar; numpy array or torch tensor.
+        query_pids, gallery_pids, query_cams, gallery_cams: 1-D integer identities / camera ids.
+        max_rank: length of the returned CMC curve.
+        ap: ``"trapezoid"`` or ``"step"``.
+        chunk_size: query rows processed at once.
+
+    Returns:
+        dict with ``mAP`` (float in [0, 1]), ``cmc`` (float64 array of length ``max_rank``),
+        ``rank1``/``rank5``/``rank10``/``rank20`` (floats, computed even when ``max_rank`` is smaller),
+        ``num_valid_queries`` (int) and ``ap_per_query`` (float64, NaN for skipped queries).
+
+    Raises:
+        ValueError: bad shapes, NaN distances, an unknown ``ap`` mode, bad ``max_rank``/``chunk_size``,
+            or no query with a valid match.
+    """
+    if ap not in AP_MODES:
+        raise ValueError(f"ap must be one of {AP_MODES}, got {ap!r}")
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    chunk_size = _check_chunk(chunk_size)
+    dist = _as_numpy(distmat, "distmat")
+    if dist.ndim != 2:
+        raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {dist.shape}")
+    if not np.issubdtype(dist.dtype, np.number) or np.iscomplexobj(dist):
+        raise ValueError(f"distmat must be real-valued, got dtype {dist.dtype}")
+    nq, ng = dist.shape
+    if nq == 0 or ng == 0:
+        raise ValueError(f"distmat is empty: shape {dist.shape}")
+    q_pids = _check_ids(query_pids, nq, "query_pids", "distmat row")
+    q_cams = _check_ids(query_cams, nq, "query_cams", "distmat row")
+    g_pids = _check_ids(gallery_pids, ng, "gallery_pids", "distmat column")
+    g_cams = _check_ids(gallery_cams, ng, "gallery_cams", "distmat column")
+
+    first_hit = np.zeros(nq, dtype=np.int64)  # 1-based position of the first good match, 0 = skipped
+    ap_all = np.full(nq, np.nan)
+    for start in range(0, nq, chunk_size):
+        block = dist[start : start + chunk_size]
+        if np.isnan(block).any():
+            rows = np.flatnonzero(np.isnan(block).any(axis=1))[:5] + start
+            raise ValueError(f"distmat contains NaN (e.g. in rows {rows.tolist()})")
+        b = block.shape[0]
+        order = stable_argsort_rows(block)
+        pid = g_pids[order]  # (b, ng) identities in ranked order
+        cam = g_cams[order]
+        qp, qc = q_pids[start : start + b, None], q_cams[start : start + b, None]
+        same_id = pid == qp
+        same_cam = cam == qc
+        junk = (pid == -1) | (same_id & same_cam)
+        good = same_id & ~same_cam & (pid != -1)  # -1 is junk even for a query labelled -1
+        # Position among non-junk items (junk is removed from the list before ranking).
+        pos = np.cumsum(~junk, axis=1, dtype=np.int64)
+        rows, cols = np.nonzero(good)  # row-major: the hits of each query in ranked order
+        if rows.size == 0:
+            continue
+        r = pos[rows, cols].astype(np.float64)
+        ngood = np.bincount(rows, minlength=b)
+        row_start = np.concatenate(([0], np.cumsum(ngood)[:-1]))
+        i = (np.arange(rows.size) - row_start[rows] + 1).astype(np.float64)  # i-th hit of its query
+        precision = i / r
+        if ap == "trapezoid":
+            old_precision = np.where(r > 1, (i - 1) / np.maximum(r - 1, 1), 1.0)
+            term = (1.0 / ngood[rows]) * (old_precision + precision) / 2
+        else:
+            term = precision / ngood[rows]
+        valid = ngood > 0
+        ap_all[start : start + b][valid] = np.bincount(rows, weights=term, minlength=b)[valid]
+        first_hit[start : start + b][valid] = r[row_start[valid]].astype(np.int64)
+
+    valid = first_hit > 0
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        raise ValueError("no query has a valid gallery match (same identity, other camera): cannot evaluate")
+    hits = first_hit[valid]
+
+    def rank(k: int) -> float:
+        return float((hits <= k).mean())
+
+    cmc = np.array([rank(k) for k in range(1, max_rank + 1)])
+    return {
+        "mAP": float(np.mean(ap_all[valid])),
+        "cmc": cmc,
+        "rank1": rank(1),
+        "rank5": rank(5),
+        "rank10": rank(10),
+        "rank20": rank(20),
+        "num_valid_queries": n_valid,
+        "ap_per_query": ap_all,
+    }
+
+
+def pairwise_distance(query_features, gallery_features, metric: str = "sqeuclidean", chunk_size: int = 1024):
+    """Query x gallery distances as float32 numpy, ``chunk_size`` query rows per matmul.
+
+    ``sqeuclidean`` is ``|q|^2 + |g|^2 - 2 q.g`` clipped at 0 (= ``2 - 2 cos`` on unit features, the
+    distance BUC evaluates with), ``euclidean`` its square root, ``cosine`` is ``1 - cos``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    chunk_size = _check_chunk(chunk_size)
+    q = _as_numpy(query_features, "query_features").astype(np.float32, copy=False)
+    g = _as_numpy(gallery_features, "gallery_features").astype(np.float32, copy=False)
+    for name, x in (("query_features", q), ("gallery_features", g)):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D (N, d), got shape {x.shape}")
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query_features have dim {q.shape[1]} but gallery_features have dim {g.shape[1]}")
+    if metric == "cosine":
+        # eps keeps an all-zero feature finite (distance 1 to everything) instead of NaN.
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    g_sq = np.einsum("ij,ij->i", g, g)
+    out = np.empty((q.shape[0], g.shape[0]), dtype=np.float32)
+    for s in range(0, q.shape[0], chunk_size):
+        qb = q[s : s + chunk_size]
+        dot = qb @ g.T
+        if metric == "cosine":
+            out[s : s + len(qb)] = 1.0 - dot
+            continue
+        d = np.einsum("ij,ij->i", qb, qb)[:, None] + g_sq[None, :] - 2.0 * dot
+        np.maximum(d, 0.0, out=d)  # round-off can make self-distances slightly negative
+        out[s : s + len(qb)] = np.sqrt(d) if metric == "euclidean" else d
+    return out
