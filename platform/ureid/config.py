@@ -1,7 +1,7 @@
 """Run configuration: YAML files with inheritance, dotted overrides, validated by pydantic.
 
-A config file may name a parent with ``base: other.yaml`` (a path relative to the file); the child
-is deep-merged over it. Command-line overrides use dotted keys (``--set clustering.size_penalty=0.003``),
+A config file may name a parent with ``base: other.yaml``, or several (``base: [a.yaml, b.yaml]``,
+later ones win), as paths relative to the file; the child is deep-merged over them. Command-line overrides use dotted keys (``--set clustering.size_penalty=0.003``),
 their values parsed as YAML scalars. Validation rejects unknown keys, wrong types and out-of-range
 values before anything starts, with a message naming the key, the value and what is allowed.
 
@@ -209,9 +209,11 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
     """Read a config file, resolving ``base:`` inheritance (relative to the file)."""
     path = Path(path)
     if not path.is_file():
-        candidate = CONFIG_DIR / path
-        if not path.is_absolute() and candidate.is_file():
-            path = candidate
+        # `ray submit` runs entry points from another folder: fall back to the packaged configs.
+        candidates = [CONFIG_DIR / path, CONFIG_DIR / path.name]
+        found = [c for c in candidates if not path.is_absolute() and c.is_file()]
+        if found:
+            path = found[0]
         else:
             raise ConfigError(f"config file {str(path)!r} not found (configs live in {CONFIG_DIR})")
     path = path.resolve()
@@ -223,10 +225,11 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    parent = data.pop("base", None)
-    if parent is not None:
-        data = _deep_merge(read_yaml(path.parent / parent, _seen + (path,)), data)
-    return data
+    parents = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:  # later parents win
+        merged = _deep_merge(merged, read_yaml(path.parent / parent, _seen + (path,)))
+    return _deep_merge(merged, data)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -256,10 +259,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.endswith("Clustering")))
+        loc = prefix + ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.endswith("Clustering")))
         value = err.get("input")
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the method's schema")
@@ -268,7 +271,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {loc}: {msg} (got {value!r})" if loc else f"  {msg}")
-    return "\n".join(lines)
+    return lines
 
 
 def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
@@ -276,10 +279,24 @@ def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(
             f"invalid configuration ({source}):\n  method: {data['method']!r} is not a method; allowed: {', '.join(METHODS)}"
         )
+    lines: list[str] = []
+    block = data.get("clustering") or {}
+    schema = CLUSTERING_SCHEMAS.get(data.get("method"))
+    if schema is not None and isinstance(block, dict):
+        # Validated on its own first so its errors carry the full dotted key (clustering.<key>);
+        # the rest is then still checked, so one run reports every error.
+        try:
+            schema.model_validate(block)
+        except ValidationError as exc:
+            lines += _error_lines(exc, "clustering.")
+            data = {**data, "clustering": {}}
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        lines += _error_lines(exc)
+    if not lines:
+        return cfg
+    raise ConfigError("\n".join([f"invalid configuration ({source}):", *lines]))
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:

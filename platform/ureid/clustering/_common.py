@@ -79,3 +79,33 @@ class UnionFind:
 
     def roots(self) -> np.ndarray:
         return np.array([self.find(i) for i in range(self.parent.size)], dtype=np.int64)
+
+
+def resolve_device(features, device=None):
+    """Compute device: `device` if given, else a tensor's own device; numpy input computes on CPU."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    if isinstance(features, torch.Tensor):
+        return features.device
+    return torch.device("cpu")
+
+
+def as_torch_features(features, device, name: str = "features", ndim: int = 2):
+    """A finite floating tensor on `device` with `ndim` dims and at least one row.
+
+    float64 input stays float64 (exact algorithms then compute in double); anything else becomes float32.
+    """
+    import torch
+
+    x = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D array; got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: need at least one sample")
+    x = x.to(device=device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        raise ValueError(f"{name} contains NaN or infinite values in {int((~finite).sum())} row(s)")
+    return x.contiguous()

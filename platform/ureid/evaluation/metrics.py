@@ -35,7 +35,9 @@ def _check_ids(x, n: int, name: str, axis_name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 1-D with one entry per {axis_name} ({n}); got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    return arr.astype(np.int64)
+    arr = arr.astype(np.int64)
+    # int32 halves the (chunk x gallery) gathers of identities and cameras when the values fit.
+    return arr.astype(np.int32) if arr.size == 0 or np.abs(arr).max() < 2**31 - 1 else arr
 
 
 def stable_argsort_rows(d: np.ndarray) -> np.ndarray:
@@ -130,7 +132,7 @@ def evaluate(
         junk = (pid == -1) | (same_id & same_cam)
         good = same_id & ~same_cam & (pid != -1)  # -1 is junk even for a query labelled -1
         # Position among non-junk items (junk is removed from the list before ranking).
-        pos = np.cumsum(~junk, axis=1, dtype=np.int64)
+        pos = np.cumsum(~junk, axis=1, dtype=np.int32)
         rows, cols = np.nonzero(good)  # row-major: the hits of each query in ranked order
         if rows.size == 0:
             continue

@@ -1,0 +1,19 @@
+#!/usr/bin/env python
+"""PUL: k-means + reliable selection + fine-tuning (Fan et al., TOMM 2018).
+
+No arguments: the CPU preset on the synthetic default. --config / --set key=value select
+anything else; --resume RUN_DIR continues a run. See --help.
+"""
+import os
+import sys
+
+try:
+    from ureid.experiment import main
+except ImportError:  # `ray submit` runs this file with the node's own Python: use the project's venv
+    venv = os.path.join(os.path.expanduser(os.environ.get("UREID_HOME", "~/ureid")), ".venv", "bin", "python")
+    if os.path.exists(venv) and os.path.realpath(sys.executable) != os.path.realpath(venv):
+        os.execv(venv, [venv, *sys.argv])
+    raise
+
+if __name__ == "__main__":
+    sys.exit(main("pul"))

@@ -1,0 +1,460 @@
+"""Readers for the public re-ID dataset layouts, as users download and extract them.
+
+Every reader returns a :class:`~ureid.data.records.ReidDataset` whose records keep the
+dataset's **original** identity numbers (no relabelling: the unsupervised methods never look at
+them, and a supervised caller relabels the training ids itself) and **0-based** camera ids.
+The identity conventions of the Market-1501 family are kept as they are: ``-1`` marks junk
+images and ``0`` distractors; the evaluation protocol (DESIGN.md) ignores the first and counts
+the second as negatives.
+
+The layouts follow the published datasets and the reference loaders of torchreid
+(KaiyangZhou/deep-person-reid), which the published numbers were produced with:
+
+===============  ===========================================================================
+``market1501``   ``bounding_box_train/ bounding_box_test/ query/``, ``0002_c1s1_000451_03.jpg``
+``dukemtmc``     same folders, ``0001_c2_f0046182.jpg``
+``msmt17``       ``list_{train,val,query,gallery}.txt`` (``relpath pid``), images under
+                 ``train/`` and ``test/`` (V2: ``mask_train_v2/``, ``mask_test_v2/``);
+                 camera = third ``_`` field of ``0000_000_01_0303morning_0015_0.jpg``
+``cuhk03``       new protocol: ``images_labeled/`` (or ``images_detected/``) +
+                 ``cuhk03_new_protocol_config_labeled.mat`` (``..._detected.mat``)
+``mars``         ``bbox_train/ bbox_test/ info/`` with the name lists and track tables
+``dukevideo``    DukeMTMC-VideoReID ``train|query|gallery/<pid>/<tracklet>/<frames>.jpg``
+``folder``       any tree of images + a filename regex with named groups ``pid`` and ``camid``
+===============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .records import Record, ReidDataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+BAD_IMAGE_POLICIES = ("fail", "skip")
+CUHK03_PROTOCOLS = ("labeled", "detected")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _resolve_root(name: str, root: str | os.PathLike, marker: str, aliases: Iterable[str], layout: str) -> Path:
+    """Return the folder holding ``marker``: ``root`` itself or the dataset's usual extracted folder in it.
+
+    Users point at either ``.../Market-1501-v15.09.15`` or its parent; both are accepted so that a
+    torchreid-style ``root`` works unchanged.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: dataset root {root} is not a folder ({layout})")
+    if (root / marker).exists():
+        return root
+    for alias in aliases:
+        if (root / alias / marker).exists():
+            return root / alias
+    raise FileNotFoundError(f"{name}: expected {root / marker} ({layout})")
+
+
+def _require(name: str, path: Path, layout: str, *, is_dir: bool) -> Path:
+    ok = path.is_dir() if is_dir else path.is_file()
+    if not ok:
+        kind = "folder" if is_dir else "file"
+        raise FileNotFoundError(f"{name}: expected {kind} {path} ({layout})")
+    return path
+
+
+def _list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder``, sorted so that record order never depends on the file system."""
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in it if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _check_policy(bad_images: str) -> None:
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+
+
+def verify_images(records: list[Record], bad_images: str = "fail") -> list[Record]:
+    """Check that every image of ``records`` can be opened; return the records that survive.
+
+    The check is PIL's header parse plus ``verify()`` (no pixel decode), i.e. O(files) and cheap.
+    ``bad_images="fail"`` raises :class:`OSError` naming the first unreadable path;
+    ``"skip"`` drops unreadable frames (a tracklet with no readable frame is dropped as a whole)
+    and logs a warning with the count and the paths, so that nothing disappears silently.
+    """
+    _check_policy(bad_images)
+    from PIL import Image
+
+    def readable(path: str) -> bool:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            return True
+        except Exception:  # PIL raises a zoo of types (OSError, SyntaxError, ValueError...)
+            return False
+
+    kept: list[Record] = []
+    bad: list[str] = []
+    for rec in records:
+        good = []
+        for p in rec.paths:
+            if readable(p):
+                good.append(p)
+            elif bad_images == "fail":
+                raise OSError(f"unreadable image {p} (pass bad_images='skip' to drop unreadable images)")
+            else:
+                bad.append(p)
+        if len(good) == len(rec.paths):
+            kept.append(rec)
+        elif good:
+            kept.append(Record(tuple(good), rec.pid, rec.camid, rec.is_fake))
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        log.warning("skipped %d unreadable image(s): %s", len(bad), shown)
+    return kept
+
+
+def _match(name: str, regex: re.Pattern, path: Path, expected: str) -> re.Match:
+    m = regex.fullmatch(path.name)
+    if m is None:
+        raise ValueError(f"{name}: file {path} does not match the expected naming {expected!r}")
+    return m
+
+
+# ----------------------------------------------------------------------------- Market-1501 family
+_MARKET_RE = re.compile(r"(-?\d+)_c(\d+)s\d+_\d+_\d+\.(?:jpg|jpeg|png)", re.IGNORECASE)
+_DUKE_RE = re.compile(r"(-?\d+)_c(\d+)_f\d+\.(?:jpg|jpeg|png)", re.IGNORECASE)
+_MARKET_SPLITS = (("train", "bounding_box_train"), ("query", "query"), ("gallery", "bounding_box_test"))
+
+
+def _market_style(name: str, root, regex: re.Pattern, example: str, aliases: tuple[str, ...]) -> ReidDataset:
+    layout = f"layout: bounding_box_train/, bounding_box_test/, query/ with files like {example}"
+    base = _resolve_root(name, root, "bounding_box_train", aliases, layout)
+    ds = ReidDataset(name=name, root=str(base))
+    for split, folder in _MARKET_SPLITS:
+        d = _require(name, base / folder, layout, is_dir=True)
+        recs = []
+        for p in _list_images(d):
+            m = _match(name, regex, p, example)
+            pid, cam = int(m.group(1)), int(m.group(2))
+            if cam < 1:
+                raise ValueError(f"{name}: file {p} has camera c{cam}; cameras are numbered from c1")
+            recs.append(Record((str(p),), pid, cam - 1))
+        setattr(ds, split, recs)
+    return ds
+
+
+def load_market1501(root) -> ReidDataset:
+    """Market-1501 (Zheng et al., ICCV 2015): six cameras c1..c6 -> camid 0..5."""
+    return _market_style("market1501", root, _MARKET_RE, "0002_c1s1_000451_03.jpg", ("Market-1501-v15.09.15", "market1501"))
+
+
+def load_dukemtmc(root) -> ReidDataset:
+    """DukeMTMC-reID (Zheng et al., ICCV 2017): eight cameras c1..c8 -> camid 0..7."""
+    return _market_style("dukemtmc", root, _DUKE_RE, "0001_c2_f0046182.jpg", ("DukeMTMC-reID", "dukemtmc-reid"))
+
+
+# ----------------------------------------------------------------------------- MSMT17
+_MSMT_RE = re.compile(r"\d+_\d+_(\d+)_\w+\.(?:jpg|jpeg|png)", re.IGNORECASE)
+
+
+def load_msmt17(root) -> ReidDataset:
+    """MSMT17 V1 or V2 (Wei et al., CVPR 2018): lists ``relpath pid``; the validation list joins train.
+
+    Train + val form the training set as in torchreid (``list_val.txt`` is a subset of the official
+    training identities); it is optional so that trimmed copies load too.
+    """
+    example = "0000_000_01_0303morning_0015_0.jpg"
+    layout = f"layout: list_train.txt, list_query.txt, list_gallery.txt (lines 'relpath pid'), train/, test/; files like {example}"
+    base = _resolve_root("msmt17", root, "list_train.txt", ("MSMT17_V1", "MSMT17_V2", "msmt17"), layout)
+    img_dirs = [("train", "test"), ("mask_train_v2", "mask_test_v2")]
+    train_dir, test_dir = next(((base / a, base / b) for a, b in img_dirs if (base / a).is_dir()), (base / "train", base / "test"))
+    _require("msmt17", train_dir, layout, is_dir=True)
+    _require("msmt17", test_dir, layout, is_dir=True)
+
+    def read_list(list_name: str, img_dir: Path) -> list[Record]:
+        list_path = _require("msmt17", base / list_name, layout, is_dir=False)
+        recs = []
+        for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+                raise ValueError(f"msmt17: {list_path}:{lineno}: expected 'relpath pid', got {line!r}")
+            path = img_dir / parts[0]
+            m = _match("msmt17", _MSMT_RE, path, example)
+            recs.append(Record((str(path),), int(parts[1]), int(m.group(1)) - 1))
+        return recs
+
+    train = read_list("list_train.txt", train_dir)
+    if (base / "list_val.txt").is_file():
+        train += read_list("list_val.txt", train_dir)
+    return ReidDataset("msmt17", str(base), train, read_list("list_query.txt", test_dir), read_list("list_gallery.txt", test_dir))
+
+
+# ----------------------------------------------------------------------------- CUHK03
+def _mat_strings(arr) -> list[str]:
+    """A MATLAB cell array of strings as loaded by scipy.io.loadmat -> list of str."""
+    import numpy as np
+
+    out = []
+    for item in np.asarray(arr, dtype=object).ravel():
+        while isinstance(item, np.ndarray):
+            item = item.ravel()[0] if item.size else ""
+        out.append(str(item))
+    return out
+
+
+def load_cuhk03(root, protocol: str = "labeled") -> ReidDataset:
+    """CUHK03 (Li et al., CVPR 2014) under the new 767/700 protocol (Zhong et al., CVPR 2017).
+
+    The split file holds 1-based ``train_idx``, ``query_idx``, ``gallery_idx`` into ``filelist``,
+    ``labels`` (pids) and ``camId`` (1 or 2: the camera within the image's camera pair, which is
+    what the protocol's same-camera junk rule uses).
+    """
+    if protocol not in CUHK03_PROTOCOLS:
+        raise ValueError(f"cuhk03_protocol must be one of {CUHK03_PROTOCOLS}, got {protocol!r}")
+    import numpy as np
+    from scipy.io import loadmat
+
+    split_name = f"cuhk03_new_protocol_config_{protocol}.mat"
+    layout = f"new-protocol layout: images_{protocol}/ and {split_name}"
+    base = _resolve_root("cuhk03", root, split_name, ("cuhk03", "cuhk03_release"), layout)
+    img_dir = _require("cuhk03", base / f"images_{protocol}", layout, is_dir=True)
+    try:
+        mat = loadmat(str(base / split_name))
+    except Exception as e:
+        raise ValueError(f"cuhk03: cannot read split file {base / split_name}: {e}") from e
+    fields = ("train_idx", "query_idx", "gallery_idx", "labels", "filelist", "camId")
+    missing = [f for f in fields if f not in mat]
+    if missing:
+        raise ValueError(f"cuhk03: split file {base / split_name} lacks field(s) {missing}; expected {fields}")
+    files = _mat_strings(mat["filelist"])
+    labels = np.asarray(mat["labels"]).ravel().astype(np.int64)
+    cams = np.asarray(mat["camId"]).ravel().astype(np.int64)
+    if not len(files) == len(labels) == len(cams):
+        raise ValueError(f"cuhk03: {split_name}: filelist/labels/camId lengths differ ({len(files)}, {len(labels)}, {len(cams)})")
+
+    def subset(field: str) -> list[Record]:
+        idx = np.asarray(mat[field]).ravel().astype(np.int64) - 1  # MATLAB indices are 1-based
+        if idx.size and (idx.min() < 0 or idx.max() >= len(files)):
+            raise ValueError(f"cuhk03: {split_name}: {field} has indices outside 1..{len(files)}")
+        return [Record((str(img_dir / files[i]),), int(labels[i]), int(cams[i]) - 1) for i in idx]
+
+    return ReidDataset("cuhk03", str(base), subset("train_idx"), subset("query_idx"), subset("gallery_idx"))
+
+
+# ----------------------------------------------------------------------------- MARS
+_MARS_RE = re.compile(r"(\d{4}|00-1)C(\d)T(\d{4})F(\d+)\.jpg", re.IGNORECASE)
+
+
+def load_mars(root) -> ReidDataset:
+    """MARS (Zheng et al., ECCV 2016): one record per tracklet, frames in temporal order.
+
+    ``tracks_*_info.mat`` rows are ``start end pid camid`` (1-based rows into the name lists,
+    1-based cameras). As in torchreid, junk tracklets (pid -1) are dropped from every split and
+    distractors (pid 0) are kept; ``query_IDX.mat`` holds the 1-based test rows that are queries and
+    every other test row is gallery.
+    """
+    import numpy as np
+    from scipy.io import loadmat
+
+    example = "0001C1T0001F001.jpg"
+    layout = "layout: bbox_train/, bbox_test/, info/{train_name,test_name}.txt, info/tracks_{train,test}_info.mat, info/query_IDX.mat"
+    base = _resolve_root("mars", root, "info", ("mars", "MARS"), layout)
+    info = base / "info"
+    for d in ("bbox_train", "bbox_test"):
+        _require("mars", base / d, layout, is_dir=True)
+
+    def load_mat(fname: str, key: str):
+        path = _require("mars", info / fname, layout, is_dir=False)
+        mat = loadmat(str(path))
+        if key not in mat:
+            raise ValueError(f"mars: {path} has no variable {key!r}")
+        return np.asarray(mat[key])
+
+    def names(fname: str) -> list[str]:
+        path = _require("mars", info / fname, layout, is_dir=False)
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+    def tracklets(name_list: list[str], table, home: str) -> list[Record]:
+        table = np.asarray(table, dtype=np.int64).reshape(-1, 4)
+        recs = []
+        for row, (start, end, pid, cam) in enumerate(table):
+            if pid == -1:
+                continue  # junk tracklets are dropped, as in torchreid
+            if not 1 <= start <= end <= len(name_list):
+                raise ValueError(f"mars: {home} track row {row + 1} spans {start}..{end}, outside 1..{len(name_list)}")
+            frames = []
+            for n in name_list[start - 1 : end]:
+                m = _match("mars", _MARS_RE, Path(n), example)
+                name_pid = -1 if m.group(1) == "00-1" else int(m.group(1))
+                if name_pid != pid or int(m.group(2)) != cam:
+                    raise ValueError(f"mars: {home} track row {row + 1} (pid {pid}, camera {cam}) lists frame {n} of another person or camera")
+                frames.append((int(m.group(4)), n))
+            frames.sort()  # temporal order by frame number (the name lists are sorted already)
+            paths = tuple(str(base / home / n[:4] / n) for _, n in frames)
+            recs.append(Record(paths, int(pid), int(cam) - 1))
+        return recs
+
+    test_table = load_mat("tracks_test_info.mat", "track_test_info").reshape(-1, 4)
+    q_idx = load_mat("query_IDX.mat", "query_IDX").ravel().astype(np.int64) - 1
+    if q_idx.size and (q_idx.min() < 0 or q_idx.max() >= len(test_table)):
+        raise ValueError(f"mars: query_IDX has rows outside 1..{len(test_table)}")
+    is_query = np.zeros(len(test_table), dtype=bool)
+    is_query[q_idx] = True
+    test_names = names("test_name.txt")
+    return ReidDataset(
+        "mars",
+        str(base),
+        train=tracklets(names("train_name.txt"), load_mat("tracks_train_info.mat", "track_train_info"), "bbox_train"),
+        query=tracklets(test_names, test_table[q_idx], "bbox_test"),
+        gallery=tracklets(test_names, test_table[~is_query], "bbox_test"),
+        is_video=True,
+    )
+
+
+# ----------------------------------------------------------------------------- DukeMTMC-VideoReID
+_DUKEV_RE = re.compile(r"(\d{4})_?C(\d+)_?F(\d+)_?X(\d+)\.jpg", re.IGNORECASE)
+
+
+def load_dukevideo(root) -> ReidDataset:
+    """DukeMTMC-VideoReID (Wu et al., CVPR 2018): ``<split>/<pid>/<tracklet>/<frames>``.
+
+    Camera from the first frame name (``0001_C6_F0099_X30823.jpg`` or the older
+    ``0001C6F0099X30823.jpg``), frames sorted by their ``F`` number, as in torchreid.
+    """
+    example = "0001_C6_F0099_X30823.jpg"
+    layout = f"layout: train/, query/, gallery/ each with <pid>/<tracklet>/ frame folders, frames like {example}"
+    base = _resolve_root("dukevideo", root, "train", ("DukeMTMC-VideoReID", "dukemtmc-videoreid"), layout)
+    ds = ReidDataset("dukevideo", str(base), is_video=True)
+    for split in ("train", "query", "gallery"):
+        split_dir = _require("dukevideo", base / split, layout, is_dir=True)
+        recs = []
+        for pdir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            if not re.fullmatch(r"-?\d+", pdir.name):
+                raise ValueError(f"dukevideo: folder {pdir} is not an identity number ({layout})")
+            for tdir in sorted(p for p in pdir.iterdir() if p.is_dir()):
+                frames = []
+                for f in _list_images(tdir):
+                    m = _match("dukevideo", _DUKEV_RE, f, example)
+                    frames.append((int(m.group(3)), int(m.group(2)), str(f)))
+                if not frames:
+                    log.warning("dukevideo: tracklet folder %s holds no frames; ignored", tdir)
+                    continue
+                frames.sort()
+                recs.append(Record(tuple(f for _, _, f in frames), int(pdir.name), frames[0][1] - 1))
+        setattr(ds, split, recs)
+    return ds
+
+
+# ----------------------------------------------------------------------------- generic folder
+def load_folder(root, pattern: str | None = None) -> ReidDataset:
+    """Any tree of images whose file names carry the identity (and optionally the camera).
+
+    ``pattern`` is a regular expression searched in each file name, with a named group ``pid``
+    (an integer) and optionally ``camid``; camera values (numbers or strings such as ``cam_a``)
+    are mapped to 0..K-1 in sorted order, and without a ``camid`` group every image gets camera 0.
+    With subfolders ``query/`` and ``gallery/`` (and optionally ``train/``) those become the splits;
+    otherwise every image goes to train. Image files that do not match are listed in a warning.
+    """
+    if not pattern:
+        raise ValueError("folder: a filename pattern is required, e.g. r'(?P<pid>\\d+)_c(?P<camid>\\d+)'")
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"folder: pattern {pattern!r} is not a valid regular expression: {e}") from e
+    if "pid" not in regex.groupindex:
+        raise ValueError(f"folder: pattern {pattern!r} needs a named group (?P<pid>...); optional (?P<camid>...)")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"folder: dataset root {base} is not a folder")
+    has_split = (base / "query").is_dir() or (base / "gallery").is_dir()
+    if has_split:
+        for d in ("query", "gallery"):
+            _require("folder", base / d, "split layout: query/ and gallery/ (and optionally train/) under the root", is_dir=True)
+        split_dirs = {s: base / s for s in ("train", "query", "gallery") if (base / s).is_dir()}
+    else:
+        split_dirs = {"train": base}
+
+    raw: dict[str, list[tuple[str, int, str | None]]] = {}
+    unmatched: list[str] = []
+    for split, d in split_dirs.items():
+        raw[split] = []
+        for p in _list_images(d, recursive=True):
+            m = regex.search(p.name)
+            if m is None:
+                unmatched.append(str(p))
+                continue
+            try:
+                pid = int(m.group("pid"))
+            except (TypeError, ValueError):
+                raise ValueError(f"folder: file {p}: group pid={m.group('pid')!r} of pattern {pattern!r} is not an integer") from None
+            cam = m.group("camid") if "camid" in regex.groupindex else None
+            if "camid" in regex.groupindex and cam is None:
+                raise ValueError(f"folder: file {p}: group camid of pattern {pattern!r} did not match")
+            raw[split].append((str(p), pid, cam))
+    if not any(raw.values()):
+        raise ValueError(f"folder: no image under {base} has a file name matching pattern {pattern!r}")
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        log.warning("folder: %d image(s) do not match pattern %r and were ignored: %s", len(unmatched), pattern, shown)
+
+    cams = {c for recs in raw.values() for _, _, c in recs if c is not None}
+    numeric = all(re.fullmatch(r"-?\d+", c) for c in cams)
+    cam_index = {c: i for i, c in enumerate(sorted(cams, key=(lambda c: int(c)) if numeric else None))}
+    ds = ReidDataset("folder", str(base))
+    for split, recs in raw.items():
+        setattr(ds, split, [Record((p,), pid, cam_index[c] if c is not None else 0) for p, pid, c in recs])
+    return ds
+
+
+# ----------------------------------------------------------------------------- dispatch
+DATASETS: dict[str, Callable[..., ReidDataset]] = {
+    "market1501": load_market1501,
+    "dukemtmc": load_dukemtmc,
+    "msmt17": load_msmt17,
+    "cuhk03": load_cuhk03,
+    "mars": load_mars,
+    "dukevideo": load_dukevideo,
+    "folder": load_folder,
+}
+
+
+def load_dataset(
+    name: str,
+    root,
+    *,
+    pattern: str | None = None,
+    cuhk03_protocol: str = "labeled",
+    bad_images: str = "fail",
+    verify: bool | None = None,
+) -> ReidDataset:
+    """Read dataset ``name`` (a key of :data:`DATASETS`) from ``root``.
+
+    ``pattern`` is the filename regex of the ``folder`` format, ``cuhk03_protocol`` picks the
+    labeled or detected boxes of CUHK03. ``verify`` (default: on for image datasets, off for the
+    video sets, whose million frames would make it slow) checks each image with
+    :func:`verify_images`, handling unreadable ones by ``bad_images`` ("fail" or "skip").
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset format {name!r}; choose one of {sorted(DATASETS)}")
+    _check_policy(bad_images)
+    if pattern is not None and name != "folder":
+        raise ValueError(f"pattern applies only to the 'folder' format, not {name!r}")
+    if name == "folder":
+        ds = load_folder(root, pattern)
+    elif name == "cuhk03":
+        ds = load_cuhk03(root, cuhk03_protocol)
+    else:
+        ds = DATASETS[name](root)
+    if verify is None:
+        verify = not ds.is_video
+    if verify:
+        for split in ("train", "query", "gallery"):
+            setattr(ds, split, verify_images(getattr(ds, split), bad_images))
+    return ds

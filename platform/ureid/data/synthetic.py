@@ -1,0 +1,825 @@
+"""Procedural re-ID data: rendered pedestrians seen by cameras with their own style.
+
+The generator exists so that every method, test and demo runs without downloading a dataset.
+It writes the **Market-1501** layout and file naming (``video=False``) or the **MARS** layout
+(``video=True``), so the real loaders of :mod:`ureid.data.formats` read it unchanged.
+
+What makes it a re-ID problem rather than a toy:
+
+* an identity keeps its appearance (clothing colours and pattern, skin and hair, build, bag, shoes)
+  but is seen from the camera's usual viewpoint (front / back / side: a logo or a backpack is only
+  visible from one side), at a camera-specific scale, position and walking phase;
+* each camera has a fixed background scene and its own illumination, colour cast, contrast,
+  saturation, blur, sensor noise and resolution, so the same clothes change colour between
+  cameras: cross-camera matching is the hard part, as in the real sets;
+* images per identity are long-tailed (shifted geometric, ``min_images``..``max_images``), every
+  identity appears in at least two cameras, and images from one camera come from one track
+  (consecutive frames), so same-camera neighbours are easy and uninformative;
+* the test split follows the Market protocol: one query per (identity, camera) for up to
+  ``queries_per_id`` of its cameras, a gallery holding every camera of the identity (same-camera
+  images are junk for that query), distractors (pid 0: background crops, partial people) and
+  junk (pid -1: tiny, blurred crops).
+
+Output is deterministic: every random draw comes from a generator seeded by ``seed`` and the
+item's key (identity, camera, index), files are written in sorted order with a fixed JPEG
+quality and no metadata, so the same parameters give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+MANIFEST = "manifest.json"
+_SS = 2  # supersampling factor: shapes are drawn at 2x and downsampled for anti-aliasing
+# Folders the generator owns (the only things ``overwrite=True`` ever deletes).
+_OWNED = ("bounding_box_train", "bounding_box_test", "query", "bbox_train", "bbox_test", "info", MANIFEST)
+
+# Stream tags for the per-item random generators (part of their seed keys).
+_PLAN, _IDENTITY, _CAMERA, _IMAGE, _DISTRACTOR, _JUNK, _BACKGROUND = range(7)
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *key])
+
+
+# ============================================================================ appearance
+_SKIN = [(250, 222, 196), (238, 196, 166), (222, 172, 138), (196, 138, 102), (160, 106, 74), (118, 78, 54), (88, 58, 42)]
+_HAIR = [(28, 24, 24), (52, 36, 28), (88, 60, 38), (126, 88, 52), (196, 166, 110), (150, 146, 142), (120, 56, 32)]
+_NEUTRAL = [(24, 24, 28), (236, 236, 232), (128, 128, 130), (36, 44, 80), (196, 178, 146), (58, 84, 130), (96, 66, 44),
+            (160, 146, 104), (48, 72, 50), (110, 30, 40), (70, 70, 74)]
+_LOWER = [(24, 24, 28), (40, 56, 96), (62, 86, 128), (90, 90, 94), (150, 136, 104), (70, 54, 40), (200, 196, 186), (34, 42, 64)]
+_SHOES = [(20, 20, 20), (235, 235, 235), (90, 60, 40), (60, 60, 64), (170, 40, 40)]
+
+
+def _color(rng: np.random.Generator, vivid_p: float = 0.5) -> tuple[int, int, int]:
+    """Clothing colour: half from a palette of common neutral/dark tones, half vivid hues."""
+    if rng.random() >= vivid_p:
+        base = np.array(_NEUTRAL[rng.integers(len(_NEUTRAL))], float)
+        return tuple(int(v) for v in np.clip(base + rng.normal(0, 8, 3), 0, 255))
+    h, s, v = rng.random(), rng.uniform(0.45, 0.95), rng.uniform(0.45, 0.95)
+    return tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, s, v))
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """What stays fixed for one person across every camera."""
+
+    skin: tuple
+    hair: tuple
+    hair_style: str  # short | long | bald | cap
+    cap: tuple
+    upper: tuple
+    upper2: tuple
+    upper_pattern: str  # solid | stripes | vstripes | checks | logo
+    long_sleeves: bool
+    jacket_open: bool  # front view shows ``upper2`` as an inner shirt
+    lower: tuple
+    lower_style: str  # trousers | shorts | skirt
+    shoes: tuple
+    bag: str  # none | backpack | shoulder | handbag
+    bag_color: tuple
+    bag_side: int  # -1 left, +1 right
+    height: float  # person height relative to the camera's nominal height
+    width: float  # shoulder/hip width factor
+    leg_ratio: float  # hip height as a fraction of body height
+
+
+def random_appearance(rng: np.random.Generator) -> Appearance:
+    upper = _color(rng, 0.55)
+    upper2 = _color(rng, 0.6)
+    while sum(abs(a - b) for a, b in zip(upper, upper2)) < 120:  # patterns need contrast to be visible
+        upper2 = _color(rng, 0.8)
+    pattern = rng.choice(["solid", "solid", "stripes", "vstripes", "checks", "logo"])
+    lower_style = rng.choice(["trousers", "trousers", "trousers", "shorts", "skirt"])
+    bag = rng.choice(["none", "none", "backpack", "shoulder", "handbag"])
+    return Appearance(
+        skin=_SKIN[rng.integers(len(_SKIN))],
+        hair=_HAIR[rng.integers(len(_HAIR))],
+        hair_style=str(rng.choice(["short", "short", "long", "bald", "cap"], p=[0.35, 0.1, 0.35, 0.05, 0.15])),
+        cap=_color(rng, 0.6),
+        upper=upper,
+        upper2=upper2,
+        upper_pattern=str(pattern),
+        long_sleeves=bool(rng.random() < 0.55),
+        jacket_open=bool(pattern == "solid" and rng.random() < 0.35),
+        lower=_LOWER[rng.integers(len(_LOWER))] if rng.random() < 0.75 else _color(rng, 0.7),
+        lower_style=str(lower_style),
+        shoes=_SHOES[rng.integers(len(_SHOES))],
+        bag=str(bag),
+        bag_color=_color(rng, 0.4),
+        bag_side=int(rng.choice([-1, 1])),
+        height=float(rng.uniform(0.92, 1.06)),
+        width=float(rng.uniform(0.85, 1.2)),
+        leg_ratio=float(rng.uniform(0.50, 0.56)),
+    )
+
+
+# ============================================================================ cameras
+@dataclass(frozen=True)
+class CameraStyle:
+    """What stays fixed for one camera: its scene, optics and usual viewpoint."""
+
+    wall: tuple
+    floor: tuple
+    horizon: float  # wall/floor boundary, fraction of image height
+    wall_texture: str  # bricks | panels | windows | foliage | plain
+    floor_texture: str  # tiles | stripes | noise | grass
+    gain: float
+    cast: tuple  # per-channel multipliers
+    contrast: float
+    saturation: float
+    gamma: float
+    blur: float  # Gaussian radius in output pixels
+    noise: float  # sensor noise std in 0..255 units
+    lowres: float  # 1 = sharp; <1 = rendered at this fraction of the size then upscaled
+    scale: float  # nominal person height / image height
+    view_p: tuple  # probabilities of facing front, back, side
+    light_dir: float  # -1 light from the left .. +1 from the right
+
+
+# Hand-picked looks so that any two cameras differ visibly; jittered and permuted by the seed.
+_LIGHTS = [  # gain, cast, contrast, saturation, gamma
+    (1.10, (1.00, 1.00, 1.00), 1.05, 1.05, 1.00),  # daylight
+    (0.80, (1.18, 1.00, 0.74), 0.95, 0.95, 1.05),  # warm sodium evening
+    (1.05, (0.84, 0.98, 1.22), 1.00, 0.85, 0.95),  # cold fluorescent
+    (1.30, (1.02, 1.04, 0.98), 0.75, 0.70, 0.85),  # washed-out, overexposed
+    (0.62, (0.95, 1.05, 1.10), 1.15, 0.80, 1.15),  # dim, bluish shade
+    (0.95, (0.92, 1.12, 0.88), 1.10, 1.25, 1.00),  # green-tinted, oversaturated
+    (1.00, (1.10, 0.95, 1.05), 0.90, 0.60, 1.00),  # magenta, desaturated
+    (0.75, (1.00, 1.00, 1.00), 1.30, 1.00, 1.10),  # harsh contrast
+]
+_SCENES = [  # wall, floor, wall texture, floor texture
+    ((150, 84, 64), (128, 126, 122), "bricks", "tiles"),
+    ((196, 190, 176), (170, 160, 140), "panels", "tiles"),
+    ((92, 104, 116), (70, 72, 76), "windows", "stripes"),
+    ((70, 110, 60), (84, 132, 64), "foliage", "grass"),
+    ((210, 206, 196), (150, 150, 156), "plain", "noise"),
+    ((120, 112, 140), (104, 96, 92), "panels", "noise"),
+    ((176, 150, 110), (140, 120, 96), "bricks", "stripes"),
+    ((60, 66, 74), (96, 96, 100), "windows", "tiles"),
+]
+_VIEWS = [(0.75, 0.15, 0.10), (0.15, 0.75, 0.10), (0.15, 0.15, 0.70), (0.45, 0.45, 0.10), (0.3, 0.3, 0.4)]
+
+
+def camera_styles(seed: int, num_cameras: int) -> list[CameraStyle]:
+    prng = _rng(seed, _CAMERA, 1_000_000)
+    light_perm, scene_perm, view_perm = (prng.permutation(8), prng.permutation(8), prng.permutation(len(_VIEWS)))
+    styles = []
+    for c in range(num_cameras):
+        rng = _rng(seed, _CAMERA, c)
+        gain, cast, contrast, sat, gamma = _LIGHTS[light_perm[c % 8]]
+        wall, floor, wtex, ftex = _SCENES[scene_perm[c % 8]]
+        jit = lambda col, s=18: tuple(int(v) for v in np.clip(np.array(col) + rng.normal(0, s, 3), 0, 255))  # noqa: E731
+        styles.append(CameraStyle(
+            wall=jit(wall), floor=jit(floor), horizon=float(rng.uniform(0.35, 0.65)), wall_texture=wtex, floor_texture=ftex,
+            gain=float(gain * rng.uniform(0.93, 1.07)), cast=tuple(float(v * rng.uniform(0.96, 1.04)) for v in cast),
+            contrast=float(contrast), saturation=float(sat), gamma=float(gamma),
+            blur=float(rng.choice([0.0, 0.4, 0.8, 1.2])), noise=float(rng.uniform(1.0, 7.0)),
+            lowres=float(rng.choice([1.0, 1.0, 0.6, 0.45])), scale=float(rng.uniform(0.76, 0.92)),
+            view_p=_VIEWS[view_perm[c % len(_VIEWS)]], light_dir=float(rng.uniform(-1, 1)),
+        ))
+    return styles
+
+
+# ============================================================================ background
+def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.ndarray:
+    """The camera's fixed scene at 2x the output size plus a margin; images crop it at an offset."""
+    rng = _rng(seed, _BACKGROUND, cam)
+    h, w = H * _SS + 2 * (H * _SS // 8), W * _SS + 2 * (W * _SS // 4)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    hz = int(style.horizon * h)
+    img = np.empty((h, w, 3), np.float32)
+    wall, floor = np.array(style.wall, np.float32), np.array(style.floor, np.float32)
+    img[:hz] = wall
+    img[hz:] = floor
+    # wall texture
+    t = style.wall_texture
+    wall_part = img[:hz]
+    if t == "bricks":
+        bh, bw = 10 * _SS, 22 * _SS
+        row = (yy[:hz] // bh).astype(int)
+        mortar = ((yy[:hz] % bh) < _SS) | (((xx[:hz] + (row % 2) * bw / 2) % bw) < _SS)
+        wall_part *= (1 + 0.12 * rng.standard_normal((hz // bh + 1, w // (bw // 2) + 2))[row, ((xx[:hz] + (row % 2) * bw / 2) // bw).astype(int)])[..., None]
+        wall_part[mortar] = wall_part[mortar] * 0.55 + 90
+    elif t == "panels":
+        pw = int(rng.integers(18, 30)) * _SS
+        wall_part *= (1 - 0.18 * ((xx[:hz] % pw) < 2 * _SS))[..., None]
+        wall_part *= (0.9 + 0.2 * (yy[:hz] / max(hz, 1)))[..., None]
+    elif t == "windows":
+        ww, wh = 20 * _SS, 16 * _SS
+        win = ((xx[:hz] % (ww + 8 * _SS)) < ww) & ((yy[:hz] % (wh + 10 * _SS)) < wh)
+        glass = np.array([150, 175, 195], np.float32) * rng.uniform(0.6, 1.1)
+        wall_part[win] = glass + 20 * np.sin(xx[:hz][win] / 7.0)[..., None]
+    elif t == "foliage":
+        blobs = Image.new("L", (w, hz), 0)
+        d = ImageDraw.Draw(blobs)
+        for _ in range(int(w * hz / 180)):
+            x, y, r = rng.integers(0, w), rng.integers(0, hz), rng.integers(3, 10) * _SS // 2
+            d.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.integers(0, 255)))
+        wall_part *= (0.65 + 0.6 * np.asarray(blobs, np.float32) / 255)[..., None]
+    wall_part += rng.normal(0, 4, wall_part.shape)
+    # floor texture, with a perspective so lines converge towards the horizon
+    fy, fx = yy[hz:] - hz, xx[hz:] - w / 2
+    depth = (fy + 4.0) / (h - hz + 4.0)
+    t = style.floor_texture
+    floor_part = img[hz:]
+    if t == "tiles":
+        u, v = fx / (depth * 30 * _SS), np.log1p(fy) * 3.0
+        floor_part *= (1 - 0.25 * (((u % 1) < 0.06) | ((v % 1) < 0.08)))[..., None]
+    elif t == "stripes":
+        floor_part[((fx / (depth * 18 * _SS)) % 2) < 1] *= 0.82
+    elif t == "grass":
+        floor_part *= (0.8 + 0.35 * rng.random(floor_part.shape[:2]))[..., None]
+    floor_part *= (0.85 + 0.25 * depth)[..., None]  # nearer floor catches more light
+    floor_part += rng.normal(0, 6, floor_part.shape)
+    # a few fixed objects (poles, bins, benches) that belong to this camera's scene
+    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(out)
+    for _ in range(int(rng.integers(1, 4))):
+        col = tuple(int(v) for v in rng.integers(30, 220, 3))
+        x = int(rng.integers(0, w))
+        if rng.random() < 0.5:  # pole
+            d.rectangle([x, 0, x + int(rng.integers(2, 5)) * _SS, int(hz + rng.uniform(0.1, 0.3) * h)], fill=col)
+        else:  # box-like object standing on the floor
+            bw, bh = int(rng.integers(10, 30)) * _SS, int(rng.integers(10, 30)) * _SS
+            yb = int(hz + rng.uniform(0.0, 0.25) * h)
+            d.rectangle([x, yb - bh, x + bw, yb], fill=col)
+    return np.asarray(out, np.float32)
+
+
+# ============================================================================ the pedestrian
+@dataclass(frozen=True)
+class Pose:
+    """Where and how a person appears in one image (all in output-image units)."""
+
+    cx: float  # body centre x, fraction of width
+    feet: float  # feet y, fraction of height
+    height: float  # body height, fraction of image height
+    facing: str  # front | back | side
+    phase: float  # walking phase (radians): leg stride and arm swing
+    flip: bool
+
+
+def _poly(d: ImageDraw.ImageDraw, pts, fill) -> None:
+    d.polygon([(float(x), float(y)) for x, y in pts], fill=fill)
+
+
+def _limb(d, p0, p1, w0, w1, fill) -> None:
+    """A tapered segment with rounded ends (arm, leg)."""
+    (x0, y0), (x1, y1) = p0, p1
+    dx, dy = x1 - x0, y1 - y0
+    n = math.hypot(dx, dy) or 1.0
+    nx, ny = -dy / n, dx / n
+    _poly(d, [(x0 + nx * w0 / 2, y0 + ny * w0 / 2), (x1 + nx * w1 / 2, y1 + ny * w1 / 2),
+              (x1 - nx * w1 / 2, y1 - ny * w1 / 2), (x0 - nx * w0 / 2, y0 - ny * w0 / 2)], fill)
+    d.ellipse([x0 - w0 / 2, y0 - w0 / 2, x0 + w0 / 2, y0 + w0 / 2], fill=fill)
+    d.ellipse([x1 - w1 / 2, y1 - w1 / 2, x1 + w1 / 2, y1 + w1 / 2], fill=fill)
+
+
+def _pattern(app: Appearance, shape: tuple[int, int], top: float, h: float, x0: float) -> Image.Image:
+    """The upper-garment texture in body coordinates, so stripes scale and move with the person."""
+    H, W = shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    u, v = (xx - x0) / h, (yy - top) / h
+    c1, c2 = np.array(app.upper, np.float32), np.array(app.upper2, np.float32)
+    p = app.upper_pattern
+    if p == "stripes":
+        m = ((v / 0.045) % 2) < 1
+    elif p == "vstripes":
+        m = ((u / 0.035) % 2) < 1
+    elif p == "checks":
+        m = (((v / 0.05) % 2) < 1) ^ (((u / 0.05) % 2) < 1)
+    else:
+        m = np.zeros((H, W), bool)
+    out = np.where(m[..., None], c2, c1)
+    return Image.fromarray(out.astype(np.uint8))
+
+
+def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float = 0.0) -> Image.Image:
+    """Draw one pedestrian on a transparent ``(H*2, W*2)`` RGBA layer (2x supersampled).
+
+    The figure is built from body proportions in units of its height ``h``: head 0..0.13,
+    shoulders at 0.18, hips at ``1 - leg_ratio``, feet at 1.0.
+    """
+    S = _SS
+    HH, WW = H * S, W * S
+    h = pose.height * app.height * HH
+    feet = pose.feet * HH
+    top = feet - h
+    cx = pose.cx * WW
+    side = pose.facing == "side"
+    wf = app.width * (0.62 if side else 1.0)
+    Y = lambda f: top + f * h  # noqa: E731
+    sh_w, hip_w = 0.125 * h * wf, 0.095 * h * wf  # half widths
+    hip_y = Y(1 - app.leg_ratio)
+    layer = Image.new("RGBA", (WW, HH), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    A = lambda c: tuple(int(v) for v in c) + (255,)  # noqa: E731
+    skin, hair = A(app.skin), A(app.hair)
+    stride = math.sin(pose.phase)
+    bag_x = app.bag_side  # the bag hangs on this side in the front view (mirrored from the back)
+    if pose.facing == "back":
+        bag_x = -bag_x
+
+    # --- things behind the body
+    if app.hair_style == "long" and pose.facing != "front":
+        d.rounded_rectangle([cx - 0.06 * h, Y(0.03), cx + 0.06 * h, Y(0.26)], radius=0.03 * h, fill=hair)
+    if app.bag == "backpack" and side:
+        d.rounded_rectangle([cx - sh_w - 0.08 * h, Y(0.19), cx - sh_w + 0.02 * h, Y(0.42)], radius=0.02 * h, fill=A(app.bag_color))
+
+    # --- legs and shoes
+    leg_w = 0.075 * h * app.width
+    knee_y = hip_y + (feet - hip_y) * 0.5
+    for s in (-1, 1):
+        if side:  # stride seen from the side: legs swing forward/back
+            fx_, fy_ = cx + s * stride * 0.16 * h, feet - 0.02 * h * (1 - abs(stride))
+            hx = cx
+        else:  # seen from front/back: a foot forward appears lower and the legs part a little
+            hx = cx + s * hip_w * 0.5
+            fx_, fy_ = hx + s * 0.01 * h, feet + s * stride * 0.02 * h
+        kx, ky = (hx + fx_) / 2, knee_y
+        trouser = A(app.lower)
+        lower_col = skin if app.lower_style in ("shorts", "skirt") else trouser
+        _limb(d, (kx, ky), (fx_, fy_ - 0.03 * h), leg_w * 0.85, leg_w * 0.7, lower_col)
+        _limb(d, (hx, hip_y), (kx, ky), leg_w, leg_w * 0.85, trouser if app.lower_style != "skirt" else skin)
+        sx = fx_ + (0.03 * h if side else 0)
+        d.ellipse([sx - 0.045 * h, fy_ - 0.04 * h, sx + 0.045 * h, fy_ + 0.005 * h], fill=A(app.shoes))
+    if app.lower_style == "skirt":
+        _poly(d, [(cx - hip_w, hip_y - 0.02 * h), (cx + hip_w, hip_y - 0.02 * h),
+                  (cx + hip_w * 1.5, Y(0.72)), (cx - hip_w * 1.5, Y(0.72))], A(app.lower))
+    else:  # seat of the trousers joining the legs
+        _poly(d, [(cx - hip_w, hip_y - 0.03 * h), (cx + hip_w, hip_y - 0.03 * h), (cx + hip_w * 0.7, hip_y + 0.07 * h),
+                  (cx - hip_w * 0.7, hip_y + 0.07 * h)], A(app.lower))
+
+    # --- torso (patterned garment pasted through its mask)
+    torso = [(cx - sh_w, Y(0.17)), (cx + sh_w, Y(0.17)), (cx + hip_w * 1.05, hip_y + 0.01 * h), (cx - hip_w * 1.05, hip_y + 0.01 * h)]
+    mask = Image.new("L", (WW, HH), 0)
+    md = ImageDraw.Draw(mask)
+    _poly(md, torso, 255)
+    md.ellipse([cx - sh_w, Y(0.155), cx + sh_w, Y(0.215)], fill=255)  # rounded shoulders
+    layer.paste(_pattern(app, (HH, WW), top, h, cx), (0, 0), mask)
+    if app.jacket_open and pose.facing == "front":
+        _poly(d, [(cx - 0.035 * h, Y(0.18)), (cx + 0.035 * h, Y(0.18)), (cx + 0.03 * h, hip_y), (cx - 0.03 * h, hip_y)], A(app.upper2))
+    if app.upper_pattern == "logo" and pose.facing == "front":
+        r = 0.04 * h
+        ly = Y(0.29)
+        d.ellipse([cx - r, ly - r, cx + r, ly + r], fill=A(app.upper2))
+
+    # --- bags worn on the front / back
+    bag = A(app.bag_color)
+    if app.bag == "backpack" and pose.facing == "back":
+        d.rounded_rectangle([cx - sh_w * 0.8, Y(0.19), cx + sh_w * 0.8, Y(0.43)], radius=0.03 * h, fill=bag)
+    elif app.bag == "backpack" and pose.facing == "front":
+        for s in (-1, 1):
+            _limb(d, (cx + s * sh_w * 0.55, Y(0.17)), (cx + s * sh_w * 0.6, Y(0.36)), 0.02 * h, 0.02 * h, bag)
+    if app.bag == "shoulder" and not side:
+        _limb(d, (cx - bag_x * sh_w * 0.7, Y(0.17)), (cx + bag_x * hip_w, hip_y - 0.04 * h), 0.018 * h, 0.018 * h, bag)
+
+    # --- arms: the far arm is hidden from the side
+    arm_w = 0.055 * h * app.width
+    arms = (1,) if side else (-1, 1)
+    for s in arms:
+        swing = -s * stride if not side else stride
+        shx = cx + s * (sh_w - arm_w * 0.4) if not side else cx
+        elbow = (shx + (swing * 0.05 * h if side else s * 0.012 * h), Y(0.33))
+        hand = (shx + (swing * 0.12 * h if side else s * 0.02 * h + swing * 0.015 * h), Y(0.47))
+        sleeve = A(app.upper)
+        _limb(d, (shx, Y(0.19)), elbow, arm_w, arm_w * 0.9, sleeve)
+        _limb(d, elbow, hand, arm_w * 0.9, arm_w * 0.75, sleeve if app.long_sleeves else skin)
+        d.ellipse([hand[0] - arm_w * 0.45, hand[1] - arm_w * 0.3, hand[0] + arm_w * 0.45, hand[1] + arm_w * 0.6], fill=skin)
+        if app.bag == "handbag" and (s == bag_x or side):
+            d.rounded_rectangle([hand[0] - 0.05 * h, hand[1] + 0.01 * h, hand[0] + 0.05 * h, hand[1] + 0.11 * h], radius=0.01 * h, fill=bag)
+    if app.bag == "shoulder" and not side:
+        bx = cx + bag_x * (hip_w + 0.03 * h)
+        d.rounded_rectangle([bx - 0.05 * h, hip_y - 0.07 * h, bx + 0.05 * h, hip_y + 0.03 * h], radius=0.01 * h, fill=bag)
+
+    # --- neck and head
+    _limb(d, (cx, Y(0.11)), (cx, Y(0.17)), 0.045 * h, 0.05 * h, skin)
+    hw, hcx = 0.052 * h, cx + (0.012 * h if side else 0)
+    d.ellipse([hcx - hw, Y(0.0), hcx + hw, Y(0.13)], fill=skin)
+    if app.hair_style == "cap":
+        d.chord([hcx - hw * 1.05, Y(-0.005), hcx + hw * 1.05, Y(0.1)], 180, 360, fill=A(app.cap))
+        d.rectangle([hcx - hw * 1.05, Y(0.045), hcx + hw * (1.6 if side else 1.05), Y(0.055)], fill=A(app.cap))
+    elif app.hair_style != "bald":
+        if pose.facing == "back":
+            d.ellipse([hcx - hw * 1.03, Y(-0.005), hcx + hw * 1.03, Y(0.12)], fill=hair)
+        elif side:
+            d.chord([hcx - hw * 1.05, Y(-0.008), hcx + hw * 1.02, Y(0.11)], 150, 360, fill=hair)
+            d.pieslice([hcx - hw * 1.05, Y(-0.008), hcx + hw * 0.4, Y(0.12)], 90, 270, fill=hair)
+        else:
+            d.chord([hcx - hw * 1.05, Y(-0.008), hcx + hw * 1.05, Y(0.09)], 180, 360, fill=hair)
+        if app.hair_style == "long" and pose.facing == "front":
+            for s in (-1, 1):
+                d.rectangle([hcx + s * hw * 0.75 - 0.018 * h, Y(0.04), hcx + s * hw * 0.75 + 0.018 * h, Y(0.2)], fill=hair)
+
+    # --- shading: the body is roughly a cylinder lit from ``light_dir``
+    arr = np.asarray(layer, np.float32)
+    xs = (np.arange(WW, dtype=np.float32) - cx) / max(sh_w * 1.3, 1.0)
+    shade = 1.0 - 0.28 * np.clip(xs, -1, 1) ** 2 + 0.12 * light_dir * np.clip(xs, -1, 1)
+    ys = (np.arange(HH, dtype=np.float32) - top) / max(h, 1.0)
+    shade = shade[None, :] * (1.0 - 0.12 * np.clip(ys, 0, 1))[:, None]
+    arr[..., :3] *= shade[..., None]
+    out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGBA")
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if pose.flip else out
+
+
+# ============================================================================ camera effects
+def _apply_camera(img: np.ndarray, style: CameraStyle, rng: np.random.Generator, H: int, W: int, extra_blur: float = 0.0) -> Image.Image:
+    """Downsample the 2x scene to the output size and apply the camera's optics and colour response."""
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((W, H), Image.LANCZOS)
+    if style.lowres < 1:
+        small = (max(8, int(W * style.lowres)), max(16, int(H * style.lowres)))
+        pil = pil.resize(small, Image.BILINEAR).resize((W, H), Image.BILINEAR)
+    if style.blur + extra_blur > 0:
+        pil = pil.filter(ImageFilter.GaussianBlur(style.blur + extra_blur))
+    x = np.asarray(pil, np.float32) / 255.0
+    gray = x.mean(axis=2, keepdims=True)
+    x = gray + style.saturation * (x - gray)
+    x = 0.5 + style.contrast * (x - 0.5)
+    x = np.clip(x * np.array(style.cast, np.float32) * style.gain * rng.uniform(0.92, 1.08), 0, 1) ** style.gamma
+    x = x * 255 + rng.normal(0, style.noise, x.shape)
+    return Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
+
+
+def _scene(bg: np.ndarray, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
+    """A crop of the camera's fixed background at a small random offset (the detector box moves)."""
+    mh, mw = bg.shape[0] - H * _SS, bg.shape[1] - W * _SS
+    y, x = int(rng.integers(0, mh + 1)), int(rng.integers(0, mw + 1))
+    return bg[y : y + H * _SS, x : x + W * _SS].copy()
+
+
+def _composite(scene: np.ndarray, layer: Image.Image, pose: Pose | None = None, H: int = 0) -> np.ndarray:
+    if pose is not None:  # contact shadow under the feet
+        sh = Image.new("L", (scene.shape[1], scene.shape[0]), 0)
+        cx, fy, r = pose.cx * scene.shape[1], pose.feet * scene.shape[0], pose.height * scene.shape[0] * 0.16
+        ImageDraw.Draw(sh).ellipse([cx - r, fy - r * 0.18, cx + r, fy + r * 0.18], fill=110)
+        scene = scene * (1 - np.asarray(sh.filter(ImageFilter.GaussianBlur(3)), np.float32)[..., None] / 255)
+    la = np.asarray(layer, np.float32)
+    a = la[..., 3:4] / 255.0
+    return scene * (1 - a) + la[..., :3] * a
+
+
+# ============================================================================ the plan
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    num_train_ids: int = 80
+    num_test_ids: int = 80
+    num_cameras: int = 6
+    num_distractors: int = 250  # images (image mode) or tracklets (video mode)
+    num_junk: int = 100
+    height: int = 128
+    width: int = 64
+    video: bool = False
+    min_images: int = 4  # per identity (image mode) or tracklets per identity (video mode: at least 2)
+    max_images: int = 20
+    mean_images: float = 8.0
+    queries_per_id: int = 2
+    min_frames: int = 4
+    max_frames: int = 24
+    mean_frames: float = 8.0
+    jpeg_quality: int = 90
+
+    def check(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(self.num_train_ids >= 1, f"num_train_ids must be >= 1, got {self.num_train_ids}")
+        need(self.num_test_ids >= 1, f"num_test_ids must be >= 1, got {self.num_test_ids}")
+        need(2 <= self.num_cameras <= 9, f"num_cameras must be in 2..9 (every identity needs two cameras; file names hold one digit), got {self.num_cameras}")
+        need(self.num_distractors >= 0 and self.num_junk >= 0, f"num_distractors/num_junk must be >= 0, got {self.num_distractors}/{self.num_junk}")
+        need(self.height >= 32 and self.width >= 16, f"height >= 32 and width >= 16 required, got {self.height}x{self.width}")
+        need(2 <= self.min_images <= self.max_images, f"need 2 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
+        need(self.min_images <= self.mean_images <= self.max_images, f"mean_images must lie in [min_images, max_images], got {self.mean_images}")
+        need(self.queries_per_id >= 1, f"queries_per_id must be >= 1, got {self.queries_per_id}")
+        need(1 <= self.min_frames <= self.max_frames <= 999, f"need 1 <= min_frames <= max_frames <= 999, got {self.min_frames}, {self.max_frames}")
+        need(self.min_frames <= self.mean_frames <= self.max_frames, f"mean_frames must lie in [min_frames, max_frames], got {self.mean_frames}")
+        need(1 <= self.jpeg_quality <= 95, f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+
+
+def _long_tail(rng, lo: int, hi: int, mean: float) -> int:
+    """Shifted geometric count in lo..hi: most identities have few images, a few have many."""
+    p = 1.0 / (mean - lo + 1.0)
+    return int(min(hi, lo + rng.geometric(p) - 1))
+
+
+@dataclass(frozen=True)
+class Track:
+    """One identity walking through one camera: ``n`` consecutive detections/frames."""
+
+    pid: int
+    cam: int  # 0-based
+    index: int  # track number within (pid, cam), 0-based
+    n: int
+    split: str  # train | test
+    query: bool  # one detection of this track is a query (image mode) / the track is a query (video)
+
+
+def _plan(p: Params) -> list[Track]:
+    """Which identity appears in which cameras, how often; identities 1.. (0 is for distractors)."""
+    rng = _rng(p.seed, _PLAN)
+    tracks = []
+    for pid in range(1, p.num_train_ids + p.num_test_ids + 1):
+        split = "train" if pid <= p.num_train_ids else "test"
+        n = _long_tail(rng, p.min_images, p.max_images, p.mean_images)
+        # cameras per identity: at least 2, usually 2-4 (Market: 2-6), never more images than cameras
+        k = int(min(p.num_cameras, n, 2 + rng.binomial(p.num_cameras - 2, 0.3)))
+        cams = np.sort(rng.choice(p.num_cameras, size=k, replace=False))
+        share = 1 + rng.multinomial(n - k, rng.dirichlet(np.ones(k)))  # every camera gets >= 1
+        qcams = set(rng.choice(cams, size=min(p.queries_per_id, k), replace=False).tolist()) if split == "test" else set()
+        for cam, m in zip(cams.tolist(), share.tolist()):
+            if p.video:  # m = tracklets in this camera; a query tracklet comes on top of the gallery ones
+                for t in range(m + (cam in qcams)):
+                    tracks.append(Track(pid, cam, t, _long_tail(rng, p.min_frames, p.max_frames, p.mean_frames), split, cam in qcams and t == m))
+            else:
+                tracks.append(Track(pid, cam, 0, m + (cam in qcams), split, cam in qcams))
+    return tracks
+
+
+def _track_poses(style: CameraStyle, rng: np.random.Generator, n: int, video: bool) -> list[Pose]:
+    """Consecutive poses of one walk: fixed facing/scale, moving phase and a little drift."""
+    facing = str(rng.choice(["front", "back", "side"], p=style.view_p))
+    flip = bool(rng.random() < 0.5)
+    scale = style.scale * rng.uniform(0.94, 1.06)
+    cx, feet = 0.5 + rng.normal(0, 0.04), 0.5 + 0.5 * scale + rng.normal(0, 0.015)
+    phase, step = rng.uniform(0, 2 * math.pi), (0.7 if video else rng.uniform(1.0, 2.5))
+    poses = []
+    for i in range(n):
+        j = 0.3 if video else 1.0  # video frames are consecutive: much less jitter
+        poses.append(Pose(cx=float(cx + rng.normal(0, 0.035 * j)), feet=float(min(1.02, feet + rng.normal(0, 0.012 * j))),
+                          height=float(scale * (1 + rng.normal(0, 0.03 * j))), facing=facing, phase=float(phase + i * step), flip=flip))
+    return poses
+
+
+# ============================================================================ rendering items
+class _Renderer:
+    def __init__(self, p: Params):
+        self.p = p
+        self.styles = camera_styles(p.seed, p.num_cameras)
+        self.bgs = [_background(s, p.seed, c, p.height, p.width) for c, s in enumerate(self.styles)]
+        self.apps: dict[int, Appearance] = {}
+
+    def appearance(self, pid: int) -> Appearance:
+        if pid not in self.apps:
+            self.apps[pid] = random_appearance(_rng(self.p.seed, _IDENTITY, pid))
+        return self.apps[pid]
+
+    def person(self, app: Appearance, pose: Pose, cam: int, rng, extra_blur: float = 0.0) -> Image.Image:
+        H, W, st = self.p.height, self.p.width, self.styles[cam]
+        layer = render_person(app, pose, H, W, st.light_dir)
+        return _apply_camera(_composite(_scene(self.bgs[cam], rng, H, W), layer, pose), st, rng, H, W, extra_blur)
+
+    def track(self, t: Track) -> list[Image.Image]:
+        rng = _rng(self.p.seed, _IMAGE, t.pid, t.cam, t.index)
+        poses = _track_poses(self.styles[t.cam], rng, t.n, self.p.video)
+        return [self.person(self.appearance(t.pid), pose, t.cam, rng) for pose in poses]
+
+    def distractor(self, i: int, n: int = 1) -> tuple[int, list[Image.Image]]:
+        """pid 0: an empty scene with clutter, or a stranger cut by the box (partial person)."""
+        p, rng = self.p, _rng(self.p.seed, _DISTRACTOR, i)
+        cam = int(rng.integers(p.num_cameras))
+        kind = rng.choice(["background", "partial", "offside"])
+        if kind == "background":
+            out = []
+            for _ in range(n):
+                scene = _scene(self.bgs[cam], rng, p.height, p.width)
+                img = Image.fromarray(np.clip(scene, 0, 255).astype(np.uint8))
+                d = ImageDraw.Draw(img)
+                for _ in range(int(rng.integers(0, 3))):
+                    x0, y0 = rng.integers(0, img.width), rng.integers(0, img.height)
+                    d.rectangle([x0, y0, x0 + rng.integers(8, 60), y0 + rng.integers(8, 80)], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+                out.append(_apply_camera(np.asarray(img, np.float32), self.styles[cam], rng, p.height, p.width))
+            return cam, out
+        app = random_appearance(rng)  # a stranger: not one of the identities
+        base = _track_poses(self.styles[cam], rng, n, p.video)
+        if kind == "partial":  # zoomed in: only the upper or the lower body is in the box
+            big, up = rng.uniform(1.6, 2.4), rng.random() < 0.5
+            poses = [Pose(q.cx, (1.0 + big * 0.45) if up else (0.98), big * q.height, q.facing, q.phase, q.flip) for q in base]
+        else:  # the box caught only one side of a person
+            dx = rng.choice([-1, 1]) * rng.uniform(0.45, 0.6)
+            poses = [Pose(q.cx + dx, q.feet, q.height, q.facing, q.phase, q.flip) for q in base]
+        return cam, [self.person(app, q, cam, rng) for q in poses]
+
+    def junk(self, i: int, n: int = 1) -> tuple[int, list[Image.Image]]:
+        """pid -1: a tiny, heavily blurred fragment of some test identity (useless for matching)."""
+        p, rng = self.p, _rng(self.p.seed, _JUNK, i)
+        cam = int(rng.integers(p.num_cameras))
+        pid = int(rng.integers(p.num_train_ids + 1, p.num_train_ids + p.num_test_ids + 1))
+        out = []
+        for q in _track_poses(self.styles[cam], rng, n, p.video):
+            img = self.person(self.appearance(pid), q, cam, rng, extra_blur=float(rng.uniform(1.5, 3.0)))
+            fw, fh = int(p.width * rng.uniform(0.3, 0.5)), int(p.height * rng.uniform(0.25, 0.45))
+            x0, y0 = int(rng.integers(0, p.width - fw + 1)), int(rng.integers(0, p.height - fh + 1))
+            out.append(img.crop((x0, y0, x0 + fw, y0 + fh)).resize((p.width, p.height), Image.BILINEAR))
+        return cam, out
+
+
+# ============================================================================ writers
+def _save(img: Image.Image, path: Path, quality: int) -> None:
+    # fixed quality and no metadata: same pixels -> same bytes
+    img.save(path, format="JPEG", quality=quality)
+
+
+def _write_market(out: Path, p: Params, r: _Renderer) -> dict:
+    """Market-1501 layout: ``{pid:04d}_c{cam}s{seq}_{frame:06d}_{box:02d}.jpg``."""
+    for d in ("bounding_box_train", "bounding_box_test", "query"):
+        (out / d).mkdir(parents=True)
+    frame_counter = [1000 * (c + 1) for c in range(p.num_cameras)]  # unique frame numbers per camera
+    counts = {"train": 0, "query": 0, "gallery": 0, "distractors": 0, "junk": 0}
+
+    def name(pid: int, cam: int, box: int = 1) -> str:
+        frame_counter[cam] += int(1 + (frame_counter[cam] * 7919 + pid) % 5)  # irregular, increasing
+        return f"{pid:04d}_c{cam + 1}s{cam % 6 + 1}_{frame_counter[cam]:06d}_{box:02d}.jpg" if pid >= 0 else f"-1_c{cam + 1}s{cam % 6 + 1}_{frame_counter[cam]:06d}_{box:02d}.jpg"
+
+    for t in _plan(p):
+        imgs = r.track(t)
+        qi = int(_rng(p.seed, _IMAGE, t.pid, t.cam, 999).integers(t.n)) if t.query else -1
+        for i, img in enumerate(imgs):
+            if t.split == "train":
+                folder, key = "bounding_box_train", "train"
+            else:
+                folder, key = ("query", "query") if i == qi else ("bounding_box_test", "gallery")
+            _save(img, out / folder / name(t.pid, t.cam), p.jpeg_quality)
+            counts[key] += 1
+    for i in range(p.num_distractors):
+        cam, (img,) = r.distractor(i)
+        _save(img, out / "bounding_box_test" / name(0, cam, 2), p.jpeg_quality)
+        counts["distractors"] += 1
+    for i in range(p.num_junk):
+        cam, (img,) = r.junk(i)
+        _save(img, out / "bounding_box_test" / name(-1, cam, 3), p.jpeg_quality)
+        counts["junk"] += 1
+    counts["gallery"] += counts["distractors"] + counts["junk"]
+    return counts
+
+
+def _write_mars(out: Path, p: Params, r: _Renderer) -> dict:
+    """MARS layout: ``bbox_{train,test}/{pid}/{pid}C{cam}T{track:04d}F{frame:03d}.jpg`` + info tables."""
+    from scipy.io import savemat
+
+    def pidstr(pid: int) -> str:
+        return "00-1" if pid == -1 else f"{pid:04d}"
+
+    # (home, pid, cam, tracklet number, frames, is_query)
+    items: list[tuple[str, int, int, int, list[Image.Image], bool]] = []
+    tcount: dict[tuple[int, int], int] = {}
+
+    def add(home: str, pid: int, cam: int, frames: list[Image.Image], query: bool = False) -> None:
+        tcount[pid, cam] = tcount.get((pid, cam), 0) + 1
+        items.append((home, pid, cam, tcount[pid, cam], frames, query))
+
+    for t in _plan(p):
+        add("bbox_train" if t.split == "train" else "bbox_test", t.pid, t.cam, r.track(t), t.query)
+    frames_of = lambda rng: _long_tail(rng, p.min_frames, p.max_frames, p.mean_frames)  # noqa: E731
+    for i in range(p.num_distractors):
+        cam, frames = r.distractor(i, frames_of(_rng(p.seed, _DISTRACTOR, i, 1)))
+        add("bbox_test", 0, cam, frames)
+    for i in range(p.num_junk):
+        cam, frames = r.junk(i, frames_of(_rng(p.seed, _JUNK, i, 1)))
+        add("bbox_test", -1, cam, frames)
+
+    info = out / "info"
+    info.mkdir(parents=True)
+    counts = {"train": 0, "query": 0, "gallery": 0, "distractors": 0, "junk": 0, "frames": 0}
+    for home in ("bbox_train", "bbox_test"):
+        (out / home).mkdir()
+        # The name list is sorted like the official one, and each tracklet is a contiguous range of it.
+        entries = sorted(
+            (f"{pidstr(pid)}C{cam + 1}T{tn:04d}F{f + 1:03d}.jpg", pid, cam, tn, f, q, frames[f])
+            for (h, pid, cam, tn, frames, q) in items if h == home for f in range(len(frames))
+        )
+        names, rows, qrows = [], [], []
+        for j, (nm, pid, cam, tn, f, q, img) in enumerate(entries):
+            folder = out / home / pidstr(pid)
+            folder.mkdir(exist_ok=True)
+            _save(img, folder / nm, p.jpeg_quality)
+            names.append(nm)
+            if f == 0:
+                rows.append([j + 1, j + 1, pid, cam + 1])
+                if q:
+                    qrows.append(len(rows))
+            else:
+                rows[-1][1] = j + 1
+        split = "train" if home == "bbox_train" else "test"
+        (info / f"{split}_name.txt").write_text("".join(n + "\n" for n in names))
+        savemat(str(info / f"tracks_{split}_info.mat"), {f"track_{split}_info": np.array(rows, dtype=np.float64).reshape(-1, 4)})
+        if split == "test":
+            savemat(str(info / "query_IDX.mat"), {"query_IDX": np.array(qrows, dtype=np.float64).reshape(1, -1)})
+        counts["frames"] += len(names)
+        for row in rows:
+            if split == "train":
+                counts["train"] += 1
+            elif row[2] == 0:
+                counts["distractors"] += 1
+            elif row[2] == -1:
+                counts["junk"] += 1
+        if split == "test":
+            counts["query"] = len(qrows)
+            counts["gallery"] = len(rows) - len(qrows)
+    return counts
+
+
+# ============================================================================ public API
+def read_manifest(out_dir) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def generate(
+    out_dir,
+    *,
+    seed: int = 0,
+    num_train_ids: int = 80,
+    num_test_ids: int = 80,
+    num_cameras: int = 6,
+    num_distractors: int | None = None,
+    num_junk: int | None = None,
+    height: int = 128,
+    width: int = 64,
+    video: bool = False,
+    min_images: int | None = None,
+    max_images: int | None = None,
+    mean_images: float | None = None,
+    queries_per_id: int = 2,
+    min_frames: int = 4,
+    max_frames: int = 24,
+    mean_frames: float = 8.0,
+    jpeg_quality: int = 90,
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic re-ID dataset to ``out_dir`` (Market-1501 layout, or MARS with ``video``).
+
+    In image mode ``min/max/mean_images`` bound the images per identity (defaults 4/20/8) and
+    ``num_distractors``/``num_junk`` count images (defaults 250/100). In video mode they count
+    tracklets: per identity (defaults 2/6/3.5, each ``min/max/mean_frames`` frames) and
+    distractor/junk tracklets (defaults 30/12).
+
+    A folder whose ``manifest.json`` records the same parameters is returned as is (the data is
+    generated on first use); a different one raises unless ``overwrite=True``. The dataset is
+    built in a sibling temporary folder and moved into place at the end, so an interrupted run
+    never leaves a half-written dataset behind.
+    """
+    p = Params(
+        seed=seed, num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_cameras=num_cameras,
+        num_distractors=(30 if video else 250) if num_distractors is None else num_distractors,
+        num_junk=(12 if video else 100) if num_junk is None else num_junk,
+        height=height, width=width, video=video,
+        min_images=(2 if video else 4) if min_images is None else min_images,
+        max_images=(6 if video else 20) if max_images is None else max_images,
+        mean_images=(3.5 if video else 8.0) if mean_images is None else mean_images,
+        queries_per_id=queries_per_id, min_frames=min_frames, max_frames=max_frames, mean_frames=mean_frames,
+        jpeg_quality=jpeg_quality,
+    )
+    p.check()
+    out = Path(out_dir).expanduser()
+    wanted = {"generator": "ureid.data.synthetic", "version": GENERATOR_VERSION, "params": asdict(p)}
+    existing = read_manifest(out)
+    if existing is not None and {k: existing.get(k) for k in wanted} == wanted:
+        return out
+    if out.exists() and any(out.iterdir()):
+        if existing is None:
+            raise FileExistsError(f"{out} is not empty and holds no {MANIFEST}: refusing to write a synthetic dataset into it")
+        if not overwrite:
+            diff = {k: (existing.get("params", {}).get(k), v) for k, v in wanted["params"].items() if existing.get("params", {}).get(k) != v}
+            raise FileExistsError(f"{out} holds a synthetic dataset with other parameters {diff or '(generator version)'} (old, new); pass overwrite=True to replace it")
+
+    t0 = time.perf_counter()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        r = _Renderer(p)
+        counts = (_write_mars if video else _write_market)(tmp, p, r)
+        manifest = dict(wanted, layout="mars" if video else "market1501", counts=counts)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            for name in _OWNED:  # only what a previous generate() wrote; anything else makes rmdir fail loudly
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote synthetic %s to %s in %.1f s: %s", "MARS" if video else "Market-1501", out, time.perf_counter() - t0, counts)
+    return out

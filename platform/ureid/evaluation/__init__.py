@@ -1,0 +1,9 @@
+"""Evaluation under the Market-1501 protocol: CMC / mAP, distances and k-reciprocal re-ranking.
+
+Pure numpy (torch tensors accepted): arrays in, arrays and dicts out.
+"""
+
+from .metrics import AP_MODES, evaluate, pairwise_distance
+from .rerank import re_ranking
+
+__all__ = ["AP_MODES", "evaluate", "pairwise_distance", "re_ranking"]

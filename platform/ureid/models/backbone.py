@@ -1,0 +1,236 @@
+"""ResNet trunk + the BUC embedding head + optional SSL stripe features.
+
+BUC (Lin et al., AAAI 2019, and its public code) uses the plain torchvision ResNet-50 (last stride 2):
+global average pooling gives the 2048-d ``pooled`` feature that clustering and evaluation use (after
+L2-normalisation, done by the caller), while ``Linear -> BatchNorm1d -> L2-normalise -> Dropout(0.5)``
+gives the ``embedding`` that only feeds the repelled loss. SSL (Lin et al., CVPR 2020, Sec. 3.3) adds
+``p`` horizontal stripe features: the final feature map average-pooled in ``p`` horizontal strips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+WEIGHTS_ENV = "UREID_IMAGENET_WEIGHTS"
+
+
+def _imagenet_weights_enum(arch: str):
+    # IMAGENET1K_V1 is the original torchvision release, the one BUC's code was trained from.
+    return {
+        "resnet18": torchvision.models.ResNet18_Weights,
+        "resnet34": torchvision.models.ResNet34_Weights,
+        "resnet50": torchvision.models.ResNet50_Weights,
+    }[arch].IMAGENET1K_V1
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Find torchvision's ImageNet checkpoint for ``arch`` locally; never downloads.
+
+    Looks at ``$UREID_IMAGENET_WEIGHTS`` (a file, or a folder holding torchvision's file name) and then
+    the torch hub cache (``torch.hub.get_dir()/checkpoints/<file name from the Weights enum url>``).
+    """
+    url = _imagenet_weights_enum(arch).url
+    fname = os.path.basename(url)
+    looked: list[str] = []
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        p = Path(env).expanduser()
+        cand = p / fname if p.is_dir() else p
+        if cand.is_file():
+            return cand
+        looked.append(f"${WEIGHTS_ENV}={env} -> {cand}")
+    else:
+        looked.append(f"${WEIGHTS_ENV} (unset)")
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if cache.is_file():
+        return cache
+    looked.append(str(cache))
+    raise FileNotFoundError(
+        f"ImageNet weights for {arch} not found; looked in: {'; '.join(looked)}. ureid never downloads "
+        f"(machines may have no internet). Provide them by downloading {url} and placing the file at "
+        f"{cache} (or under $TORCH_HOME/hub/checkpoints), or set {WEIGHTS_ENV}=/path/to/{fname} "
+        f"(a file, or a folder holding it), or use weights: none (random init) or weights: <path to a "
+        f"state dict or ureid checkpoint>."
+    )
+
+
+def _load_file(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (weights must be 'imagenet', 'none' or a path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - ureid checkpoints may hold numpy arrays next to the state dict
+        # The user named this file explicitly, so a full unpickle is the same trust as torch.load's default.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _state_from_checkpoint(obj) -> tuple[dict, bool]:
+    """Return (state dict, is_full_model) from a torchvision trunk state dict or a ureid checkpoint."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("weights file holds neither a state dict nor a ureid checkpoint (dict with key 'model')")
+    # DDP-wrapped models save their keys as "module.<name>".
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    full = any(k.startswith("base.") for k in state)
+    return state, full
+
+
+class ReidNet(nn.Module):
+    """ResNet trunk with the BUC embedding head and optional SSL stripe (part) features.
+
+    Args:
+        arch: ``resnet18`` | ``resnet34`` | ``resnet50``.
+        weights: ``"imagenet"`` (local torchvision checkpoint, see :func:`imagenet_weights_path`), ``"none"``
+            (random init), or a path to a torchvision-style trunk state dict or a ureid checkpoint
+            (a dict with key ``"model"``).
+        embedding_dim: output size of the BUC embedding head; 0 disables the head (PUL trains a classifier
+            on ``pooled`` and an unused head would break DDP's unused-parameter check).
+        dropout: dropout after the L2-normalised embedding (0.5 in BUC and SSL).
+        num_stripes: ``p`` horizontal stripes for SSL part features (0 = none).
+        frozen_stages: freeze the trunk up to and including this stage (``"layer2"`` for video, as BUC);
+            the frozen BatchNorm layers stay in eval mode even after ``.train()``.
+
+    ``forward(x)`` returns a dict: ``pooled`` (B, C) unnormalised global-average-pooled trunk output,
+    ``embedding`` (B, embedding_dim) for the loss (None without a head), ``parts`` (B, p, C) or None.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        weights: str | os.PathLike | None = "imagenet",
+        embedding_dim: int = 2048,
+        dropout: float = 0.5,
+        num_stripes: int = 0,
+        frozen_stages: str | None = None,
+    ):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch={arch!r} is not supported; choose one of {ARCHS}")
+        if embedding_dim < 0:
+            raise ValueError(f"embedding_dim must be >= 0 (0 disables the head), got {embedding_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if num_stripes < 0:
+            raise ValueError(f"num_stripes must be >= 0, got {num_stripes}")
+        if frozen_stages is not None and frozen_stages not in STAGES:
+            raise ValueError(f"frozen_stages={frozen_stages!r} is not allowed; use None or one of {STAGES}")
+        self.arch, self.num_stripes, self.frozen_stages = arch, num_stripes, frozen_stages
+
+        self.base = getattr(torchvision.models, arch)(weights=None)
+        self.feature_dim = self.base.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50)
+        # The trunk's own classifier and pooling are never used; dropping fc keeps its params out of DDP.
+        self.base.fc = nn.Identity()
+        self.base.avgpool = nn.Identity()
+
+        self.embedding_dim = embedding_dim
+        if embedding_dim > 0:
+            # Initialisation as in BUC's reid/models/resnet.py.
+            self.feat = nn.Linear(self.feature_dim, embedding_dim)
+            self.feat_bn = nn.BatchNorm1d(embedding_dim)
+            nn.init.kaiming_normal_(self.feat.weight, mode="fan_out")
+            nn.init.zeros_(self.feat.bias)
+            nn.init.ones_(self.feat_bn.weight)
+            nn.init.zeros_(self.feat_bn.bias)
+            self.drop = nn.Dropout(dropout)
+
+        self._load_weights(weights)
+        self._freeze()
+
+    # -- weights -----------------------------------------------------------------------------------
+    def _load_weights(self, weights) -> None:
+        if weights is None or weights == "none":
+            return
+        if weights == "imagenet":
+            path = imagenet_weights_path(self.arch)
+        else:
+            path = Path(weights)
+        state, full = _state_from_checkpoint(_load_file(path))
+        if full:
+            self._load_full(state, path)
+        else:
+            # torchvision trunk: its ImageNet classifier (fc.*) is dropped on purpose.
+            state = {f"base.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+            self._load_full(state, path, trunk_only=True)
+        log.info("loaded %s weights from %s", self.arch, path)
+
+    def _load_full(self, state: dict, path, trunk_only: bool = False) -> None:
+        own = self.state_dict()
+        unknown = sorted(k for k in state if k not in own)
+        if unknown:
+            raise ValueError(
+                f"weights file {path} has {len(unknown)} key(s) this {self.arch} ReidNet does not know, "
+                f"e.g. {unknown[:5]} (wrong arch, or not a ResNet/ureid checkpoint?)"
+            )
+        bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+               if v.shape != own[k].shape]
+        if bad:
+            raise ValueError(f"weights file {path} has shape mismatches (wrong arch or embedding_dim?): {bad[:5]}")
+        missing = [k for k in own if k not in state]
+        missing_trunk = [k for k in missing if k.startswith("base.")]
+        if missing_trunk:
+            raise ValueError(f"weights file {path} lacks {len(missing_trunk)} trunk key(s), e.g. {missing_trunk[:5]}")
+        if missing and not trunk_only:
+            # A checkpoint from a model without the head (e.g. PUL's source model) keeps the fresh head.
+            log.warning("weights file %s has no head weights %s; they keep their initialisation", path, missing[:5])
+        self.load_state_dict(state, strict=False)
+
+    # -- freezing ----------------------------------------------------------------------------------
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages is None:
+            return []
+        upto = STAGES.index(self.frozen_stages)
+        mods = [self.base.conv1, self.base.bn1]
+        mods += [getattr(self.base, f"layer{i}") for i in range(1, upto + 1)]
+        return mods
+
+    def _freeze(self) -> None:
+        for m in self._frozen_modules():
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen stages keep ImageNet BatchNorm statistics: BN in eval mode never updates running stats.
+        for m in self._frozen_modules():
+            m.eval()
+        return self
+
+    # -- forward -----------------------------------------------------------------------------------
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> dict:
+        fmap = self.trunk(x)
+        pooled = fmap.mean(dim=(2, 3))
+        out = {"pooled": pooled, "embedding": None, "parts": None}
+        if self.embedding_dim > 0:
+            out["embedding"] = self.drop(F.normalize(self.feat_bn(self.feat(pooled)), dim=1))
+        if self.num_stripes > 0:
+            if fmap.shape[2] < self.num_stripes:
+                raise ValueError(
+                    f"num_stripes={self.num_stripes} exceeds the feature-map height {fmap.shape[2]}; "
+                    f"use taller inputs (height {x.shape[2]}) or fewer stripes"
+                )
+            # Adaptive pooling splits the height into p (near-)equal horizontal strips: (B, C, p, 1).
+            out["parts"] = F.adaptive_avg_pool2d(fmap, (self.num_stripes, 1)).squeeze(3).transpose(1, 2)
+        return out
+
+    def backbone_parameters(self):
+        return self.base.parameters()

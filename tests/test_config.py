@@ -1,0 +1,120 @@
+"""Config loading: inheritance, dotted overrides, and one test per validation error message."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ureid.config import CONFIG_DIR, METHODS, ConfigError, load_config, save_config, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_loads(method):
+    cfg = load_config(CONFIG_DIR / f"{method}.yaml")
+    assert cfg.method == method
+    assert cfg.model.arch == "resnet50" and (cfg.data.height, cfg.data.width) == (256, 128)
+    assert cfg.train.batch_size == 16
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_cpu_preset_loads(method):
+    cfg = load_config(CONFIG_DIR / f"{method}_cpu.yaml")
+    assert cfg.method == method and cfg.data.name == "synthetic"
+    assert cfg.model.arch == "resnet18" and cfg.model.weights == "none"
+
+
+def test_inheritance_and_overrides(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {CONFIG_DIR / 'buc.yaml'}\ntrain:\n  batch_size: 8\n")
+    cfg = load_config(child, ["clustering.size_penalty=0.003", "model.weights=none", "ray.address=null"])
+    assert cfg.train.batch_size == 8  # child wins
+    assert cfg.train.lr == 0.1  # inherited from base.yaml two levels up
+    assert cfg.clustering.size_penalty == pytest.approx(0.003)
+    assert cfg.model.weights == "none" and cfg.ray.address is None
+    saved = save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(saved).to_dict() == cfg.to_dict()
+
+
+def _err(overrides, path=CONFIG_DIR / "buc.yaml"):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_is_named():
+    msg = _err(["clustering.size_penalti=0.1"])
+    assert "clustering.size_penalti" in msg and "unknown key" in msg
+
+
+def test_unknown_top_level_section():
+    msg = _err(["trian.lr=0.1"])
+    assert "trian" in msg and "unknown key" in msg
+
+
+def test_wrong_type_is_named():
+    msg = _err(["train.batch_size=sixteen"])
+    assert "train.batch_size" in msg and "'sixteen'" in msg and "integer" in msg
+
+
+def test_negative_lambda():
+    msg = _err(["clustering.size_penalty=-0.5"])
+    assert "clustering.size_penalty" in msg and "-0.5" in msg and "greater than or equal to 0" in msg
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_merge_percent_outside_open_interval(value):
+    msg = _err([f"clustering.merge_percent={value}"])
+    assert "clustering.merge_percent" in msg and value in msg
+    assert "greater than 0" in msg or "less than 1" in msg
+
+
+def test_num_neighbors_below_one():
+    msg = _err(["clustering.num_neighbors=0"], CONFIG_DIR / "ssl.yaml")
+    assert "clustering.num_neighbors" in msg and "greater than or equal to 1" in msg
+
+
+def test_temperature_not_positive():
+    msg = _err(["loss.temperature=0"])
+    assert "loss.temperature" in msg and "greater than 0" in msg
+
+
+def test_missing_dataset_root(tmp_path):
+    missing = tmp_path / "nowhere"
+    msg = _err(["data.name=market1501", f"data.root={missing}"])
+    assert "data.root" in msg and str(missing) in msg and "does not exist" in msg
+
+
+def test_unknown_method_and_choice():
+    with pytest.raises(ConfigError, match="'kmeans' is not a method; allowed: buc, dbc, pul, ssl, camstyle"):
+        validate({"method": "kmeans", "clustering": {}})
+    msg = _err(["clustering.metric=cosine"])
+    assert "clustering.metric" in msg and "'sqeuclidean' or 'euclidean'" in msg
+
+
+def test_key_of_another_method_is_unknown():
+    # size_penalty belongs to BUC; DBC's lambda is intra_weight.
+    msg = _err(["clustering.size_penalty=0.1"], CONFIG_DIR / "dbc.yaml")
+    assert "clustering.size_penalty" in msg and "unknown key" in msg
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    assert "key.subkey=value" in _err(["clustering.size_penalty"])
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_config_fails_before_ray_starts(tmp_path):
+    """The entry point rejects a bad value without starting Ray or creating outputs."""
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "buc.py"), "--set", "clustering.merge_percent=1.5",
+         "--set", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "clustering.merge_percent" in proc.stderr and "1.5" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    assert not out.exists()
