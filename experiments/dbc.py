@@ -7,6 +7,10 @@ anything else; --resume RUN_DIR continues a run. See --help.
 import os
 import sys
 
+# This folder holds ssl.py, which would shadow the standard library's ssl for every import below.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
 try:
     from ureid.experiment import main
 except ImportError:  # `ray submit` runs this file with the node's own Python: use the project's venv

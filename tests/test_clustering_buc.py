@@ -104,6 +104,40 @@ def test_fake_constraint_changes_the_result():
     assert got.tolist() == [0, 1, 1, 2]  # sample 1 leans toward sample 2
 
 
+def test_fake_rows_grow_when_their_pairs_are_only_on_their_side():
+    # Fake samples search only real ones and real ones never list fakes, so a fake-real pair
+    # beyond the fake's list has no other witness. Fake f (cluster A) sits at the centre of a ring
+    # of 5 reals of its own cluster (squared distance rho2) that fill its list (k_init=1 plus 4
+    # reserved same-cluster slots); its nearest other real R (cluster B) is at 1.5 rho2. The only
+    # listed pairs are g-R (2.5 rho2) and a far fake-real pair c-dd (2 rho2).
+    rho, e = 0.1, np.eye(8, dtype=np.float32)
+    ring = [e[0] + rho * (np.cos(t) * e[1] + np.sin(t) * e[2]) for t in np.arange(5) * 2 * np.pi / 5]
+    x = np.stack([e[0], *ring, e[0] + np.sqrt(1.5) * rho * e[3], e[4], e[4] + np.sqrt(2) * rho * e[5]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    lab = np.array([0, 0, 0, 0, 0, 0, 1, 2, 3])
+    fake = np.array([True, False, False, False, False, False, False, True, False])
+    stats = {}
+    got = bottom_up_merge(x, lab, 1, 0.0, is_fake=fake, k_init=1, stats=stats)
+    assert got.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 2]  # f-R merges A and B, not C and D
+    np.testing.assert_array_equal(got, reference_buc(x, lab, 1, 0.0, is_fake=fake))
+    assert stats["grown_rows"][0] == 9 and max(stats["grown_rows"][1:]) <= 2  # only f and c grow
+
+
+def test_two_real_rows_with_short_lists_both_grow():
+    # Real hubs i and j each sit at the centre of their own cluster's members (squared distance
+    # 0.01, members 0.02 apart), which fill their lists; i-j (0.013) is the closest cross pair but
+    # is listed by neither, while a fake-real pair c-dd (0.016) elsewhere is listed.
+    e, rho = np.eye(16, dtype=np.float32), 0.1
+    i, j = e[0], e[0] + np.sqrt(0.013) * e[6]
+    x = np.stack([i, *(i + rho * e[1:6]), j, *(j + rho * e[7:12]), e[12], e[12] + np.sqrt(0.016) * e[13]])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    lab = np.repeat([0, 1, 2, 3], [6, 6, 1, 1])
+    fake = np.arange(14) == 12
+    got = bottom_up_merge(x, lab, 1, 0.0, is_fake=fake, k_init=1)
+    assert got.tolist() == [0] * 12 + [1, 2]
+    np.testing.assert_array_equal(got, reference_buc(x, lab, 1, 0.0, is_fake=fake))
+
+
 @pytest.mark.parametrize("seed,n,d,dup", CASES)
 def test_torch_backend_equals_faiss_backend(seed, n, d, dup):
     rng = np.random.default_rng(seed + 200)

@@ -122,36 +122,38 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
     slack = sqdist_error_bound(dim, norms, norms[db_ids].max() if db_ids is not None else norms.max(),
                                knn.float64_matmul)
 
-    k_row = np.full(n, min(int(k_init), n_db), dtype=np.int64)
+    # Same-cluster database members take list slots without giving candidates: reserve room for
+    # them (capped, so one huge cluster cannot make the lists quadratic; growth covers the rest).
+    own = np.bincount(lab[~fake], minlength=n_clusters)[lab]
+    k_row = np.minimum(int(k_init) + np.minimum(own, 4 * int(k_init)), n_db).astype(np.int64)
     r = np.empty(n, dtype=np.float64)  # lower bound on the distance of any pair missing from row i
     keys = np.empty(0, dtype=np.int64)  # candidate pairs as i * N + j, i < j
-    dist = np.empty(0, dtype=np.float64)  # their exact (float64) distances under `metric`
+    d32 = np.empty(0, dtype=np.float64)  # their float32 squared distances from the k-NN search
     todo = np.arange(n)
     while True:
         info["rounds"] += 1
         info["grown_rows"].append(int(todo.size))
         info["k_max"] = max(info["k_max"], int(k_row[todo].max()))
-        new_keys = []
-        for kv in np.unique(k_row[todo]):
-            rows = todo[k_row[todo] == kv]
-            d32, nbr = knn.search(_take(X, rows), int(kv))
-            r[rows] = d32[:, -1].astype(np.float64) - slack[rows] if kv < n_db else np.inf
-            nbr = db_ids[nbr] if db_ids is not None else nbr
-            ri = np.repeat(rows, kv)
-            cj = nbr.ravel()
+        found_keys, found_d = [keys], [d32]
+        todo = todo[np.argsort(k_row[todo], kind="stable")]  # blocks of similar k
+        for s in range(0, todo.size, block_size):
+            rows = todo[s:s + block_size]
+            kr = k_row[rows]
+            dk, nbr = knn.search(_take(X, rows), int(kr.max()))  # one pass; each row keeps its k
+            kth = dk[np.arange(rows.size), kr - 1].astype(np.float64)
+            r[rows] = np.where(kr < n_db, kth - slack[rows], np.inf)
+            keep = np.arange(dk.shape[1]) < kr[:, None]
+            ri, cj, dk = np.broadcast_to(rows[:, None], keep.shape)[keep], nbr[keep], dk[keep]
+            cj = db_ids[cj] if db_ids is not None else cj
             ok = lab[ri] != lab[cj]  # drops i itself and same-cluster pairs (no-ops in the pass)
             ri, cj = ri[ok], cj[ok]
-            new_keys.append(np.minimum(ri, cj) * n + np.maximum(ri, cj))
-        new_keys = np.unique(np.concatenate(new_keys))
-        new_keys = new_keys[~np.isin(new_keys, keys)]
-        new_dist = _pair_sqdist64(X, new_keys // n, new_keys % n)
-        keys = np.concatenate([keys, new_keys])
-        dist = np.concatenate([dist, np.sqrt(new_dist) if metric == "euclidean" else new_dist])
-        ci, cj = lab[keys // n], lab[keys % n]
-        score = dist + size_penalty * (sizes[ci] + sizes[cj])
-        order = np.lexsort((keys, score))
-        parent, last = _merge_in_order(ci, cj, order, n_clusters, num_merges)
+            found_keys.append(np.minimum(ri, cj) * n + np.maximum(ri, cj))
+            found_d.append(dk[ok].astype(np.float64))
+        keys, first = np.unique(np.concatenate(found_keys), return_index=True)
+        d32 = np.concatenate(found_d)[first]
         info["num_candidates"] = int(keys.size)
+        parent, last, s_star = _exact_pass(X, keys, d32, lab, sizes, norms, size_penalty, metric,
+                                          num_merges, knn.float64_matmul)
 
         incomplete = k_row < n_db
         if last is None:  # candidates ran out of unions: every incomplete row needs more neighbours
@@ -159,7 +161,6 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
                 raise RuntimeError("candidate graph exhausted although every pair was searched")
             todo = np.flatnonzero(incomplete)
         else:
-            s_star = float(score[last])
             info["last_merge_score"] = s_star
             r_metric = np.sqrt(np.maximum(r, 0.0)) if metric == "euclidean" else r
             low = r_metric + size_penalty * (row_size + s_min) <= s_star  # the set B of the docstring
@@ -179,6 +180,38 @@ def _find(parent: list, a: int) -> int:
         parent[a] = parent[parent[a]]  # path halving keeps the chains of min-label unions short
         a = parent[a]
     return a
+
+
+def _exact_pass(X, keys, d32, lab, sizes, norms, size_penalty, metric, num_merges, float64_matmul):
+    """The BUC pass over candidate pairs in exact (float64 score, i*N+j) order.
+
+    Computing float64 distances for all ~N k candidates would cost as much as the search, so we
+    first run the pass in float32 order. Its first ``num_merges`` unions form a forest whose float64
+    scores are <= ``s32 + E`` (``s32`` its last float32 score, ``E`` the largest rounding bound), and
+    the exact pass is greedy on a matroid, so its ``num_merges``-th union scores at most the largest
+    score of any such forest: every pair it touches has float32 score <= ``s32 + 2E``. Only those
+    pairs get float64 distances. Returns (parent, position of the last union or None, its score).
+    """
+    n = lab.size
+    i, j = keys // n, keys % n
+    ci, cj = lab[i], lab[j]
+    penalty = size_penalty * (sizes[ci] + sizes[cj])
+    err = sqdist_error_bound(X.shape[1], norms[i], norms[j], float64_matmul)
+    if metric == "euclidean":  # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)
+        score32, err = np.sqrt(d32) + penalty, np.sqrt(err)
+    else:
+        score32 = d32 + penalty
+    _, last = _merge_in_order(ci, cj, np.argsort(score32, kind="stable"), lab.max() + 1, num_merges)
+    if last is None:
+        return None, None, None
+    sub = np.flatnonzero(score32 <= score32[last] + 2.0 * err.max())
+    dist = _pair_sqdist64(X, i[sub], j[sub])
+    score = (np.sqrt(dist) if metric == "euclidean" else dist) + penalty[sub]
+    order = sub[np.lexsort((keys[sub], score))]
+    parent, last = _merge_in_order(ci, cj, order, lab.max() + 1, num_merges)
+    if last is None:  # impossible by the argument above; guard against a wrong error bound
+        raise RuntimeError("float32 pre-selection lost a merge; the rounding bound is too small")
+    return parent, last, float(score[np.searchsorted(sub, last)])
 
 
 def _merge_in_order(ci, cj, order, n_clusters: int, num_merges: int, chunk: int = 1 << 15):
@@ -207,7 +240,7 @@ def _merge_in_order(ci, cj, order, n_clusters: int, num_merges: int, chunk: int 
 
 
 def _prepare_features(features, backend, device):
-    """Validate features; return them as numpy (faiss, torch on CPU) or a tensor on the CUDA device."""
+    """Validate features: numpy float32 for faiss, a float32 tensor on ``device`` for torch."""
     import torch
 
     is_tensor = isinstance(features, torch.Tensor)
@@ -215,10 +248,11 @@ def _prepare_features(features, backend, device):
     on_cuda = dev is not None and dev.type == "cuda"
     if backend == "auto":
         backend = "torch" if on_cuda else "faiss"
-    if backend == "faiss" and on_cuda:
-        raise ValueError(f"backend='faiss' runs on CPU; use backend='torch' for device={dev}")
-    if not on_cuda:
-        return as_numpy_features(features), backend, (dev or torch.device("cpu"))
+    if backend == "faiss":
+        if on_cuda:
+            raise ValueError(f"backend='faiss' runs on CPU; use backend='torch' for device={dev}")
+        return as_numpy_features(features), backend, None
+    dev = dev or torch.device("cpu")
     x = torch.as_tensor(features).to(dev)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"features must be a non-empty 2-D array (N, d); got shape {tuple(x.shape)}")

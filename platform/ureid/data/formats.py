@@ -121,7 +121,7 @@ def verify_images(records: list[Record], bad_images: str = "fail") -> list[Recor
 def _match(name: str, regex: re.Pattern, path: Path, expected: str) -> re.Match:
     m = regex.fullmatch(path.name)
     if m is None:
-        raise ValueError(f"{name}: file {path} does not match the expected naming {expected!r}")
+        raise ValueError(f"{name}: file {path} does not match the expected naming {expected!r} (regex {regex.pattern!r})")
     return m
 
 

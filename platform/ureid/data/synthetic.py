@@ -258,7 +258,7 @@ def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.n
             bw, bh = int(rng.integers(10, 30)) * _SS, int(rng.integers(10, 30)) * _SS
             yb = int(hz + rng.uniform(0.0, 0.25) * h)
             d.rectangle([x, yb - bh, x + bw, yb], fill=col)
-    return np.asarray(out, np.float32)
+    return np.asarray(out)
 
 
 # ============================================================================ the pedestrian
@@ -293,20 +293,19 @@ def _limb(d, p0, p1, w0, w1, fill) -> None:
 def _pattern(app: Appearance, shape: tuple[int, int], top: float, h: float, x0: float) -> Image.Image:
     """The upper-garment texture in body coordinates, so stripes scale and move with the person."""
     H, W = shape
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    u, v = (xx - x0) / h, (yy - top) / h
-    c1, c2 = np.array(app.upper, np.float32), np.array(app.upper2, np.float32)
     p = app.upper_pattern
+    if p not in ("stripes", "vstripes", "checks"):
+        return Image.new("RGB", (W, H), app.upper)
+    v = ((np.arange(H, dtype=np.float32) - top) / h)[:, None]
+    u = ((np.arange(W, dtype=np.float32) - x0) / h)[None, :]
     if p == "stripes":
-        m = ((v / 0.045) % 2) < 1
+        m = np.broadcast_to(((v / 0.045) % 2) < 1, (H, W))
     elif p == "vstripes":
-        m = ((u / 0.035) % 2) < 1
-    elif p == "checks":
-        m = (((v / 0.05) % 2) < 1) ^ (((u / 0.05) % 2) < 1)
+        m = np.broadcast_to(((u / 0.035) % 2) < 1, (H, W))
     else:
-        m = np.zeros((H, W), bool)
-    out = np.where(m[..., None], c2, c1)
-    return Image.fromarray(out.astype(np.uint8))
+        m = (((v / 0.05) % 2) < 1) ^ (((u / 0.05) % 2) < 1)
+    out = np.where(m[..., None], np.array(app.upper2, np.uint8), np.array(app.upper, np.uint8))
+    return Image.fromarray(out)
 
 
 def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float = 0.0) -> Image.Image:
@@ -438,9 +437,10 @@ def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float 
 
 
 # ============================================================================ camera effects
-def _apply_camera(img: np.ndarray, style: CameraStyle, rng: np.random.Generator, H: int, W: int, extra_blur: float = 0.0) -> Image.Image:
+def _apply_camera(img: np.ndarray | Image.Image, style: CameraStyle, rng: np.random.Generator, H: int, W: int, extra_blur: float = 0.0) -> Image.Image:
     """Downsample the 2x scene to the output size and apply the camera's optics and colour response."""
-    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((W, H), Image.LANCZOS)
+    pil = img if isinstance(img, Image.Image) else Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    pil = pil.resize((W, H), Image.LANCZOS)
     if style.lowres < 1:
         small = (max(8, int(W * style.lowres)), max(16, int(H * style.lowres)))
         pil = pil.resize(small, Image.BILINEAR).resize((W, H), Image.BILINEAR)
@@ -459,18 +459,21 @@ def _scene(bg: np.ndarray, rng: np.random.Generator, H: int, W: int) -> np.ndarr
     """A crop of the camera's fixed background at a small random offset (the detector box moves)."""
     mh, mw = bg.shape[0] - H * _SS, bg.shape[1] - W * _SS
     y, x = int(rng.integers(0, mh + 1)), int(rng.integers(0, mw + 1))
-    return bg[y : y + H * _SS, x : x + W * _SS].copy()
+    return bg[y : y + H * _SS, x : x + W * _SS]
 
 
-def _composite(scene: np.ndarray, layer: Image.Image, pose: Pose | None = None, H: int = 0) -> np.ndarray:
-    if pose is not None:  # contact shadow under the feet
-        sh = Image.new("L", (scene.shape[1], scene.shape[0]), 0)
-        cx, fy, r = pose.cx * scene.shape[1], pose.feet * scene.shape[0], pose.height * scene.shape[0] * 0.16
-        ImageDraw.Draw(sh).ellipse([cx - r, fy - r * 0.18, cx + r, fy + r * 0.18], fill=110)
-        scene = scene * (1 - np.asarray(sh.filter(ImageFilter.GaussianBlur(3)), np.float32)[..., None] / 255)
-    la = np.asarray(layer, np.float32)
-    a = la[..., 3:4] / 255.0
-    return scene * (1 - a) + la[..., :3] * a
+def _composite(scene: np.ndarray, layer: Image.Image, pose: Pose | None = None) -> Image.Image:
+    """Paste the person layer (by its alpha) over the scene, with a soft contact shadow under the feet."""
+    img = Image.fromarray(np.ascontiguousarray(scene))
+    if pose is not None:
+        w, h = img.size
+        cx, fy, r = pose.cx * w, pose.feet * h, pose.height * h * 0.16
+        box = (int(cx - r) - 4, int(fy - r * 0.18) - 4, int(cx + r) + 5, int(fy + r * 0.18) + 5)
+        sh = Image.new("L", (box[2] - box[0], box[3] - box[1]), 0)
+        ImageDraw.Draw(sh).ellipse([cx - r - box[0], fy - r * 0.18 - box[1], cx + r - box[0], fy + r * 0.18 - box[1]], fill=110)
+        img.paste((0, 0, 0), box, sh.filter(ImageFilter.GaussianBlur(3)))
+    img.paste(layer, (0, 0), layer)
+    return img
 
 
 # ============================================================================ the plan
@@ -572,7 +575,7 @@ class _Renderer:
     def __init__(self, p: Params):
         self.p = p
         self.styles = camera_styles(p.seed, p.num_cameras)
-        self.bgs = [_background(s, p.seed, c, p.height, p.width) for c, s in enumerate(self.styles)]
+        self.bgs = [_background(s, p.seed, c, p.height, p.width) for c, s in enumerate(self.styles)]  # uint8
         self.apps: dict[int, Appearance] = {}
 
     def appearance(self, pid: int) -> Appearance:
@@ -599,12 +602,12 @@ class _Renderer:
             out = []
             for _ in range(n):
                 scene = _scene(self.bgs[cam], rng, p.height, p.width)
-                img = Image.fromarray(np.clip(scene, 0, 255).astype(np.uint8))
+                img = Image.fromarray(np.ascontiguousarray(scene))
                 d = ImageDraw.Draw(img)
                 for _ in range(int(rng.integers(0, 3))):
                     x0, y0 = rng.integers(0, img.width), rng.integers(0, img.height)
                     d.rectangle([x0, y0, x0 + rng.integers(8, 60), y0 + rng.integers(8, 80)], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-                out.append(_apply_camera(np.asarray(img, np.float32), self.styles[cam], rng, p.height, p.width))
+                out.append(_apply_camera(img, self.styles[cam], rng, p.height, p.width))
             return cam, out
         app = random_appearance(rng)  # a stranger: not one of the identities
         base = _track_poses(self.styles[cam], rng, n, p.video)
@@ -649,7 +652,7 @@ def _write_market(out: Path, p: Params, r: _Renderer) -> dict:
 
     for t in _plan(p):
         imgs = r.track(t)
-        qi = int(_rng(p.seed, _IMAGE, t.pid, t.cam, 999).integers(t.n)) if t.query else -1
+        qi = int(_rng(p.seed, _PLAN, t.pid, t.cam).integers(t.n)) if t.query else -1  # which detection is the query
         for i, img in enumerate(imgs):
             if t.split == "train":
                 folder, key = "bounding_box_train", "train"
@@ -798,6 +801,9 @@ def generate(
         if not overwrite:
             diff = {k: (existing.get("params", {}).get(k), v) for k, v in wanted["params"].items() if existing.get("params", {}).get(k) != v}
             raise FileExistsError(f"{out} holds a synthetic dataset with other parameters {diff or '(generator version)'} (old, new); pass overwrite=True to replace it")
+        foreign = sorted(x.name for x in out.iterdir() if x.name not in _OWNED)
+        if foreign:
+            raise FileExistsError(f"{out} holds files the generator did not write ({foreign[:5]}): refusing to overwrite it")
 
     t0 = time.perf_counter()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -809,6 +815,10 @@ def generate(
         counts = (_write_mars if video else _write_market)(tmp, p, r)
         manifest = dict(wanted, layout="mars" if video else "market1501", counts=counts)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        done = read_manifest(out)
+        if done is not None and {k: done.get(k) for k in wanted} == wanted:
+            shutil.rmtree(tmp)  # a concurrent call (e.g. another worker) finished the same dataset first
+            return out
         if out.exists():
             for name in _OWNED:  # only what a previous generate() wrote; anything else makes rmdir fail loudly
                 target = out / name

@@ -57,8 +57,9 @@ class _SupportSetDataset(torch.utils.data.Dataset):
     def __init__(self, base, support: list[list[int]], seed: int):
         self.base, self.support, self.seed, self.epoch = base, support, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, seed: int, epoch: int) -> None:  # called by make_loader every epoch
+        self.seed, self.epoch = seed, epoch
+        self.base.set_epoch(seed, epoch)
 
     def __len__(self):
         return len(self.support)
@@ -102,7 +103,8 @@ def _train_dataset(cfg: Config, method, records, targets, support):
     return _SupportSetDataset(base, support, cfg.seed) if support is not None else base
 
 
-def _pretrain_source(cfg: Config, model, device, rank: int, world: int, source_records, progress) -> dict:
+def _pretrain_source(cfg: Config, model, device, rank: int, world: int, source_records, progress,
+                     log_every: int) -> dict:
     """PUL's original model: the backbone fine-tuned with a classifier on a labeled source dataset."""
     from ..engine.datasets import ReidImageDataset, build_transforms, make_loader
     from ..engine.train import build_optimizer, step_lr, train_epoch
@@ -119,7 +121,7 @@ def _pretrain_source(cfg: Config, model, device, rank: int, world: int, source_r
         loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=1000 + epoch,
                              num_workers=cfg.data.num_workers, rank=rank, world_size=world, drop_last=True)
         out = train_epoch(model, head, loader, opt, device=device, epoch=epoch, progress=progress,
-                          max_batches=cfg.train.max_batches_per_epoch)
+                          log_every=log_every, max_batches=cfg.train.max_batches_per_epoch)
         _log(rank, f"source pre-training epoch {epoch + 1}/{epochs} loss {out['loss']:.4f}")
     return {k: v.detach().clone() for k, v in _unwrap(model).state_dict().items()}
 
@@ -169,11 +171,11 @@ def train_loop_per_worker(config: dict) -> None:
                     dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes,
                     frozen_stages=cfg.model.frozen_stages)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
-    progress_every = int(config.get("progress_every", 20))
+    log_every = int(config.get("log_every", 20))
 
-    def progress(epoch, batch, total, loss):
-        if rank == 0 and (batch % progress_every == 0 or batch == total):
-            print(f"[ureid]   epoch {epoch + 1} batch {batch}/{total} loss {loss:.4f}", flush=True)
+    def progress(info: dict) -> None:
+        if rank == 0:
+            print(f"[ureid]   epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}", flush=True)
 
     start_stage, original_state, best, stale = 0, None, None, 0
     state = None
@@ -184,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
         original_state, best, stale = state.get("original_model"), state.get("best"), state.get("stale", 0)
         _log(rank, f"resumed from {config['resume_from']} at stage {start_stage}")
     elif method.fine_tune_from_original:
-        original_state = _pretrain_source(cfg, model, device, rank, world, data["source"], progress)
+        original_state = _pretrain_source(cfg, model, device, rank, world, data["source"], progress, log_every)
         targets = None
     else:
         targets = method.initial_targets(n, support=data.get("support_labels"))
@@ -220,13 +222,11 @@ def train_loop_per_worker(config: dict) -> None:
         losses = []
         for epoch in range(epochs):
             step_lr(opt, epoch, base_lr, cfg.train.first_stage_lr_step if first else 10**6)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
             loader = make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 1000 + stage,
                                  epoch=epoch, num_workers=cfg.data.num_workers, rank=rank, world_size=world,
                                  drop_last=len(dataset) >= cfg.train.batch_size * world)
             out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
-                              max_batches=cfg.train.max_batches_per_epoch)
+                              log_every=log_every, max_batches=cfg.train.max_batches_per_epoch)
             losses.append(out["loss"])
         train_time = time.perf_counter() - t0
 

@@ -1,8 +1,22 @@
-"""One training stage and feature extraction, pure torch (DDP-aware): datasets, loaders, extract, train."""
+"""One training stage and feature extraction, pure torch (DDP-aware): datasets, loaders, extract, train.
 
-from ureid.engine.datasets import ReidImageDataset, ReidVideoDataset, build_transforms, make_loader
-from ureid.engine.extract import extract_features
-from ureid.engine.train import build_optimizer, forward_batch, step_lr, train_epoch
+Names are resolved lazily: :mod:`ureid.engine.train` needs only torch, while datasets/extraction import
+torchvision (seconds per spawned worker, as it pulls in torch._dynamo).
+"""
 
-__all__ = ["ReidImageDataset", "ReidVideoDataset", "build_transforms", "make_loader", "extract_features",
-           "train_epoch", "build_optimizer", "step_lr", "forward_batch"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ReidImageDataset": "datasets", "ReidVideoDataset": "datasets", "build_transforms": "datasets",
+    "make_loader": "datasets", "extract_features": "extract",
+    "train_epoch": "train", "build_optimizer": "train", "step_lr": "train", "forward_batch": "train",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ureid.engine.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ureid.engine' has no attribute {name!r}")

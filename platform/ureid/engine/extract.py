@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ureid.data.records import Record
 from ureid.engine.datasets import build_transforms, load_image, select_test_frames
+from ureid.engine.train import unwrap
 
 
 class _FrameDataset(Dataset):
@@ -32,11 +33,6 @@ class _FrameDataset(Dataset):
         return self.transform(load_image(path)), owner
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP / DataParallel wrappers (extraction must not trigger DDP's buffer sync)."""
-    return model.module if hasattr(model, "module") else model
-
-
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, records: Sequence[Record], *, height: int, width: int,
                      batch_size: int = 64, num_workers: int = 0, device="cpu", video: bool = False,
@@ -49,7 +45,7 @@ def extract_features(model: torch.nn.Module, records: Sequence[Record], *, heigh
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    net = unwrap(model)
+    net = unwrap(model)  # the bare model: a DDP forward would broadcast buffers and expect a backward
     if parts and getattr(net, "num_stripes", 0) <= 0:
         raise ValueError("parts=True needs a model built with num_stripes > 0")
     records = list(records)

@@ -14,9 +14,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ureid.engine.extract import unwrap
-
 log = logging.getLogger(__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / DataParallel wrappers."""
+    return model.module if hasattr(model, "module") else model
 
 
 def forward_batch(model: nn.Module, images: torch.Tensor) -> dict:

@@ -10,13 +10,15 @@ gallery index (stable sort), so results never depend on the sorting algorithm.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 AP_MODES = ("trapezoid", "step")
 METRICS = ("sqeuclidean", "euclidean", "cosine")
 
 
-def _as_numpy(x, name: str) -> np.ndarray:
+def _as_numpy(x) -> np.ndarray:
     """numpy view of an array-like or a torch tensor (torch is not imported: this module stays light)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().numpy()
@@ -30,10 +32,10 @@ def _check_chunk(chunk_size) -> int:
 
 
 def _check_ids(x, n: int, name: str, axis_name: str) -> np.ndarray:
-    arr = _as_numpy(x, name)
+    arr = _as_numpy(x)
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"{name} must be 1-D with one entry per {axis_name} ({n}); got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+    if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     # int32 halves the (chunk x gallery) gathers of identities and cameras when the values fit.
@@ -41,18 +43,83 @@ def _check_ids(x, n: int, name: str, axis_name: str) -> np.ndarray:
 
 
 def stable_argsort_rows(d: np.ndarray) -> np.ndarray:
-    """Row-wise ``np.argsort(d, kind="stable")``, computed fast.
+    """Row-wise ``np.argsort(d, axis=1, kind="stable")``, computed fast.
 
-    numpy's default (SIMD) argsort is ~2.5x faster than its stable timsort but orders equal values
-    arbitrarily. A row without equal values has one sorted order, so only rows that contain a tie are
-    sorted again with the stable algorithm; the result is identical to the stable sort everywhere.
+    Values that are exactly float32 are packed with their column index into one uint64 key (the
+    float's bits mapped to an order-preserving unsigned int in the high half, the index in the low
+    half) and sorted with numpy's SIMD sort: equal values then order by index, which *is* the stable
+    order. Other rows (float64 beyond float32 precision) use numpy's default argsort and re-sort only
+    the entries inside runs of equal values by (row, value, index); random float distances of a
+    Market-size gallery do contain a few dozen such ties per row, so they cannot be ignored.
     """
+    with np.errstate(over="ignore"):  # float64 beyond float32 range: not exact, handled below
+        d32 = d.astype(np.float32, copy=False)
+    if d.shape[1] < 2**32 and (d.dtype == np.float32 or np.array_equal(d32, d)):
+        key = np.empty(d.shape, dtype=np.uint64)
+        halves = key.view(np.uint32).reshape(*d.shape, 2)
+        lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
+        bits = (d32 + np.float32(0)).view(np.uint32)  # + 0 turns -0.0 into +0.0: they compare equal
+        halves[..., hi] = bits
+        # Order-preserving float -> uint map: flip every bit of a negative, only the sign bit otherwise.
+        np.right_shift(bits.view(np.int32), 31, out=bits.view(np.int32))
+        bits |= np.uint32(0x80000000)
+        halves[..., hi] ^= bits
+        del bits
+        halves[..., lo] = np.arange(d.shape[1], dtype=np.uint32)
+        key.sort(axis=1)
+        return halves[..., lo].astype(np.intp)
     order = np.argsort(d, axis=1)
     s = np.take_along_axis(d, order, axis=1)
-    tied = (s[:, 1:] == s[:, :-1]).any(axis=1)
-    if tied.any():
+    eq = s[:, 1:] == s[:, :-1]
+    in_run = np.zeros(d.shape, dtype=bool)
+    in_run[:, 1:] = eq
+    in_run[:, :-1] |= eq
+    n_tied = np.count_nonzero(in_run)
+    if n_tied == 0:
+        return order
+    if n_tied > d.size // 16:  # ties everywhere: one stable sort of those rows is cheaper
+        tied = in_run.any(axis=1)
         order[tied] = np.argsort(d[tied], axis=1, kind="stable")
+        return order
+    r, c = np.nonzero(in_run)  # row-major, so each run's positions are contiguous and ascending
+    idx = order[r, c]
+    order[r, c] = idx[np.lexsort((idx, s[r, c], r))]
     return order
+
+
+def _evaluate_block(block, q_pids, q_cams, g_pids, g_cams, ap):
+    """AP (NaN when skipped) and first-hit position (0 when skipped) of each query row of ``block``.
+
+    A function of its own so the block's (rows x gallery) temporaries are freed before the next block.
+    """
+    b = block.shape[0]
+    order = stable_argsort_rows(block)
+    pid = g_pids[order]  # (b, ng) identities in ranked order
+    cam = g_cams[order]
+    del order
+    same_id = pid == q_pids[:, None]
+    same_cam = cam == q_cams[:, None]
+    junk = (pid == -1) | (same_id & same_cam)
+    good = same_id & ~same_cam & (pid != -1)  # -1 is junk even for a query labelled -1
+    del pid, cam, same_id, same_cam
+    # Position among non-junk items (junk is removed from the list before ranking).
+    pos = np.cumsum(~junk, axis=1, dtype=np.int32)
+    rows, cols = np.nonzero(good)  # row-major: the hits of each query in ranked order
+    r = pos[rows, cols].astype(np.float64)
+    ngood = np.bincount(rows, minlength=b)
+    row_start = np.concatenate(([0], np.cumsum(ngood)[:-1]))
+    i = (np.arange(rows.size) - row_start[rows] + 1).astype(np.float64)  # i-th hit of its query
+    precision = i / r
+    if ap == "trapezoid":
+        old_precision = np.where(r > 1, (i - 1) / np.maximum(r - 1, 1), 1.0)
+        term = (1.0 / ngood[rows]) * (old_precision + precision) / 2
+    else:
+        term = precision / ngood[rows]
+    valid = ngood > 0
+    ap_rows = np.where(valid, np.bincount(rows, weights=term, minlength=b), np.nan)
+    first = np.zeros(b, dtype=np.int64)
+    first[valid] = r[row_start[valid]].astype(np.int64)
+    return ap_rows, first
 
 
 def evaluate(
@@ -102,7 +169,7 @@ def evaluate(
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
     chunk_size = _check_chunk(chunk_size)
-    dist = _as_numpy(distmat, "distmat")
+    dist = _as_numpy(distmat)
     if dist.ndim != 2:
         raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {dist.shape}")
     if not np.issubdtype(dist.dtype, np.number) or np.iscomplexobj(dist):
@@ -118,55 +185,26 @@ def evaluate(
     first_hit = np.zeros(nq, dtype=np.int64)  # 1-based position of the first good match, 0 = skipped
     ap_all = np.full(nq, np.nan)
     for start in range(0, nq, chunk_size):
-        block = dist[start : start + chunk_size]
+        stop = min(start + chunk_size, nq)
+        block = dist[start:stop]
         if np.isnan(block).any():
             rows = np.flatnonzero(np.isnan(block).any(axis=1))[:5] + start
             raise ValueError(f"distmat contains NaN (e.g. in rows {rows.tolist()})")
-        b = block.shape[0]
-        order = stable_argsort_rows(block)
-        pid = g_pids[order]  # (b, ng) identities in ranked order
-        cam = g_cams[order]
-        qp, qc = q_pids[start : start + b, None], q_cams[start : start + b, None]
-        same_id = pid == qp
-        same_cam = cam == qc
-        junk = (pid == -1) | (same_id & same_cam)
-        good = same_id & ~same_cam & (pid != -1)  # -1 is junk even for a query labelled -1
-        # Position among non-junk items (junk is removed from the list before ranking).
-        pos = np.cumsum(~junk, axis=1, dtype=np.int32)
-        rows, cols = np.nonzero(good)  # row-major: the hits of each query in ranked order
-        if rows.size == 0:
-            continue
-        r = pos[rows, cols].astype(np.float64)
-        ngood = np.bincount(rows, minlength=b)
-        row_start = np.concatenate(([0], np.cumsum(ngood)[:-1]))
-        i = (np.arange(rows.size) - row_start[rows] + 1).astype(np.float64)  # i-th hit of its query
-        precision = i / r
-        if ap == "trapezoid":
-            old_precision = np.where(r > 1, (i - 1) / np.maximum(r - 1, 1), 1.0)
-            term = (1.0 / ngood[rows]) * (old_precision + precision) / 2
-        else:
-            term = precision / ngood[rows]
-        valid = ngood > 0
-        ap_all[start : start + b][valid] = np.bincount(rows, weights=term, minlength=b)[valid]
-        first_hit[start : start + b][valid] = r[row_start[valid]].astype(np.int64)
+        ap_all[start:stop], first_hit[start:stop] = _evaluate_block(
+            block, q_pids[start:stop], q_cams[start:stop], g_pids, g_cams, ap
+        )
 
     valid = first_hit > 0
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise ValueError("no query has a valid gallery match (same identity, other camera): cannot evaluate")
     hits = first_hit[valid]
-
-    def rank(k: int) -> float:
-        return float((hits <= k).mean())
-
-    cmc = np.array([rank(k) for k in range(1, max_rank + 1)])
+    # cmc[k-1] = fraction of valid queries whose first match is at position <= k.
+    cmc = np.cumsum(np.bincount(np.minimum(hits, max_rank + 1), minlength=max_rank + 2))[1 : max_rank + 1] / n_valid
     return {
         "mAP": float(np.mean(ap_all[valid])),
         "cmc": cmc,
-        "rank1": rank(1),
-        "rank5": rank(5),
-        "rank10": rank(10),
-        "rank20": rank(20),
+        **{f"rank{k}": float((hits <= k).mean()) for k in (1, 5, 10, 20)},
         "num_valid_queries": n_valid,
         "ap_per_query": ap_all,
     }
@@ -181,8 +219,8 @@ def pairwise_distance(query_features, gallery_features, metric: str = "sqeuclide
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     chunk_size = _check_chunk(chunk_size)
-    q = _as_numpy(query_features, "query_features").astype(np.float32, copy=False)
-    g = _as_numpy(gallery_features, "gallery_features").astype(np.float32, copy=False)
+    q = _as_numpy(query_features).astype(np.float32, copy=False)
+    g = _as_numpy(gallery_features).astype(np.float32, copy=False)
     for name, x in (("query_features", q), ("gallery_features", g)):
         if x.ndim != 2:
             raise ValueError(f"{name} must be 2-D (N, d), got shape {x.shape}")

@@ -47,7 +47,7 @@ def reference_evaluate(distmat, query_pids, gallery_pids, query_cams, gallery_ca
         a, c = reference_compute_ap(index, good_index, junk_index, ap)
         aps.append(a)
         c = np.concatenate([c, np.full(max(0, max_rank - len(c)), c[-1])])  # past the list: still found
-        cmcs.append(c[:max_rank])
+        cmcs.append(c[:max_rank].copy())  # a view would keep the whole gallery-long row alive
     return float(np.mean(aps)), np.mean(cmcs, axis=0), len(aps)
 
 

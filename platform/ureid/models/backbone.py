@@ -179,7 +179,8 @@ class ReidNet(nn.Module):
         bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                if v.shape != own[k].shape]
         if bad:
-            raise ValueError(f"weights file {path} has shape mismatches (wrong arch or embedding_dim?): {bad[:5]}")
+            raise ValueError(f"weights file {path} does not fit this {self.arch} ReidNet (wrong arch or "
+                             f"embedding_dim?); {len(bad)} shape mismatch(es), e.g. {bad[:3]}")
         missing = [k for k in own if k not in state]
         missing_trunk = [k for k in missing if k.startswith("base.")]
         if missing_trunk:

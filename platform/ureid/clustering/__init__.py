@@ -1,0 +1,23 @@
+"""Pure label-update algorithms: numpy / torch arrays in, arrays out. No Ray, no MLflow, no files.
+
+=====================  =========================================================================
+``bottom_up_merge``    BUC (and camstyle with ``is_fake``): sample-pair score + diversity penalty
+``dispersion_merge``   DBC: average linkage + intra-dispersion, per stage (code) or per merge (paper)
+``kmeans``             PUL: k-means on raw features (faiss)
+``select_reliable``    PUL: samples whose cosine to a cluster centre exceeds the threshold
+``reliable_neighbors`` SSL: k most similar images by global + part distance + camera penalty
+=====================  =========================================================================
+
+None of them builds an N x N matrix: candidate pairs come from blockwise exact top-k, average
+linkage from products of cluster means, merges from union-find.
+"""
+
+from .buc import bottom_up_merge
+try:
+    from .dbc import dispersion_merge
+    from .pul import inertia, kmeans, select_reliable
+    from .ssl import reliable_neighbors
+except ImportError:
+    pass
+
+__all__ = ["bottom_up_merge", "dispersion_merge", "inertia", "kmeans", "select_reliable", "reliable_neighbors"]

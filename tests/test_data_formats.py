@@ -1,0 +1,286 @@
+"""Every dataset format parsed from tiny fixtures written in its official layout."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+from ureid.data import DATASETS, Record, load_dataset, verify_images
+
+
+def jpg(path: Path, value: int = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 8), (value, value // 2, 255 - value)).save(path, quality=90)
+    return path
+
+
+def by_name(recs):
+    return {Path(r.path).name: (r.pid, r.camid) for r in recs}
+
+
+# ----------------------------------------------------------------------------- Market / Duke
+def market(root: Path) -> Path:
+    for name in ["0002_c1s1_000451_03.jpg", "0002_c3s1_000551_01.jpg", "0007_c6s2_000001_01.jpg"]:
+        jpg(root / "bounding_box_train" / name)
+    for name in ["0003_c2s1_000001_01.jpg", "0003_c1s1_000002_01.jpg", "0000_c4s1_000003_02.jpg", "-1_c5s1_000004_03.jpg"]:
+        jpg(root / "bounding_box_test" / name)
+    jpg(root / "query" / "0003_c1s1_000009_00.jpg")
+    (root / "bounding_box_test" / "Thumbs.db").write_bytes(b"not an image")  # shipped with Market-1501
+    return root
+
+
+def test_market1501_keeps_junk_and_distractors_with_0_based_cameras(tmp_path):
+    ds = load_dataset("market1501", market(tmp_path / "Market"))
+    assert not ds.is_video
+    assert by_name(ds.train) == {"0002_c1s1_000451_03.jpg": (2, 0), "0002_c3s1_000551_01.jpg": (2, 2), "0007_c6s2_000001_01.jpg": (7, 5)}
+    assert by_name(ds.gallery) == {"0003_c2s1_000001_01.jpg": (3, 1), "0003_c1s1_000002_01.jpg": (3, 0),
+                                   "0000_c4s1_000003_02.jpg": (0, 3), "-1_c5s1_000004_03.jpg": (-1, 4)}
+    assert by_name(ds.query) == {"0003_c1s1_000009_00.jpg": (3, 0)}
+    assert [r.path for r in ds.gallery] == sorted(r.path for r in ds.gallery)  # order independent of the file system
+    assert all(len(r.paths) == 1 and not r.is_fake for r in ds.train)
+
+
+def test_market1501_accepts_parent_of_extracted_folder(tmp_path):
+    market(tmp_path / "Market-1501-v15.09.15")
+    ds = load_dataset("market1501", tmp_path)
+    assert ds.root == str(tmp_path / "Market-1501-v15.09.15") and len(ds.train) == 3
+
+
+def test_market1501_wrong_layout_names_missing_folder(tmp_path):
+    root = market(tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"market1501: expected .*empty/bounding_box_train \(layout"):
+        load_dataset("market1501", tmp_path / "empty")
+    (root / "query").rename(root / "queries")
+    with pytest.raises(FileNotFoundError, match=r"expected folder .*m/query \(layout"):
+        load_dataset("market1501", root)
+
+
+def test_market1501_bad_file_name_names_file_and_pattern(tmp_path):
+    root = market(tmp_path / "m")
+    jpg(root / "query" / "person3_cam1.jpg")
+    with pytest.raises(ValueError, match=r"person3_cam1\.jpg does not match the expected naming '0002_c1s1_000451_03\.jpg'"):
+        load_dataset("market1501", root)
+
+
+def test_dukemtmc_naming_and_eight_cameras(tmp_path):
+    for split, names in {"bounding_box_train": ["0001_c2_f0046182.jpg", "0001_c8_f0000001.jpg"],
+                         "bounding_box_test": ["0005_c1_f0000002.jpg", "0000_c3_f0000003.jpg"],
+                         "query": ["0005_c7_f0000004.jpg"]}.items():
+        for n in names:
+            jpg(tmp_path / "DukeMTMC-reID" / split / n)
+    ds = load_dataset("dukemtmc", tmp_path)
+    assert by_name(ds.train) == {"0001_c2_f0046182.jpg": (1, 1), "0001_c8_f0000001.jpg": (1, 7)}
+    assert by_name(ds.gallery)["0000_c3_f0000003.jpg"] == (0, 2)
+    assert by_name(ds.query) == {"0005_c7_f0000004.jpg": (5, 6)}
+    jpg(tmp_path / "DukeMTMC-reID" / "query" / "0002_c1s1_000451_03.jpg")  # Market naming is not Duke naming
+    with pytest.raises(ValueError, match="0001_c2_f0046182"):
+        load_dataset("dukemtmc", tmp_path)
+
+
+# ----------------------------------------------------------------------------- MSMT17
+def msmt(root: Path, with_val: bool = True) -> Path:
+    lists = {
+        "list_train.txt": ("train", [("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0000/0000_001_14_0303noon_0100_1.jpg", 0)]),
+        "list_val.txt": ("train", [("0001/0001_000_05_0303morning_0016_0.jpg", 1)]),
+        "list_query.txt": ("test", [("0000/0000_000_03_0303morning_0020_0.jpg", 0)]),
+        "list_gallery.txt": ("test", [("0000/0000_001_07_0303noon_0030_0.jpg", 0), ("0002/0002_000_15_0303morning_0040_0.jpg", 2)]),
+    }
+    for lst, (d, entries) in lists.items():
+        if lst == "list_val.txt" and not with_val:
+            continue
+        for rel, _ in entries:
+            jpg(root / d / rel)
+        (root / lst).write_text("".join(f"{rel} {pid}\n" for rel, pid in entries))
+    return root
+
+
+def test_msmt17_lists_camera_from_third_field_and_val_joins_train(tmp_path):
+    ds = load_dataset("msmt17", msmt(tmp_path / "MSMT17_V1"))
+    assert by_name(ds.train) == {"0000_000_01_0303morning_0015_0.jpg": (0, 0), "0000_001_14_0303noon_0100_1.jpg": (0, 13),
+                                 "0001_000_05_0303morning_0016_0.jpg": (1, 4)}
+    assert by_name(ds.query) == {"0000_000_03_0303morning_0020_0.jpg": (0, 2)}
+    assert by_name(ds.gallery) == {"0000_001_07_0303noon_0030_0.jpg": (0, 6), "0002_000_15_0303morning_0040_0.jpg": (2, 14)}
+    assert all(Path(r.path).parts[-3] == "test" for r in ds.gallery)
+    assert len(load_dataset("msmt17", msmt(tmp_path / "noval", with_val=False)).train) == 2
+
+
+def test_msmt17_missing_list_and_bad_line(tmp_path):
+    root = msmt(tmp_path / "m")
+    (root / "list_gallery.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"expected file .*list_gallery\.txt"):
+        load_dataset("msmt17", root)
+    (root / "list_gallery.txt").write_text("0000/0000_001_07_0303noon_0030_0.jpg\n")
+    with pytest.raises(ValueError, match=r"list_gallery\.txt:1: expected 'relpath pid'"):
+        load_dataset("msmt17", root)
+
+
+# ----------------------------------------------------------------------------- CUHK03
+def cuhk03(root: Path, protocol: str = "labeled") -> Path:
+    files = ["1_001_1_01.png", "1_001_2_06.png", "1_002_1_01.png", "1_002_2_07.png", "2_005_1_02.png", "2_005_2_08.png"]
+    for f in files:
+        path = root / f"images_{protocol}" / f
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 8), (10, 20, 30)).save(path)
+    savemat(str(root / f"cuhk03_new_protocol_config_{protocol}.mat"), {
+        "filelist": np.array(files, dtype=object).reshape(-1, 1),  # a MATLAB cell column, as in the release
+        "labels": np.array([[1], [1], [2], [2], [705], [705]], dtype=np.float64),
+        "camId": np.array([[1], [2], [1], [2], [1], [2]], dtype=np.float64),
+        "train_idx": np.array([[1], [2], [3], [4]], dtype=np.float64),  # 1-based
+        "query_idx": np.array([[5]], dtype=np.float64),
+        "gallery_idx": np.array([[6]], dtype=np.float64),
+    })
+    return root
+
+
+def test_cuhk03_new_protocol_one_based_indices(tmp_path):
+    ds = load_dataset("cuhk03", cuhk03(tmp_path / "cuhk03"))
+    assert by_name(ds.train) == {"1_001_1_01.png": (1, 0), "1_001_2_06.png": (1, 1), "1_002_1_01.png": (2, 0), "1_002_2_07.png": (2, 1)}
+    assert by_name(ds.query) == {"2_005_1_02.png": (705, 0)} and by_name(ds.gallery) == {"2_005_2_08.png": (705, 1)}
+    assert "images_labeled" in ds.train[0].path
+
+
+def test_cuhk03_detected_protocol_and_errors(tmp_path):
+    root = cuhk03(tmp_path / "c", "detected")
+    assert "images_detected" in load_dataset("cuhk03", root, cuhk03_protocol="detected").query[0].path
+    with pytest.raises(FileNotFoundError, match=r"cuhk03_new_protocol_config_labeled\.mat"):
+        load_dataset("cuhk03", root)  # the labeled split file is absent
+    with pytest.raises(ValueError, match="cuhk03_protocol must be one of .*'detected'.*got 'both'"):
+        load_dataset("cuhk03", root, cuhk03_protocol="both")
+
+
+# ----------------------------------------------------------------------------- MARS
+def mars(root: Path) -> Path:
+    train_names = ["0001C1T0001F001.jpg", "0001C1T0001F002.jpg", "0001C1T0001F003.jpg", "0001C3T0002F001.jpg"]
+    # within tracklet 0002C2T0001 the list is out of order on purpose: frames must come back sorted
+    test_names = ["00-1C1T0001F001.jpg", "0000C4T0001F001.jpg", "0000C4T0001F002.jpg",
+                  "0002C2T0001F002.jpg", "0002C2T0001F001.jpg", "0002C5T0003F001.jpg", "0002C5T0003F002.jpg"]
+    for home, names in (("bbox_train", train_names), ("bbox_test", test_names)):
+        for n in names:
+            jpg(root / home / n[:4] / n)
+    info = root / "info"
+    info.mkdir()
+    (info / "train_name.txt").write_text("\n".join(train_names) + "\n")
+    (info / "test_name.txt").write_text("\n".join(test_names) + "\n")
+    savemat(str(info / "tracks_train_info.mat"), {"track_train_info": np.array([[1, 3, 1, 1], [4, 4, 1, 3]], float)})
+    savemat(str(info / "tracks_test_info.mat"), {"track_test_info": np.array([[1, 1, -1, 1], [2, 3, 0, 4], [4, 5, 2, 2], [6, 7, 2, 5]], float)})
+    savemat(str(info / "query_IDX.mat"), {"query_IDX": np.array([[3]], float)})
+    return root
+
+
+def test_mars_tracklets_frame_order_junk_dropped_distractors_kept(tmp_path):
+    ds = load_dataset("mars", mars(tmp_path / "mars"))
+    assert ds.is_video
+    assert [(len(r.paths), r.pid, r.camid) for r in ds.train] == [(3, 1, 0), (1, 1, 2)]
+    assert [Path(p).name for p in ds.train[0].paths] == ["0001C1T0001F001.jpg", "0001C1T0001F002.jpg", "0001C1T0001F003.jpg"]
+    assert ds.train[0].path.endswith("bbox_train/0001/0001C1T0001F001.jpg")
+    (q,) = ds.query
+    assert (q.pid, q.camid) == (2, 1) and [Path(p).name for p in q.paths] == ["0002C2T0001F001.jpg", "0002C2T0001F002.jpg"]
+    assert [(r.pid, r.camid, len(r.paths)) for r in ds.gallery] == [(0, 3, 2), (2, 4, 2)]  # the -1 tracklet is dropped
+
+
+def test_mars_inconsistent_track_table_and_missing_info(tmp_path):
+    root = mars(tmp_path / "mars")
+    savemat(str(root / "info" / "tracks_train_info.mat"), {"track_train_info": np.array([[1, 4, 1, 1]], float)})
+    with pytest.raises(ValueError, match="lists frame 0001C3T0002F001.jpg of another person or camera"):
+        load_dataset("mars", root)
+    (root / "info" / "query_IDX.mat").unlink()
+    with pytest.raises(FileNotFoundError, match=r"expected file .*info/query_IDX\.mat"):
+        load_dataset("mars", root)
+
+
+# ----------------------------------------------------------------------------- DukeMTMC-VideoReID
+def test_dukevideo_tracklets_camera_from_first_frame(tmp_path):
+    root = tmp_path / "DukeMTMC-VideoReID"
+    for f in ["0001_C6_F0002_X30823.jpg", "0001_C6_F0001_X30822.jpg", "0001_C6_F0010_X30830.jpg"]:
+        jpg(root / "train" / "0001" / "0001" / f)
+    jpg(root / "train" / "0001" / "0002" / "0001C2F0099X30823.jpg")  # the older naming
+    jpg(root / "query" / "0005" / "0003" / "0005_C1_F0001_X1.jpg")
+    jpg(root / "gallery" / "0005" / "0004" / "0005_C3_F0001_X1.jpg")
+    ds = load_dataset("dukevideo", tmp_path)
+    assert ds.is_video
+    assert [Path(p).name for p in ds.train[0].paths] == ["0001_C6_F0001_X30822.jpg", "0001_C6_F0002_X30823.jpg", "0001_C6_F0010_X30830.jpg"]
+    assert [(r.pid, r.camid, len(r.paths)) for r in ds.train] == [(1, 5, 3), (1, 1, 1)]
+    assert (ds.query[0].camid, ds.gallery[0].camid) == (0, 2)
+    (root / "gallery").rename(root / "test")
+    with pytest.raises(FileNotFoundError, match=r"dukevideo: expected folder .*gallery"):
+        load_dataset("dukevideo", root)
+
+
+# ----------------------------------------------------------------------------- generic folder
+def test_folder_with_camid_group_and_nested_dirs(tmp_path, caplog):
+    for f in ["a/p12_cam_b_1.jpg", "a/p12_cam_a_2.jpg", "b/deep/p7_cam_c_1.png", "readme_x.jpg"]:
+        jpg(tmp_path / f)
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("folder", tmp_path, pattern=r"p(?P<pid>\d+)_cam_(?P<camid>[a-z])")
+    assert by_name(ds.train) == {"p12_cam_b_1.jpg": (12, 1), "p12_cam_a_2.jpg": (12, 0), "p7_cam_c_1.png": (7, 2)}
+    assert ds.query == [] and ds.gallery == []
+    assert "1 image(s) do not match" in caplog.text and "readme_x.jpg" in caplog.text  # never silent
+
+
+def test_folder_without_camid_and_with_splits(tmp_path):
+    for f in ["train/1_x.jpg", "train/2_x.jpg", "query/3_q.jpg", "gallery/3_g.jpg", "gallery/4_g.jpg"]:
+        jpg(tmp_path / f)
+    ds = load_dataset("folder", tmp_path, pattern=r"^(?P<pid>\d+)_")
+    assert {r.pid for r in ds.train} == {1, 2} and [r.pid for r in ds.query] == [3] and len(ds.gallery) == 2
+    assert {r.camid for r in ds.train + ds.query + ds.gallery} == {0}
+    # numeric camera ids are ordered numerically, then made 0-based and contiguous
+    for f in ["n/5_c10.jpg", "n/5_c2.jpg"]:
+        jpg(tmp_path / f)
+    ds = load_dataset("folder", tmp_path / "n", pattern=r"(?P<pid>\d+)_c(?P<camid>\d+)")
+    assert by_name(ds.train) == {"5_c2.jpg": (5, 0), "5_c10.jpg": (5, 1)}
+
+
+def test_folder_pattern_errors(tmp_path):
+    jpg(tmp_path / "1_c1.jpg")
+    with pytest.raises(ValueError, match=r"needs a named group \(\?P<pid>"):
+        load_dataset("folder", tmp_path, pattern=r"(\d+)_c(\d)")
+    with pytest.raises(ValueError, match="no image under .* matching pattern " + re.escape(repr(r"zzz(?P<pid>\d+)"))):
+        load_dataset("folder", tmp_path, pattern=r"zzz(?P<pid>\d+)")
+    with pytest.raises(ValueError, match="pattern is required"):
+        load_dataset("folder", tmp_path)
+    with pytest.raises(ValueError, match="pattern applies only to the 'folder' format"):
+        load_dataset("market1501", tmp_path, pattern=r"(?P<pid>\d+)")
+
+
+# ----------------------------------------------------------------------------- unreadable images
+def test_bad_image_fail_names_path_and_skip_warns(tmp_path, caplog):
+    root = market(tmp_path / "m")
+    bad = root / "bounding_box_test" / "0003_c6s1_000007_01.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated garbage")
+    with pytest.raises(OSError, match=f"unreadable image {bad}"):
+        load_dataset("market1501", root)
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("market1501", root, bad_images="skip")
+    assert str(bad) not in {r.path for r in ds.gallery} and len(ds.gallery) == 4
+    assert "skipped 1 unreadable image(s)" in caplog.text and str(bad) in caplog.text
+    assert len(load_dataset("market1501", root, verify=False).gallery) == 5  # not checked when asked not to
+    with pytest.raises(ValueError, match="bad_images must be one of .*got 'ignore'"):
+        load_dataset("market1501", root, bad_images="ignore")
+
+
+def test_verify_images_drops_bad_frames_of_tracklets(tmp_path, caplog):
+    good = [str(jpg(tmp_path / f"f{i}.jpg")) for i in range(2)]
+    bad = tmp_path / "f9.jpg"
+    bad.write_bytes(b"")
+    recs = [Record((good[0], str(bad), good[1]), 1, 0), Record((str(bad),), 2, 1)]
+    with caplog.at_level(logging.WARNING):
+        kept = verify_images(recs, "skip")
+    assert kept == [Record((good[0], good[1]), 1, 0)]  # the all-bad tracklet is gone, order kept
+    assert "skipped 2 unreadable image(s)" in caplog.text
+    with pytest.raises(OSError, match="f9.jpg"):
+        verify_images(recs, "fail")
+
+
+def test_registry_and_unknown_format(tmp_path):
+    assert set(DATASETS) == {"market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder"}
+    with pytest.raises(ValueError, match="unknown dataset format 'market'; choose one of"):
+        load_dataset("market", tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_dataset("market1501", tmp_path / "nope")

@@ -1,0 +1,157 @@
+"""The synthetic generator: determinism, layout read back by the real loaders, protocol invariants, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ureid.cli import main
+from ureid.data import generate, load_dataset
+from ureid.data.synthetic import Params, _plan
+
+SMALL = dict(num_train_ids=6, num_test_ids=5, num_distractors=6, num_junk=3, height=64, width=32)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("syn") / "a", seed=3, **SMALL)
+
+
+def test_same_seed_same_bytes_other_seed_differs(small, tmp_path):
+    again = files(generate(tmp_path / "b", seed=3, **SMALL))
+    assert again == files(small)
+    other = files(generate(tmp_path / "c", seed=4, **SMALL))
+    jpgs = [k for k in again if k.endswith(".jpg")]
+    shared = set(jpgs) & set(other)
+    assert sum(again[k] == other[k] for k in shared) == 0 and len(jpgs) > 50
+
+
+def test_market_layout_read_back_with_protocol_invariants(small):
+    manifest = json.loads((small / "manifest.json").read_text())
+    ds = load_dataset("market1501", small)
+    counts = manifest["counts"]
+    assert (len(ds.train), len(ds.query), len(ds.gallery)) == (counts["train"], counts["query"], counts["gallery"])
+    assert Image.open(ds.train[0].path).size == (32, 64)
+    train_ids = {r.pid for r in ds.train}
+    assert train_ids == set(range(1, 7))
+    test_ids = {r.pid for r in ds.gallery} - {0, -1}
+    assert test_ids == set(range(7, 12)) and not train_ids & test_ids
+    gpids = Counter(r.pid for r in ds.gallery)
+    assert gpids[0] == 6 and gpids[-1] == 3  # distractors and junk in the gallery only
+    cams = defaultdict(set)
+    for r in ds.train + ds.gallery:
+        cams[r.pid].add(r.camid)
+    assert all(len(cams[p]) >= 2 for p in train_ids | test_ids)  # every identity in >= 2 cameras
+    # one query per (identity, camera), each with a valid cross-camera match in the gallery
+    assert len({(q.pid, q.camid) for q in ds.query}) == len(ds.query)
+    assert Counter(q.pid for q in ds.query).most_common(1)[0][1] <= 2
+    for q in ds.query:
+        assert cams[q.pid] - {q.camid}, q
+        assert any(g.pid == q.pid and g.camid == q.camid for g in ds.gallery)  # same-camera junk exists too
+
+
+def test_images_per_identity_long_tailed():
+    tracks = _plan(Params(num_train_ids=400, num_test_ids=1))
+    per_id = Counter()
+    for t in tracks:
+        if t.split == "train":
+            per_id[t.pid] += t.n
+    n = np.array(list(per_id.values()))
+    assert len(n) == 400
+    assert n.min() == 4 and n.max() == 20
+    assert np.median(n) < n.mean() and 6.5 < n.mean() < 9  # skewed to the right, ~8 images on average
+    assert (n >= 15).sum() >= 10 and (n <= 5).sum() >= 100
+
+
+def test_cameras_look_different(small):
+    """Camera style dominates raw pixels: the mean colour differs far more across cameras than within."""
+    ds = load_dataset("market1501", small)
+    means = defaultdict(list)
+    for r in ds.train + ds.gallery:
+        means[r.camid].append(np.asarray(Image.open(r.path), np.float32).mean(axis=(0, 1)))
+    centres = np.array([np.mean(v, axis=0) for v in means.values()])
+    within = np.mean([np.std(v, axis=0).mean() for v in means.values()])
+    between = np.std(centres, axis=0).mean()
+    assert len(means) == 6 and between > within
+
+
+def test_video_layout_read_back_by_mars_loader(tmp_path):
+    root = generate(tmp_path / "v", seed=1, video=True, num_train_ids=4, num_test_ids=3, num_distractors=2, num_junk=2,
+                    height=64, width=32, max_frames=8, mean_frames=5)
+    counts = json.loads((root / "manifest.json").read_text())["counts"]
+    ds = load_dataset("mars", root)
+    assert ds.is_video
+    assert (len(ds.train), len(ds.query)) == (counts["train"], counts["query"])
+    assert len(ds.gallery) == counts["gallery"] - counts["junk"]  # the MARS loader drops junk tracklets
+    assert sum(1 for r in ds.gallery if r.pid == 0) == 2
+    pat = re.compile(r"(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})\.jpg")
+    for r in ds.train + ds.query + ds.gallery:
+        assert 4 <= len(r.paths) <= 8
+        m = [pat.fullmatch(Path(p).name).groups() for p in r.paths]
+        assert {(int(a), int(c) - 1, t) for a, c, t, _ in m} == {(r.pid, r.camid, m[0][2])}  # one person, camera, tracklet
+        assert [int(f) for *_, f in m] == list(range(1, len(r.paths) + 1))  # frames in temporal order
+    cams = defaultdict(set)
+    for r in ds.train:
+        cams[r.pid].add(r.camid)
+    assert len(cams) == 4 and all(len(c) >= 2 for c in cams.values())
+
+
+def test_manifest_reuse_mismatch_and_overwrite(small, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in small.rglob("*.jpg")}
+    assert generate(small, seed=3, **SMALL) == small
+    assert {p: p.stat().st_mtime_ns for p in small.rglob("*.jpg")} == before  # reused, not rewritten
+    out = generate(tmp_path / "d", seed=3, **SMALL)
+    with pytest.raises(FileExistsError, match=r"other parameters .*'seed': \(3, 5\).*overwrite=True"):
+        generate(out, seed=5, **SMALL)
+    generate(out, seed=5, overwrite=True, **SMALL)
+    assert json.loads((out / "manifest.json").read_text())["params"]["seed"] == 5
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="holds no manifest.json"):
+        generate(foreign, overwrite=True, **SMALL)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    assert not list(tmp_path.glob(".*partial*"))  # no temporary folders left behind
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(num_cameras=1), "num_cameras must be in 2..9"),
+                                     (dict(min_images=1), "need 2 <= min_images"),
+                                     (dict(num_train_ids=0), "num_train_ids must be >= 1")])
+def test_invalid_parameters(tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        generate(tmp_path / "x", **kw)
+
+
+def test_cli_synth_and_info(tmp_path, capsys):
+    args = ["data", "synth", "--out", str(tmp_path / "s"), "--num-train-ids", "3", "--num-test-ids", "2",
+            "--num-distractors", "2", "--num-junk", "1", "--height", "64", "--width", "32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "wrote synthetic market1501 dataset" in out and re.search(r"query\s+\d+ images", out) and " s)" in out
+    assert main(args) == 0 and "reused" in capsys.readouterr().out
+    assert main(["data", "info", "--format", "market1501", "--root", str(tmp_path / "s")]) == 0
+    assert re.search(r"train\s+\d+ records\s+3 ids", capsys.readouterr().out)
+    assert main(["data", "info", "--format", "mars", "--root", str(tmp_path / "s")]) == 2
+    assert "mars: expected" in capsys.readouterr().err
+
+
+def test_console_script_runs(tmp_path):
+    exe = Path(sys.executable).with_name("ureid")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ureid.cli"]
+    res = subprocess.run(cmd + ["data", "synth", "--out", str(tmp_path / "s"), "--num-train-ids", "2", "--num-test-ids", "1",
+                                "--num-distractors", "0", "--num-junk", "0", "--height", "64", "--width", "32", "--video"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "wrote synthetic mars dataset" in res.stdout and "frames" in res.stdout
