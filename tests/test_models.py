@@ -109,7 +109,8 @@ def test_imagenet_weights_from_hub_cache_and_env(tmp_path, monkeypatch, ReidNet,
     ref = torchvision.models.resnet18(weights=None)
     ckpt = tmp_path / "hub" / "checkpoints" / fname
     ckpt.parent.mkdir(parents=True)
-    torch.save(ref.state_dict(), ckpt)
+    # Like torchvision's real files: no BatchNorm num_batches_tracked entries.
+    torch.save({k: v for k, v in ref.state_dict().items() if "num_batches_tracked" not in k}, ckpt)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.delenv("UREID_IMAGENET_WEIGHTS", raising=False)
     net = ReidNet("resnet18", weights="imagenet", embedding_dim=16)

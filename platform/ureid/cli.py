@@ -5,6 +5,8 @@ group and sets ``func`` on its leaves, so further groups (``ureid run ...``) plu
 
     ureid data synth --out data/synthetic [--seed 0] [--num-train-ids 80] [--video]
     ureid data info --format market1501 --root /datasets/Market-1501-v15.09.15
+    ureid data camstyle --root data/synthetic
+    ureid run buc --set clustering.size_penalty=0.003
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from ureid.data.synthetic import generate, read_manifest
 
     kw = {k: getattr(args, k) for k in ("seed", "num_train_ids", "num_test_ids", "num_cameras", "num_distractors",
-                                        "num_junk", "height", "width", "video", "overwrite")}
+                                        "num_junk", "height", "width", "video", "camera_strength", "overwrite")}
     t0 = time.perf_counter()
     before = read_manifest(args.out)
     out = generate(args.out, **kw)
@@ -50,11 +52,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_camstyle(args: argparse.Namespace) -> int:
+    from ureid.data.camstyle import write_fakes
+    from ureid.data.formats import load_dataset
+
+    t0 = time.perf_counter()
+    ds = load_dataset(args.format, args.root, verify=False)
+    out = args.out or f"{ds.root}/bounding_box_train_camstyle"
+    n = write_fakes(ds.train, out)
+    print(f"wrote {n} camera-style fakes (colour-statistics stand-in) for {len(ds.train)} training images "
+          f"to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ureid.experiment import main as run_main
+
+    return run_main(args.method, args.rest)
+
+
+def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
+    r.add_argument("method", choices=["buc", "dbc", "pul", "ssl", "camstyle"])
+    r.add_argument("rest", nargs=argparse.REMAINDER, help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
+    r.set_defaults(func=_cmd_run)
+
+
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS, DATASETS
 
     data = sub.add_parser("data", help="datasets: generate synthetic data, inspect a dataset folder")
-    dsub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,info}")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,info,camstyle}")
 
     s = dsub.add_parser("synth", help="write a synthetic re-ID dataset (Market-1501 layout, or MARS with --video)")
     s.add_argument("--out", required=True, help="output folder (reused if it holds the same parameters)")
@@ -67,6 +95,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--height", type=int, default=128)
     s.add_argument("--width", type=int, default=64)
     s.add_argument("--video", action="store_true", help="write tracklets in the MARS layout")
+    s.add_argument("--camera-strength", type=float, default=1.0,
+                   help="0..1: how far each camera's colour response and optics move from neutral (default 1)")
     s.add_argument("--overwrite", action="store_true", help="replace a synthetic dataset made with other parameters")
     s.set_defaults(func=_cmd_synth)
 
@@ -79,12 +109,19 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--no-verify", action="store_true", help="do not open every image to check it is readable")
     i.set_defaults(func=_cmd_info)
 
+    c = dsub.add_parser("camstyle", help="write camera-style fakes with the colour-statistics stand-in for StarGAN")
+    c.add_argument("--root", required=True, help="dataset folder (Market-1501 layout)")
+    c.add_argument("--format", default="market1501", choices=["market1501", "dukemtmc"])
+    c.add_argument("--out", default=None, help="default: <root>/bounding_box_train_camstyle")
+    c.set_defaults(func=_cmd_camstyle)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run}")
     add_data_commands(sub)
+    add_run_commands(sub)
     return parser
 
 

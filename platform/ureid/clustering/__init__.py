@@ -13,11 +13,8 @@ linkage from products of cluster means, merges from union-find.
 """
 
 from .buc import bottom_up_merge
-try:
-    from .dbc import dispersion_merge
-    from .pul import inertia, kmeans, select_reliable
-    from .ssl import reliable_neighbors
-except ImportError:
-    pass
+from .dbc import dispersion_merge
+from .pul import inertia, kmeans, select_reliable
+from .ssl import reliable_neighbors
 
 __all__ = ["bottom_up_merge", "dispersion_merge", "inertia", "kmeans", "select_reliable", "reliable_neighbors"]

@@ -1,8 +1,9 @@
 """BUC label update: merge the closest cluster pairs by minimum sample distance plus a size penalty.
 
-Lin et al., *A Bottom-Up Clustering Approach to Unsupervised Person Re-ID*, AAAI 2019, eqs. 5-6:
-the dissimilarity of clusters A and B is the minimum distance over their sample pairs (eq. 5), and
-the diversity regulariser adds ``lambda * (|A| + |B|)`` (eq. 6). As in the authors' public code
+Lin et al., *A Bottom-Up Clustering Approach to Unsupervised Person Re-ID*, AAAI 2019: the
+dissimilarity of clusters A and B is the paper's *minimum distance criterion* (the smallest distance
+over their sample pairs) plus its *diversity regularization* ``lambda * (|A| + |B|)``, i.e.
+``D(A, B) + lambda R(A, B)``. As in the authors' public code
 (``Bottom_up.get_new_train_data``), the penalty is applied per *sample pair* and all pairs are
 processed in one sorted pass, so one call = one stage. The camera-style variant (Lin et al., TIP 2020)
 ignores fake-fake pairs.
@@ -26,8 +27,8 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
                     stats=None) -> np.ndarray:
     """One BUC stage: merge clusters ``num_merges`` times, return new labels ``0..C'-1`` (int64).
 
-    Score of a sample pair ``i < j`` in different clusters (paper eq. 6 with eq. 5's minimum taken
-    implicitly by the ascending pass)::
+    Score of a sample pair ``i < j`` in different clusters (the paper's ``D(A, B) + lambda R(A, B)``,
+    with the minimum over sample pairs taken implicitly by the ascending pass)::
 
         score_ij = d(x_i, x_j) + size_penalty * (|A_i| + |B_j|)
 
@@ -56,7 +57,11 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
     real sample, every missing pair scores strictly above ``s*`` and the candidate pass is the exact
     pass. Otherwise the k of the offending rows is doubled and the pass redone (adding pairs can only
     lower ``s*``, so ``B`` shrinks); if the candidates run out of unions, every incomplete row grows.
-    Rows eventually hold the whole database (``t_i = inf``), so the loop ends.
+    Rows eventually hold the whole database (``t_i = inf``), so the loop ends. Each row starts with
+    ``k_init`` plus (up to ``4 k_init``) the number of database members of its own cluster, which would
+    otherwise crowd out useful neighbours in later stages. Float64 distances are computed only for
+    the few candidates that can reach the cut (see ``_exact_pass``). Memory is O(N k) plus one
+    ``block_size x N_db`` distance block; nothing N x N is ever formed.
 
     Args:
         features: (N, d) numpy array or torch tensor (a CUDA tensor selects the torch backend).

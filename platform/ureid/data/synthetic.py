@@ -175,21 +175,26 @@ _SCENES = [  # wall, floor, wall texture, floor texture
 _VIEWS = [(0.75, 0.15, 0.10), (0.15, 0.75, 0.10), (0.15, 0.15, 0.70), (0.45, 0.45, 0.10), (0.3, 0.3, 0.4)]
 
 
-def camera_styles(seed: int, num_cameras: int) -> list[CameraStyle]:
+def camera_styles(seed: int, num_cameras: int, strength: float = 1.0) -> list[CameraStyle]:
+    """``strength`` scales each camera's optics and colour response towards neutral (0: only the
+    scene, viewpoint and scale differ; 1: the full looks of ``_LIGHTS``)."""
     prng = _rng(seed, _CAMERA, 1_000_000)
     light_perm, scene_perm, view_perm = (prng.permutation(8), prng.permutation(8), prng.permutation(len(_VIEWS)))
     styles = []
     for c in range(num_cameras):
         rng = _rng(seed, _CAMERA, c)
         gain, cast, contrast, sat, gamma = _LIGHTS[light_perm[c % 8]]
+        toward = lambda v: 1.0 + strength * (v - 1.0)  # noqa: E731
+        gain, contrast, sat, gamma = toward(gain), toward(contrast), toward(sat), toward(gamma)
+        cast = tuple(toward(v) for v in cast)
         wall, floor, wtex, ftex = _SCENES[scene_perm[c % 8]]
         jit = lambda col, s=18: tuple(int(v) for v in np.clip(np.array(col) + rng.normal(0, s, 3), 0, 255))  # noqa: E731
         styles.append(CameraStyle(
             wall=jit(wall), floor=jit(floor), horizon=float(rng.uniform(0.35, 0.65)), wall_texture=wtex, floor_texture=ftex,
             gain=float(gain * rng.uniform(0.93, 1.07)), cast=tuple(float(v * rng.uniform(0.96, 1.04)) for v in cast),
             contrast=float(contrast), saturation=float(sat), gamma=float(gamma),
-            blur=float(rng.choice([0.0, 0.4, 0.8, 1.2])), noise=float(rng.uniform(1.0, 7.0)),
-            lowres=float(rng.choice([1.0, 1.0, 0.6, 0.45])), scale=float(rng.uniform(0.76, 0.92)),
+            blur=strength * float(rng.choice([0.0, 0.4, 0.8, 1.2])), noise=strength * float(rng.uniform(1.0, 7.0)),
+            lowres=toward(float(rng.choice([1.0, 1.0, 0.6, 0.45]))), scale=float(rng.uniform(0.76, 0.92)),
             view_p=_VIEWS[view_perm[c % len(_VIEWS)]], light_dir=float(rng.uniform(-1, 1)),
         ))
     return styles
@@ -496,6 +501,7 @@ class Params:
     max_frames: int = 24
     mean_frames: float = 8.0
     jpeg_quality: int = 90
+    camera_strength: float = 1.0
 
     def check(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -503,6 +509,7 @@ class Params:
                 raise ValueError(msg)
 
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(0.0 <= self.camera_strength <= 1.0, f"camera_strength must be in [0, 1], got {self.camera_strength}")
         need(self.num_train_ids >= 1, f"num_train_ids must be >= 1, got {self.num_train_ids}")
         need(self.num_test_ids >= 1, f"num_test_ids must be >= 1, got {self.num_test_ids}")
         need(2 <= self.num_cameras <= 9, f"num_cameras must be in 2..9 (every identity needs two cameras; file names hold one digit), got {self.num_cameras}")
@@ -574,7 +581,7 @@ def _track_poses(style: CameraStyle, rng: np.random.Generator, n: int, video: bo
 class _Renderer:
     def __init__(self, p: Params):
         self.p = p
-        self.styles = camera_styles(p.seed, p.num_cameras)
+        self.styles = camera_styles(p.seed, p.num_cameras, p.camera_strength)
         self.bgs = [_background(s, p.seed, c, p.height, p.width) for c, s in enumerate(self.styles)]  # uint8
         self.apps: dict[int, Appearance] = {}
 
@@ -764,6 +771,7 @@ def generate(
     max_frames: int = 24,
     mean_frames: float = 8.0,
     jpeg_quality: int = 90,
+    camera_strength: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic re-ID dataset to ``out_dir`` (Market-1501 layout, or MARS with ``video``).
@@ -787,7 +795,7 @@ def generate(
         max_images=(6 if video else 20) if max_images is None else max_images,
         mean_images=(3.5 if video else 8.0) if mean_images is None else mean_images,
         queries_per_id=queries_per_id, min_frames=min_frames, max_frames=max_frames, mean_frames=mean_frames,
-        jpeg_quality=jpeg_quality,
+        jpeg_quality=jpeg_quality, camera_strength=camera_strength,
     )
     p.check()
     out = Path(out_dir).expanduser()

@@ -167,7 +167,9 @@ def train_loop_per_worker(config: dict) -> None:
     store = ray.get_actor(config["store_name"], namespace=config["namespace"])
 
     seed_everything(cfg.seed)
-    model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=cfg.model.embedding_dim,
+    # PUL's classifier sits on the pooled feature: no embedding head (an unused head breaks DDP).
+    embedding_dim = 0 if method.loss == "classifier" else cfg.model.embedding_dim
+    model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=embedding_dim,
                     dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes,
                     frozen_stages=cfg.model.frozen_stages)
     model = ray.train.torch.prepare_model(model, move_to_device=device)

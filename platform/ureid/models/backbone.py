@@ -3,7 +3,7 @@
 BUC (Lin et al., AAAI 2019, and its public code) uses the plain torchvision ResNet-50 (last stride 2):
 global average pooling gives the 2048-d ``pooled`` feature that clustering and evaluation use (after
 L2-normalisation, done by the caller), while ``Linear -> BatchNorm1d -> L2-normalise -> Dropout(0.5)``
-gives the ``embedding`` that only feeds the repelled loss. SSL (Lin et al., CVPR 2020, Sec. 3.3) adds
+gives the ``embedding`` that only feeds the repelled loss. SSL (Lin et al., CVPR 2020, part-based distance) adds
 ``p`` horizontal stripe features: the final feature map average-pooled in ``p`` horizontal strips.
 """
 
@@ -181,7 +181,9 @@ class ReidNet(nn.Module):
         if bad:
             raise ValueError(f"weights file {path} does not fit this {self.arch} ReidNet (wrong arch or "
                              f"embedding_dim?); {len(bad)} shape mismatch(es), e.g. {bad[:3]}")
-        missing = [k for k in own if k not in state]
+        # Old checkpoints (torchvision's ImageNet files among them) predate BatchNorm's num_batches_tracked;
+        # BatchNorm fills it in itself.
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         missing_trunk = [k for k in missing if k.startswith("base.")]
         if missing_trunk:
             raise ValueError(f"weights file {path} lacks {len(missing_trunk)} trunk key(s), e.g. {missing_trunk[:5]}")

@@ -84,7 +84,8 @@ class _MemoryLogits(torch.autograd.Function):
 
 def memory_logits(x: torch.Tensor, memory: torch.Tensor, labels: torch.Tensor, temperature: float,
                   update: bool = True, group=None) -> torch.Tensor:
-    """Logits ``x . V^T / temperature`` (BUC eq. 2/3) with the memory updated in backward."""
+    """Logits ``x . V^T / temperature`` (the non-parametric softmax of BUC's repelled loss)
+    with the memory updated in backward."""
     x = x.to(memory.dtype)
     upd_x = upd_y = None
     if update and torch.is_grad_enabled() and x.requires_grad:
@@ -124,7 +125,7 @@ def _embedding(outputs) -> torch.Tensor:
 
 
 class MemoryTable(_ResizableMemory):
-    """Repelled loss of BUC (Lin et al., AAAI 2019, eq. 3), also used by DBC and camstyle-BUC.
+    """Repelled loss of BUC (Lin et al., AAAI 2019, Sec. 3), also used by DBC and camstyle-BUC.
 
     ``p(c | x) = exp(V_c . x / tau) / sum_j exp(V_j . x / tau)``, loss ``-log p(y | x)`` with the pseudo label
     ``y``; the table ``V`` (C x d) is zeroed by :meth:`reset` at every stage and, after the gradient, each

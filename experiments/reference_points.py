@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Floor and ceiling of a dataset for a backbone: the mAP of the untrained backbone, and of the same
+backbone trained *with* identity labels (softmax classifier). Unsupervised results sit between them.
+
+    python experiments/reference_points.py                     # CPU preset, synthetic default
+    python experiments/reference_points.py --config experiments/configs/buc.yaml --epochs 60
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ureid.config import CONFIG_DIR, load_config  # noqa: E402
+from ureid.distributed.data import load_split_dataset  # noqa: E402
+from ureid.distributed.loop import _evaluate, seed_everything  # noqa: E402
+from ureid.engine.datasets import ReidImageDataset, build_transforms, make_loader  # noqa: E402
+from ureid.engine.train import build_optimizer, step_lr, train_epoch  # noqa: E402
+from ureid.models.backbone import ReidNet  # noqa: E402
+from ureid.models.losses import ClassifierHead  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(CONFIG_DIR / "buc_cpu.yaml"))
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--json", help="write the two reference points here")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(os.cpu_count() or 1)
+    ds = load_split_dataset(cfg.data)
+    seed_everything(cfg.seed)
+    model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=0, dropout=cfg.model.dropout)
+    t0 = time.perf_counter()
+    floor = _evaluate(cfg, model, ds.query, ds.gallery, "cpu")
+    print(f"floor   (untrained {cfg.model.arch}, weights={cfg.model.weights}): mAP {floor['mAP']:.1%} "
+          f"rank-1 {floor['rank1']:.1%}", flush=True)
+
+    train = [r for r in ds.train if r.pid >= 0]
+    _, labels = np.unique([r.pid for r in train], return_inverse=True)
+    data = ReidImageDataset(train, build_transforms(cfg.data.height, cfg.data.width, True), labels=labels)
+    head = ClassifierHead(model.feature_dim, int(labels.max()) + 1, dropout=cfg.model.dropout)
+    opt = build_optimizer(model, head, args.lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
+                          cfg.train.weight_decay, cfg.train.nesterov)
+    for epoch in range(args.epochs):
+        step_lr(opt, epoch, args.lr, max(1, int(args.epochs * 0.75)))
+        loader = make_loader(data, cfg.train.batch_size, True, cfg.seed, epoch, cfg.data.num_workers, drop_last=True)
+        out = train_epoch(model, head, loader, opt, epoch=epoch)
+        if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
+            ceil = _evaluate(cfg, model, ds.query, ds.gallery, "cpu")
+            print(f"  supervised epoch {epoch + 1}: loss {out['loss']:.3f} mAP {ceil['mAP']:.1%} "
+                  f"rank-1 {ceil['rank1']:.1%}", flush=True)
+    print(f"ceiling (supervised, {args.epochs} epochs): mAP {ceil['mAP']:.1%} rank-1 {ceil['rank1']:.1%} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"floor": floor, "ceiling": ceil, "epochs": args.epochs, "config": args.config,
+                       "overrides": args.overrides}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

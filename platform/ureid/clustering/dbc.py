@@ -1,0 +1,286 @@
+"""Dispersion-based clustering (DBC) label update.
+
+Ding, Khan, Tang, "Dispersion based Clustering for Unsupervised Person Re-identification", BMVC 2019
+(extended as arXiv:1906.01308). With squared Euclidean distances the paper's dispersions are
+
+* inter-dispersion  d_AB = mean over a in A, b in B of |a - b|^2   (average linkage)
+* intra-dispersion  d_A  = mean over all ORDERED pairs (a, a') of A, self pairs included, of |a - a'|^2
+
+and two clusters are ranked by ``d_AB + intra_weight * (d_A + d_B)``. Both have a closed form in each
+cluster's mean ``mu`` and mean squared norm ``q = mean |a|^2``::
+
+    d_AB = q_A + q_B - 2 mu_A . mu_B          d_A = 2 q_A - 2 |mu_A|^2
+
+so the score is ``h_A + h_B - 2 mu_A . mu_B`` with ``h = (1 + 2 intra_weight) q - 2 intra_weight |mu|^2``:
+only C x C products of cluster means are ever needed, and they are formed block by block.
+For unit features (what the trainer passes) this is DESIGN.md's ``2 - 2 mu_A . mu_B`` and ``2 - 2 |mu_A|^2``;
+the general form keeps the function exact for any features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from ._common import UnionFind, as_torch_features, check_labels, relabel_by_first_index, resolve_device
+
+UPDATE_MODES = ("stage", "merge")
+
+# Bytes of one block of scores held at once; bounds peak memory independently of the cluster count.
+_BLOCK_BYTES = 256 * 2**20
+# Candidate partners first fetched per cluster in stage mode; clusters that turn out to need more get 4x more.
+_INITIAL_CANDIDATES = 16
+
+
+def dispersion_merge(features, labels, num_merges, intra_weight, update="stage", device=None) -> np.ndarray:
+    """Merge ``num_merges`` cluster pairs by dispersion (DBC) and return new labels 0..C'-1 (int64, numpy).
+
+    Args:
+        features: (N, d) array or tensor; the trainer passes L2-normalised pooled features. float64 input is
+            processed in float64; every score that decides a merge is evaluated in float64 either way.
+        labels: (N,) current labels, contiguous 0..C-1 (singletons at stage 0).
+        num_merges: merges to perform this call, 0 <= num_merges <= C-1 (``int(merge_percent * N0)`` in DBC).
+        intra_weight: the paper's lambda >= 0 weighting the intra-dispersions (0 reproduces the public code).
+        update: ``"stage"`` -- the public code: scores frozen for the call, pairs taken in ascending score
+            (ties by the smaller cluster id, then the larger), a pair skipped when either cluster has already
+            been *absorbed* in this call (an absorbing cluster stays live and may absorb again, or be absorbed
+            later, so merges chain), the smaller id absorbs the larger; stops after ``num_merges`` merges.
+            ``"merge"`` -- the paper's Algorithm 1 (eqs. 6 and 7): after every merge the dispersions of the
+            merged cluster are recomputed exactly and the global minimum is taken again (ties by the smaller
+            id pair). With ``intra_weight=0`` this is average linkage on squared Euclidean distances.
+        device: torch device to compute on; default: the device of a tensor input, else CPU.
+
+    Returns:
+        (N,) int64 labels, numbered in ascending order of each cluster's smallest sample index.
+
+    Cost: stage mode needs O(C d) memory plus candidate lists of O(C k) pairs, and one blockwise C x C x d
+    product (see ``_stage_merges`` for why per-cluster top-k candidates make it exact); merge mode needs
+    O(C d) memory and O(C^2 d + num_merges * C d) time (see ``_agglomerate``).
+    """
+    dev = resolve_device(features, device)
+    x = as_torch_features(features, dev)
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    lab = check_labels(labels, x.shape[0])
+    num_clusters = int(lab.max()) + 1
+    if update not in UPDATE_MODES:
+        raise ValueError(f"update must be one of {UPDATE_MODES}, got {update!r}")
+    if isinstance(num_merges, bool) or not isinstance(num_merges, numbers.Integral):
+        raise ValueError(f"num_merges must be an integer, got {num_merges!r}")
+    if not 0 <= num_merges <= num_clusters - 1:
+        raise ValueError(f"num_merges must be in [0, C-1] = [0, {num_clusters - 1}] for C={num_clusters} "
+                         f"clusters, got {num_merges}")
+    if not (isinstance(intra_weight, numbers.Real) and math.isfinite(intra_weight) and intra_weight >= 0):
+        raise ValueError(f"intra_weight must be a finite number >= 0, got {intra_weight!r}")
+
+    mu, q, sizes = _cluster_moments(x, lab, num_clusters)
+    if num_merges == 0:
+        merges = []
+    elif update == "stage":
+        merges = _stage_merges(mu, _h(mu, q, intra_weight), int(num_merges), search_dtype=x.dtype)
+    else:
+        merges = _agglomerate(mu, q, sizes, float(intra_weight), int(num_merges))
+    uf = UnionFind(num_clusters)
+    for a, b in merges:
+        uf.union(a, b)
+    return relabel_by_first_index(uf.roots()[lab])
+
+
+def _cluster_moments(x: torch.Tensor, lab: np.ndarray, num_clusters: int):
+    """float64 cluster means (C, d), mean squared norms (C,) and sizes (C,), accumulated in row chunks so that
+    no float64 copy of the whole feature matrix is ever made."""
+    dev, (n, d) = x.device, x.shape
+    idx = torch.from_numpy(lab).to(dev)
+    mu = torch.zeros(num_clusters, d, dtype=torch.float64, device=dev)
+    q = torch.zeros(num_clusters, dtype=torch.float64, device=dev)
+    step = max(1, _BLOCK_BYTES // (8 * d))
+    for s in range(0, n, step):
+        xb = x[s:s + step].double()
+        mu.index_add_(0, idx[s:s + step], xb)
+        q.index_add_(0, idx[s:s + step], (xb * xb).sum(1))
+    sizes = torch.bincount(idx, minlength=num_clusters).double()
+    mu /= sizes[:, None]
+    q /= sizes
+    return mu, q, sizes
+
+
+def _h(mu: torch.Tensor, q: torch.Tensor, w: float) -> torch.Tensor:
+    """Per-cluster constant of the score: score(A, B) = h_A + h_B - 2 mu_A . mu_B (module docstring)."""
+    return (1 + 2 * w) * q - 2 * w * (mu * mu).sum(-1)
+
+
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """TF32/bf16 matmuls would void the rounding bound used by the exactness proof: force full float32."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dtype) -> list[tuple[int, int]]:
+    """The public DBC stage (frozen scores, skip pairs with an absorbed cluster) without the C x C matrix.
+
+    Exactness. Let ``K`` be the pairs known so far: for each cluster c its ``k_c`` best partners under a fast
+    *search* score (float32 for float32 input). Every known pair gets one *exact* score (float64), computed
+    once, and the public procedure is simulated on K alone in exact (score, i, j) order. From the simulation:
+    ``e_c`` = exact score of the pair that absorbed c, or of the ``num_merges``-th merge if that comes first
+    (inf if neither happened). Every pair (c, x) outside c's list has search score >= ``b_c`` (the k-th best
+    search score of c) and so exact score >= ``b_c - delta``, where ``delta`` bounds |search - exact|
+    (``_search_error_bound``). Call c *safe* if its list is complete (k_c = C-1) or ``b_c - delta > e_c``.
+    Claim: if every unknown pair has a safe end, the simulation equals the procedure run on all C(C-1)/2
+    pairs. Induction along the true order: known pairs are decided identically because the state so far is
+    identical; an unknown pair (c, x) with safe end c has score > e_c, so it comes after c was absorbed (the
+    procedure skips it) or after the last merge (the procedure has stopped): it changes nothing.
+    We require every cluster to be safe (sufficient) and give each unsafe cluster 4x more candidates until
+    it is; a complete list is safe, so this terminates. The absorbing cluster of a merge stays live in the
+    public code (only the absorbed one is skipped later), which is why ``e_c`` is per cluster.
+    """
+    num_clusters, d = mu.shape
+    m_s = mu.to(search_dtype)
+    h_s = h.to(search_dtype)
+    delta = _search_error_bound(d, float((mu * mu).sum(1).max()), float(h.abs().max()), search_dtype)
+    bound = np.full(num_clusters, np.inf)  # b_c
+    complete = np.zeros(num_clusters, dtype=bool)
+    keys = np.empty(0, dtype=np.int64)  # known pairs as i * C + j with i < j
+    exact = np.empty(0, dtype=np.float64)
+    rows, k = np.arange(num_clusters), min(num_clusters - 1, _INITIAL_CANDIDATES)
+    while True:
+        cand, b = _candidates(m_s, h_s, rows, k)
+        bound[rows] = b
+        complete[rows] = k >= num_clusters - 1
+        fresh = np.setdiff1d(cand, keys)  # unique, and each pair is scored exactly once
+        keys = np.concatenate([keys, fresh])
+        exact = np.concatenate([exact, _exact_scores(mu, h, fresh)])
+        merges, end = _simulate_stage(keys, exact, num_clusters, num_merges)
+        unsafe = np.flatnonzero(~(complete | (bound - delta > end)))
+        if unsafe.size == 0:
+            return merges
+        rows, k = unsafe, min(num_clusters - 1, 4 * k)
+
+
+def _search_error_bound(d: int, max_sq_norm: float, max_abs_h: float, dtype) -> float:
+    """Upper bound on |search score - exact score| for any pair.
+
+    The search score is fl(h_j - 2 fl(mu_i . mu_j)) + h_i in ``dtype`` (unit roundoff u) from rounded means.
+    Rounding mu costs <= 2.01 u |mu_i||mu_j| in the dot product, the dot product itself <= gamma_d |mu_i||mu_j|
+    (gamma_d = d u / (1 - d u), Cauchy-Schwarz on sum |a_k b_k|), and the three additions with the rounded h
+    <= 5 u max|h| + 4.1 u max|mu|^2. The float64 exact score adds its own gamma_d(2^-53) term. A 1.5 factor
+    keeps the bound safely conservative; it only decides how many candidates are fetched, never the result.
+    """
+    u = torch.finfo(dtype).eps / 2
+    gamma = d * u / (1 - d * u)
+    gamma64 = d * 2.0**-53 / (1 - d * 2.0**-53)
+    return 1.5 * ((2 * gamma + 9 * u) * max_sq_norm + 5 * u * max_abs_h) + 2 * gamma64 * max_sq_norm
+
+
+def _candidates(m_s: torch.Tensor, h_s: torch.Tensor, rows: np.ndarray, k: int):
+    """The k best partners (by search score) of each cluster in ``rows``: pair keys i*C+j (i < j), and b_c."""
+    num_clusters = m_s.shape[0]
+    step = max(1, _BLOCK_BYTES // (m_s.element_size() * num_clusters))
+    keys, bounds = [], []
+    with _full_fp32_matmul():
+        for s in range(0, rows.size, step):
+            blk = torch.from_numpy(rows[s:s + step]).to(m_s.device)
+            # h_j - 2 mu_i . mu_j; h_i is constant per row and added to the bound afterwards
+            scores = torch.addmm(h_s[None, :], m_s[blk], m_s.T, alpha=-2)
+            scores[torch.arange(blk.numel(), device=blk.device), blk] = torch.inf
+            val, col = torch.topk(scores, k, dim=1, largest=False, sorted=False)
+            bounds.append((val.max(1).values.double() + h_s[blk].double()).cpu().numpy())
+            i, j = blk[:, None].expand_as(col), col
+            keys.append((torch.minimum(i, j) * num_clusters + torch.maximum(i, j)).reshape(-1).cpu().numpy())
+    return np.unique(np.concatenate(keys)), np.concatenate(bounds)
+
+
+def _exact_scores(mu: torch.Tensor, h: torch.Tensor, keys: np.ndarray) -> np.ndarray:
+    """float64 score h_i + h_j - 2 mu_i . mu_j of each pair key, in chunks (gathered rows, no C x C)."""
+    num_clusters, d = mu.shape
+    out = np.empty(keys.size, dtype=np.float64)
+    step = max(1, _BLOCK_BYTES // (3 * 8 * d))  # two gathered rows and their product per pair
+    for s in range(0, keys.size, step):
+        kk = torch.from_numpy(keys[s:s + step]).to(mu.device)
+        i, j = kk // num_clusters, kk % num_clusters
+        out[s:s + step] = (h[i] + h[j] - 2 * (mu[i] * mu[j]).sum(1)).cpu().numpy()
+    return out
+
+
+def _simulate_stage(keys: np.ndarray, scores: np.ndarray, num_clusters: int, num_merges: int):
+    """Run the public procedure over the given pairs; return the merges (absorber, absorbed) and e_c."""
+    order = np.lexsort((keys, scores))  # ascending score, ties by (i, j) since key = i * C + j
+    absorbed = [False] * num_clusters
+    end = np.full(num_clusters, np.inf)
+    merges, stop = [], np.inf
+    for key, s in zip(keys[order].tolist(), scores[order].tolist()):
+        i, j = divmod(key, num_clusters)
+        if absorbed[i] or absorbed[j]:
+            continue
+        absorbed[j] = True  # i < j: the smaller id absorbs
+        end[j] = s
+        merges.append((i, j))
+        if len(merges) == num_merges:
+            stop = s
+            break
+    return merges, np.minimum(end, stop)
+
+
+def _agglomerate(mu: torch.Tensor, q: torch.Tensor, sizes: torch.Tensor, w: float,
+                 num_merges: int) -> list[tuple[int, int]]:
+    """The paper's Algorithm 1: merge the globally closest pair, update its dispersions (eqs. 6-7), repeat.
+
+    No proximity matrix is stored: each live cluster i caches the minimum of its scores against live j > i
+    (``row_min``/``row_arg``, first index on ties), so the global minimum in (score, i, j) order is the first
+    row attaining min(row_min). After merging B into A (A < B) the merged moments are exact
+    (mu_A <- (n_A mu_A + n_B mu_B) / n, likewise q), A's scores against everyone are one matrix-vector
+    product, rows i < A can only improve through their entry for A unless their cached partner was A or B,
+    and only rows whose partner was A or B are rescanned. Memory O(C d); time O(C^2 d) for the first scan
+    plus O(C d) per merge and per rescanned row. Scores are float64 throughout.
+    """
+    num_clusters = mu.shape[0]
+    dev = mu.device
+    h = _h(mu, q, w)
+    live = torch.ones(num_clusters, dtype=torch.bool, device=dev)
+    ids = torch.arange(num_clusters, device=dev)
+    inf = torch.tensor(torch.inf, dtype=torch.float64, device=dev)
+
+    def rescan(rows: torch.Tensor):
+        """min over live j > i of score(i, j) for each i in rows."""
+        scores = torch.addmm(h[None, :], mu[rows], mu.T, alpha=-2) + h[rows, None]
+        scores.masked_fill_((ids[None, :] <= rows[:, None]) | ~live[None, :], torch.inf)
+        return scores.min(dim=1)
+
+    row_min = torch.empty(num_clusters, dtype=torch.float64, device=dev)
+    row_arg = torch.empty(num_clusters, dtype=torch.long, device=dev)
+    step = max(1, _BLOCK_BYTES // (8 * num_clusters))
+    for s in range(0, num_clusters, step):
+        row_min[s:s + step], row_arg[s:s + step] = rescan(ids[s:s + step])
+
+    merges = []
+    for _ in range(num_merges):
+        a = int(torch.argmin(row_min))
+        b = int(row_arg[a])
+        merges.append((a, b))
+        n = sizes[a] + sizes[b]
+        mu[a] = (sizes[a] * mu[a] + sizes[b] * mu[b]) / n
+        q[a] = (sizes[a] * q[a] + sizes[b] * q[b]) / n
+        sizes[a] = n
+        h[a] = (1 + 2 * w) * q[a] - 2 * w * (mu[a] * mu[a]).sum()
+        live[b] = False
+        row_min[b] = torch.inf
+        col = h + h[a] - 2 * (mu @ mu[a])  # score of every cluster with the merged a
+        col = torch.where(live & (ids != a), col, inf)
+        row_min[a], row_arg[a] = torch.where(ids > a, col, inf).min(dim=0)
+        stale = live & (ids != a) & ((row_arg == a) | (row_arg == b))
+        better = (live & (ids < a) & ~stale
+                  & ((col < row_min) | ((col == row_min) & (row_arg > a))))
+        row_min = torch.where(better, col, row_min)
+        row_arg = torch.where(better, a, row_arg)
+        rows = stale.nonzero().reshape(-1)
+        if rows.numel():
+            row_min[rows], row_arg[rows] = rescan(rows)
+    return merges

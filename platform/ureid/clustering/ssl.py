@@ -1,0 +1,114 @@
+"""SSL label update: each image's reliable neighbours for the softened labels.
+
+Lin, Xie, Wu, Yan, Tian, "Unsupervised Person Re-identification via Softened Similarity Learning", CVPR 2020.
+Every image is its own class; its soft target puts ``1 - lambda`` on the classes of its k most reliable
+neighbours, found with the paper's combined distance (Sec. 3.3):
+
+    D(a, b) = (1 - part_weight) * ||g_a - g_b||
+              + part_weight * mean_p ||f^p_a - f^p_b||
+              + camera_penalty * [cam_a == cam_b]
+
+(plain, not squared, Euclidean distances; ``camera_penalty`` is the cross-camera encouragement lambda_c that
+makes same-camera pairs look farther apart).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from ._common import as_torch_features, resolve_device
+
+# Bytes of the per-block distance tensors held at once.
+_BLOCK_BYTES = 256 * 2**20
+
+
+def reliable_neighbors(global_features, part_features, cameras, num_neighbors, part_weight, camera_penalty,
+                       device=None) -> np.ndarray:
+    """The ``num_neighbors`` samples with the smallest D (module docstring) for every sample.
+
+    Args:
+        global_features: (N, d) global features.
+        part_features: (N, P, d_p) stripe features, or None (then ``part_weight`` must be 0).
+        cameras: (N,) integer camera ids.
+        num_neighbors: k, 1 <= k <= N-1 (the paper uses 4).
+        part_weight: lambda_p in [0, 1] (0.5 in the paper).
+        camera_penalty: lambda_c >= 0 (0.02 in the paper).
+        device: torch device; default: the device of a tensor input, else CPU.
+
+    Returns:
+        (N, k) int64 indices (numpy), each row ascending in D, ties by the smaller index; the sample itself is
+        never its own neighbour. D is formed one block of rows at a time (block x N), never N x N; it is
+        computed in float64 when any feature input is float64, else float32.
+    """
+    dev = resolve_device(global_features, device)
+    g = as_torch_features(global_features, dev, "global_features")
+    n = g.shape[0]
+    if not (isinstance(part_weight, numbers.Real) and 0 <= part_weight <= 1):
+        raise ValueError(f"part_weight must be in [0, 1], got {part_weight!r}")
+    if not (isinstance(camera_penalty, numbers.Real) and math.isfinite(camera_penalty) and camera_penalty >= 0):
+        raise ValueError(f"camera_penalty must be a finite number >= 0, got {camera_penalty!r}")
+    if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, numbers.Integral) \
+            or not 1 <= num_neighbors <= n - 1:
+        raise ValueError(f"num_neighbors must be an integer in [1, N-1] = [1, {n - 1}], got {num_neighbors!r}")
+    parts = None
+    if part_features is None:
+        if part_weight != 0:
+            raise ValueError(f"part_features is None, so part_weight must be 0, got {part_weight!r}")
+    else:
+        parts = as_torch_features(part_features, dev, "part_features", ndim=3)
+        if parts.shape[0] != n:
+            raise ValueError(f"part_features has {parts.shape[0]} rows, global_features has {n}")
+        if part_weight == 0:
+            parts = None  # contributes nothing; skip the P extra products
+    cam = cameras.detach() if isinstance(cameras, torch.Tensor) else torch.from_numpy(np.asarray(cameras))
+    if cam.shape != (n,) or cam.dtype.is_floating_point or cam.dtype == torch.bool:
+        raise ValueError(f"cameras must be an integer array of shape ({n},), got {cam.dtype} {tuple(cam.shape)}")
+    cam = cam.to(dev)
+
+    dtype = torch.float64 if g.dtype == torch.float64 or (parts is not None and parts.dtype == torch.float64) \
+        else torch.float32
+    g = g.to(dtype)
+    g_sq = (g * g).sum(1)
+    if parts is not None:
+        parts = parts.to(dtype).transpose(0, 1).contiguous()  # (P, N, d_p): one batched product per block
+        p_sq = (parts * parts).sum(2)
+    layers = 3 * (1 + (0 if parts is None else parts.shape[0]))  # block x N tensors alive at once, temporaries included
+    step = max(1, _BLOCK_BYTES // (layers * n * g.element_size()))
+    out = []
+    for s in range(0, n, step):
+        rows = torch.arange(s, min(n, s + step), device=dev)
+        dist = (1 - part_weight) * _euclid(g_sq[rows, None], g_sq[None, :], g[rows] @ g.T)
+        if parts is not None:
+            prod = torch.bmm(parts[:, rows], parts.transpose(1, 2))  # (P, block, N)
+            dist += part_weight * _euclid(p_sq[:, rows, None], p_sq[:, None, :], prod).mean(0)
+        dist += camera_penalty * (cam[rows, None] == cam[None, :]).to(dtype)
+        dist[torch.arange(rows.numel(), device=dev), rows] = torch.inf
+        out.append(_smallest_by_value_then_index(dist, num_neighbors))
+    return torch.cat(out).cpu().numpy().astype(np.int64)
+
+
+def _euclid(a_sq: torch.Tensor, b_sq: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
+    """||a - b|| from squared norms and the dot product (clamped: rounding can make the square negative)."""
+    return (a_sq + b_sq - 2 * dot).clamp_min_(0).sqrt_()
+
+
+def _smallest_by_value_then_index(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices of the k smallest entries per row, ordered by (value, index).
+
+    ``topk`` breaks ties arbitrarily, so the k picked are re-sorted by (value, index); a row where the k-th
+    value also occurs outside the pick (a tie straddling the cut) is redone with a stable full sort, which
+    keeps the smallest indices among equal values.
+    """
+    val, col = torch.topk(dist, k, dim=1, largest=False, sorted=False)
+    col, perm = col.sort(dim=1)
+    val = val.gather(1, perm)
+    val, perm = val.sort(dim=1, stable=True)
+    col = col.gather(1, perm)
+    straddle = ((dist <= val[:, -1:]).sum(1) > k).nonzero().reshape(-1)
+    if straddle.numel():
+        col[straddle] = dist[straddle].sort(dim=1, stable=True).indices[:, :k]
+    return col

@@ -1,0 +1,382 @@
+"""DBC, PUL and SSL label updates against plain dense float64 reference implementations."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
+
+from ureid.clustering import dbc, pul, ssl
+from ureid.clustering.dbc import dispersion_merge
+from ureid.clustering.pul import inertia, kmeans, select_reliable
+from ureid.clustering.ssl import reliable_neighbors
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The arrays here are tiny: threads gain nothing, and on a busy machine spinning OpenMP workers turn a
+    0.3 s k-means into 30 s. Limit torch, faiss, BLAS and scikit-learn to one thread per test."""
+    import faiss
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(old)
+    faiss.omp_set_num_threads(old)
+
+
+def canonical(labels):
+    """Relabel 0..C-1 in order of each cluster's first sample (the partition, independent of ids)."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(first.size)
+    return rank[inverse]
+
+
+def groups_to_labels(groups, n):
+    out = np.empty(n, dtype=np.int64)
+    for gid, members in groups.items():
+        out[members] = gid
+    return canonical(out)
+
+
+def sq_dist(x):
+    diff = x[:, None, :] - x[None, :, :]
+    return np.einsum("ijk,ijk->ij", diff, diff)
+
+
+def reference_dbc_stage(x, labels, num_merges, intra_weight):
+    """The public DBC code's procedure: a looped cluster-pair linkage matrix (mean of the dense squared
+    distances), every pair i<j sorted by (score, i, j), skip a pair whose cluster was absorbed, the smaller
+    id absorbs, stop after num_merges merges."""
+    dist = sq_dist(x)
+    c = labels.max() + 1
+    members = [np.flatnonzero(labels == k) for k in range(c)]
+    link = np.zeros((c, c))
+    for i in range(c):
+        for j in range(i, c):
+            link[i, j] = link[j, i] = dist[np.ix_(members[i], members[j])].mean()
+    pairs = sorted((link[i, j] + intra_weight * (link[i, i] + link[j, j]), i, j)
+                   for i in range(c) for j in range(i + 1, c))
+    groups = {k: list(members[k]) for k in range(c)}
+    merged = 0
+    for _, i, j in pairs:
+        if merged == num_merges:
+            break
+        if i not in groups or j not in groups:
+            continue
+        groups[i] += groups.pop(j)
+        merged += 1
+    return groups_to_labels(groups, len(x))
+
+
+def reference_dbc_merge(x, labels, num_merges, intra_weight):
+    """The paper's Algorithm 1, naively: recompute every dispersion from the dense matrix after each merge."""
+    dist = sq_dist(x)
+    groups = {k: list(np.flatnonzero(labels == k)) for k in range(labels.max() + 1)}
+    for _ in range(num_merges):
+        intra = {k: dist[np.ix_(m, m)].mean() for k, m in groups.items()}
+        _, i, j = min((dist[np.ix_(groups[i], groups[j])].mean() + intra_weight * (intra[i] + intra[j]), i, j)
+                      for i, j in itertools.combinations(sorted(groups), 2))
+        groups[i] += groups.pop(j)
+    return groups_to_labels(groups, len(x))
+
+
+def features(seed, n=72, d=6, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    x[: n // 3] = 0.3 * x[: n // 3] + 1.0  # a denser region, so clusters differ in size and dispersion
+    return x.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- DBC
+
+
+@pytest.mark.parametrize("update", ["stage", "merge"])
+@pytest.mark.parametrize("intra_weight", [0.0, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dbc_matches_reference_over_two_stages(update, intra_weight, seed):
+    x = features(seed)
+    ref = reference_dbc_stage if update == "stage" else reference_dbc_merge
+    first = dispersion_merge(x, np.arange(len(x)), 25, intra_weight, update=update)
+    assert np.array_equal(first, ref(x, np.arange(len(x)), 25, intra_weight))
+    assert first.max() + 1 == len(x) - 25 and np.array_equal(first, canonical(first))
+    second = dispersion_merge(x, first, 12, intra_weight, update=update)  # from non-singleton clusters
+    assert np.array_equal(second, ref(x, first, 12, intra_weight))
+    assert second.max() + 1 == len(x) - 37
+
+
+def test_dbc_stage_from_shuffled_labels_and_unit_features():
+    x = features(3, n=60, d=8)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = np.random.default_rng(0).permutation(np.arange(60) // 2)  # 30 two-member clusters, ids shuffled
+    for w in (0.0, 1.0):
+        out = dispersion_merge(x, labels, 10, w)
+        assert np.array_equal(out, reference_dbc_stage(x, labels, 10, w))
+
+
+def test_dbc_stage_candidate_growth_is_exact(monkeypatch):
+    """Force the adaptive candidate bound to start at 1 partner and to compute in many blocks: the
+    safety check must grow the lists until the result equals the full-matrix procedure."""
+    rounds = []
+    original = dbc._candidates
+    monkeypatch.setattr(dbc, "_INITIAL_CANDIDATES", 1)
+    monkeypatch.setattr(dbc, "_BLOCK_BYTES", 4 * 96 * 7)
+    monkeypatch.setattr(dbc, "_candidates", lambda *a: rounds.append(a[3]) or original(*a))
+    for seed in range(3):
+        x = features(seed, n=96)
+        labels = np.arange(96)
+        for w in (0.0, 0.5):
+            out = dispersion_merge(x, labels, 40, w)
+            assert np.array_equal(out, reference_dbc_stage(x, labels, 40, w))
+    assert max(rounds) > 1, "the test must exercise candidate growth"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dbc_merge_is_average_linkage_without_intra(seed):
+    x = features(seed, n=80)
+    for num_merges in (30, 70):
+        ours = dispersion_merge(x, np.arange(80), num_merges, 0.0, update="merge")
+        tree = linkage(pdist(x, "sqeuclidean"), method="average")
+        theirs = fcluster(tree, t=80 - num_merges, criterion="maxclust")
+        assert np.array_equal(ours, canonical(theirs))
+
+
+def test_dbc_dtypes_and_torch_inputs_agree():
+    x32 = features(4, dtype=np.float32)
+    for update in ("stage", "merge"):
+        base = dispersion_merge(x32.astype(np.float64), np.arange(72), 30, 0.3, update=update)
+        assert np.array_equal(dispersion_merge(x32, np.arange(72), 30, 0.3, update=update), base)
+        tensor_out = dispersion_merge(torch.from_numpy(x32), torch.arange(72), 30, 0.3, update=update,
+                                      device="cpu")
+        assert np.array_equal(tensor_out, base) and tensor_out.dtype == np.int64
+
+
+@pytest.mark.parametrize("update", ["stage", "merge"])
+def test_dbc_ties_go_to_smaller_ids(update):
+    x = np.array([[0.0], [1.0], [2.0], [10.0]])  # pairs (0, 1) and (1, 2) tie exactly at 1
+    assert dispersion_merge(x, np.arange(4), 1, 0.0, update=update).tolist() == [0, 0, 1, 2]
+    x = np.array([[0.0], [10.0], [11.0], [12.0]])  # (1, 2) and (2, 3) tie: (1, 2) has the smaller id pair
+    assert dispersion_merge(x, np.arange(4), 1, 0.0, update=update).tolist() == [0, 1, 1, 2]
+    # exact ties between a merged cluster and a cached partner (found by search over small integer sets)
+    x = np.array([[6.0], [7.0], [3.0], [5.0], [7.0], [5.0]])
+    ref = reference_dbc_stage if update == "stage" else reference_dbc_merge
+    assert np.array_equal(dispersion_merge(x, np.arange(6), 3, 0.0, update=update), ref(x, np.arange(6), 3, 0.0))
+
+
+def test_dbc_zero_merges_relabels_only():
+    x = features(5, n=10)
+    labels = np.array([3, 3, 0, 1, 2, 0, 1, 2, 4, 4])
+    assert np.array_equal(dispersion_merge(x, labels, 0, 0.0), canonical(labels))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_merges=10), "num_merges"),
+    (dict(num_merges=-1), "num_merges"),
+    (dict(num_merges=2.0), "num_merges"),
+    (dict(intra_weight=-0.1), "intra_weight"),
+    (dict(intra_weight=float("nan")), "intra_weight"),
+    (dict(update="average"), "update"),
+    (dict(labels=np.array([0, 1, 1, 3, 0, 1, 3, 3, 4, 5])), "contiguous"),
+    (dict(labels=np.arange(9)), "length"),
+])
+def test_dbc_errors(kwargs, match):
+    args = dict(features=features(6, n=10), labels=np.arange(10), num_merges=3, intra_weight=0.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        dispersion_merge(**args)
+
+
+def test_dbc_rejects_non_finite_features():
+    x = features(6, n=10)
+    x[4, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        dispersion_merge(x, np.arange(10), 2, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- PUL
+
+
+def reference_select(x, labels, threshold, match):
+    centres = []
+    for k in range(labels.max() + 1):
+        members = np.flatnonzero(labels == k)
+        mean = x[members].mean(0)
+        dist = [np.sum((x[i] - mean) ** 2) for i in members]
+        centres.append(x[members[int(np.argmin(dist))]])
+    mask = np.zeros(len(x), dtype=bool)
+    for i in range(len(x)):
+        cos = [x[i] @ c / (np.linalg.norm(x[i]) * np.linalg.norm(c)) for c in centres]
+        mask[i] = cos[labels[i]] > threshold if match == "own" else max(cos) > threshold
+    return mask
+
+
+@pytest.mark.parametrize("match", ["any", "own"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_select_reliable_matches_reference(match, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((150, 8)) + 2.0
+    labels = canonical(rng.integers(0, 12, 150))
+    for threshold in (0.6, 0.85, 0.95):
+        ours = select_reliable(x, labels, threshold, match=match)
+        assert ours.dtype == bool
+        assert np.array_equal(ours, reference_select(x, labels, threshold, match))
+    assert np.array_equal(select_reliable(torch.from_numpy(x), labels, 0.85, match=match),
+                          reference_select(x, labels, 0.85, match))
+
+
+def test_select_reliable_threshold_is_strict_and_modes_differ():
+    x = np.array([[1.0, 0, 0], [2.0, 0, 0], [3.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    # cluster 0 = {0, 1, 2, 5}: mean (1.5, 0, 0.25); samples 0 and 1 tie for nearest -> centre 0 (e0).
+    # cluster 1 = {3, 4}: identical -> centre 3 (e1). Sample 5 (e2) has cosine exactly 0 with both centres:
+    # not selected at threshold 0, since selection needs cosine strictly above it.
+    labels = np.array([0, 0, 0, 1, 1, 0])
+    assert select_reliable(x, labels, 0.0).tolist() == [True, True, True, True, True, False]
+    # sample 4 (e1) moved into cluster 0: far from its own centre (e0), on top of cluster 1's centre (e1)
+    labels = np.array([0, 0, 0, 1, 0, 1])
+    assert select_reliable(x, labels, 0.5, match="any").tolist() == [True, True, True, True, True, False]
+    assert select_reliable(x, labels, 0.5, match="own").tolist() == [True, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold=1.5), "threshold"),
+    (dict(threshold=float("nan")), "threshold"),
+    (dict(match="all"), "match"),
+    (dict(labels=np.array([0, 2, 2, 0])), "contiguous"),
+])
+def test_select_reliable_errors(kwargs, match):
+    args = dict(features=np.eye(4), labels=np.array([0, 1, 1, 0]), threshold=0.5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        select_reliable(**args)
+
+
+# -------------------------------------------------------------------------------------------- k-means
+
+
+def clustered(seed, n=2000, d=32, k=50, noise=1.5):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d))
+    return (centres[rng.integers(0, k, n)] + noise * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_inertia_matches_loop():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3))
+    labels = rng.integers(0, 5, 40)
+    expected = sum(((x[labels == k] - x[labels == k].mean(0)) ** 2).sum() for k in np.unique(labels))
+    assert inertia(x, labels) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])  # faiss Lloyd, torch Lloyd
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_inertia_within_one_percent_of_sklearn(device, seed):
+    x = clustered(seed)
+    theirs = KMeans(n_clusters=50, n_init=10, random_state=seed).fit(x)
+    ours = kmeans(x, 50, seed=seed, device=device)
+    assert ours.dtype == np.int64 and ours.max() + 1 == 50 and np.array_equal(ours, canonical(ours))
+    assert inertia(x, ours) <= 1.01 * inertia(x, theirs.labels_)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_kmeans_deterministic_per_seed(device):
+    x = clustered(3, n=600, k=20)
+    a = kmeans(x, 20, seed=7, n_init=2, device=device)
+    assert np.array_equal(a, kmeans(x, 20, seed=7, n_init=2, device=device))
+    one = kmeans(x, 1, device=device)
+    assert (one == 0).all()
+
+
+def test_kmeans_high_dim_uses_projected_seeding():
+    x = clustered(4, n=500, d=300, k=10, noise=0.5)  # d > 256: seeding on the random projection
+    theirs = KMeans(n_clusters=10, n_init=10, random_state=0).fit(x)
+    assert inertia(x, kmeans(x, 10, n_init=3)) <= 1.01 * inertia(x, theirs.labels_)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_clusters=0), "num_clusters"),
+    (dict(num_clusters=11), "num_clusters"),
+    (dict(n_init=0), "n_init"),
+    (dict(max_iter=0), "max_iter"),
+])
+def test_kmeans_errors(kwargs, match):
+    args = dict(features=np.random.default_rng(0).standard_normal((10, 3)), num_clusters=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kmeans(**args)
+
+
+# ----------------------------------------------------------------------------------------------- SSL
+
+
+def reference_neighbors(g, parts, cams, k, part_weight, camera_penalty):
+    n = len(g)
+    out = np.empty((n, k), dtype=np.int64)
+    for a in range(n):
+        dist = []
+        for b in range(n):
+            if a == b:
+                continue
+            d = (1 - part_weight) * np.linalg.norm(g[a] - g[b])
+            if parts is not None:
+                d += part_weight * np.mean([np.linalg.norm(parts[a, p] - parts[b, p]) for p in range(parts.shape[1])])
+            d += camera_penalty * (cams[a] == cams[b])
+            dist.append((d, b))
+        out[a] = [b for _, b in sorted(dist)[:k]]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("part_weight, camera_penalty", [(0.5, 0.02), (0.0, 0.3), (1.0, 0.0)])
+def test_reliable_neighbors_matches_reference(seed, part_weight, camera_penalty, monkeypatch):
+    monkeypatch.setattr(ssl, "_BLOCK_BYTES", 8 * 70 * 40)  # several row blocks
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((70, 10))
+    parts = rng.standard_normal((70, 4, 5))
+    cams = rng.integers(0, 3, 70)
+    ours = reliable_neighbors(g, parts, cams, 4, part_weight, camera_penalty)
+    assert ours.shape == (70, 4) and ours.dtype == np.int64
+    assert np.array_equal(ours, reference_neighbors(g, parts, cams, 4, part_weight, camera_penalty))
+    if part_weight == 0:
+        assert np.array_equal(reliable_neighbors(g, None, cams, 4, 0.0, camera_penalty), ours)
+    torch_out = reliable_neighbors(torch.from_numpy(g), torch.from_numpy(parts), torch.from_numpy(cams), 4,
+                                   part_weight, camera_penalty, device="cpu")
+    assert np.array_equal(torch_out, ours)
+
+
+def test_reliable_neighbors_ties_by_index_and_self_excluded():
+    g = np.zeros((6, 3))
+    g[5] = 1.0  # samples 0..4 are identical: all at distance 0 from each other
+    out = reliable_neighbors(g, None, np.zeros(6, dtype=int), 3, 0.0, 0.0)
+    assert out.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    # a same-camera penalty pushes same-camera twins behind the other camera's
+    cams = np.array([0, 0, 1, 1, 0, 1])
+    out = reliable_neighbors(g, None, cams, 2, 0.0, 0.02)
+    assert out[0].tolist() == [2, 3] and out[2].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_neighbors=0), "num_neighbors"),
+    (dict(num_neighbors=8), "num_neighbors"),
+    (dict(part_weight=1.5), "part_weight"),
+    (dict(part_weight=-0.1), "part_weight"),
+    (dict(camera_penalty=-0.02), "camera_penalty"),
+    (dict(part_features=None), "part_features is None"),
+    (dict(part_features=np.zeros((7, 2, 3))), "part_features has 7 rows"),
+    (dict(part_features=np.zeros((8, 6))), "part_features must be a 3-D"),
+    (dict(cameras=np.zeros(7, dtype=int)), "cameras"),
+    (dict(cameras=np.zeros(8)), "cameras"),
+])
+def test_reliable_neighbors_errors(kwargs, match):
+    rng = np.random.default_rng(0)
+    args = dict(global_features=rng.standard_normal((8, 4)), part_features=rng.standard_normal((8, 2, 3)),
+                cameras=np.zeros(8, dtype=int), num_neighbors=3, part_weight=0.5, camera_penalty=0.02)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        reliable_neighbors(**args)
