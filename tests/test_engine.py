@@ -242,3 +242,17 @@ def test_train_epoch_on_tracklets(tracklets):
     assert res["batches"] == 1 and np.isfinite(res["loss"])
     assert torch.equal(model.base.layer1[0].bn1.running_mean, before)  # frozen BN untouched
     assert loss_fn.memory.abs().sum() > 0
+
+
+def test_color_jitter_option_is_seeded_and_validated():
+    img = Image.fromarray((np.random.default_rng(0).random((32, 16, 3)) * 255).astype(np.uint8))
+    plain, jitter = build_transforms(32, 16, True), build_transforms(32, 16, True, color_jitter=0.4)
+    torch.manual_seed(1)
+    a = jitter(img)
+    torch.manual_seed(1)
+    b = jitter(img)
+    torch.manual_seed(1)
+    c = plain(img)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="color_jitter"):
+        build_transforms(32, 16, True, color_jitter=1.5)

@@ -19,7 +19,7 @@ def tiny_cfg(method, root, out, *extra):
         f"data.root={root}", "data.height=32", "data.width=16",
         "model.embedding_dim=32", "train.batch_size=8", "train.eval_batch_size=32",
         "train.first_stage_epochs=1", "train.stage_epochs=1", "train.max_batches_per_epoch=2",
-        "ray.num_workers=2", "schedule.max_stages=2", f"output_dir={out}",
+        "ray.num_workers=2", "ray.cpus_per_worker=1", "schedule.max_stages=2", f"output_dir={out}",
         f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", f"tracking.experiment=test-{method}",
     ]
     for key, value in TINY_SYNTH.items():

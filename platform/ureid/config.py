@@ -45,6 +45,7 @@ class DataConfig(_Strict):
     width: PosInt = 128
     num_workers: Annotated[int, Field(ge=0)] = 2
     bad_images: Literal["fail", "skip"] = "fail"
+    color_jitter: Annotated[float, Field(ge=0, lt=1)] = 0.0
     seq_len: PosInt = 16
     max_test_frames: PosInt = 200
     synthetic: dict[str, Any] = Field(default_factory=dict)

@@ -99,7 +99,7 @@ def as_torch_features(features, device, name: str = "features", ndim: int = 2):
     """
     import torch
 
-    x = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
     if x.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array; got shape {tuple(x.shape)}")
     if x.shape[0] == 0:

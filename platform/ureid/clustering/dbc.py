@@ -152,7 +152,7 @@ def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dty
     exact = np.empty(0, dtype=np.float64)
     rows, k = np.arange(num_clusters), min(num_clusters - 1, _INITIAL_CANDIDATES)
     while True:
-        cand, b = _candidates(m_s, h_s, rows, k)
+        cand, b = _candidates_all(m_s, h_s, k) if rows.size == num_clusters else _candidates(m_s, h_s, rows, k)
         bound[rows] = b
         complete[rows] = k >= num_clusters - 1
         fresh = np.setdiff1d(cand, keys)  # unique, and each pair is scored exactly once
@@ -178,6 +178,38 @@ def _search_error_bound(d: int, max_sq_norm: float, max_abs_h: float, dtype) -> 
     gamma = d * u / (1 - d * u)
     gamma64 = d * 2.0**-53 / (1 - d * 2.0**-53)
     return 1.5 * ((2 * gamma + 9 * u) * max_sq_norm + 5 * u * max_abs_h) + 2 * gamma64 * max_sq_norm
+
+
+def _candidates_all(m_s: torch.Tensor, h_s: torch.Tensor, k: int):
+    """``_candidates`` for every cluster at half the work: each B x B block of the symmetric score matrix is
+    computed once (blocks I <= J) and feeds the running top-k of its rows (I) and of its columns (J)."""
+    num_clusters = m_s.shape[0]
+    dev = m_s.device
+    width = max(1, math.isqrt(_BLOCK_BYTES // m_s.element_size()))
+    best_val = torch.full((num_clusters, k), torch.inf, dtype=m_s.dtype, device=dev)
+    best_col = torch.zeros((num_clusters, k), dtype=torch.long, device=dev)
+
+    def merge(rows: slice, block: torch.Tensor, offset: int):
+        val, col = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False, sorted=False)
+        val = torch.cat([best_val[rows], val], 1)
+        col = torch.cat([best_col[rows], col + offset], 1)
+        val, pick = torch.topk(val, k, dim=1, largest=False, sorted=False)
+        best_val[rows], best_col[rows] = val, col.gather(1, pick)
+
+    with _full_fp32_matmul():
+        for i0 in range(0, num_clusters, width):
+            rows = slice(i0, i0 + width)
+            for j0 in range(i0, num_clusters, width):
+                cols = slice(j0, j0 + width)
+                block = torch.addmm(h_s[None, cols], m_s[rows], m_s[cols].T, alpha=-2).add_(h_s[rows, None])
+                if j0 == i0:
+                    block.fill_diagonal_(torch.inf)
+                merge(rows, block, j0)
+                if j0 != i0:
+                    merge(cols, block.T, i0)
+    i = torch.arange(num_clusters, device=dev)[:, None].expand_as(best_col)
+    keys = (torch.minimum(i, best_col) * num_clusters + torch.maximum(i, best_col)).reshape(-1)
+    return np.unique(keys.cpu().numpy()), best_val.max(1).values.double().cpu().numpy()
 
 
 def _candidates(m_s: torch.Tensor, h_s: torch.Tensor, rows: np.ndarray, k: int):

@@ -60,7 +60,7 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None)
         if use_torch:
             labels = _lloyd_torch(x, centres, int(max_iter), gen)
         else:
-            labels = _lloyd_faiss(x, centres, int(max_iter), seed=int(seed) * 1000 + restart)
+            labels = _lloyd_faiss(x, centres, int(max_iter), seed=(int(seed) * 1000 + restart) % 2**31)
         value = inertia(x, labels)
         if value < best_inertia:
             best, best_inertia = labels, value

@@ -746,6 +746,14 @@ def _write_mars(out: Path, p: Params, r: _Renderer) -> dict:
 
 
 # ============================================================================ public API
+def _same(manifest: dict | None, wanted: dict) -> bool:
+    """A manifest from before a parameter existed matches when the parameter has its default value."""
+    if manifest is None:
+        return False
+    have = dict(manifest, params={**asdict(Params()), **manifest.get("params", {})})
+    return {k: have.get(k) for k in wanted} == wanted
+
+
 def read_manifest(out_dir) -> dict | None:
     path = Path(out_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
@@ -801,7 +809,7 @@ def generate(
     out = Path(out_dir).expanduser()
     wanted = {"generator": "ureid.data.synthetic", "version": GENERATOR_VERSION, "params": asdict(p)}
     existing = read_manifest(out)
-    if existing is not None and {k: existing.get(k) for k in wanted} == wanted:
+    if _same(existing, wanted):
         return out
     if out.exists() and any(out.iterdir()):
         if existing is None:
@@ -824,7 +832,7 @@ def generate(
         manifest = dict(wanted, layout="mars" if video else "market1501", counts=counts)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         done = read_manifest(out)
-        if done is not None and {k: done.get(k) for k in wanted} == wanted:
+        if _same(done, wanted):
             shutil.rmtree(tmp)  # a concurrent call (e.g. another worker) finished the same dataset first
             return out
         if out.exists():

@@ -91,7 +91,7 @@ def _build_loss(cfg: Config, method, targets, n: int, feat_dim: int, device):
 def _train_dataset(cfg: Config, method, records, targets, support):
     from ..engine.datasets import ReidImageDataset, ReidVideoDataset, build_transforms
 
-    tf = build_transforms(cfg.data.height, cfg.data.width, train=True)
+    tf = build_transforms(cfg.data.height, cfg.data.width, train=True, color_jitter=cfg.data.color_jitter)
     labels = targets["labels"]
     if method.loss == "classifier":  # PUL trains only on the selected samples, classes made contiguous
         keep = np.flatnonzero(targets["selected"])
@@ -111,7 +111,7 @@ def _pretrain_source(cfg: Config, model, device, rank: int, world: int, source_r
     from ..models.losses import ClassifierHead
 
     _, labels = np.unique([r.pid for r in source_records], return_inverse=True)
-    ds = ReidImageDataset(source_records, build_transforms(cfg.data.height, cfg.data.width, True), labels=labels)
+    ds = ReidImageDataset(source_records, build_transforms(cfg.data.height, cfg.data.width, True, color_jitter=cfg.data.color_jitter), labels=labels)
     head = ClassifierHead(_unwrap(model).feature_dim, int(labels.max()) + 1, dropout=cfg.model.dropout).to(device)
     opt = build_optimizer(_unwrap(model), head.parameters(), cfg.train.lr, cfg.train.backbone_lr_mult,
                           cfg.train.momentum, cfg.train.weight_decay, cfg.train.nesterov)
@@ -199,7 +199,8 @@ def train_loop_per_worker(config: dict) -> None:
     shard = np.arange(n)[rank::world]
 
     def extract_and_update(stage, targets):
-        feats = _extract(cfg, model, [train[i] for i in shard], device, parts=method.needs_parts)
+        parts = method.needs_parts and cfg.model.num_stripes > 0
+        feats = _extract(cfg, model, [train[i] for i in shard], device, parts=parts)
         ray.get(store.put.remote(stage, rank, shard, feats["pooled"], feats.get("parts")))
         _barrier(world)
         return ray.get(store.update.remote(stage, targets))

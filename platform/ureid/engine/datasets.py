@@ -23,21 +23,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_transforms(height: int, width: int, train: bool) -> Callable:
+def build_transforms(height: int, width: int, train: bool, color_jitter: float = 0.0) -> Callable:
     """BUC's preprocessing. Train: random-sized crop + horizontal flip; test: resize. Both ImageNet-normalised.
 
     BUC's ``RandomSizedRectCrop`` takes 64-100 % of the area at height/width ratio 2-3 and resizes to
     (height, width); torchvision's ``RandomResizedCrop`` with ``ratio`` = width/height in (1/3, 1/2) is the
     same family of crops.
+
+    ``color_jitter`` > 0 (train only; not in BUC) adds ``ColorJitter`` with that brightness, contrast and
+    saturation strength: a randomly initialised backbone otherwise learns each camera's colour cast.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be > 0, got {height}x{width}")
+    if not 0.0 <= color_jitter < 1.0:
+        raise ValueError(f"color_jitter must be in [0, 1) (brightness/contrast/saturation factor spread), got {color_jitter}")
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return T.Compose([
             T.RandomResizedCrop((height, width), scale=(0.64, 1.0), ratio=(1 / 3, 1 / 2),
                                 interpolation=T.InterpolationMode.BILINEAR),
             T.RandomHorizontalFlip(),
+            *([T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []),
             *norm,
         ])
     return T.Compose([T.Resize((height, width), interpolation=T.InterpolationMode.BILINEAR), *norm])

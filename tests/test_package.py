@@ -1,0 +1,31 @@
+"""Packaging: the stdlib `platform` module is never shadowed, and the `ureid` command is installed."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_platform_folder_does_not_shadow_stdlib():
+    assert not (REPO / "platform" / "__init__.py").exists()
+    code = "import platform, ureid; print(platform.system()); print(platform.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    system, where = out.stdout.split()
+    assert system and not where.startswith(str(REPO)), where
+
+
+def test_console_script_and_entry_point_help():
+    exe = shutil.which("ureid", path=str(Path(sys.executable).parent))
+    assert exe, "pip install -e . must provide the `ureid` command"
+    out = subprocess.run([exe, "run", "buc", "--print-config", "--set", "seed=7"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "method: buc" in out.stdout and "seed: 7" in out.stdout
+    # experiments/ssl.py must not shadow the stdlib ssl module that Ray and MLflow import.
+    out = subprocess.run([sys.executable, "experiments/ssl.py", "--print-config"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "method: ssl" in out.stdout
