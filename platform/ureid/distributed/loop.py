@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +38,11 @@ def rng_states() -> dict:
 
 
 def _log(rank: int, msg: str) -> None:
+    # Not print(): Ray Train V2 patches print in workers to also go through logging, which shows
+    # every line twice on the driver; a plain stdout write is forwarded once.
     if rank == 0:
-        print(f"[ureid] {msg}", flush=True)
+        sys.stdout.write(f"[ureid] {msg}\n")
+        sys.stdout.flush()
 
 
 def _unwrap(model):
@@ -176,8 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
     log_every = int(config.get("log_every", 20))
 
     def progress(info: dict) -> None:
-        if rank == 0:
-            print(f"[ureid]   epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}", flush=True)
+        _log(rank, f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
 
     start_stage, original_state, best, stale = 0, None, None, 0
     state = None
