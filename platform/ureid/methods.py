@@ -115,13 +115,29 @@ def _ssl_update(cfg, features, targets, n0, parts=None, cameras=None, **_) -> Ta
 # ----------------------------------------------------------------------------- PUL
 
 
-def _pul_update(cfg, features, targets, n0, seed=0, **_) -> Targets:
-    """PUL: k-means on raw pooled features, then keep samples close to a cluster centre."""
+def labeled_identities(pids: np.ndarray, per_iteration: int, iteration: int, seed: int) -> np.ndarray:
+    """PUL's semi-supervised variant: the identities whose labels are known by ``iteration`` (0-based),
+    ``per_iteration`` more each time, in a fixed order drawn from ``seed``."""
+    pool = np.unique(pids[pids > 0])
+    order = np.random.default_rng(seed).permutation(pool)
+    return order[: min(pool.size, per_iteration * (iteration + 1))]
+
+
+def _pul_update(cfg, features, targets, n0, seed=0, stage=-1, pids=None, **_) -> Targets:
+    """PUL: k-means on raw pooled features, then keep samples close to a cluster centre. With
+    ``labeled_ids_per_iteration`` > 0, samples of the known identities join the training set under
+    their true identity (one class each, after the cluster classes)."""
     c = cfg.clustering
     k = min(c.num_clusters, len(features))
     raw = np.asarray(features, dtype=np.float32)
-    labels = clustering.kmeans(raw, k, seed=seed)
+    labels = clustering.kmeans(raw, k, seed=seed + stage + 1)
     selected = clustering.select_reliable(raw, labels, c.threshold, match=c.match)
+    if c.labeled_ids_per_iteration and pids is not None:
+        known = labeled_identities(pids, c.labeled_ids_per_iteration, stage + 1, seed)
+        is_known = np.isin(pids, known)
+        labels = labels.copy()
+        labels[is_known] = k + np.searchsorted(np.sort(known), pids[is_known])
+        selected = selected | is_known
     return {"labels": labels, "selected": selected}
 
 

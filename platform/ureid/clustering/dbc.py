@@ -268,30 +268,36 @@ def _agglomerate(mu: torch.Tensor, q: torch.Tensor, sizes: torch.Tensor, w: floa
     No proximity matrix is stored: each live cluster i caches the minimum of its scores against live j > i
     (``row_min``/``row_arg``, first index on ties), so the global minimum in (score, i, j) order is the first
     row attaining min(row_min). After merging B into A (A < B) the merged moments are exact
-    (mu_A <- (n_A mu_A + n_B mu_B) / n, likewise q), A's scores against everyone are one matrix-vector
-    product, rows i < A can only improve through their entry for A unless their cached partner was A or B,
-    and only rows whose partner was A or B are rescanned. Memory O(C d); time O(C^2 d) for the first scan
-    plus O(C d) per merge and per rescanned row. Scores are float64 throughout.
+    (mu_A <- (n_A mu_A + n_B mu_B) / n, likewise q); a row i < A can only improve through its new entry for A
+    unless its cached partner was A or B, so only those *stale* rows and A itself are rescanned, all in one
+    product with the means (one pass over them per merge). Memory O(C d); time O(C^2 d) for the first scan
+    plus O(C d (1 + stale rows)) per merge. Scores are float64 throughout.
     """
     num_clusters = mu.shape[0]
     dev = mu.device
     h = _h(mu, q, w)
     live = torch.ones(num_clusters, dtype=torch.bool, device=dev)
     ids = torch.arange(num_clusters, device=dev)
-    inf = torch.tensor(torch.inf, dtype=torch.float64, device=dev)
-
-    def rescan(rows: torch.Tensor):
-        """min over live j > i of score(i, j) for each i in rows."""
-        scores = torch.addmm(h[None, :], mu[rows], mu.T, alpha=-2) + h[rows, None]
-        scores.masked_fill_((ids[None, :] <= rows[:, None]) | ~live[None, :], torch.inf)
-        return scores.min(dim=1)
-
-    row_min = torch.empty(num_clusters, dtype=torch.float64, device=dev)
-    row_arg = torch.empty(num_clusters, dtype=torch.long, device=dev)
     step = max(1, _BLOCK_BYTES // (8 * num_clusters))
-    for s in range(0, num_clusters, step):
-        row_min[s:s + step], row_arg[s:s + step] = rescan(ids[s:s + step])
 
+    def scan(rows: torch.Tensor):
+        """Scores of ``rows`` against every live cluster (row blocks), their min over live j > i, and the
+        full score row of ``rows[0]``."""
+        mins, args, first = [], [], None
+        for s in range(0, rows.numel(), step):
+            r = rows[s:s + step]
+            # a few rows: matrix-vector products (BLAS packs the whole matrix for a skinny GEMM, ~3x slower)
+            dots = torch.stack([mu @ mu[i] for i in r]) if r.numel() <= 4 else mu[r] @ mu.T
+            sc = dots.mul_(-2).add_(h[None, :]).add_(h[r, None])
+            sc.masked_fill_(~live[None, :] | (ids[None, :] == r[:, None]), torch.inf)
+            if first is None:
+                first = sc[0].clone()
+            val, arg = sc.masked_fill_(ids[None, :] <= r[:, None], torch.inf).min(dim=1)
+            mins.append(val)
+            args.append(arg)
+        return torch.cat(mins), torch.cat(args), first
+
+    row_min, row_arg, _ = scan(ids)
     merges = []
     for _ in range(num_merges):
         a = int(torch.argmin(row_min))
@@ -304,15 +310,11 @@ def _agglomerate(mu: torch.Tensor, q: torch.Tensor, sizes: torch.Tensor, w: floa
         h[a] = (1 + 2 * w) * q[a] - 2 * w * (mu[a] * mu[a]).sum()
         live[b] = False
         row_min[b] = torch.inf
-        col = h + h[a] - 2 * (mu @ mu[a])  # score of every cluster with the merged a
-        col = torch.where(live & (ids != a), col, inf)
-        row_min[a], row_arg[a] = torch.where(ids > a, col, inf).min(dim=0)
         stale = live & (ids != a) & ((row_arg == a) | (row_arg == b))
-        better = (live & (ids < a) & ~stale
-                  & ((col < row_min) | ((col == row_min) & (row_arg > a))))
+        rows = torch.cat([ids[a:a + 1], stale.nonzero().reshape(-1)])
+        new_min, new_arg, col = scan(rows)  # col: score of every cluster with the merged a
+        better = live & (ids < a) & ~stale & ((col < row_min) | ((col == row_min) & (row_arg > a)))
         row_min = torch.where(better, col, row_min)
         row_arg = torch.where(better, a, row_arg)
-        rows = stale.nonzero().reshape(-1)
-        if rows.numel():
-            row_min[rows], row_arg[rows] = rescan(rows)
+        row_min[rows], row_arg[rows] = new_min, new_arg
     return merges

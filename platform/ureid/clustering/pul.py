@@ -58,7 +58,7 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None)
         with _one_cpu_thread(x.device):
             centres = x[_kmeanspp(x, int(num_clusters), gen)]
         if use_torch:
-            labels = _lloyd_torch(x, centres, int(max_iter), gen)
+            labels = _lloyd_torch(x, centres, int(max_iter))
         else:
             labels = _lloyd_faiss(x, centres, int(max_iter), seed=(int(seed) * 1000 + restart) % 2**31)
         value = inertia(x, labels)
@@ -69,7 +69,7 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None)
 
 def inertia(features, labels) -> float:
     """Sum of squared Euclidean distances of the samples to the mean of their cluster (float64)."""
-    x = features if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     lab = np.asarray(labels)
@@ -155,7 +155,7 @@ def _assign(x: torch.Tensor, centres: torch.Tensor):
     return torch.cat(labels), torch.cat(dist)
 
 
-def _lloyd_torch(x: torch.Tensor, centres: torch.Tensor, max_iter: int, gen: torch.Generator) -> np.ndarray:
+def _lloyd_torch(x: torch.Tensor, centres: torch.Tensor, max_iter: int) -> np.ndarray:
     k = centres.shape[0]
     centres = centres.clone()
     labels, dist = _assign(x, centres)
@@ -179,7 +179,7 @@ def select_reliable(features, labels, threshold, match="any") -> np.ndarray:
     A cluster's centre is the member nearest (Euclidean, on the given features) to the mean of its members,
     ties to the smaller index. A sample is selected when its cosine similarity to a centre is strictly
     greater than ``threshold`` (the paper's lambda, 0.85): to any cluster's centre with ``match="any"`` (the
-    public code) or to its own cluster's with ``match="own"`` (the paper, Sec. 3.2). The public code takes the
+    public code) or to its own cluster's with ``match="own"`` (the paper). The public code takes the
     sample nearest to each k-means centroid among all samples; for a converged k-means partition that sample
     is a member. A zero feature has cosine 0 with everything. Computed on the features' device in row blocks.
     """

@@ -2,7 +2,7 @@
 
 Lin, Xie, Wu, Yan, Tian, "Unsupervised Person Re-identification via Softened Similarity Learning", CVPR 2020.
 Every image is its own class; its soft target puts ``1 - lambda`` on the classes of its k most reliable
-neighbours, found with the paper's combined distance (Sec. 3.3):
+neighbours, found with the paper's combined distance:
 
     D(a, b) = (1 - part_weight) * ||g_a - g_b||
               + part_weight * mean_p ||f^p_a - f^p_b||

@@ -27,7 +27,7 @@ class FeatureStore:
         self.cfg = Config.model_validate(cfg_dict)
         self.n = n
         self.world_size = world_size
-        self.meta = meta  # cameras, is_fake, n0, pids (diagnostics only), seed
+        self.meta = meta  # cameras, is_fake, n0, seed; pids for diagnostics and PUL's semi-supervised variant only
         self.state_path = Path(state_dir) / "feature_store.pkl"
         self.shards: dict[int, dict[int, tuple]] = {}
         self.results: dict[int, dict] = {}
@@ -70,7 +70,8 @@ class FeatureStore:
         start = time.perf_counter()
         new = method.update(
             self.cfg, pooled, targets, self.meta["n0"], is_fake=self.meta.get("is_fake"),
-            parts=parts, cameras=self.meta.get("cameras"), seed=self.meta.get("seed", 0) + stage,
+            parts=parts, cameras=self.meta.get("cameras"), seed=self.meta.get("seed", 0), stage=stage,
+            pids=self.meta.get("pids"),
         )
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": num_clusters(new)}
         pids = self.meta.get("pids")

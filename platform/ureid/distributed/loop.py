@@ -183,7 +183,6 @@ def train_loop_per_worker(config: dict) -> None:
         _log(rank, f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
 
     start_stage, original_state, best, stale = 0, None, None, 0
-    state = None
     if config.get("resume_from"):
         state = torch.load(Path(config["resume_from"]) / STATE_FILE, map_location="cpu", weights_only=False)
         _unwrap(model).load_state_dict(state["model"])
