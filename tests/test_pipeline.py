@@ -131,3 +131,11 @@ def test_failed_run_is_marked_failed_with_the_reason(ray_cluster, tiny_root, tmp
     assert run.info.status == "FAILED"
     assert "camstyle needs camera-style fakes" in run.data.tags["error"]
     assert "ureid data camstyle" in run.data.tags["error"]
+
+
+def test_comparison_report_has_a_row_per_run(ray_cluster, tiny_root, fakes, tmp_path_factory):
+    from ureid.tracking.report import comparison_table, load_summaries
+
+    runs = [_run(m, tiny_root, tmp_path_factory)["run_dir"] for m in ("buc", "dbc")]
+    table = comparison_table(load_summaries(runs)).splitlines()
+    assert len(table) == 4 and table[2].startswith("| buc | merge_percent=0.2") and "| dbc |" in table[3]

@@ -7,6 +7,7 @@ group and sets ``func`` on its leaves, so further groups (``ureid run ...``) plu
     ureid data info --format market1501 --root /datasets/Market-1501-v15.09.15
     ureid data camstyle --root data/synthetic
     ureid run buc --set clustering.size_penalty=0.003
+    ureid report runs/
 """
 
 from __future__ import annotations
@@ -71,11 +72,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_main(args.method, args.rest)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ureid.tracking.report import comparison_table, load_summaries
+
+    print(comparison_table(load_summaries(args.runs)))
+    return 0
+
+
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
     r.add_argument("method", choices=["buc", "dbc", "pul", "ssl", "camstyle"])
     r.add_argument("rest", nargs=argparse.REMAINDER, help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
     r.set_defaults(func=_cmd_run)
+    rep = sub.add_parser("report", help="compare finished runs: one markdown row per run")
+    rep.add_argument("runs", nargs="+", help="run folders, or output folders holding them")
+    rep.set_defaults(func=_cmd_report)
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +130,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,report}")
     add_data_commands(sub)
     add_run_commands(sub)
     return parser
