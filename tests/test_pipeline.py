@@ -94,6 +94,8 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         assert np.array_equal(labels, np.arange(labels.size)), "SSL keeps one class per image"
     if method == "pul":
         assert len(client.get_metric_history(run.info.run_id, "selected_fraction")) == 2
+        (source,) = client.get_metric_history(run.info.run_id, "source_model_mAP")  # direct transfer, step 0
+        assert source.step == 0 and 0.0 <= source.value <= 1.0
     if method == "camstyle":
         n_fakes = len(list(fakes.iterdir()))
         assert labels.size == summary["history"][0]["num_classes"] + n_fakes

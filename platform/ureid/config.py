@@ -192,6 +192,23 @@ class Config(_Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def with_absolute_paths(self) -> "Config":
+        """Resolve relative paths against the current folder: Ray workers run in folders of their own."""
+
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else str(Path(p).expanduser().resolve())
+
+        cfg = self.model_copy(deep=True)
+        cfg.output_dir = absolute(cfg.output_dir)
+        cfg.data.root = absolute(cfg.data.root)
+        if getattr(cfg.clustering, "fake_root", None):
+            cfg.clustering.fake_root = absolute(cfg.clustering.fake_root)
+        if getattr(cfg.clustering, "source", None) is not None:
+            cfg.clustering.source.root = absolute(cfg.clustering.source.root)
+        if cfg.model.weights not in ("imagenet", "none"):
+            cfg.model.weights = absolute(cfg.model.weights)
+        return cfg
+
 
 # ----------------------------------------------------------------------------- loading
 

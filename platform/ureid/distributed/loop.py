@@ -154,6 +154,14 @@ def _evaluate(cfg, model, query, gallery, device) -> dict:
             "rank10": float(res["rank10"])}
 
 
+def _evaluate_all_ranks(cfg, model, data, device, rank: int, world: int) -> dict:
+    """Rank 0 evaluates; every rank gets the numbers, so decisions taken on them (early stopping) agree."""
+    scores = [_evaluate(cfg, model, data["query"], data["gallery"], device) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(scores, src=0)
+    return scores[0]
+
+
 def train_loop_per_worker(config: dict) -> None:
     from ..engine.datasets import make_loader
     from ..engine.train import build_optimizer, step_lr, train_epoch
@@ -182,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
     def progress(info: dict) -> None:
         _log(rank, f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
 
-    start_stage, original_state, best, stale = 0, None, None, 0
+    start_stage, original_state, best, stale, source_scores = 0, None, None, 0, {}
     if config.get("resume_from"):
         state = torch.load(Path(config["resume_from"]) / STATE_FILE, map_location="cpu", weights_only=False)
         _unwrap(model).load_state_dict(state["model"])
@@ -192,6 +200,9 @@ def train_loop_per_worker(config: dict) -> None:
     elif method.fine_tune_from_original:
         original_state = _pretrain_source(cfg, model, device, rank, world, data["source"], progress, log_every)
         targets = None
+        if data["query"]:  # the direct-transfer baseline PUL starts from, logged with stage 0
+            source_scores = _evaluate_all_ranks(cfg, model, data, device, rank, world)
+            _log(rank, f"source model on the target: mAP {source_scores['mAP']:.4f} rank1 {source_scores['rank1']:.4f}")
     else:
         targets = method.initial_targets(n, support=data.get("support_labels"))
 
@@ -237,11 +248,9 @@ def train_loop_per_worker(config: dict) -> None:
 
         metrics = {"stage": stage, "loss": float(np.mean(losses)), "num_classes": num_clusters(targets)}
         if data["query"]:
-            # Rank 0 evaluates; every rank gets the numbers so the early-stopping decision agrees.
-            scores = [_evaluate(cfg, model, data["query"], data["gallery"], device) if rank == 0 else None]
-            if world > 1:
-                dist.broadcast_object_list(scores, src=0)
-            metrics.update(scores[0])
+            metrics.update(_evaluate_all_ranks(cfg, model, data, device, rank, world))
+        if stage == 0:
+            metrics.update({f"source_model_{k}": v for k, v in source_scores.items()})
         if method.loss != "classifier":  # lets the driver check that DDP replicas never drift
             memory = loss_fn.memory.detach().cpu().numpy()
             metrics["memory_checksum"] = hashlib.sha256(memory.tobytes()).hexdigest()

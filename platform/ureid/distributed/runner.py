@@ -75,6 +75,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     from .loop import train_loop_per_worker
 
     t0 = time.perf_counter()
+    cfg = cfg.with_absolute_paths()
     resume_from, start_stage = None, 0
     if resume:
         run_dir = Path(resume).expanduser().resolve()
