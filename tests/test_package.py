@@ -29,3 +29,17 @@ def test_console_script_and_entry_point_help():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "method: ssl" in out.stdout
+
+
+def test_cluster_yaml_is_a_valid_local_launcher_config():
+    import json
+
+    import jsonschema
+    import ray
+    import yaml
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cfg, schema)  # raises on an unknown key or a wrong type
+    assert cfg["provider"]["type"] == "local"
+    assert any("scripts/bootstrap.sh" in c for c in cfg["setup_commands"]), "every node must install the project"
