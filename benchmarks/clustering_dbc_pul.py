@@ -6,7 +6,9 @@
 Features are clustered random unit vectors (d = 2048, about 17 samples per identity like Market-1501, gaussian
 noise around each identity's centre, L2-normalised). Every measurement runs in a fresh ``spawn`` subprocess;
 peak memory is the growth of ``ru_maxrss`` after the features are built, so it counts what the algorithm
-allocates, not the input. Both sides of a comparison run with the same thread limits.
+allocates, not the input. Both sides of a comparison run with the same thread limit (torch, faiss, BLAS and
+OpenMP via threadpoolctl), 1 by default: on a shared machine spinning OpenMP workers made run times swing
+by 10x or more between identical runs, single-threaded runs were reproducible.
 
 DBC reference: the public code's stage (``Bottom_up.get_new_train_data_v2``): dense N x N float32 distance
 matrix, a Python double loop over cluster pairs averaging its blocks (``linkage_calculation``), the whole
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
-import os
 import resource
 import sys
 import time
@@ -192,9 +193,8 @@ def _run(task: str, n: int, d: int, seed: int, threads: int, **kwargs) -> dict:
         return pool.apply(_worker, (task, n, d, seed, threads, kwargs))
 
 
-def bench_dbc(n, d=2048, update="stage", run_reference=True, seed=0, threads=None, loop_budget_s=300.0) -> dict:
+def bench_dbc(n, d=2048, update="stage", run_reference=True, seed=0, threads=1, loop_budget_s=300.0) -> dict:
     """One DBC stage from singletons with num_merges = int(0.05 N), ours vs the reference."""
-    threads = threads or os.cpu_count()
     num_merges = int(0.05 * n)
     ours = _run("dbc", n, d, seed, threads, num_merges=num_merges, update=update)
     row = dict(n=n, update=update, num_merges=num_merges, ours_time_s=ours["time_s"], ours_peak_mb=ours["peak_mb"])
@@ -207,10 +207,9 @@ def bench_dbc(n, d=2048, update="stage", run_reference=True, seed=0, threads=Non
     return row
 
 
-def bench_kmeans(n, d=2048, k=750, run_reference=True, seed=0, threads=None, ours_n_init=10,
+def bench_kmeans(n, d=2048, k=750, run_reference=True, seed=0, threads=1, ours_n_init=10,
                  ref_n_init=10) -> dict:
     """Ours (default protocol: 10 restarts) vs scikit-learn KMeans(n_clusters=k, n_init=ref_n_init)."""
-    threads = threads or os.cpu_count()
     ours = _run("kmeans", n, d, seed, threads, k=k, n_init=ours_n_init)
     row = dict(n=n, k=k, ours_n_init=ours_n_init, ours_time_s=ours["time_s"], ours_peak_mb=ours["peak_mb"],
                ours_inertia=ours["inertia"])
@@ -234,7 +233,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--threads", type=int, default=None, help="threads for both sides (default: all cores)")
+    parser.add_argument("--threads", type=int, default=1, help="threads for both sides")
     parser.add_argument("--only", choices=["dbc", "kmeans"], default=None)
     parser.add_argument("--ref-n-init", type=int, default=None,
                         help="scikit-learn restarts; default 10 below N = 10,000 and 3 above, where 10 take over "

@@ -25,16 +25,15 @@ _BLOCK_BYTES = 256 * 2**20
 def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None) -> np.ndarray:
     """k-means of the raw (unnormalised) features into ``num_clusters`` groups; int64 labels (numpy).
 
-    scikit-learn's algorithm (greedy k-means++ seeding, Lloyd iterations until the assignment stops changing,
-    the lowest inertia of ``n_init`` restarts wins) on faster machinery. 4 restarts instead of its 10: per
-    restart the inertia follows the same distribution as scikit-learn's, and the best of 4 came within 0.5%
-    of scikit-learn's best of 10 on the benchmark (N = 12,936, d = 2048, K = 750) and the tests.
+    scikit-learn's algorithm and protocol (greedy k-means++ seeding, Lloyd iterations until the assignment
+    stops changing, the lowest inertia of ``n_init`` restarts wins) on faster machinery:
 
     * seeding: greedy k-means++ (Arthur & Vassilvitskii 2007; 2 + ln K candidates per step, as scikit-learn)
-      in float32 on one thread: each of the K steps is a thin (candidates x d) @ (d x N) product, memory bound,
-      so extra threads only add synchronisation (15x slower with 2 threads on a busy 2-core machine), while
-      scikit-learn spends most of its time here upcasting every distance block to float64. (Seeding on a
-      256-d random projection was 8x cheaper but left the final inertia ~0.8% worse at N = 12,936, K = 750.)
+      in float32, all restarts advancing together so that each of the K steps reads the samples once for
+      all of them, on one CPU thread: the steps are thin products, and extra threads only added
+      synchronisation (15x slower with 2 threads on a busy 2-core machine). scikit-learn spends most of its
+      time here, upcasting every distance block to float64. (Seeding on a 256-d random projection was
+      cheaper still but left the final inertia ~0.8% worse at N = 12,936, d = 2048, K = 750.)
     * Lloyd: faiss (``faiss.Kmeans`` from the seeded centres, no subsampling) on CPU; a torch implementation
       when ``device`` is given or the features are a CUDA tensor (empty clusters are re-seeded with the
       samples farthest from their centres).
@@ -45,7 +44,7 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None)
     dev = resolve_device(features, device)
     use_torch = device is not None or (isinstance(features, torch.Tensor) and features.is_cuda)
     x = as_torch_features(features, dev).float()  # k-means in float32: faiss's precision
-    n, d = x.shape
+    n = x.shape[0]
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral) \
             or not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be an integer in [1, N] = [1, {n}], got {num_clusters!r}")
