@@ -139,16 +139,14 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
 
     import torch
 
-    history = []
-    for _, path in stage_checkpoints(run_dir):
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        history.append(state["metrics"])
-    last = torch.load(stage_checkpoints(run_dir)[-1][1] / STATE_FILE, map_location="cpu", weights_only=False)
-    np.save(run_dir / "labels.npy", last["targets"]["labels"])
+    checkpoints = dict(stage_checkpoints(run_dir))
+    states = [torch.load(path / STATE_FILE, map_location="cpu", weights_only=False) for path in checkpoints.values()]
+    history = [state["metrics"] for state in states]
+    np.save(run_dir / "labels.npy", states[-1]["targets"]["labels"])
     key = cfg.schedule.select_metric
     scored = [h for h in history if key in h]
     best = max(scored, key=lambda h: h[key]) if scored else history[-1]
-    best_dir = dict(stage_checkpoints(run_dir))[best["stage"]]
+    best_dir = checkpoints[best["stage"]]
     shutil.copytree(best_dir, run_dir / "best_checkpoint", dirs_exist_ok=True)
     plot = tracking.plot_stages(history, run_dir / "stages.png", title=f"{cfg.method} on {cfg.data.name}")
     summary = {
