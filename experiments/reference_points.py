@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 from ureid.config import CONFIG_DIR, load_config  # noqa: E402
 from ureid.distributed.data import load_split_dataset  # noqa: E402
-from ureid.distributed.loop import _evaluate, seed_everything  # noqa: E402
-from ureid.engine.datasets import ReidImageDataset, build_transforms, make_loader  # noqa: E402
-from ureid.engine.train import build_optimizer, step_lr, train_epoch  # noqa: E402
+from ureid.distributed.loop import evaluate_model, seed_everything  # noqa: E402
+from ureid.engine.datasets import ReidImageDataset, ReidVideoDataset, build_transforms, make_loader  # noqa: E402
+from ureid.engine.train import build_optimizer, forward_batch, step_lr, train_epoch  # noqa: E402
 from ureid.models.backbone import ReidNet  # noqa: E402
 from ureid.models.losses import ClassifierHead  # noqa: E402
 
@@ -46,13 +46,17 @@ def main(argv=None) -> int:
     seed_everything(cfg.seed)
     model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=0, dropout=cfg.model.dropout)
     t0 = time.perf_counter()
-    floor = _evaluate(cfg, model, ds.query, ds.gallery, "cpu")
+    floor = evaluate_model(cfg, model, ds.query, ds.gallery, "cpu")
     print(f"floor   (untrained {cfg.model.arch}, weights={cfg.model.weights}): mAP {floor['mAP']:.1%} "
           f"rank-1 {floor['rank1']:.1%}", flush=True)
 
     train = [r for r in ds.train if r.pid >= 0]
     _, labels = np.unique([r.pid for r in train], return_inverse=True)
-    data = ReidImageDataset(train, build_transforms(cfg.data.height, cfg.data.width, True, cj), labels=labels)
+    tf = build_transforms(cfg.data.height, cfg.data.width, True, cj)
+    if cfg.data.is_video:  # a tracklet is one sample: seq_len ordered frames per draw, as in training
+        data = ReidVideoDataset(train, tf, labels=labels, seq_len=cfg.data.seq_len, mode="train")
+    else:
+        data = ReidImageDataset(train, tf, labels=labels)
     head = ClassifierHead(model.feature_dim, int(labels.max()) + 1, dropout=cfg.model.dropout)
     opt = build_optimizer(model, head, lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
                           cfg.train.weight_decay, cfg.train.nesterov)
@@ -61,15 +65,19 @@ def main(argv=None) -> int:
         loader = make_loader(data, cfg.train.batch_size, True, cfg.seed, epoch, cfg.data.num_workers, drop_last=True)
         out = train_epoch(model, head, loader, opt, epoch=epoch)
         if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
-            ceil = _evaluate(cfg, model, ds.query, ds.gallery, "cpu")
+            ceil = evaluate_model(cfg, model, ds.query, ds.gallery, "cpu")
             print(f"  supervised epoch {epoch + 1}: loss {out['loss']:.3f} mAP {ceil['mAP']:.1%} "
                   f"rank-1 {ceil['rank1']:.1%}", flush=True)
     # Train-set accuracy (test transform, eval mode): tells under-fitting from a failure to transfer.
-    plain = ReidImageDataset(train, build_transforms(cfg.data.height, cfg.data.width, False), labels=labels)
+    tf = build_transforms(cfg.data.height, cfg.data.width, False)
+    if cfg.data.is_video:
+        plain = ReidVideoDataset(train, tf, labels=labels, seq_len=cfg.data.seq_len, mode="train")
+    else:
+        plain = ReidImageDataset(train, tf, labels=labels)
     model.eval()
     head.eval()
     with torch.no_grad():
-        hits = sum(int((head.logits(model(x)).argmax(1) == y).sum()) for x, y, *_ in make_loader(plain, 128, False))
+        hits = sum(int((head.logits(forward_batch(model, x)).argmax(1) == y).sum()) for x, y, *_ in make_loader(plain, 128, False))
     print(f"train accuracy {hits / len(plain):.1%} (last epoch loss {out['loss']:.3f})")
     print(f"ceiling (supervised, {args.epochs} epochs): mAP {ceil['mAP']:.1%} rank-1 {ceil['rank1']:.1%} "
           f"({time.perf_counter() - t0:.0f} s)")

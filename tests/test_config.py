@@ -26,6 +26,30 @@ def test_every_cpu_preset_loads(method):
     assert cfg.model.arch == "resnet18" and cfg.model.weights == "none"
 
 
+def test_video_presets_load():
+    paper = load_config(CONFIG_DIR / "buc_video.yaml")
+    assert paper.data.is_video and paper.data.seq_len == 16 and paper.model.frozen_stages == "layer2"
+    assert paper.train.stage_epochs == 5  # DESIGN: later stages 5 epochs for video
+    cpu = load_config(CONFIG_DIR / "buc_video_cpu.yaml")
+    assert cpu.data.is_video and cpu.data.name == "synthetic" and cpu.model.arch == "resnet18"
+
+
+def test_pul_pretrain_rates_default_to_train_and_validate():
+    cfg = load_config(CONFIG_DIR / "pul.yaml")
+    assert cfg.clustering.pretrain_lr is None and cfg.clustering.pretrain_backbone_lr_mult is None
+    cpu = load_config(CONFIG_DIR / "pul_cpu.yaml")
+    assert cpu.clustering.pretrain_backbone_lr_mult == 1.0 and cpu.train.backbone_lr_mult == 0.1
+    from ureid.distributed.loop import pretrain_rates
+
+    assert pretrain_rates(cfg) == (cfg.train.lr, cfg.train.backbone_lr_mult)
+    assert pretrain_rates(cpu) == (cpu.train.lr, 1.0)
+    assert pretrain_rates(load_config(CONFIG_DIR / "pul.yaml", ["clustering.pretrain_lr=0.003"]))[0] == 0.003
+    msg = _err(["clustering.pretrain_lr=0"], CONFIG_DIR / "pul.yaml")
+    assert "clustering.pretrain_lr" in msg and "greater than 0" in msg
+    msg = _err(["clustering.pretrain_backbone_lr_mult=-1"], CONFIG_DIR / "pul.yaml")
+    assert "clustering.pretrain_backbone_lr_mult" in msg and "greater than or equal to 0" in msg
+
+
 def test_inheritance_and_overrides(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"base: {CONFIG_DIR / 'buc.yaml'}\ntrain:\n  batch_size: 8\n")

@@ -117,6 +117,10 @@ class PULClustering(_Strict):
     iterations: PosInt = 20
     source: DataConfig | None = None
     pretrain_epochs: PosInt = 60
+    # The source pre-training may need other rates than the fine-tuning (train.lr, train.backbone_lr_mult),
+    # e.g. a randomly initialised trunk learns at the full rate, a fine-tuned one at a tenth; null: the train.* value.
+    pretrain_lr: Annotated[float, Field(gt=0)] | None = None
+    pretrain_backbone_lr_mult: NonNegFloat | None = None
     labeled_ids_per_iteration: Annotated[int, Field(ge=0)] = 0
 
 

@@ -107,6 +107,14 @@ def _train_dataset(cfg: Config, method, records, targets, support):
     return _SupportSetDataset(base, support, cfg.seed) if support is not None else base
 
 
+def pretrain_rates(cfg: Config) -> tuple[float, float]:
+    """PUL source pre-training's (lr, backbone_lr_mult): ``clustering.pretrain_*``, else the ``train.*`` value."""
+    c = cfg.clustering
+    lr = cfg.train.lr if c.pretrain_lr is None else c.pretrain_lr
+    mult = cfg.train.backbone_lr_mult if c.pretrain_backbone_lr_mult is None else c.pretrain_backbone_lr_mult
+    return lr, mult
+
+
 def _pretrain_source(cfg: Config, model, device, rank: int, world: int, source_records, progress,
                      log_every: int) -> dict:
     """PUL's original model: the backbone fine-tuned with a classifier on a labeled source dataset."""
@@ -117,11 +125,12 @@ def _pretrain_source(cfg: Config, model, device, rank: int, world: int, source_r
     _, labels = np.unique([r.pid for r in source_records], return_inverse=True)
     ds = ReidImageDataset(source_records, build_transforms(cfg.data.height, cfg.data.width, True, color_jitter=cfg.data.color_jitter), labels=labels)
     head = ClassifierHead(_unwrap(model).feature_dim, int(labels.max()) + 1, dropout=cfg.model.dropout).to(device)
-    opt = build_optimizer(_unwrap(model), head.parameters(), cfg.train.lr, cfg.train.backbone_lr_mult,
-                          cfg.train.momentum, cfg.train.weight_decay, cfg.train.nesterov)
+    lr, mult = pretrain_rates(cfg)
+    opt = build_optimizer(_unwrap(model), head.parameters(), lr, mult, cfg.train.momentum, cfg.train.weight_decay,
+                          cfg.train.nesterov)
     epochs = cfg.clustering.pretrain_epochs
     for epoch in range(epochs):
-        step_lr(opt, epoch, cfg.train.lr, max(1, int(epochs * 0.8)))
+        step_lr(opt, epoch, lr, max(1, int(epochs * 0.8)))
         loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=1000 + epoch,
                              num_workers=cfg.data.num_workers, rank=rank, world_size=world, drop_last=True)
         out = train_epoch(model, head, loader, opt, device=device, epoch=epoch, progress=progress,
@@ -140,7 +149,8 @@ def _extract(cfg, model, records, device, parts=False):
     )
 
 
-def _evaluate(cfg, model, query, gallery, device) -> dict:
+def evaluate_model(cfg, model, query, gallery, device) -> dict:
+    """mAP and rank-1/5/10 of ``model`` on query/gallery (Market-1501 protocol, unit pooled features)."""
     from ..evaluation import evaluate, pairwise_distance
 
     q = l2_normalise(_extract(cfg, model, query, device)["pooled"])
@@ -156,7 +166,7 @@ def _evaluate(cfg, model, query, gallery, device) -> dict:
 
 def _evaluate_all_ranks(cfg, model, data, device, rank: int, world: int) -> dict:
     """Rank 0 evaluates; every rank gets the numbers, so decisions taken on them (early stopping) agree."""
-    scores = [_evaluate(cfg, model, data["query"], data["gallery"], device) if rank == 0 else None]
+    scores = [evaluate_model(cfg, model, data["query"], data["gallery"], device) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(scores, src=0)
     return scores[0]

@@ -1,0 +1,46 @@
+"""The measurement scripts behind the README's reference numbers run on tiny data (images and tracklets)."""
+
+import importlib.util
+import json
+
+import numpy as np
+from PIL import Image
+
+from conftest import TINY_SYNTH
+from ureid.config import CONFIG_DIR
+
+from test_config import REPO
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny(root, video=False):
+    sets = [f"data.root={root}", "data.height=32", "data.width=16", "train.batch_size=8",
+            "train.eval_batch_size=16", "data.seq_len=2", "data.max_test_frames=3"]
+    synth = {**TINY_SYNTH, **({"video": True, "min_frames": 2, "max_frames": 4, "mean_frames": 3} if video else {})}
+    return sets + [f"data.synthetic.{k}={v}" for k, v in synth.items()]
+
+
+def test_handcrafted_features_and_table(tmp_path, capsys):
+    mod = _script("handcrafted_baselines")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 20, 3), dtype=np.uint8))
+    assert mod.hsv_histogram(img).sum() == 40 * 20 and mod.hsv_histogram(img).size == 8 * 4 * 4
+    assert mod.pixels(img).size == 16 * 32 * 3
+    assert mod.main(["--config", str(CONFIG_DIR / "buc_cpu.yaml"), *sum((["--set", s] for s in _tiny(tmp_path / "d")), [])]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("pixels", "HSV"))]
+    assert len(rows) == 2 and all(line.count("%") == 4 for line in rows)
+
+
+def test_reference_points_on_tracklets(tmp_path):
+    mod = _script("reference_points")
+    out = tmp_path / "ref.json"
+    sets = sum((["--set", s] for s in _tiny(tmp_path / "v", video=True)), [])
+    assert mod.main(["--config", str(CONFIG_DIR / "buc_video_cpu.yaml"), *sets, "--epochs", "1", "--threads", "1",
+                     "--json", str(out)]) == 0
+    ref = json.loads(out.read_text())
+    assert 0.0 <= ref["floor"]["mAP"] <= 1.0 and 0.0 <= ref["ceiling"]["mAP"] <= 1.0
