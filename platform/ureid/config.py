@@ -160,6 +160,9 @@ class RayConfig(_Strict):
     num_workers: PosInt = 1
     use_gpu: bool = False
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    # A local start (address null) runs Ray's dashboard at 127.0.0.1:8265; Ray Train's state queries
+    # go through it (without it Train logs "Failed to query Ray Train Controller actor state" every few s).
+    include_dashboard: bool = True
 
 
 class TrackingConfig(_Strict):

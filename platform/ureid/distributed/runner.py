@@ -50,7 +50,8 @@ def _init_ray(cfg: Config) -> None:
     # Workers import ureid from this checkout when it is not installed on the node.
     src = str(Path(__file__).resolve().parents[2])
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}}
-    ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True, include_dashboard=False)
+    ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=True,
+             include_dashboard=cfg.ray.include_dashboard)
 
 
 def _print_table(history: list[dict], best_stage: int | None) -> None:
