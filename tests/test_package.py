@@ -43,3 +43,15 @@ def test_cluster_yaml_is_a_valid_local_launcher_config():
     jsonschema.validate(cfg, schema)  # raises on an unknown key or a wrong type
     assert cfg["provider"]["type"] == "local"
     assert any("scripts/bootstrap.sh" in c for c in cfg["setup_commands"]), "every node must install the project"
+
+
+def test_light_modules_do_not_import_torchvision():
+    # Spawned DDP/Ray workers import the losses and the training step; torchvision costs seconds there.
+    code = ("import sys, ureid.models.losses, ureid.engine.train, ureid.engine, ureid.models; "
+            "assert 'torchvision' not in sys.modules; "
+            "assert ureid.engine.step_lr is ureid.engine.train.step_lr; "
+            "assert ureid.models.ClassifierHead is ureid.models.losses.ClassifierHead; "
+            "assert 'torchvision' not in sys.modules; ureid.models.ReidNet; "
+            "assert 'torchvision' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -6,7 +6,7 @@ torchvision (seconds per spawned worker, as it pulls in torch._dynamo).
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "ReidImageDataset": "datasets", "ReidVideoDataset": "datasets", "build_transforms": "datasets",
@@ -14,9 +14,4 @@ _EXPORTS = {
     "train_epoch": "train", "build_optimizer": "train", "step_lr": "train", "forward_batch": "train",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"ureid.engine.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'ureid.engine' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
