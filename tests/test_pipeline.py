@@ -101,11 +101,12 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         assert labels.size == summary["history"][0]["num_classes"] + n_fakes
 
 
-def test_resume_gives_the_same_labels(ray_cluster, tiny_root, tmp_path_factory):
-    """A run stopped after stage 0 and resumed gives the labels of the uninterrupted BUC run."""
-    full = _run("buc", tiny_root, tmp_path_factory)
+@pytest.mark.parametrize("method", ["buc", "pul"])  # PUL also restores its original (source-trained) model
+def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_factory):
+    """A run stopped after stage 0 and resumed gives the labels of the uninterrupted run."""
+    full = _run(method, tiny_root, tmp_path_factory)
     out = tmp_path_factory.mktemp("resume")
-    first = run_experiment(tiny_cfg("buc", tiny_root, out, "schedule.max_stages=1"), quiet=True)
+    first = run_experiment(tiny_cfg(method, tiny_root, out, "schedule.max_stages=1"), quiet=True)
     run_dir = first["run_dir"]
     assert [s for s, _ in stage_checkpoints(Path(run_dir))] == [0]
 
