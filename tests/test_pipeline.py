@@ -89,6 +89,9 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         assert len(merge) == 2 and all(0 <= x.value <= 1 for x in merge)
         same = client.get_metric_history(run.info.run_id, "memory_replicas_identical")
         assert [x.value for x in same] == [1.0, 1.0], "the DDP replicas' memory tables drifted apart"
+        # Both CPUs are held by the two train workers: the store must not queue Ray tasks for them.
+        tasks = client.get_metric_history(run.info.run_id, "cluster_tasks")
+        assert [x.value for x in tasks] == [0.0, 0.0]
     if method == "ssl":
         assert len(client.get_metric_history(run.info.run_id, "neighbor_precision")) == 2
         assert np.array_equal(labels, np.arange(labels.size)), "SSL keeps one class per image"

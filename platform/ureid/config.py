@@ -163,6 +163,8 @@ class RayConfig(_Strict):
     # A local start (address null) runs Ray's dashboard at 127.0.0.1:8265; Ray Train's state queries
     # go through it (without it Train logs "Failed to query Ray Train Controller actor state" every few s).
     include_dashboard: bool = True
+    # Run the label update's k-NN row blocks (BUC, camstyle) as parallel Ray tasks when a CPU is free.
+    clustering_tasks: bool = True
 
 
 class TrackingConfig(_Strict):

@@ -77,12 +77,12 @@ def _bottom_up_stages(cfg, n0: int) -> int:
     return int(1 / cfg.clustering.merge_percent) - 1
 
 
-def _buc_update(cfg, features, targets, n0, is_fake=None, **_) -> Targets:
+def _buc_update(cfg, features, targets, n0, is_fake=None, map_blocks=None, **_) -> Targets:
     """BUC eq. (5)-(6): merge ``int(mp * N0)`` cluster pairs by minimum distance + diversity penalty."""
     c = cfg.clustering
     labels = clustering.bottom_up_merge(
         l2_normalise(features), targets["labels"], _merges(cfg, n0), c.size_penalty,
-        is_fake=is_fake, metric=c.metric,
+        is_fake=is_fake, metric=c.metric, map_blocks=map_blocks,
     )
     return {"labels": labels}
 

@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from ._common import as_numpy_features, check_labels, relabel_by_first_index
-from .topk import ExactKnn, sqdist_error_bound
+from .topk import ExactKnn, knn_search_block, sqdist_error_bound
 
 METRICS = ("sqeuclidean", "euclidean")
 _BACKENDS = ("auto", "faiss", "torch")
@@ -24,7 +24,7 @@ _BACKENDS = ("auto", "faiss", "torch")
 
 def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, metric="sqeuclidean",
                     device=None, block_size=4096, *, backend="auto", k_init=32, num_threads=None,
-                    stats=None) -> np.ndarray:
+                    stats=None, map_blocks=None) -> np.ndarray:
     """One BUC stage: merge clusters ``num_merges`` times, return new labels ``0..C'-1`` (int64).
 
     Score of a sample pair ``i < j`` in different clusters (the paper's ``D(A, B) + lambda R(A, B)``,
@@ -75,8 +75,13 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
         backend: ``"faiss"`` (CPU), ``"torch"`` (CPU or CUDA) or ``"auto"`` (torch for CUDA, else faiss).
         k_init: neighbours per sample in the first round (grown per row as needed).
         num_threads: faiss OpenMP threads during the search (None: faiss' default).
+        map_blocks: optional executor ``map_blocks(fn, shared, items)`` returning ``[fn(shared, item)
+            for item in items]`` in order (see ``topk.knn_search_block``); with the faiss backend and
+            more than one block per round, the k-NN blocks of a round go through it (the feature-store
+            actor passes parallel Ray tasks). The labels do not depend on it.
         stats: optional dict, filled with ``rounds``, ``k_max``, ``num_candidates``, ``grown_rows``
-            (rows re-searched per round), ``backend`` and ``last_merge_score``.
+            (rows re-searched per round), ``backend``, ``last_merge_score`` and ``mapped_blocks`` (k-NN
+            blocks sent through ``map_blocks``).
 
     Returns:
         (N,) int64 labels ``0..C'-1`` with ``C' = C - num_merges``.
@@ -108,7 +113,7 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
             f"there are only {n_clusters} clusters"
         raise ValueError(f"num_merges={num_merges} is more than the {max_merges} possible merges: {why}")
     info = {"rounds": 0, "k_max": 0, "num_candidates": 0, "grown_rows": [], "backend": backend,
-            "last_merge_score": None}
+            "last_merge_score": None, "mapped_blocks": 0}
     if stats is not None:
         stats.clear()
         stats.update(info)
@@ -120,8 +125,8 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
     row_size = sizes[lab].astype(np.float64)
     s_min = float(sizes.min())
     db_ids = np.flatnonzero(~fake) if n_real < n else None  # only real samples are searched
-    knn = ExactKnn(_take(X, db_ids) if db_ids is not None else X, backend=backend, device=device,
-                   block_size=block_size, num_threads=num_threads)
+    database = _take(X, db_ids) if db_ids is not None else X
+    knn = ExactKnn(database, backend=backend, device=device, block_size=block_size, num_threads=num_threads)
     n_db = knn.n
     norms = _row_norms(X)
     slack = sqdist_error_bound(dim, norms, norms[db_ids].max() if db_ids is not None else norms.max(),
@@ -141,10 +146,15 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
         info["k_max"] = max(info["k_max"], int(k_row[todo].max()))
         found_keys, found_d = [keys], [d32]
         todo = todo[np.argsort(k_row[todo], kind="stable")]  # blocks of similar k
-        for s in range(0, todo.size, block_size):
-            rows = todo[s:s + block_size]
+        blocks = [todo[s:s + block_size] for s in range(0, todo.size, block_size)]
+        jobs = [(_take(X, rows), int(k_row[rows].max())) for rows in blocks]  # one pass; each row keeps its k
+        if map_blocks is not None and backend == "faiss" and len(jobs) > 1:
+            searched = map_blocks(knn_search_block, database, jobs)
+            info["mapped_blocks"] += len(jobs)
+        else:
+            searched = [knn.search(q, k) for q, k in jobs]
+        for rows, (dk, nbr) in zip(blocks, searched):
             kr = k_row[rows]
-            dk, nbr = knn.search(_take(X, rows), int(kr.max()))  # one pass; each row keeps its k
             kth = dk[np.arange(rows.size), kr - 1].astype(np.float64)
             r[rows] = np.where(kr < n_db, kth - slack[rows], np.inf)
             keep = np.arange(dk.shape[1]) < kr[:, None]

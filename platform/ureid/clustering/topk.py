@@ -114,3 +114,14 @@ class ExactKnn:
                 dist[s:s + len(q)] = val.float().cpu().numpy()
                 ids[s:s + len(q)] = idx.cpu().numpy()
         return dist, ids
+
+
+def knn_search_block(database, job):
+    """One block of an exact k-NN search over ``database``, ``job = (queries, k)``: the unit of work a
+    ``map_blocks`` executor runs (in another process or on another node), as ``(sqdist, ids)``.
+
+    A ``map_blocks(fn, shared, items)`` executor returns ``[fn(shared, item) for item in items]`` in the
+    order of ``items``, however it schedules them (e.g. as parallel Ray tasks with ``shared`` put once).
+    """
+    queries, k = job
+    return ExactKnn(database, backend="faiss", block_size=max(1, len(queries))).search(queries, k)

@@ -2,7 +2,8 @@
 
 Train workers put the features of their shard of the training set; once every shard is in, the
 first worker to ask runs the method's update (pure :mod:`ureid.clustering` code) and every worker
-gets the same result. The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold
+gets the same result. When Ray has CPUs to spare, the update's k-NN row blocks (BUC, camstyle) run as
+parallel Ray tasks (:mod:`.blocks`); otherwise in the actor. The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold
 every CPU slot of a small machine, and an actor waiting for a slot would deadlock the stage.
 
 Its state (the targets of each finished update) is written to ``state_dir`` after every update, and
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import ray
+
+from .blocks import block_map_if_cpus_free
 
 
 @ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
@@ -68,12 +71,14 @@ class FeatureStore:
         method = METHODS[self.cfg.method]
         pooled, parts = self._gather(stage)
         start = time.perf_counter()
+        blocks = block_map_if_cpus_free(self.cfg.ray.clustering_tasks)
         new = method.update(
             self.cfg, pooled, targets, self.meta["n0"], is_fake=self.meta.get("is_fake"),
             parts=parts, cameras=self.meta.get("cameras"), seed=self.meta.get("seed", 0), stage=stage,
-            pids=self.meta.get("pids"),
+            pids=self.meta.get("pids"), map_blocks=blocks,
         )
-        info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": num_clusters(new)}
+        info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": num_clusters(new),
+                "cluster_tasks": blocks.tasks if blocks is not None else 0}
         pids = self.meta.get("pids")
         if pids is not None and "neighbors" not in new:
             precision = pair_precision(targets["labels"], new["labels"], pids)
