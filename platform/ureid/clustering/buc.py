@@ -147,12 +147,13 @@ def bottom_up_merge(features, labels, num_merges, size_penalty, is_fake=None, me
         found_keys, found_d = [keys], [d32]
         todo = todo[np.argsort(k_row[todo], kind="stable")]  # blocks of similar k
         blocks = [todo[s:s + block_size] for s in range(0, todo.size, block_size)]
-        jobs = [(_take(X, rows), int(k_row[rows].max())) for rows in blocks]  # one pass; each row keeps its k
-        if map_blocks is not None and backend == "faiss" and len(jobs) > 1:
+        # One search per block at the block's largest k; each row keeps its own k below.
+        if map_blocks is not None and backend == "faiss" and len(blocks) > 1:
+            jobs = [(_take(X, rows), int(k_row[rows].max())) for rows in blocks]
             searched = map_blocks(knn_search_block, database, jobs)
             info["mapped_blocks"] += len(jobs)
-        else:
-            searched = [knn.search(q, k) for q, k in jobs]
+        else:  # lazily: one block's queries and distances in memory at a time
+            searched = (knn.search(_take(X, rows), int(k_row[rows].max())) for rows in blocks)
         for rows, (dk, nbr) in zip(blocks, searched):
             kr = k_row[rows]
             kth = dk[np.arange(rows.size), kr - 1].astype(np.float64)

@@ -2,9 +2,10 @@
 
 Train workers put the features of their shard of the training set; once every shard is in, the
 first worker to ask runs the method's update (pure :mod:`ureid.clustering` code) and every worker
-gets the same result. When Ray has CPUs to spare, the update's k-NN row blocks (BUC, camstyle) run as
-parallel Ray tasks (:mod:`.blocks`); otherwise in the actor. The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold
-every CPU slot of a small machine, and an actor waiting for a slot would deadlock the stage.
+gets the same result. When Ray has CPUs to spare, the update's k-NN row blocks (BUC, camstyle) run
+as parallel Ray tasks (:mod:`.blocks`); otherwise in the actor. The actor asks for no CPU of its own
+(``num_cpus=0``): train workers may hold every CPU slot of a small machine, and an actor waiting for
+a slot would deadlock the stage.
 
 Its state (the targets of each finished update) is written to ``state_dir`` after every update, and
 a restarted actor (``max_restarts``) reloads it, so a crash of the actor loses no stage.
