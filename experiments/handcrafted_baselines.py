@@ -22,6 +22,7 @@ from ureid.config import CONFIG_DIR, load_config  # noqa: E402
 from ureid.distributed.data import load_split_dataset  # noqa: E402
 from ureid.engine.datasets import load_image  # noqa: E402
 from ureid.evaluation import evaluate, pairwise_distance  # noqa: E402
+from ureid.methods import l2_normalise  # noqa: E402
 
 
 def pixels(img, size=(16, 32)) -> np.ndarray:
@@ -37,8 +38,7 @@ def hsv_histogram(img, bins=(8, 4, 4)) -> np.ndarray:
 
 def features(records, fn) -> np.ndarray:
     # A tracklet (several paths) is the mean of its frames' features.
-    out = np.stack([np.mean([fn(load_image(p)) for p in r.paths], axis=0) for r in records])
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return l2_normalise(np.stack([np.mean([fn(load_image(p)) for p in r.paths], axis=0) for r in records]))
 
 
 def main(argv=None) -> int:

@@ -52,11 +52,13 @@ def main(argv=None) -> int:
 
     train = [r for r in ds.train if r.pid >= 0]
     _, labels = np.unique([r.pid for r in train], return_inverse=True)
-    tf = build_transforms(cfg.data.height, cfg.data.width, True, cj)
-    if cfg.data.is_video:  # a tracklet is one sample: seq_len ordered frames per draw, as in training
-        data = ReidVideoDataset(train, tf, labels=labels, seq_len=cfg.data.seq_len, mode="train")
-    else:
-        data = ReidImageDataset(train, tf, labels=labels)
+
+    def labeled(tf):  # a tracklet is one sample: seq_len ordered frames per draw, as in training
+        if cfg.data.is_video:
+            return ReidVideoDataset(train, tf, labels=labels, seq_len=cfg.data.seq_len, mode="train")
+        return ReidImageDataset(train, tf, labels=labels)
+
+    data = labeled(build_transforms(cfg.data.height, cfg.data.width, True, cj))
     head = ClassifierHead(model.feature_dim, int(labels.max()) + 1, dropout=cfg.model.dropout)
     opt = build_optimizer(model, head, lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
                           cfg.train.weight_decay, cfg.train.nesterov)
@@ -69,11 +71,7 @@ def main(argv=None) -> int:
             print(f"  supervised epoch {epoch + 1}: loss {out['loss']:.3f} mAP {ceil['mAP']:.1%} "
                   f"rank-1 {ceil['rank1']:.1%}", flush=True)
     # Train-set accuracy (test transform, eval mode): tells under-fitting from a failure to transfer.
-    tf = build_transforms(cfg.data.height, cfg.data.width, False)
-    if cfg.data.is_video:
-        plain = ReidVideoDataset(train, tf, labels=labels, seq_len=cfg.data.seq_len, mode="train")
-    else:
-        plain = ReidImageDataset(train, tf, labels=labels)
+    plain = labeled(build_transforms(cfg.data.height, cfg.data.width, False))
     model.eval()
     head.eval()
     with torch.no_grad():
