@@ -1,23 +1,10 @@
 #!/usr/bin/env python
-"""DBC: dispersion-based clustering (Ding et al.).
-
-No arguments: the CPU preset on the synthetic default. --config / --set key=value select
-anything else; --resume RUN_DIR continues a run. See --help.
-"""
+"""DBC: dispersion-based clustering (Ding et al.). No arguments: the CPU preset on the synthetic default; see --help."""
 import os
 import sys
 
-# This folder holds ssl.py, which would shadow the standard library's ssl for every import below.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+# Run as a script, this folder is first on sys.path, and its ssl.py would shadow the stdlib ssl.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.realpath(__file__))]
+from ureid.cli import run_entry_point  # noqa: E402
 
-try:
-    from ureid.experiment import main
-except ImportError:  # `ray submit` runs this file with the node's own Python: use the project's venv
-    venv = os.path.join(os.path.expanduser(os.environ.get("UREID_HOME", "~/ureid")), ".venv", "bin", "python")
-    if os.path.exists(venv) and os.path.realpath(sys.executable) != os.path.realpath(venv):
-        os.execv(venv, [venv, *sys.argv])
-    raise
-
-if __name__ == "__main__":
-    sys.exit(main("dbc"))
+sys.exit(run_entry_point("dbc"))

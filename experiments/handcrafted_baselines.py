@@ -19,7 +19,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 import numpy as np  # noqa: E402
 
 from ureid.config import CONFIG_DIR, load_config  # noqa: E402
-from ureid.distributed.data import load_split_dataset  # noqa: E402
+from ureid.data.run_data import load_split_dataset  # noqa: E402
 from ureid.engine.datasets import load_image  # noqa: E402
 from ureid.evaluation import evaluate, pairwise_distance  # noqa: E402
 from ureid.methods import l2_normalise  # noqa: E402

@@ -19,11 +19,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ureid.config import CONFIG_DIR, load_config  # noqa: E402
-from ureid.distributed.data import load_split_dataset  # noqa: E402
-from ureid.distributed.loop import evaluate_model, seed_everything  # noqa: E402
-from ureid.engine.datasets import ReidImageDataset, ReidVideoDataset, build_transforms, make_loader  # noqa: E402
+from ureid.data.run_data import load_split_dataset  # noqa: E402
+from ureid.engine.datasets import make_loader  # noqa: E402
+from ureid.engine.evaluate import evaluate_model  # noqa: E402
+from ureid.engine.seeding import seed_everything  # noqa: E402
 from ureid.engine.train import build_optimizer, forward_batch, step_lr, train_epoch  # noqa: E402
 from ureid.models.backbone import ReidNet  # noqa: E402
+from ureid.methods import labeled_dataset  # noqa: E402
 from ureid.models.losses import ClassifierHead  # noqa: E402
 
 
@@ -40,25 +42,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     lr = cfg.train.lr if args.lr is None else args.lr
-    cj = cfg.data.color_jitter if args.color_jitter is None else args.color_jitter
+    if args.color_jitter is not None:
+        cfg.data.color_jitter = args.color_jitter
     torch.set_num_threads(args.threads)
     ds = load_split_dataset(cfg.data)
     seed_everything(cfg.seed)
     model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=0, dropout=cfg.model.dropout)
     t0 = time.perf_counter()
-    floor = evaluate_model(cfg, model, ds.query, ds.gallery, "cpu")
+    floor = evaluate_model(model, ds.query, ds.gallery, "cpu", **cfg.extract_options())
     print(f"floor   (untrained {cfg.model.arch}, weights={cfg.model.weights}): mAP {floor['mAP']:.1%} "
           f"rank-1 {floor['rank1']:.1%}", flush=True)
 
     train = [r for r in ds.train if r.pid >= 0]
     _, labels = np.unique([r.pid for r in train], return_inverse=True)
 
-    def labeled(tf):  # a tracklet is one sample: seq_len ordered frames per draw, as in training
-        if cfg.data.is_video:
-            return ReidVideoDataset(train, tf, labels=labels, seq_len=cfg.data.seq_len, mode="train")
-        return ReidImageDataset(train, tf, labels=labels)
-
-    data = labeled(build_transforms(cfg.data.height, cfg.data.width, True, cj))
+    # A tracklet is one sample: seq_len ordered frames per draw, as in training.
+    data = labeled_dataset(cfg, train, labels, train=True)
     head = ClassifierHead(model.feature_dim, int(labels.max()) + 1, dropout=cfg.model.dropout)
     opt = build_optimizer(model, head, lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
                           cfg.train.weight_decay, cfg.train.nesterov)
@@ -67,11 +66,11 @@ def main(argv=None) -> int:
         loader = make_loader(data, cfg.train.batch_size, True, cfg.seed, epoch, cfg.data.num_workers, drop_last=True)
         out = train_epoch(model, head, loader, opt, epoch=epoch)
         if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
-            ceil = evaluate_model(cfg, model, ds.query, ds.gallery, "cpu")
+            ceil = evaluate_model(model, ds.query, ds.gallery, "cpu", **cfg.extract_options())
             print(f"  supervised epoch {epoch + 1}: loss {out['loss']:.3f} mAP {ceil['mAP']:.1%} "
                   f"rank-1 {ceil['rank1']:.1%}", flush=True)
     # Train-set accuracy (test transform, eval mode): tells under-fitting from a failure to transfer.
-    plain = labeled(build_transforms(cfg.data.height, cfg.data.width, False))
+    plain = labeled_dataset(cfg, train, labels, train=False)
     model.eval()
     head.eval()
     with torch.no_grad():

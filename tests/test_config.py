@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ureid.config import CONFIG_DIR, METHODS, ConfigError, load_config, save_config, validate
+from ureid.config import CONFIG_DIR, ConfigError, load_config, save_config, validate
+from ureid.methods import METHODS
+
+METHODS = sorted(METHODS)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +42,7 @@ def test_pul_pretrain_rates_default_to_train_and_validate():
     assert cfg.clustering.pretrain_lr is None and cfg.clustering.pretrain_backbone_lr_mult is None
     cpu = load_config(CONFIG_DIR / "pul_cpu.yaml")
     assert cpu.clustering.pretrain_backbone_lr_mult == 1.0 and cpu.train.backbone_lr_mult == 0.1
-    from ureid.distributed.loop import pretrain_rates
+    from ureid.methods.pul import pretrain_rates
 
     assert pretrain_rates(cfg) == (cfg.train.lr, cfg.train.backbone_lr_mult)
     assert pretrain_rates(cpu) == (cpu.train.lr, 1.0)
@@ -111,8 +114,23 @@ def test_missing_dataset_root(tmp_path):
     assert "data.root" in msg and str(missing) in msg and "does not exist" in msg
 
 
+def test_validation_itself_never_touches_the_file_system(tmp_path):
+    """Workers and the feature store may run where the dataset folder is not: only the driver checks paths."""
+    missing = tmp_path / "nowhere"
+    cfg = load_config(CONFIG_DIR / "pul_cpu.yaml", ["data.name=market1501", f"data.root={missing}",
+                                                    "clustering.source.name=dukemtmc",
+                                                    f"clustering.source.root={missing}"], check_paths=False)
+    again = type(cfg).model_validate(cfg.to_dict())  # what a worker would do with the dict
+    assert again.data.root == str(missing)
+    with pytest.raises(ConfigError, match="data.root"):
+        again.check_paths()
+    cfg.data.name = "synthetic"
+    with pytest.raises(ConfigError, match="clustering.source.root"):
+        cfg.check_paths()
+
+
 def test_unknown_method_and_choice():
-    with pytest.raises(ConfigError, match="'kmeans' is not a method; allowed: buc, dbc, pul, ssl, camstyle"):
+    with pytest.raises(ConfigError, match="'kmeans' is not a method; allowed: buc, camstyle, dbc, pul, ssl"):
         validate({"method": "kmeans", "clustering": {}})
     msg = _err(["clustering.metric=cosine"])
     assert "clustering.metric" in msg and "'sqeuclidean' or 'euclidean'" in msg

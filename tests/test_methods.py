@@ -1,10 +1,11 @@
-"""The method table's pure pieces: target updates on features, the merge diagnostic."""
+"""The methods' pure pieces: target updates on features, diagnostics, the registry."""
 
 import numpy as np
 import pytest
 
 from ureid.config import CONFIG_DIR, load_config
-from ureid.methods import METHODS, labeled_identities, pair_precision
+from ureid.methods import METHODS, Targets, UpdateContext, get_method, pair_precision, register
+from ureid.methods.pul import labeled_identities
 
 
 def _blobs(n_ids=6, per_id=5, dim=16, seed=0):
@@ -12,6 +13,10 @@ def _blobs(n_ids=6, per_id=5, dim=16, seed=0):
     centres = rng.normal(size=(n_ids, dim)) * 4
     pids = np.repeat(np.arange(1, n_ids + 1), per_id)
     return centres[pids - 1] + rng.normal(size=(pids.size, dim)) * 0.3, pids
+
+
+def _ctx(n, **kw):
+    return UpdateContext(stage=kw.pop("stage", 0), seed=0, num_real=n, cameras=np.zeros(n, np.int64), **kw)
 
 
 def test_pair_precision_counts_only_newly_joined_pairs():
@@ -28,26 +33,53 @@ def test_pul_semi_supervised_adds_known_identities_each_iteration():
     feats, pids = _blobs()
     cfg = load_config(CONFIG_DIR / "pul_cpu.yaml", ["clustering.num_clusters=6", "clustering.threshold=1.0",
                                                      "clustering.labeled_ids_per_iteration=2"])
+    pul = METHODS["pul"]
     first = labeled_identities(pids, 2, 0, seed=0)
     second = labeled_identities(pids, 2, 1, seed=0)
     assert first.size == 2 and second.size == 4 and set(first) <= set(second)
-    out = METHODS["pul"].update(cfg, feats, {"labels": np.zeros(len(pids), int)}, len(pids), seed=0, stage=0,
-                                pids=pids)
+    assert np.array_equal(pul.known_identities(cfg, 0, 0, np.unique(pids)), second)  # stage 0 = iteration 1
+    known_labels = np.where(np.isin(pids, second), pids, -1)
+    zeros = Targets(labels=np.zeros(len(pids), int))
+    out = pul.update(cfg, feats, zeros, _ctx(len(pids), known_labels=known_labels))
     known = np.isin(pids, second)
     # each known identity is one class of its own, apart from the k-means classes 0..5
-    assert len({int(x) for x in out["labels"][known]}) == 4 and out["labels"][known].min() >= 6
+    assert len({int(x) for x in out.labels[known]}) == 4 and out.labels[known].min() >= 6
     plain = load_config(CONFIG_DIR / "pul_cpu.yaml", ["clustering.num_clusters=6", "clustering.threshold=1.0"])
-    out0 = METHODS["pul"].update(plain, feats, {"labels": np.zeros(len(pids), int)}, len(pids), seed=0, stage=0,
-                                 pids=pids)
+    assert pul.known_identities(plain, 0, 0, np.unique(pids)).size == 0
+    out0 = pul.update(plain, feats, zeros, _ctx(len(pids)))
     # threshold 1 selects (up to rounding) only the centres themselves; the known identities come on top
-    assert out0["labels"].max() < 6 and out0["selected"].sum() <= 6
-    assert np.array_equal(out["selected"], known | out0["selected"])
+    assert out0.labels.max() < 6 and out0.selected.sum() <= 6
+    assert np.array_equal(out.selected, known | out0.selected)
+    assert pul.diagnostics(plain, zeros, out0, pids) == {"selected_fraction": float(out0.selected.mean())}
 
 
 def test_buc_update_merges_exactly_mp_n0_and_keeps_identities_on_easy_data():
     feats, pids = _blobs()
     cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["clustering.merge_percent=0.5"])
     n = len(pids)
-    out = METHODS["buc"].update(cfg, feats, {"labels": np.arange(n)}, n)
-    assert np.unique(out["labels"]).size == n - n // 2
-    assert pair_precision(np.arange(n), out["labels"], pids) == 1.0
+    old = Targets(labels=np.arange(n))
+    out = METHODS["buc"].update(cfg, feats, old, _ctx(n))
+    assert out.num_classes == n - n // 2
+    assert METHODS["buc"].diagnostics(cfg, old, out, pids) == {"merge_precision": 1.0}
+
+
+def test_update_context_rejects_a_misspelt_field():
+    with pytest.raises(TypeError):
+        UpdateContext(stage=0, seed=0, num_real=1, cameras=np.zeros(1), pids=np.zeros(1))
+    ctx = _ctx(3)
+    with pytest.raises(AttributeError):
+        ctx.pids  # noqa: B018  (ground truth is not part of the context)
+
+
+def test_registry_names_and_refuses_duplicates():
+    assert sorted(METHODS) == ["buc", "camstyle", "dbc", "pul", "ssl"]
+    with pytest.raises(KeyError, match="registered: buc, camstyle"):
+        get_method("kmeans")
+    clone = type(METHODS["buc"])()
+    with pytest.raises(ValueError, match="already registered"):
+        register(clone)
+    for method in METHODS.values():  # every method's search space names keys its config has
+        cfg = load_config(CONFIG_DIR / f"{method.name}_cpu.yaml")
+        for key in method.search_space:
+            section, name = key.split(".", 1)
+            assert name in type(getattr(cfg, section)).model_fields, (method.name, key)

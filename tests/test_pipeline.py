@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY_SYNTH
 from ureid.config import CONFIG_DIR, load_config
-from ureid.distributed.runner import run_experiment, stage_checkpoints
+from ureid.runtime.experiment import run_experiment
+from ureid.runtime.job import stage_checkpoints
 
 
 def tiny_cfg(method, root, out, *extra):
@@ -113,7 +114,7 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     run_dir = first["run_dir"]
     assert [s for s, _ in stage_checkpoints(Path(run_dir))] == [0]
 
-    from ureid.distributed.runner import load_run_config
+    from ureid.runtime.experiment import load_run_config
 
     resumed = run_experiment(load_run_config(run_dir, ["schedule.max_stages=2"]), resume=run_dir, quiet=True)
     assert resumed["run_dir"] == run_dir and resumed["run_id"] == first["run_id"]
@@ -162,7 +163,7 @@ def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):
         *[f"data.synthetic.{k}={v}" for k, v in synth.items()],
     ])
     summary = run_experiment(cfg, quiet=True)
-    from ureid.distributed.data import load_split_dataset
+    from ureid.data.run_data import load_split_dataset
 
     ds = load_split_dataset(cfg.data)
     assert all(len(r.paths) >= 2 for r in ds.train), "the synthetic video variant must give multi-frame tracklets"

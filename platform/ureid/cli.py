@@ -8,6 +8,8 @@ group and sets ``func`` on its leaves, so further groups (``ureid run ...``) plu
     ureid data camstyle --root data/synthetic
     ureid run buc --set clustering.size_penalty=0.003
     ureid report runs/
+
+``experiments/<method>.py`` call :func:`run_entry_point`, the same command as ``ureid run <method>``.
 """
 
 from __future__ import annotations
@@ -54,22 +56,74 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_camstyle(args: argparse.Namespace) -> int:
-    from ureid.data.camstyle import write_fakes
+    from ureid.data.camstyle import default_fake_folder, write_fakes
     from ureid.data.formats import load_dataset
 
     t0 = time.perf_counter()
     ds = load_dataset(args.format, args.root, verify=False)
-    out = args.out or f"{ds.root}/bounding_box_train_camstyle"
+    out = args.out or default_fake_folder(ds.root)
     n = write_fakes(ds.train, out)
     print(f"wrote {n} camera-style fakes (colour-statistics stand-in) for {len(ds.train)} training images "
           f"to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from ureid.experiment import main as run_main
+def _method_names() -> list[str]:
+    from ureid.methods import METHODS
 
-    return run_main(args.method, args.rest)
+    return sorted(METHODS)
+
+
+def build_run_parser(method: str | None = None) -> argparse.ArgumentParser:
+    from ureid.config import CONFIG_DIR
+
+    p = argparse.ArgumentParser(
+        prog=f"experiments/{method}.py" if method else "ureid run",
+        description="Run an unsupervised re-ID method on Ray Train, tracked in MLflow. "
+        + (f"Without arguments: the CPU preset {method}_cpu.yaml on the synthetic default." if method else ""),
+    )
+    p.add_argument("--config", help=f"YAML config; a bare file name is looked up in {CONFIG_DIR} "
+                                    "(default: <method>_cpu.yaml from there)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set clustering.size_penalty=0.003")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last stage checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    if method is None:
+        p.add_argument("method", choices=_method_names())
+    return p
+
+
+def run_entry_point(method: str | None = None, argv: list[str] | None = None) -> int:
+    """``experiments/<method>.py`` and ``ureid run <method>``: load the config, then run or resume."""
+    from ureid.config import CONFIG_DIR, ConfigError, load_config
+
+    args = build_run_parser(method).parse_args(argv)
+    method = method or args.method
+    try:
+        if args.resume:
+            from ureid.runtime.experiment import load_run_config
+
+            cfg = load_run_config(args.resume, args.overrides)
+        else:
+            cfg = load_config(args.config or CONFIG_DIR / f"{method}_cpu.yaml", args.overrides)
+        if cfg.method != method:
+            raise ConfigError(f"config method is {cfg.method!r} but this entry point runs {method!r}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from ureid.runtime.experiment import run_experiment
+
+    run_experiment(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    return run_entry_point(args.method, args.rest)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -81,7 +135,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
-    r.add_argument("method", choices=["buc", "dbc", "pul", "ssl", "camstyle"])
+    r.add_argument("method", choices=_method_names())
     r.add_argument("rest", nargs=argparse.REMAINDER, help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
     r.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="compare finished runs: one markdown row per run")

@@ -5,8 +5,13 @@ later ones win), as paths relative to the file; the child is deep-merged over th
 their values parsed as YAML scalars. Validation rejects unknown keys, wrong types and out-of-range
 values before anything starts, with a message naming the key, the value and what is allowed.
 
-Every pseudo-label setting of a method lives in its one ``clustering`` block, whose schema is chosen
-by ``method`` (the OpenUnReID convention).
+Every pseudo-label setting of a method lives in its one ``clustering`` block, whose schema is the
+method's own ``Settings`` (:mod:`ureid.methods`, the OpenUnReID convention). Validation never touches the
+file system: the driver checks paths once with :meth:`Config.check_paths` (on a cluster, the nodes that
+validate a config need not see the dataset).
+
+Configs named by a bare file name (``buc_cpu.yaml``) are found in :data:`CONFIG_DIR`, the configs shipped
+inside the package (``platform/ureid/configs/``, also reachable as ``experiments/configs/`` in a checkout).
 """
 
 from __future__ import annotations
@@ -14,14 +19,13 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-METHODS = ("buc", "dbc", "pul", "ssl", "camstyle")
 DATASET_NAMES = ("synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -51,13 +55,15 @@ class DataConfig(_Strict):
     synthetic: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _root_exists(self):
-        # The synthetic default is generated on first use; every real dataset must already be there.
-        if self.name != "synthetic" and not Path(self.root).expanduser().is_dir():
-            raise ValueError(f"data.root: dataset folder {self.root!r} does not exist (data.name={self.name!r})")
+    def _pattern_for_folder(self):
         if self.name == "folder" and not self.pattern:
             raise ValueError("data.pattern: the folder dataset needs a filename regex with a (?P<pid>...) group")
         return self
+
+    def check_paths(self, key: str = "data") -> None:
+        """The synthetic default is generated on first use; every real dataset must already be there."""
+        if self.name != "synthetic" and not Path(self.root).expanduser().is_dir():
+            raise ConfigError(f"{key}.root: dataset folder {self.root!r} does not exist ({key}.name={self.name!r})")
 
     @property
     def is_video(self) -> bool:
@@ -92,61 +98,11 @@ class LossConfig(_Strict):
     temperature: Annotated[float, Field(gt=0)] = 0.1
 
 
-class BUCClustering(_Strict):
-    """Lin et al. AAAI 2019. ``size_penalty`` is the diversity weight lambda (paper 0.005, fixed code 0.003)."""
+class MethodSettings(_Strict):
+    """Base of every method's ``clustering`` block (``ureid.methods.Settings``)."""
 
-    merge_percent: Fraction = 0.05
-    size_penalty: NonNegFloat = 0.005
-    metric: Literal["sqeuclidean", "euclidean"] = "sqeuclidean"
-
-
-class DBCClustering(_Strict):
-    """Ding et al. ``update='stage'`` is the public code (intra_weight 0 reproduces it), 'merge' the paper's Alg. 1."""
-
-    merge_percent: Fraction = 0.05
-    intra_weight: NonNegFloat = 0.0
-    update: Literal["stage", "merge"] = "stage"
-
-
-class PULClustering(_Strict):
-    """Fan et al. TOMM 2018: k-means, reliable-sample selection, fine-tuning from the original model."""
-
-    num_clusters: PosInt = 750
-    threshold: Annotated[float, Field(ge=-1, le=1)] = 0.85
-    match: Literal["any", "own"] = "any"
-    iterations: PosInt = 20
-    source: DataConfig | None = None
-    pretrain_epochs: PosInt = 60
-    # The source pre-training may need other rates than the fine-tuning (train.lr, train.backbone_lr_mult),
-    # e.g. a randomly initialised trunk learns at the full rate, a fine-tuned one at a tenth; null: the train.* value.
-    pretrain_lr: Annotated[float, Field(gt=0)] | None = None
-    pretrain_backbone_lr_mult: NonNegFloat | None = None
-    labeled_ids_per_iteration: Annotated[int, Field(ge=0)] = 0
-
-
-class SSLClustering(_Strict):
-    """Lin et al. CVPR 2020: softened similarity learning, no clustering."""
-
-    num_neighbors: PosInt = 4
-    part_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
-    camera_penalty: NonNegFloat = 0.02
-    soft_weight: Annotated[float, Field(gt=0, le=1)] = 0.6
-    num_stages: PosInt = 10
-
-
-class CamstyleClustering(BUCClustering):
-    """Lin et al. TIP 2020: BUC over real + camera-style fakes; fake-fake distances ignored."""
-
-    fake_root: str | None = None
-
-
-CLUSTERING_SCHEMAS: dict[str, type[_Strict]] = {
-    "buc": BUCClustering,
-    "dbc": DBCClustering,
-    "pul": PULClustering,
-    "ssl": SSLClustering,
-    "camstyle": CamstyleClustering,
-}
+    # Names of string fields holding paths (made absolute in the driver: Ray workers run elsewhere).
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
 
 class ScheduleConfig(_Strict):
@@ -174,14 +130,14 @@ class TrackingConfig(_Strict):
 
 
 class Config(_Strict):
-    method: Literal[METHODS]
+    method: str
     seed: Annotated[int, Field(ge=0)] = 0
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    clustering: BUCClustering | DBCClustering | PULClustering | SSLClustering | CamstyleClustering
+    clustering: SerializeAsAny[MethodSettings]
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -189,17 +145,39 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _clustering_by_method(cls, data: Any):
-        # The clustering block's schema depends on the method; validate it against exactly that
-        # schema so an unknown key is reported as unknown rather than as a failed union member.
-        if isinstance(data, dict) and data.get("method") in CLUSTERING_SCHEMAS:
+        # The clustering block's schema is the method's; validate it against exactly that schema so an
+        # unknown key is reported as unknown rather than as a failed union member.
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            schema = _settings_schema(data["method"])
             block = data.get("clustering") or {}
             if isinstance(block, dict):
                 data = dict(data)
-                data["clustering"] = CLUSTERING_SCHEMAS[data["method"]].model_validate(block)
+                data["clustering"] = schema.model_validate(block)
         return data
+
+    @model_validator(mode="after")
+    def _clustering_matches_method(self):
+        schema = _settings_schema(self.method)
+        if not isinstance(self.clustering, schema):
+            raise ValueError(f"clustering: expected {schema.__name__} for method {self.method!r}, "
+                             f"got {type(self.clustering).__name__}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def check_paths(self) -> None:
+        """Every dataset folder the config names exists (run once, in the driver)."""
+        self.data.check_paths("data")
+        for name, value in self.clustering:
+            if isinstance(value, DataConfig):
+                value.check_paths(f"clustering.{name}")
+
+    def extract_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`ureid.engine.extract.extract_features` for this config's data."""
+        d = self.data
+        return {"height": d.height, "width": d.width, "batch_size": self.train.eval_batch_size,
+                "num_workers": d.num_workers, "video": d.is_video, "max_frames": d.max_test_frames}
 
     def with_absolute_paths(self) -> "Config":
         """Resolve relative paths against the current folder: Ray workers run in folders of their own."""
@@ -210,13 +188,22 @@ class Config(_Strict):
         cfg = self.model_copy(deep=True)
         cfg.output_dir = absolute(cfg.output_dir)
         cfg.data.root = absolute(cfg.data.root)
-        if getattr(cfg.clustering, "fake_root", None):
-            cfg.clustering.fake_root = absolute(cfg.clustering.fake_root)
-        if getattr(cfg.clustering, "source", None) is not None:
-            cfg.clustering.source.root = absolute(cfg.clustering.source.root)
+        for name, value in cfg.clustering:
+            if isinstance(value, DataConfig):
+                value.root = absolute(value.root)
+            elif name in cfg.clustering.path_fields and value:
+                setattr(cfg.clustering, name, absolute(value))
         if cfg.model.weights not in ("imagenet", "none"):
             cfg.model.weights = absolute(cfg.model.weights)
         return cfg
+
+
+def _settings_schema(method: str) -> type[MethodSettings]:
+    from .methods import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not a method; allowed: {', '.join(sorted(METHODS))}")
+    return METHODS[method].Settings
 
 
 # ----------------------------------------------------------------------------- loading
@@ -289,7 +276,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
 def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = prefix + ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.endswith("Clustering")))
+        loc = prefix + ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.endswith("Settings")))
         value = err.get("input")
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the method's schema")
@@ -302,13 +289,14 @@ def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
 
 
 def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
+    from .methods import METHODS
+
     if "method" in data and data["method"] not in METHODS:
-        raise ConfigError(
-            f"invalid configuration ({source}):\n  method: {data['method']!r} is not a method; allowed: {', '.join(METHODS)}"
-        )
+        raise ConfigError(f"invalid configuration ({source}):\n  method: {data['method']!r} is not a method; "
+                          f"allowed: {', '.join(sorted(METHODS))}")
     lines: list[str] = []
     block = data.get("clustering") or {}
-    schema = CLUSTERING_SCHEMAS.get(data.get("method"))
+    schema = METHODS[data["method"]].Settings if "method" in data else None
     if schema is not None and isinstance(block, dict):
         # Validated on its own first so its errors carry the full dotted key (clustering.<key>);
         # the rest is then still checked, so one run reports every error.
@@ -326,10 +314,17 @@ def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
     raise ConfigError("\n".join([f"invalid configuration ({source}):", *lines]))
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Load, merge and validate a config file plus dotted overrides."""
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """Load, merge and validate a config file plus dotted overrides; by default also check that the dataset
+    folders it names exist (the driver's one look at the file system)."""
     data = apply_overrides(read_yaml(path), overrides)
-    return validate(data, source=str(path))
+    cfg = validate(data, source=str(path))
+    if check_paths:
+        try:
+            cfg.check_paths()
+        except ConfigError as exc:
+            raise ConfigError(f"invalid configuration ({path}):\n  {exc}") from None
+    return cfg
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

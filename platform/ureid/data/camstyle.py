@@ -10,12 +10,59 @@ cast and illumination, not its geometry or blur: a weaker augmentation than a tr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .records import Record
+
+# The file contract between whatever writes fakes (this stand-in, a StarGAN) and camstyle, which reads them:
+# ``<real stem>_fake_c<k>.<ext>``, k the 1-based target camera, in one folder.
+DEFAULT_FOLDER = "bounding_box_train_camstyle"
+_FAKE_NAME = re.compile(r"^(?P<stem>.+)_fake_c(?P<cam>\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
+
+
+def default_fake_folder(root: str | Path) -> Path:
+    return Path(root) / DEFAULT_FOLDER
+
+
+def fake_filename(source_path: str | Path, camid: int) -> str:
+    """The fake of ``source_path`` in 0-based camera ``camid``."""
+    return f"{Path(source_path).stem}_fake_c{camid + 1}.jpg"
+
+
+def parse_fake_filename(name: str) -> tuple[str, int] | None:
+    """``(source stem, 0-based target camera)`` of a fake's file name, None for any other file."""
+    m = _FAKE_NAME.match(name)
+    return (m["stem"], int(m["cam"]) - 1) if m else None
+
+
+def load_fakes(folder: str | Path, train: list[Record], root_hint: str = "<root>") -> list[tuple[int, Record]]:
+    """The fakes in ``folder`` as ``(index of the source image in train, fake record)``, sorted by file name;
+    a fake carries its source's identity (used for diagnostics only) and its target camera."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"camstyle needs camera-style fakes in {folder} (files named <real stem>_fake_c<k>.jpg, one per other "
+            f"camera); make them with `ureid data camstyle --root {root_hint}` (colour-statistics stand-in) "
+            f"or with a StarGAN, or set clustering.fake_root"
+        )
+    by_stem = {Path(r.path).stem: i for i, r in enumerate(train)}
+    fakes = []
+    for path in sorted(folder.iterdir()):
+        parsed = parse_fake_filename(path.name)
+        if parsed is None:
+            continue
+        stem, cam = parsed
+        if stem not in by_stem:
+            raise ValueError(f"camstyle fake {path} has no real training image named {stem}.*")
+        src = by_stem[stem]
+        fakes.append((src, Record((str(path),), train[src].pid, cam, is_fake=True)))
+    if not fakes:
+        raise FileNotFoundError(f"no camstyle fakes named <real stem>_fake_c<k>.jpg in {folder}")
+    return fakes
 
 
 def camera_statistics(records: list[Record]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -41,6 +88,6 @@ def write_fakes(records: list[Record], out_dir: str | Path, *, quality: int = 95
             if cam == rec.camid:
                 continue
             fake = np.clip((img - mean) / std * t_std + t_mean, 0, 255).astype(np.uint8)
-            Image.fromarray(fake).save(out / f"{Path(rec.path).stem}_fake_c{cam + 1}.jpg", quality=quality)
+            Image.fromarray(fake).save(out / fake_filename(rec.path, cam), quality=quality)
             written += 1
     return written

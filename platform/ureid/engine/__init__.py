@@ -10,7 +10,8 @@ from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "ReidImageDataset": "datasets", "ReidVideoDataset": "datasets", "build_transforms": "datasets",
-    "make_loader": "datasets", "extract_features": "extract",
+    "make_loader": "datasets", "extract_features": "extract", "evaluate_model": "evaluate",
+    "seed_everything": "seeding",
     "train_epoch": "train", "build_optimizer": "train", "step_lr": "train", "forward_batch": "train",
 }
 __all__ = list(_EXPORTS)

@@ -91,9 +91,10 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
         n += 1
         info = {"epoch": epoch, "batch": n, "loss": loss.item(), "mean_loss": total / n}
         if log_every and n % log_every == 0:
-            log.info("epoch %d batch %d loss %.4f (mean %.4f)", epoch, n, info["loss"], info["mean_loss"])
             if progress is not None:
                 progress(info)
+            else:  # one report per step: the progress callback or the log, never both
+                log.info("epoch %d batch %d loss %.4f (mean %.4f)", epoch, n, info["loss"], info["mean_loss"])
     if progress is not None and info is not None and not (log_every and n % log_every == 0):
         progress(info)
     return {"loss": total / max(n, 1), "batches": n, "time_s": time.perf_counter() - start}

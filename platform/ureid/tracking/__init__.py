@@ -1,9 +1,9 @@
-"""MLflow tracking: one run per experiment, ``step = stage`` metrics, artifacts, failure status.
+"""MLflow tracking: one run per job, ``step = stage`` metrics, artifacts, failure status. No Ray here.
 
 The driver creates the experiment and the run before any worker starts (so concurrent trials never
-race to create it); per-stage metrics are logged by :class:`MlflowStageCallback`, a Ray Train
-callback that runs in the Train controller, so workers on other nodes never need to reach the
-tracking store.
+race to create it), optionally as the child of a parent run (a sweep); per-stage metrics are logged by
+a Ray Train callback in the Train controller (:mod:`ureid.runtime.callbacks`) through
+:func:`log_stage`, so workers on other nodes never need to reach the tracking store.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any
-
-from ray.train import UserCallback
 
 DEFAULT_DB = "mlflow.db"
 
@@ -46,32 +44,45 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def git_commit() -> str | None:
+def git_commit(folder: str | os.PathLike | None = None) -> str | None:
+    """The commit checked out in ``folder`` (default: the folder the user runs in), if it is a git checkout."""
     try:
-        root = Path(__file__).resolve().parents[3]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder or os.getcwd(), capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def start_run(uri: str, cfg_dict: dict, run_name: str, config_path: Path) -> str:
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict[str, str],
+              artifact: Path | None = None, parent_run_id: str | None = None) -> str:
+    """Create ``experiment`` if needed and a RUNNING run in it (a child of ``parent_run_id`` when given),
+    with ``params`` (flattened, dotted keys) and ``tags``; returns the run id."""
     from mlflow.entities import Param
 
     client = _client(uri)
-    name = cfg_dict["tracking"]["experiment"]
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    tags = {"method": cfg_dict["method"], "dataset": cfg_dict["data"]["name"], "mlflow.runName": run_name}
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    tags = {**tags, "mlflow.runName": run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    params = [Param(k, str(v)[:500]) for k, v in flatten(cfg_dict).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    client.log_artifact(run.info.run_id, str(config_path))
+    flat = [Param(k, str(v)[:500]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run.info.run_id, params=flat[i:i + 100])
+    if artifact is not None:
+        client.log_artifact(run.info.run_id, str(artifact))
     return run.info.run_id
+
+
+def log_stage(uri: str, run_id: str, stage: int, metrics: dict[str, float], timestamp_ms: int) -> None:
+    """Log one stage's metrics with ``step = stage``."""
+    from mlflow.entities import Metric
+
+    values = [Metric(k, float(v), timestamp_ms, stage) for k, v in metrics.items()]
+    _client(uri).log_batch(run_id, metrics=values)
 
 
 def reopen_run(uri: str, run_id: str) -> None:
@@ -97,29 +108,6 @@ def log_artifacts(uri: str, run_id: str, paths: dict[str, Path]) -> None:
             client.log_artifacts(run_id, str(path), artifact_path=sub)
         else:
             client.log_artifact(run_id, str(path), artifact_path=sub or None)
-
-
-class MlflowStageCallback(UserCallback):
-    """Logs rank 0's stage metrics with ``step=stage`` and checks that the memory tables of all
-    DDP replicas are identical (``memory_replicas_identical``)."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        m = metrics[0]
-        stage = int(m.get("stage", 0))
-        now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, stage) for k, v in m.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "stage"]
-        sums = [w.get("memory_checksum") for w in metrics if w.get("memory_checksum")]
-        if sums:
-            values.append(Metric("memory_replicas_identical", float(len(set(sums)) == 1), now, stage))
-        _client(self.uri).log_batch(self.run_id, metrics=values)
 
 
 def plot_stages(history: list[dict], path: Path, title: str = "") -> Path:

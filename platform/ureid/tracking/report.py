@@ -21,23 +21,6 @@ def load_summaries(paths: list[str | Path]) -> list[dict]:
     return [json.loads(f.read_text()) for f in found]
 
 
-def _setting(s: dict, keys: tuple[str, ...]) -> str:
-    cfg_path = Path(s["run_dir"]) / "config.yaml"
-    if not cfg_path.is_file():
-        return ""
-    import yaml
-
-    block = yaml.safe_load(cfg_path.read_text()).get("clustering", {})
-    return ", ".join(f"{k}={block[k]}" for k in keys if k in block)
-
-
-SETTINGS = {
-    "buc": ("merge_percent", "size_penalty"), "camstyle": ("merge_percent", "size_penalty"),
-    "dbc": ("merge_percent", "intra_weight", "update"), "pul": ("num_clusters", "threshold", "match"),
-    "ssl": ("num_neighbors", "part_weight", "camera_penalty"),
-}
-
-
 def comparison_table(summaries: list[dict]) -> str:
     head = ("| method | setting | stage-0 mAP | stage-0 rank-1 | best mAP | best rank-1 | best stage | "
             "final clusters | wall time |")
@@ -45,7 +28,7 @@ def comparison_table(summaries: list[dict]) -> str:
     for s in summaries:
         first, best = s["first"], s["best"]
         rows.append(
-            f"| {s['method']} | {_setting(s, SETTINGS.get(s['method'], ()))} | {first.get('mAP', 0):.1%} | "
+            f"| {s['method']} | {s.get('setting', '')} | {first.get('mAP', 0):.1%} | "
             f"{first.get('rank1', 0):.1%} | {best.get('mAP', 0):.1%} | {best.get('rank1', 0):.1%} | "
             f"{s['best_stage']} of {len(s['history'])} | {s['final_num_clusters']} | {s['wall_time_s'] / 60:.1f} min |"
         )

@@ -1,10 +1,10 @@
 """Parallel Ray tasks for the row blocks of a label update (the ``map_blocks`` executor of
-:mod:`ureid.clustering`).
+:mod:`ureid.clustering`, handed to an update in :class:`ureid.methods.UpdateContext`).
 
-The feature-store actor hands one to the pure clustering code when the cluster has a CPU to spare.
-When the train workers hold every CPU slot (one machine, workers sized to it) a task would wait for a
-slot that is only freed after the update it belongs to: a deadlock. Then no executor is given and the
-actor runs the blocks itself, with the same labels.
+The feature-store actor hands one out when the cluster has a CPU to spare. When the train workers hold
+every CPU slot (one machine, workers sized to it) a task would wait for a slot that is only freed after
+the update it belongs to: a deadlock. Then no executor is given and the update runs its blocks in the
+actor, with the same result.
 """
 
 from __future__ import annotations

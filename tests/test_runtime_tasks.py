@@ -8,8 +8,9 @@ import ray
 
 from ureid.clustering import bottom_up_merge
 from ureid.config import CONFIG_DIR, load_config
-from ureid.distributed.blocks import RayBlockMap, block_map_if_cpus_free
-from ureid.distributed.feature_store import FeatureStore
+from ureid.methods import METHODS, Targets
+from ureid.runtime.feature_store import FeatureStore, StoreInputs
+from ureid.runtime.tasks import RayBlockMap, block_map_if_cpus_free
 
 
 def _features(n, d=16, seed=0):
@@ -48,16 +49,19 @@ def test_feature_store_uses_tasks_only_when_a_cpu_is_free(ray_cluster, tmp_path)
     expected = bottom_up_merge(x, np.arange(n), int(0.05 * n), cfg.clustering.size_penalty)
 
     def update(stage):
-        store = FeatureStore.remote(cfg.to_dict(), n, 1, str(tmp_path / f"s{stage}"), {"n0": n, "seed": 0})
-        ray.get(store.put.remote(stage, 0, np.arange(n), x))
-        result = ray.get(store.update.remote(stage, {"labels": np.arange(n)}), timeout=180)
+        inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.zeros(n, np.int64), is_fake=None, truth=None,
+                             initial=Targets(labels=np.arange(n)), seed=0)
+        store = FeatureStore.remote(METHODS["buc"], cfg, inputs, 1, str(tmp_path / f"s{stage}"))
+        ray.get(store.forget_from.remote(0))
+        ray.get(store.put.remote(0, 0, np.arange(n), x))
+        result = ray.get(store.update.remote(0), timeout=180)
         ray.kill(store)
         return result
 
     _wait_for_cpus(2)
     free = update(0)
     assert free["info"]["cluster_tasks"] == 2
-    assert np.array_equal(free["targets"]["labels"], expected)
+    assert np.array_equal(free["targets"].labels, expected)
 
     holders = [_Holder.remote() for _ in range(2)]  # every CPU slot taken, as by two train workers
     ray.get([h.ready.remote() for h in holders])
@@ -65,7 +69,7 @@ def test_feature_store_uses_tasks_only_when_a_cpu_is_free(ray_cluster, tmp_path)
         assert block_map_if_cpus_free() is None
         busy = update(1)  # would hang if the store queued tasks for a CPU nobody frees
         assert busy["info"]["cluster_tasks"] == 0
-        assert np.array_equal(busy["targets"]["labels"], expected)
+        assert np.array_equal(busy["targets"].labels, expected)
     finally:
         for h in holders:
             ray.kill(h)

@@ -1,0 +1,155 @@
+"""Label-free scores of a stage: what an unsupervised user can compute without identity labels.
+
+All take the training features (L2-normalised inside) and pseudo-labels only; none builds an N x N
+matrix. Scores over "every sample against every sample" are computed exactly for a fixed seeded sample
+of ``sample`` rows (all rows when N is smaller), blockwise, in O(sample x N) time and O(block x N) memory.
+
+* :func:`silhouette` - Rousseeuw's silhouette with squared Euclidean distance between unit features;
+  the mean distance of ``x`` to a cluster ``C`` has the closed form ``2 - 2 x . mu_C`` (``mu_C`` the mean of
+  its unit features), so each sample row costs one product with the cluster means. Singletons score 0.
+* :func:`davies_bouldin` - mean over clusters of ``max_j (S_i + S_j) / M_ij`` with ``S`` the mean Euclidean
+  distance to the centroid and ``M`` the distance between centroids (scikit-learn's definition); lower is
+  better. Singletons are left out (``S = 0`` would reward splitting).
+* :func:`agreement` - NMI (arithmetic normalisation, as scikit-learn's default) and ARI between two
+  labelings, from their contingency counts in O(N): DeepCluster's stability check between stages.
+* :func:`soft_neighborhood_density` - SND (Saito et al., ICCV 2021): mean entropy of each sample's
+  softmax over its similarities to all other samples at temperature 0.05; higher means denser neighbourhoods.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _unit(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _rows(n: int, sample: int | None, seed: int) -> np.ndarray:
+    if sample is None or sample >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+
+
+def _means(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Contiguous labels, cluster sizes and cluster means (float64 sums, one pass)."""
+    uniq, inv = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(inv, minlength=uniq.size)
+    sums = np.zeros((uniq.size, x.shape[1]), dtype=np.float64)
+    np.add.at(sums, inv, x)
+    return inv, sizes, (sums / sizes[:, None]).astype(np.float32)
+
+
+def silhouette(features, labels, sample: int | None = 2048, seed: int = 0, block: int = 1024) -> float:
+    """Mean silhouette (squared Euclidean on unit features) over a seeded sample of rows; labels < 0 are
+    outliers and left out. 0 when there are fewer than 2 clusters."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    x, labels = _unit(features)[keep], labels[keep]
+    inv, sizes, mu = _means(x, labels)
+    if sizes.size < 2:
+        return 0.0
+    rows = _rows(len(x), sample, seed)
+    scores = np.zeros(rows.size, dtype=np.float64)
+    for start in range(0, rows.size, block):
+        r = rows[start:start + block]
+        d = 2.0 - 2.0 * (x[r] @ mu.T).astype(np.float64)  # (b, C): mean distance to every cluster
+        own = inv[r]
+        size = sizes[own]
+        a = d[np.arange(r.size), own] * size / np.maximum(size - 1, 1)  # the sample itself is at distance 0
+        d[np.arange(r.size), own] = np.inf
+        b = d.min(axis=1)
+        s = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
+        scores[start:start + r.size] = np.where(size > 1, s, 0.0)
+    return float(scores.mean())
+
+
+def davies_bouldin(features, labels, sample: int | None = 2048, seed: int = 0, block: int = 1024) -> float:
+    """Davies-Bouldin index of the non-singleton clusters (lower is better), the max over every other
+    cluster computed exactly for a seeded sample of clusters. ``inf`` with fewer than 2 such clusters."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    x, labels = _unit(features)[keep], labels[keep]
+    inv, sizes, mu = _means(x, labels)
+    # S_i: mean distance of the cluster's samples to its centroid, |x - mu|^2 = 1 + |mu|^2 - 2 x.mu
+    sq_all = (mu.astype(np.float64) ** 2).sum(1)
+    own = np.einsum("ij,ij->i", x, mu[inv]).astype(np.float64)
+    dist_own = np.sqrt(np.maximum(1.0 + sq_all[inv] - 2.0 * own, 0.0))
+    scatter = np.bincount(inv, weights=dist_own, minlength=sizes.size) / sizes
+    big = sizes > 1
+    mu, scatter, sq = mu[big], scatter[big], sq_all[big]
+    if mu.shape[0] < 2:
+        return float("inf")
+    rows = _rows(mu.shape[0], sample, seed)
+    worst = np.zeros(rows.size)
+    for start in range(0, rows.size, block):
+        r = rows[start:start + block]
+        dist = np.sqrt(np.maximum(sq[r, None] + sq[None, :] - 2.0 * (mu[r] @ mu.T).astype(np.float64), 1e-24))
+        ratio = (scatter[r, None] + scatter[None, :]) / dist
+        ratio[np.arange(r.size), r] = -np.inf
+        worst[start:start + r.size] = ratio.max(axis=1)
+    return float(worst.mean())
+
+
+def agreement(previous, labels) -> dict[str, float]:
+    """``{"nmi": ..., "ari": ...}`` between two labelings of the same samples."""
+    a, b = np.asarray(previous), np.asarray(labels)
+    if a.shape != b.shape:
+        raise ValueError(f"the two labelings differ in length: {a.shape} vs {b.shape}")
+    n = a.size
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    cells, joint = np.unique(np.stack([ai, bi], 1), axis=0, return_counts=True)
+    ja, jb = cells[:, 0], cells[:, 1]
+    ca, cb = np.bincount(ai).astype(np.float64), np.bincount(bi).astype(np.float64)
+
+    def entropy(c):
+        p = c / n
+        return float(-(p * np.log(p)).sum())
+
+    ha, hb = entropy(ca), entropy(cb)
+    pj = joint / n
+    mi = float((pj * np.log(pj * n * n / (ca[ja] * cb[jb]))).sum())
+    nmi = 1.0 if ha == hb == 0 else (mi / ((ha + hb) / 2) if ha + hb > 0 else 0.0)
+
+    def pairs(c):
+        return float((c * (c - 1) / 2).sum())
+
+    index, sa, sb = pairs(joint.astype(np.float64)), pairs(ca), pairs(cb)
+    total = n * (n - 1) / 2
+    expected = sa * sb / total if total else 0.0
+    top = (sa + sb) / 2
+    ari = 1.0 if top == expected else (index - expected) / (top - expected)
+    return {"nmi": float(nmi), "ari": float(ari)}
+
+
+def soft_neighborhood_density(features, sample: int | None = 2048, seed: int = 0, temperature: float = 0.05,
+                              block: int = 1024) -> float:
+    """SND: mean entropy of softmax(cos(x_i, x_j) / temperature) over j != i, for a seeded sample of rows."""
+    x = _unit(features)
+    n = len(x)
+    if n < 2:
+        return 0.0
+    rows = _rows(n, sample, seed)
+    ent = np.zeros(rows.size)
+    for start in range(0, rows.size, block):
+        r = rows[start:start + block]
+        logits = (x[r] @ x.T).astype(np.float64) / temperature
+        logits[np.arange(r.size), r] = -np.inf
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        ent[start:start + r.size] = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+    return float(ent.mean())
+
+
+def label_free_scores(features, labels, previous=None, sample: int | None = 2048, seed: int = 0) -> dict[str, float]:
+    """Every label-free score of one stage, keyed as logged (``lf_*``)."""
+    out = {"lf_silhouette": silhouette(features, labels, sample, seed),
+           "lf_davies_bouldin": davies_bouldin(features, labels, sample, seed),
+           "lf_snd": soft_neighborhood_density(features, sample, seed)}
+    if previous is not None:
+        agree = agreement(previous, labels)
+        out["lf_nmi_previous"], out["lf_ari_previous"] = agree["nmi"], agree["ari"]
+    return out

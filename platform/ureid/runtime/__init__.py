@@ -1,0 +1,11 @@
+"""The runtime: Ray and MLflow around the pure parts. It never names a method.
+
+``job``            a tracked Ray Train job: run folder, resume, MLflow run (optionally a child of a parent
+                   run), Ray started or joined, one ``TorchTrainer`` launched with a list of callbacks.
+                   The stage-loop run, a sweep trial and a GAN training job are all jobs.
+``experiment``     the stage-loop run of a method: data read once, the feature store, the summary.
+``stage_loop``     the per-worker loop inside ``TorchTrainer``; it calls only the method's hooks.
+``feature_store``  the actor holding a stage's global features; it runs the method's update.
+``tasks``          the ``map_blocks`` executor: an update's row blocks as parallel Ray tasks.
+``callbacks``      Ray Train callbacks: per-stage MLflow metrics and the run's history file.
+"""

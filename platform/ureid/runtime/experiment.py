@@ -1,0 +1,126 @@
+"""The stage-loop run of a method: a :class:`~.job.Job` whose workers run :mod:`.stage_loop`.
+
+The driver reads and checks the dataset once and ships the records to the workers; it creates the
+feature-store actor, launches the trainer, and afterwards writes into the run folder (besides the job's
+own files): ``config.yaml`` (the resolved config), ``feature_store/`` (the store's finished updates),
+``labels.npy`` (the final pseudo-labels), ``summary.json`` (per-stage metrics from the reports, the
+selected stage, wall time), ``stages.png`` and ``best_checkpoint/`` (the selected stage's checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..config import Config, load_config, save_config
+from ..data.run_data import ensure_synthetic, load_split_dataset
+from ..methods import RunData, get_method
+from .. import tracking
+from .job import Job
+from .stage_loop import STATE_FILE
+
+
+def load_run_data(cfg: Config, method) -> RunData:
+    """The run's samples: the configured dataset's splits, then what the method adds (read once, in the driver)."""
+    ds = load_split_dataset(cfg.data)
+    data = RunData(train=list(ds.train), query=list(ds.query), gallery=list(ds.gallery), num_real=len(ds.train))
+    return method.load_data(cfg, data)
+
+
+def _print_table(history: list[dict], best_stage: int | None) -> None:
+    cols = [("stage", "{:>5}"), ("mAP", "{:>6.1%}"), ("rank1", "{:>6.1%}"), ("num_clusters", "{:>8}"),
+            ("merge_precision", "{:>9.3f}"), ("loss", "{:>7.3f}"), ("stage_time_s", "{:>7.0f}")]
+    cols = [(k, f) for k, f in cols if any(k in h for h in history)]
+    heads = {"num_clusters": "clusters", "merge_precision": "merge-prec", "stage_time_s": "time(s)"}
+    print("  ".join(f"{heads.get(k, k):>{len(f.format(0)) if k != 'stage' else 5}}" for k, f in cols))
+    for h in history:
+        row = "  ".join(f.format(h[k]) if k in h else " " * len(f.format(0)) for k, f in cols)
+        print(row + ("   <- selected" if h["stage"] == best_stage else ""))
+
+
+def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
+                   parent_run_id: str | None = None, callbacks: Sequence = ()) -> dict:
+    """Run (or resume) one method end to end; returns the summary written to summary.json. ``callbacks`` are
+    extra Ray Train callbacks (a sweep trial's Tune reporter); ``parent_run_id`` nests the MLflow run."""
+    import ray
+
+    from .callbacks import HistoryCallback, MlflowStageCallback, read_history
+    from .feature_store import FeatureStore, StoreInputs
+    from .stage_loop import train_loop_per_worker
+
+    t0 = time.perf_counter()
+    method = get_method(cfg.method)
+    cfg = cfg.with_absolute_paths()
+    if resume:
+        job = Job.reopen(resume)
+    else:
+        job = Job.start(cfg.method, cfg.output_dir, cfg.tracking, params=cfg.to_dict(),
+                        tags={"method": cfg.method, "dataset": cfg.data.name},
+                        write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
+    job.announce()
+    store = None
+    with job.failing_loudly():
+        cfg.check_paths()
+        method.prepare(cfg)
+        ensure_synthetic(cfg.data)
+        data = load_run_data(cfg, method)  # fail here, in the driver, on a bad dataset
+        done = job.checkpoints(STATE_FILE)
+        start_stage, resume_from = (done[-1][0] + 1, str(done[-1][1])) if done else (0, None)
+        read_history(job.history_path, before=start_stage)
+        num_stages = method.num_stages(cfg, data)
+        if cfg.schedule.max_stages:
+            num_stages = min(num_stages, cfg.schedule.max_stages)
+
+        from .job import ensure_ray
+
+        ensure_ray(cfg.ray)
+        namespace = f"ureid-{job.run_dir.name}"
+        inputs = StoreInputs(num_samples=len(data), num_real=data.num_real, cameras=data.cameras,
+                             is_fake=data.is_fake, truth=data.identities(),
+                             initial=method.initial_targets(cfg, data), seed=cfg.seed)
+        store = FeatureStore.options(name="feature_store", namespace=namespace).remote(
+            method, cfg, inputs, cfg.ray.num_workers, str(job.run_dir / "feature_store"))
+        ray.get(store.forget_from.remote(start_stage))
+        try:
+            job.fit(train_loop_per_worker, {
+                "cfg": cfg, "method": method, "data": data, "num_stages": num_stages,
+                "store_name": "feature_store", "namespace": namespace, "resume_from": resume_from,
+                "threads": max(1, int(cfg.ray.cpus_per_worker)),
+            }, cfg.ray, callbacks=[MlflowStageCallback(job.tracking_uri, job.run_id),
+                                   HistoryCallback(job.history_path), *callbacks])
+            final = ray.get(store.latest_targets.remote())
+        finally:
+            ray.kill(store)
+
+    history = read_history(job.history_path)
+    np.save(job.run_dir / "labels.npy", final.labels)
+    selected = history[-1]["best_stage"]
+    best = next(h for h in history if h["stage"] == selected)
+    shutil.copytree(dict(job.checkpoints(STATE_FILE))[selected], job.run_dir / "best_checkpoint", dirs_exist_ok=True)
+    plot = tracking.plot_stages(history, job.run_dir / "stages.png", title=f"{cfg.method} on {cfg.data.name}")
+    block = cfg.clustering.model_dump()
+    summary = {
+        "method": cfg.method, "dataset": cfg.data.name, "run_dir": str(job.run_dir), "run_id": job.run_id,
+        "tracking_uri": job.tracking_uri, "best_stage": selected, "best": best, "first": history[0],
+        "setting": ", ".join(f"{k}={block[k]}" for k in method.key_settings if k in block),
+        "final_num_clusters": history[-1]["num_clusters"], "wall_time_s": time.perf_counter() - t0,
+        "history": history,
+    }
+    (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    job.log_artifacts({"": job.run_dir / "labels.npy", "plots": plot, "best_checkpoint": job.run_dir / "best_checkpoint",
+                       "summary": job.run_dir / "summary.json"})
+    job.finish()
+    if not quiet:
+        print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stages in {summary['wall_time_s']:.0f}s")
+        _print_table(history, selected)
+    return summary
+
+
+def load_run_config(run_dir: str | os.PathLike, overrides=None) -> Config:
+    return load_config(Path(run_dir) / "config.yaml", overrides)

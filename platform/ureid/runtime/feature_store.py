@@ -1,0 +1,145 @@
+"""The feature-store actor: a stage's global feature matrix and the method's label update.
+
+Train workers put the features of their shard of the training set; once every shard is in, the first
+worker to ask runs the method's update (pure :mod:`ureid.clustering` code) and every worker gets the
+same targets. The store keeps the targets of every finished update (the workers never send them back)
+and writes them to ``state_dir`` after each update; a restarted actor (``max_restarts``) reloads them,
+so a crash of the actor loses no finished stage.
+
+The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold every CPU slot of a small
+machine, and an actor waiting for a slot would deadlock the stage. When Ray has a CPU to spare the
+update may fan its row blocks out as Ray tasks (:mod:`.tasks`).
+
+Every update also gets the label-free scores of :mod:`ureid.evaluation.label_free` (``lf_*``: computed
+from the features and pseudo-labels only, what an unsupervised user can select stages by).
+
+The ground-truth identities (``truth``) reach only the method's diagnostics, and, for the identities a
+method declares known (semi-supervised variants), the update's ``known_labels``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from ..evaluation.label_free import label_free_scores
+from ..methods.base import Targets, UpdateContext
+from .tasks import block_map_if_cpus_free
+
+#: The update that runs before stage 0 for a method without initial targets (on the prepared model).
+PRE_STAGE = -1
+
+
+@dataclass
+class StoreInputs:
+    """What the store knows of the training samples besides their features (all (N,) arrays)."""
+
+    num_samples: int
+    num_real: int
+    cameras: np.ndarray
+    is_fake: np.ndarray | None
+    truth: np.ndarray | None      # ground-truth identities: diagnostics only
+    initial: Targets | None       # the method's initial targets (None: run the update at PRE_STAGE first)
+    seed: int
+
+
+@ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
+class FeatureStore:
+    def __init__(self, method, cfg, inputs: StoreInputs, world_size: int, state_dir: str):
+        self.method, self.cfg, self.inputs, self.world_size = method, cfg, inputs, world_size
+        self.state_path = Path(state_dir) / "feature_store.pkl"
+        self.shards: dict[int, dict[int, tuple]] = {}
+        self.results: dict[int, dict] = {}
+        if self.state_path.exists():  # restarted after a crash, or a resumed run: keep the finished updates
+            self.results = pickle.loads(self.state_path.read_bytes())
+
+    def put(self, stage: int, rank: int, indices: np.ndarray, pooled: np.ndarray, parts=None) -> int:
+        self.shards.setdefault(stage, {})[rank] = (np.asarray(indices), pooled, parts)
+        return len(self.shards[stage])
+
+    def targets_for(self, stage: int) -> Targets | None:
+        """The targets stage ``stage`` trains on; None when the method must first run the update at PRE_STAGE."""
+        if stage - 1 in self.results:
+            return self.results[stage - 1]["targets"]
+        if stage == 0:
+            return self.inputs.initial
+        raise RuntimeError(f"feature store: no targets for stage {stage}: stage {stage - 1} was never updated")
+
+    def latest_targets(self) -> Targets | None:
+        return self.results[max(self.results)]["targets"] if self.results else None
+
+    def _gather(self, stage: int):
+        shards = self.shards.get(stage, {})
+        if len(shards) != self.world_size:
+            raise RuntimeError(
+                f"feature store: stage {stage} has features from {sorted(shards)} of {self.world_size} workers"
+            )
+        n = self.inputs.num_samples
+        dim = next(iter(shards.values()))[1].shape[1]
+        pooled = np.zeros((n, dim), dtype=np.float32)
+        parts = None
+        seen = np.zeros(n, dtype=bool)
+        for idx, feats, part in shards.values():
+            pooled[idx] = feats
+            seen[idx] = True
+            if part is not None:
+                if parts is None:
+                    parts = np.zeros((n,) + part.shape[1:], dtype=np.float32)
+                parts[idx] = part
+        if not seen.all():
+            raise RuntimeError(f"feature store: stage {stage} is missing {int((~seen).sum())} samples")
+        return pooled, parts
+
+    def _known_labels(self, stage: int) -> np.ndarray | None:
+        truth = self.inputs.truth
+        if truth is None:
+            return None
+        known = self.method.known_identities(self.cfg, stage, self.inputs.seed, np.unique(truth))
+        if len(known) == 0:
+            return None
+        return np.where(np.isin(truth, known), truth, -1).astype(np.int64)
+
+    def update(self, stage: int) -> dict:
+        """Run the method's update for ``stage`` once; later calls return the cached result."""
+        if stage in self.results:
+            return self.results[stage]
+        inputs = self.inputs
+        previous = self.targets_for(stage) if stage >= 0 else None
+        if previous is None:
+            previous = Targets(labels=np.zeros(inputs.num_samples, dtype=np.int64))
+        pooled, parts = self._gather(stage)
+        start = time.perf_counter()
+        blocks = block_map_if_cpus_free(self.cfg.ray.clustering_tasks)
+        ctx = UpdateContext(stage=stage, seed=inputs.seed, num_real=inputs.num_real, cameras=inputs.cameras,
+                            is_fake=inputs.is_fake, parts=parts, known_labels=self._known_labels(stage),
+                            map_blocks=blocks)
+        new = self.method.update(self.cfg, pooled, previous, ctx)
+        if not isinstance(new, Targets):
+            raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
+        info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes,
+                "cluster_tasks": blocks.tasks if blocks is not None else 0}
+        real = slice(0, inputs.num_real)  # scored on the real samples (camstyle fakes are augmentation)
+        info.update(label_free_scores(pooled[real], new.labels[real], previous.labels[real], seed=inputs.seed))
+        if inputs.truth is not None:
+            info.update(self.method.diagnostics(self.cfg, previous, new, inputs.truth))
+        result = {"targets": new, "info": info}
+        self.results[stage] = result
+        self.shards.pop(stage, None)
+        self._save()
+        return result
+
+    def forget_from(self, stage: int) -> None:
+        """Drop cached updates from ``stage`` on: a resumed run recomputes them, it never replays them."""
+        self.results = {s: r for s, r in self.results.items() if s < stage}
+        self._save()
+
+    def _save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(self.results))
+        tmp.replace(self.state_path)

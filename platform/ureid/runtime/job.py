@@ -1,0 +1,144 @@
+"""A tracked Ray Train job: the one way the project launches work on Ray.
+
+A job owns a run folder, an MLflow run (optionally the child of a parent run, e.g. a sweep's), starts or
+joins Ray, and launches one ``TorchTrainer`` with the callbacks its caller gives. The stage-loop run
+(:mod:`.experiment`), a sweep trial and a GAN training job are jobs; what they train is their own.
+
+Layout of a run folder ``<output_dir>/<kind>-<time>-<id>/``::
+
+    run.json        MLflow run id, tracking URI, attempts (read by --resume)
+    history.jsonl   one line of metrics per reported stage (written by HistoryCallback)
+    ray/            Ray Train storage: one checkpoint per report (stage_000/, stage_001/, ...)
+
+A failed job is marked FAILED in MLflow with the error, and its checkpoints stay for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .. import tracking
+
+HISTORY_FILE = "history.jsonl"
+
+
+def stage_checkpoints(run_dir: str | os.PathLike, state_file: str = "state.pt") -> list[tuple[int, Path]]:
+    """Every stage checkpoint of every attempt under a run folder, by stage (the newest copy of a stage wins)."""
+    found = {}
+    for state in sorted((Path(run_dir) / "ray").glob(f"**/stage_*/{state_file}"), key=lambda p: p.stat().st_mtime):
+        found[int(state.parent.name.split("_")[1])] = state.parent
+    return sorted(found.items())
+
+
+def ensure_ray(ray_cfg) -> None:
+    """Join ``ray.address`` or start a local Ray instance (workers import the installed ``ureid``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard)
+
+
+@dataclass
+class Job:
+    run_dir: Path
+    tracking_uri: str
+    run_id: str
+    attempt: int = 1
+
+    @property
+    def resumed(self) -> bool:
+        return self.attempt > 1
+
+    @property
+    def history_path(self) -> Path:
+        return self.run_dir / HISTORY_FILE
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, kind: str, output_dir: str | os.PathLike, tracking_cfg, params: dict, tags: dict[str, str],
+              write_config: Callable[[Path], Path] | None = None, parent_run_id: str | None = None) -> "Job":
+        """A new run folder and MLflow run. ``write_config(run_dir)`` saves the resolved config there (logged
+        as an artifact); ``params`` are logged flattened."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(output_dir).expanduser().resolve() / f"{kind}-{stamp}-{secrets.token_hex(3)}"
+        run_dir.mkdir(parents=True)
+        uri = tracking.resolve_tracking_uri(tracking_cfg.tracking_uri, output_dir)
+        config_path = write_config(run_dir) if write_config else None
+        run_id = tracking.start_run(uri, tracking_cfg.experiment, tracking_cfg.run_name or run_dir.name, params,
+                                    tags, artifact=config_path, parent_run_id=parent_run_id)
+        job = cls(run_dir, uri, run_id)
+        job._write_info()
+        return job
+
+    @classmethod
+    def reopen(cls, run_dir: str | os.PathLike) -> "Job":
+        """The job of an earlier attempt, to continue it: its MLflow run goes back to RUNNING."""
+        run_dir = Path(run_dir).expanduser().resolve()
+        if not (run_dir / "run.json").is_file():
+            raise FileNotFoundError(f"--resume {run_dir}: not a ureid run folder (no run.json)")
+        info = json.loads((run_dir / "run.json").read_text())
+        job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1)
+        tracking.reopen_run(job.tracking_uri, job.run_id)
+        job._write_info()
+        return job
+
+    def _write_info(self) -> None:
+        info = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "attempts": self.attempt}
+        (self.run_dir / "run.json").write_text(json.dumps(info))
+
+    def announce(self) -> None:
+        print(f"[ureid] run folder {self.run_dir}\n[ureid] MLflow run {self.run_id} at {self.tracking_uri}",
+              flush=True)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoints(self, state_file: str) -> list[tuple[int, Path]]:
+        return stage_checkpoints(self.run_dir, state_file)
+
+    # -- running ---------------------------------------------------------------------------------
+    @contextmanager
+    def failing_loudly(self):
+        """Mark the MLflow run FAILED with the error when the block raises (checkpoints stay)."""
+        try:
+            yield self
+        except BaseException as exc:
+            tracking.finish_run(self.tracking_uri, self.run_id, error=exc)
+            print(f"[ureid] run failed: {type(exc).__name__}: {exc}\n[ureid] checkpoints kept in "
+                  f"{self.run_dir / 'ray'}; continue with --resume {self.run_dir}", flush=True)
+            raise
+
+    def fit(self, train_fn: Callable[[dict], None], loop_config: dict, ray_cfg, callbacks: Sequence = (),
+            max_failures: int = 0):
+        """Launch ``train_fn`` on ``ray_cfg.num_workers`` Ray Train workers and wait for it."""
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        ensure_ray(ray_cfg)
+        trainer = TorchTrainer(
+            train_fn,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"{self.run_dir.name}-attempt{self.attempt}", storage_path=str(self.run_dir / "ray"),
+                callbacks=list(callbacks),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            ),
+        )
+        return trainer.fit()
+
+    def log_artifacts(self, paths: dict[str, Path | None]) -> None:
+        tracking.log_artifacts(self.tracking_uri, self.run_id, paths)
+
+    def finish(self) -> None:
+        tracking.finish_run(self.tracking_uri, self.run_id)

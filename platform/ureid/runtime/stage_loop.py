@@ -1,0 +1,176 @@
+"""The per-worker stage loop that runs inside ``ray.train.torch.TorchTrainer``.
+
+One code path for every method, calling only its hooks (:class:`ureid.methods.Method`): train on the
+current targets, evaluate (rank 0), extract this worker's shard of features into the feature store, get
+the updated targets back, checkpoint and report the stage with ``ray.train.report``. Every stage reseeds
+from ``(seed, stage)``, so a run resumed from a stage checkpoint gives the labels of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ..engine.seeding import seed_everything
+from ..methods.base import Worker
+from .feature_store import PRE_STAGE
+from .selection import Selection
+
+STATE_FILE = "state.pt"
+
+
+def log_line(rank: int, msg: str) -> None:
+    # Not print(): Ray Train V2 patches print in workers to also go through logging, which shows every
+    # line twice on the driver; a plain stdout write is forwarded once.
+    if rank == 0:
+        sys.stdout.write(f"[ureid] {msg}\n")
+        sys.stdout.flush()
+
+
+def _barrier(world: int) -> None:
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(value, rank: int, world: int):
+    """Rank 0's value on every rank, so decisions taken on it (early stopping) agree."""
+    box = [value if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _load_state(config: dict) -> dict | None:
+    """The checkpoint to continue from: Train's own after a worker-group restart, else the resumed run's."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    if config.get("resume_from"):
+        return torch.load(Path(config["resume_from"]) / STATE_FILE, map_location="cpu", weights_only=False)
+    return None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    from ..engine.datasets import make_loader
+    from ..engine.evaluate import evaluate_model
+    from ..engine.extract import extract_features
+    from ..engine.train import build_optimizer, step_lr, train_epoch
+    from ..models.backbone import ReidNet
+
+    cfg, method, data = config["cfg"], config["method"], config["data"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    store = ray.get_actor(config["store_name"], namespace=config["namespace"])
+    n = len(data)
+
+    seed_everything(cfg.seed)
+    model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=method.embedding_dim(cfg),
+                    dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes,
+                    frozen_stages=cfg.model.frozen_stages)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
+    log_every = int(config.get("log_every", 20))
+
+    def log(msg: str) -> None:
+        log_line(rank, msg)
+
+    def progress(info: dict) -> None:
+        log(f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
+
+    def evaluate() -> dict:
+        scores = evaluate_model(model, data.query, data.gallery, device, **cfg.extract_options()) if rank == 0 else None
+        return _broadcast(scores, rank, world)
+
+    worker = Worker(cfg=cfg, model=model, device=device, rank=rank, world_size=world, data=data, log=log,
+                    progress=progress, log_every=log_every, evaluate=evaluate)
+    net = worker.net
+
+    state = _load_state(config)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        start_stage, method_state, selection = state["stage"] + 1, state["method_state"], state["selection"]
+        first_metrics = {}
+        log(f"continuing at stage {start_stage + 1}")
+    else:
+        start_stage, selection = 0, Selection(cfg.schedule.select_metric, cfg.schedule.patience)
+        prepared = method.begin(worker)
+        method_state, first_metrics = prepared.state, prepared.metrics
+
+    num_stages = config["num_stages"]
+    shard = np.arange(n)[rank::world]
+    parts = method.needs_parts and cfg.model.num_stripes > 0
+
+    def extract_and_update(stage: int) -> dict:
+        feats = extract_features(net, [data.train[i] for i in shard], device=device, parts=parts,
+                                 **cfg.extract_options())
+        ray.get(store.put.remote(stage, rank, shard, feats["pooled"], feats.get("parts")))
+        _barrier(world)
+        return ray.get(store.update.remote(stage))
+
+    targets = ray.get(store.targets_for.remote(start_stage))
+    if targets is None:  # no initial targets: the first update runs on the prepared model's features
+        targets = extract_and_update(PRE_STAGE)["targets"]
+
+    for stage in range(start_stage, num_stages):
+        t0 = time.perf_counter()
+        seed_everything(cfg.seed * 1000 + stage)
+        method.start_stage(worker, stage, method_state)
+        loss_fn = method.build_loss(cfg, targets, n, net.feature_dim).to(device)
+        dataset = method.train_dataset(cfg, data, targets)
+        recipe = method.recipe(cfg, stage)
+        extra = [p for p in loss_fn.parameters() if p.requires_grad]
+        opt = build_optimizer(net, extra, recipe.lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
+                              cfg.train.weight_decay, cfg.train.nesterov)
+        log(f"stage {stage + 1}/{num_stages}: {targets.num_classes} classes, {recipe.epochs} epochs at lr {recipe.lr}")
+        losses = []
+        for epoch in range(recipe.epochs):
+            step_lr(opt, epoch, recipe.lr, recipe.lr_step)
+            loader = make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 1000 + stage,
+                                 epoch=epoch, num_workers=cfg.data.num_workers, rank=rank, world_size=world,
+                                 drop_last=len(dataset) >= cfg.train.batch_size * world)
+            out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
+                              log_every=log_every, max_batches=cfg.train.max_batches_per_epoch)
+            losses.append(out["loss"])
+        train_time = time.perf_counter() - t0
+
+        metrics = {"stage": stage, "loss": float(np.mean(losses)), "num_classes": targets.num_classes}
+        if data.query:
+            metrics.update(evaluate())
+        if stage == 0:
+            metrics.update(first_metrics)
+        if hasattr(loss_fn, "memory"):  # lets the driver check that DDP replicas never drift
+            memory = loss_fn.memory.detach().cpu().numpy()
+            metrics["memory_checksum"] = hashlib.sha256(memory.tobytes()).hexdigest()
+        result = extract_and_update(stage)
+        targets = result["targets"]
+        metrics.update(result["info"])
+        metrics["train_time_s"] = train_time
+        metrics["stage_time_s"] = time.perf_counter() - t0
+        stop = selection.observe(stage, metrics)
+        metrics["best_stage"] = selection.best_stage
+        if rank == 0:
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "rank1", "loss") if k in metrics)
+            log(f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {shown}, "
+                f"{metrics['num_clusters']} clusters")
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:  # what a resume reads, nothing more
+                torch.save({"stage": stage, "model": net.state_dict(), "method_state": method_state,
+                            "selection": selection}, Path(tmp) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"stage_{stage:03d}")
+        if stop:
+            log(f"{selection.metric} did not improve for {selection.stale} stages: stopping")
+            break

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# ureid works installed, without the checkout: build a wheel, install it (non-editable, --no-deps) into a
+# scratch venv that borrows .venv's dependencies but not its editable ureid, then run one BUC stage
+# with the `ureid` command from a folder outside the checkout. Called by .ci/run after the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PY" -m venv --without-pip "$scratch/venv"
+site=$("$scratch/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+deps=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# A plain path entry: .venv's own .pth files (the editable install of this checkout) are not read.
+echo "$deps" > "$site/ureid-deps.pth"
+.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w "$scratch/dist" "$repo"
+.venv/bin/python -m pip --python "$scratch/venv/bin/python" install -q --no-deps --no-compile "$scratch"/dist/ureid-*.whl
+mkdir "$scratch/work"
+cd "$scratch/work"
+export RAY_AUTH_MODE=disabled
+"$scratch/venv/bin/python" - "$repo" <<'PY'
+import sys
+import ureid, ureid.config
+repo = sys.argv[1]
+assert not any(p.startswith(repo) for p in sys.path), [p for p in sys.path if p.startswith(repo)]
+assert not ureid.__file__.startswith(repo) and (ureid.config.CONFIG_DIR / "buc_cpu.yaml").is_file(), ureid.__file__
+print(f"[check_wheel] ureid {ureid.__version__} from {ureid.__file__}, configs from the package")
+PY
+"$scratch/venv/bin/ureid" run buc --set schedule.max_stages=1
+test -f "$(ls -d runs/buc-*/ | head -1)summary.json"
+echo "[check_wheel] ok: one BUC stage from the installed wheel in $scratch/work"

@@ -1,0 +1,64 @@
+"""Label-free stage scores: equal to scikit-learn's definitions, deterministic, and they rank a partition
+that matches well-separated blobs above a random one."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, davies_bouldin_score, normalized_mutual_info_score, silhouette_score
+
+from ureid.evaluation.label_free import (agreement, davies_bouldin, label_free_scores, silhouette,
+                                         soft_neighborhood_density)
+
+
+def _blobs(n_ids=8, per_id=25, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ids, dim))
+    labels = np.repeat(np.arange(n_ids), per_id)
+    x = centres[labels] + rng.normal(size=(labels.size, dim)) * 0.15
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+def test_scores_equal_scikit_learn_on_unit_features():
+    x, labels = _blobs()
+    noisy = labels.copy()
+    noisy[::7] = (noisy[::7] + 1) % 8
+    assert silhouette(x, noisy, sample=None) == pytest.approx(silhouette_score(x, noisy, metric="sqeuclidean"), abs=1e-6)
+    assert davies_bouldin(x, noisy, sample=None) == pytest.approx(davies_bouldin_score(x, noisy), rel=1e-6)
+    got = agreement(labels, noisy)
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(labels, noisy), abs=1e-9)
+    assert got["ari"] == pytest.approx(adjusted_rand_score(labels, noisy), abs=1e-9)
+    assert agreement(labels, labels) == {"nmi": 1.0, "ari": 1.0}
+
+
+def test_a_sample_of_rows_is_exact_for_those_rows_and_deterministic():
+    x, labels = _blobs()
+    a = label_free_scores(x, labels, previous=labels // 2, sample=64, seed=3)
+    b = label_free_scores(x, labels, previous=labels // 2, sample=64, seed=3)
+    assert a == b and set(a) == {"lf_silhouette", "lf_davies_bouldin", "lf_snd", "lf_nmi_previous", "lf_ari_previous"}
+    rows = np.sort(np.random.default_rng(3).choice(len(x), 64, replace=False))
+    from sklearn.metrics import silhouette_samples
+
+    assert a["lf_silhouette"] == pytest.approx(silhouette_samples(x, labels, metric="sqeuclidean")[rows].mean(), abs=1e-6)
+
+
+def test_blob_partition_scores_better_than_a_random_one():
+    x, labels = _blobs()
+    shuffled = np.random.default_rng(1).permutation(labels)
+    assert silhouette(x, labels) > 0.5 > silhouette(x, shuffled)
+    assert davies_bouldin(x, labels) < davies_bouldin(x, shuffled)
+    # SND is high when each sample has a dense neighbourhood: in a blob of 25 the softmax spreads evenly
+    # over the 24 others (entropy near log 24); in structureless features it falls on a few.
+    spread = np.random.default_rng(2).normal(size=x.shape)
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    assert soft_neighborhood_density(x) == pytest.approx(np.log(24), abs=0.05)
+    assert soft_neighborhood_density(x) > soft_neighborhood_density(spread) + 1.0
+
+
+def test_outliers_and_degenerate_partitions():
+    x, labels = _blobs()
+    with_outliers = labels.copy()
+    with_outliers[:10] = -1
+    assert silhouette(x, with_outliers) == pytest.approx(silhouette(x[10:], labels[10:]))
+    assert silhouette(x, np.zeros(len(x), int)) == 0.0
+    assert davies_bouldin(x, np.arange(len(x))) == float("inf")
+    with pytest.raises(ValueError, match="differ in length"):
+        agreement(labels, labels[:-1])
