@@ -33,6 +33,11 @@ def tiny_cfg(method, root, out, *extra):
                       "clustering.num_clusters=5", "clustering.iterations=2", "clustering.pretrain_epochs=1",
                       "clustering.threshold=0.5"]
         overrides += [f"clustering.source.synthetic.{k}={v}" for k, v in {**TINY_SYNTH, "seed": 4}.items()]
+    if method == "dbc":  # stages selected on another labeled dataset (the TIP protocol)
+        val = root.parent / "tiny_validation"
+        overrides += ["schedule.select=validation", f"schedule.validation.root={val}",
+                      "schedule.validation.height=32", "schedule.validation.width=16"]
+        overrides += [f"schedule.validation.synthetic.{k}={v}" for k, v in {**TINY_SYNTH, "seed": 5}.items()]
     if method == "ssl":
         # two stripes need a final feature map two rows high: 64-pixel-high inputs
         overrides += ["clustering.num_neighbors=2", "model.num_stripes=2", "data.height=64", "data.width=32"]
@@ -73,6 +78,15 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         assert sorted(steps) == [0, 1], (key, steps)
     for m in client.get_metric_history(run.info.run_id, "mAP"):
         assert 0.0 <= m.value <= 1.0
+    for key in ("lf_silhouette", "lf_snd", "lf_nmi_previous", "selected_stage", "oracle_stage"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    history = summary["history"]
+    assert summary["oracle_stage"] == max(history, key=lambda h: h["mAP"])["stage"]
+    if method == "dbc":
+        assert summary["selection"] == "validation"
+        assert summary["selected_stage"] == max(history, key=lambda h: h["val_mAP"])["stage"]
+    else:
+        assert summary["selection"] == "last" and summary["selected_stage"] == 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "labels.npy", "plots", "best_checkpoint"} <= artifacts
 
@@ -146,6 +160,7 @@ def test_comparison_report_has_a_row_per_run(ray_cluster, tiny_root, fakes, tmp_
     runs = [_run(m, tiny_root, tmp_path_factory)["run_dir"] for m in ("buc", "dbc")]
     table = comparison_table(load_summaries(runs)).splitlines()
     assert len(table) == 4 and table[2].startswith("| buc | merge_percent=0.2") and "| dbc |" in table[3]
+    assert "(last)" in table[2] and "oracle-best" in table[0]
 
 
 def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):

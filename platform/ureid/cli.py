@@ -126,6 +126,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_entry_point(args.method, args.rest)
 
 
+def build_tune_parser(prog: str = "ureid tune") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Sweep a method's knobs with Ray Tune (ASHA after every "
+                                "stage); one MLflow parent run per sweep, one child per trial.")
+    p.add_argument("method", choices=_method_names())
+    p.add_argument("--config", help="base config of every trial (default: <method>_cpu.yaml from the package)")
+    p.add_argument("--space", help="YAML file with a 'space:' block of dotted keys (default: the method's own)")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--search", choices=["random", "grid", "optuna"], default="random")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="default: as many trials as the cluster's CPUs hold (workers x cpus_per_worker each)")
+    p.add_argument("--name", help="sweep folder name (default: sweep-<method>-<time>-<id>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override applied to every trial")
+    p.add_argument("--resume", metavar="SWEEP_DIR", help="continue a sweep whose driver died")
+    return p
+
+
+def tune_entry_point(argv: list[str] | None = None, prog: str = "ureid tune") -> int:
+    """``ureid tune`` and ``experiments/sweep.py``."""
+    from ureid.config import CONFIG_DIR, ConfigError
+
+    args = build_tune_parser(prog).parse_args(argv)
+    from ureid.runtime.tune import run_sweep
+
+    try:
+        run_sweep(args.config or CONFIG_DIR / f"{args.method}_cpu.yaml", args.method, args.overrides,
+                  space_file=args.space, num_samples=args.num_samples, search=args.search,
+                  scheduler=args.scheduler, max_concurrent=args.max_concurrent, name=args.name, resume=args.resume)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    return tune_entry_point(args.rest)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ureid.tracking import resolve_tracking_uri
+    from ureid.tracking.compare import compare
+
+    uri = args.tracking_uri or resolve_tracking_uri(None, "runs")
+    files = compare(uri, args.out, experiment=args.experiment, run_ids=args.runs or None)
+    for dataset, paths in files.items():
+        for path in paths:
+            if path.suffix == ".md":
+                print(f"## {dataset}\n\n{path.read_text()}")
+        print(f"{dataset}: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from ureid.tracking.report import comparison_table, load_summaries
 
@@ -138,6 +191,15 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("method", choices=_method_names())
     r.add_argument("rest", nargs=argparse.REMAINDER, help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
     r.set_defaults(func=_cmd_run)
+    t = sub.add_parser("tune", help="sweep a method with Ray Tune (see ureid tune METHOD --help)", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_cmd_tune)
+    cmp = sub.add_parser("compare", help="compare methods from MLflow: Markdown + CSV tables and plots per dataset")
+    cmp.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
+    cmp.add_argument("--experiment", default=None, help="MLflow experiment (default: ureid)")
+    cmp.add_argument("--runs", nargs="*", default=[], help="run ids instead of a whole experiment")
+    cmp.add_argument("--out", default="runs/comparison", help="folder for the tables and plots")
+    cmp.set_defaults(func=_cmd_compare)
     rep = sub.add_parser("report", help="compare finished runs: one markdown row per run")
     rep.add_argument("runs", nargs="+", help="run folders, or output folders holding them")
     rep.set_defaults(func=_cmd_report)
@@ -184,7 +246,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,tune,compare,report}")
     add_data_commands(sub)
     add_run_commands(sub)
     return parser

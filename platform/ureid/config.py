@@ -105,10 +105,42 @@ class MethodSettings(_Strict):
     path_fields: ClassVar[tuple[str, ...]] = ()
 
 
+#: Label-free stage scores (logged as ``lf_*`` by every update) and whether higher is better.
+LABEL_FREE_SCORES = {"lf_silhouette": True, "lf_davies_bouldin": False, "lf_snd": True,
+                     "lf_nmi_previous": True, "lf_ari_previous": True}
+
+
 class ScheduleConfig(_Strict):
     max_stages: PosInt | None = None
     patience: PosInt | None = None
-    select_metric: Literal["mAP", "rank1", "rank5"] = "mAP"
+    # Which stage a run keeps: ``last``; ``label_free:<score>`` (one of LABEL_FREE_SCORES: features and
+    # pseudo-labels only); ``validation`` (mAP on the labeled ``validation`` dataset, another one than the
+    # target: the TIP paper's protocol); ``oracle_map`` (test-set mAP: labels an unsupervised user does not
+    # have; for analysis, always reported beside the others as ``oracle_stage``).
+    select: str = "last"
+    validation: DataConfig | None = None
+
+    @model_validator(mode="after")
+    def _known_criterion(self):
+        allowed = ["last", "validation", "oracle_map", *(f"label_free:{k}" for k in LABEL_FREE_SCORES)]
+        if self.select not in allowed:
+            raise ValueError(f"schedule.select: {self.select!r} is not a selection criterion; allowed: "
+                             f"{', '.join(allowed)}")
+        if self.select == "validation" and self.validation is None:
+            raise ValueError("schedule.select: 'validation' needs schedule.validation, a labeled dataset other "
+                             "than the target (e.g. {name: dukemtmc, root: /data/DukeMTMC-reID})")
+        return self
+
+    def criterion(self) -> tuple[str, bool] | None:
+        """(metric, higher is better) that selects the stage; None for ``last``."""
+        if self.select == "last":
+            return None
+        if self.select == "validation":
+            return "val_mAP", True
+        if self.select == "oracle_map":
+            return "mAP", True
+        score = self.select.split(":", 1)[1]
+        return score, LABEL_FREE_SCORES[score]
 
 
 class RayConfig(_Strict):
@@ -169,6 +201,8 @@ class Config(_Strict):
     def check_paths(self) -> None:
         """Every dataset folder the config names exists (run once, in the driver)."""
         self.data.check_paths("data")
+        if self.schedule.validation is not None:
+            self.schedule.validation.check_paths("schedule.validation")
         for name, value in self.clustering:
             if isinstance(value, DataConfig):
                 value.check_paths(f"clustering.{name}")
@@ -188,6 +222,8 @@ class Config(_Strict):
         cfg = self.model_copy(deep=True)
         cfg.output_dir = absolute(cfg.output_dir)
         cfg.data.root = absolute(cfg.data.root)
+        if cfg.schedule.validation is not None:
+            cfg.schedule.validation.root = absolute(cfg.schedule.validation.root)
         for name, value in cfg.clustering:
             if isinstance(value, DataConfig):
                 value.root = absolute(value.root)

@@ -79,6 +79,8 @@ class RunData:
     gallery: list[Record]
     num_real: int
     extra: dict[str, Any] = field(default_factory=dict)
+    validation_query: list[Record] = field(default_factory=list)    # schedule.validation: another labeled
+    validation_gallery: list[Record] = field(default_factory=list)  # dataset, to select stages on
 
     def __len__(self) -> int:
         return len(self.train)

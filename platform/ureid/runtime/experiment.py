@@ -30,10 +30,13 @@ def load_run_data(cfg: Config, method) -> RunData:
     """The run's samples: the configured dataset's splits, then what the method adds (read once, in the driver)."""
     ds = load_split_dataset(cfg.data)
     data = RunData(train=list(ds.train), query=list(ds.query), gallery=list(ds.gallery), num_real=len(ds.train))
+    if cfg.schedule.validation is not None:
+        val = load_split_dataset(cfg.schedule.validation)
+        data.validation_query, data.validation_gallery = list(val.query), list(val.gallery)
     return method.load_data(cfg, data)
 
 
-def _print_table(history: list[dict], best_stage: int | None) -> None:
+def _print_table(history: list[dict], selected: int | None, oracle: int | None) -> None:
     cols = [("stage", "{:>5}"), ("mAP", "{:>6.1%}"), ("rank1", "{:>6.1%}"), ("num_clusters", "{:>8}"),
             ("merge_precision", "{:>9.3f}"), ("loss", "{:>7.3f}"), ("stage_time_s", "{:>7.0f}")]
     cols = [(k, f) for k, f in cols if any(k in h for h in history)]
@@ -41,7 +44,8 @@ def _print_table(history: list[dict], best_stage: int | None) -> None:
     print("  ".join(f"{heads.get(k, k):>{len(f.format(0)) if k != 'stage' else 5}}" for k, f in cols))
     for h in history:
         row = "  ".join(f.format(h[k]) if k in h else " " * len(f.format(0)) for k, f in cols)
-        print(row + ("   <- selected" if h["stage"] == best_stage else ""))
+        marks = [name for name, stage in (("selected", selected), ("oracle best", oracle)) if h["stage"] == stage]
+        print(row + (f"   <- {', '.join(marks)}" if marks else ""))
 
 
 def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
@@ -69,6 +73,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         cfg.check_paths()
         method.prepare(cfg)
         ensure_synthetic(cfg.data)
+        if cfg.schedule.validation is not None:
+            ensure_synthetic(cfg.schedule.validation)
         data = load_run_data(cfg, method)  # fail here, in the driver, on a bad dataset
         done = job.checkpoints(STATE_FILE)
         start_stage, resume_from = (done[-1][0] + 1, str(done[-1][1])) if done else (0, None)
@@ -100,14 +106,15 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
 
     history = read_history(job.history_path)
     np.save(job.run_dir / "labels.npy", final.labels)
-    selected = history[-1]["best_stage"]
-    best = next(h for h in history if h["stage"] == selected)
+    by_stage = {h["stage"]: h for h in history}
+    selected, oracle = history[-1]["selected_stage"], history[-1]["oracle_stage"]
     shutil.copytree(dict(job.checkpoints(STATE_FILE))[selected], job.run_dir / "best_checkpoint", dirs_exist_ok=True)
     plot = tracking.plot_stages(history, job.run_dir / "stages.png", title=f"{cfg.method} on {cfg.data.name}")
     block = cfg.clustering.model_dump()
     summary = {
         "method": cfg.method, "dataset": cfg.data.name, "run_dir": str(job.run_dir), "run_id": job.run_id,
-        "tracking_uri": job.tracking_uri, "best_stage": selected, "best": best, "first": history[0],
+        "tracking_uri": job.tracking_uri, "selection": cfg.schedule.select, "selected_stage": selected,
+        "selected": by_stage[selected], "oracle_stage": oracle, "oracle": by_stage[oracle], "first": history[0],
         "setting": ", ".join(f"{k}={block[k]}" for k in method.key_settings if k in block),
         "final_num_clusters": history[-1]["num_clusters"], "wall_time_s": time.perf_counter() - t0,
         "history": history,
@@ -115,10 +122,20 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     job.log_artifacts({"": job.run_dir / "labels.npy", "plots": plot, "best_checkpoint": job.run_dir / "best_checkpoint",
                        "summary": job.run_dir / "summary.json"})
+    # Summary metrics under names of their own (MLflow's search returns a metric's latest value only).
+    chosen, best = by_stage[selected], by_stage[oracle]
+    tracking.log_summary(job.tracking_uri, job.run_id, {
+        "wall_time_s": summary["wall_time_s"], "selected_at_stage": selected, "oracle_at_stage": oracle,
+        **{f"selected_{k}": chosen[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in chosen},
+        **{f"best_{k}": best[k] for k in ("mAP", "rank1") if k in best}})
+    tracking.set_tags(job.tracking_uri, job.run_id, {"ureid.setting": summary["setting"],
+                                                     "ureid.selection": cfg.schedule.select})
     job.finish()
     if not quiet:
         print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stages in {summary['wall_time_s']:.0f}s")
-        _print_table(history, selected)
+        print(f"[ureid] selected stage {selected} by {cfg.schedule.select}; the oracle (test-set mAP, labels an "
+              f"unsupervised user does not have) would pick stage {oracle}")
+        _print_table(history, selected, oracle)
     return summary
 
 

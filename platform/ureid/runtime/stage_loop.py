@@ -92,6 +92,13 @@ def train_loop_per_worker(config: dict) -> None:
         scores = evaluate_model(model, data.query, data.gallery, device, **cfg.extract_options()) if rank == 0 else None
         return _broadcast(scores, rank, world)
 
+    def validate() -> dict:  # another labeled dataset than the target (schedule.validation)
+        scores = None
+        if rank == 0:
+            scores = evaluate_model(model, data.validation_query, data.validation_gallery, device,
+                                    **cfg.extract_options())
+        return {f"val_{k}": v for k, v in _broadcast(scores, rank, world).items()}
+
     worker = Worker(cfg=cfg, model=model, device=device, rank=rank, world_size=world, data=data, log=log,
                     progress=progress, log_every=log_every, evaluate=evaluate)
     net = worker.net
@@ -103,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
         first_metrics = {}
         log(f"continuing at stage {start_stage + 1}")
     else:
-        start_stage, selection = 0, Selection(cfg.schedule.select_metric, cfg.schedule.patience)
+        start_stage, selection = 0, Selection.from_schedule(cfg.schedule)
         prepared = method.begin(worker)
         method_state, first_metrics = prepared.state, prepared.metrics
 
@@ -144,9 +151,13 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(out["loss"])
         train_time = time.perf_counter() - t0
 
-        metrics = {"stage": stage, "loss": float(np.mean(losses)), "num_classes": targets.num_classes}
+        # stages_done: the time axis of a sweep's scheduler (ASHA decides after every stage)
+        metrics = {"stage": stage, "stages_done": stage + 1, "loss": float(np.mean(losses)),
+                   "num_classes": targets.num_classes}
         if data.query:
             metrics.update(evaluate())
+        if data.validation_query:
+            metrics.update(validate())
         if stage == 0:
             metrics.update(first_metrics)
         if hasattr(loss_fn, "memory"):  # lets the driver check that DDP replicas never drift
@@ -158,7 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["train_time_s"] = train_time
         metrics["stage_time_s"] = time.perf_counter() - t0
         stop = selection.observe(stage, metrics)
-        metrics["best_stage"] = selection.best_stage
+        metrics["selected_stage"] = selection.selected_stage
+        metrics["oracle_stage"] = selection.oracle_stage
         if rank == 0:
             shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "rank1", "loss") if k in metrics)
             log(f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {shown}, "
@@ -172,5 +184,5 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"stage_{stage:03d}")
         if stop:
-            log(f"{selection.metric} did not improve for {selection.stale} stages: stopping")
+            log(f"{cfg.schedule.select} did not improve for {selection.stale} stages: stopping")
             break

@@ -85,17 +85,38 @@ def log_stage(uri: str, run_id: str, stage: int, metrics: dict[str, float], time
     _client(uri).log_batch(run_id, metrics=values)
 
 
+def log_summary(uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Summary metrics (no step): MLflow's search returns each metric's latest value, so ``best_*`` and
+    ``selected_*`` are logged under names of their own."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    if values:
+        _client(uri).log_batch(run_id, metrics=values)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def reopen_run(uri: str, run_id: str) -> None:
     _client(uri).update_run(run_id, status="RUNNING")
 
 
-def finish_run(uri: str, run_id: str, error: BaseException | None = None) -> None:
+def finish_run(uri: str, run_id: str, error: BaseException | None = None, status: str | None = None) -> None:
+    """FAILED with the error as a tag when ``error`` is given, else ``status`` (default FINISHED)."""
     client = _client(uri)
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
         client.set_terminated(run_id, status="FAILED")
     else:
-        client.set_terminated(run_id, status="FINISHED")
+        client.set_terminated(run_id, status=status or "FINISHED")
 
 
 def log_artifacts(uri: str, run_id: str, paths: dict[str, Path]) -> None:

@@ -1,0 +1,392 @@
+"""Ray Tune sweeps: every trial is one stage-loop run (a :class:`~.job.Job` with ``TuneReportCallback``), so
+ASHA can stop a trial after any stage; MLflow holds one parent run per sweep and one child per trial.
+
+Layout of a sweep folder ``<output_dir>/sweep-<method>-<time>-<id>/``::
+
+    sweep.json      what --resume needs: the base config, the space, searcher, scheduler, parent run
+    tune/           Ray Tune's experiment state
+    trials/<name>/  each trial's run folder (config.yaml, history.jsonl, checkpoints, summary.json)
+    trials.csv      one row per trial: status, parameters, stages, selected stage and its scores
+    best.yaml       the best trial's config: ``ureid run --config best.yaml`` reproduces its stages
+
+The objective is the sweep's selection criterion (``schedule.select``; a label-free score by default,
+never the test-set mAP unless ``oracle_map`` is asked for by name): ASHA compares trials on it after every
+stage, and the best trial is the one whose selected stage scores best on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import secrets
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, apply_overrides, read_yaml, validate
+from .. import tracking
+
+DEFAULT_OBJECTIVE = "label_free:lf_silhouette"
+KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+# ----------------------------------------------------------------------------- spaces
+
+
+def load_space(method, path: str | os.PathLike | None = None) -> tuple[dict, str]:
+    """The search space ``{dotted key: {kind: args}}`` of a YAML file (``space:`` block), else the method's own."""
+    if path is None:
+        return copy.deepcopy(method.search_space), f"the default space of {method.name}"
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep space {path}: file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("space"), dict):
+        raise ConfigError(f"sweep space {path}: expected a mapping with a 'space:' block of dotted config keys")
+    return data["space"], str(path)
+
+
+def _set(data: dict, key: str, value) -> dict:
+    out = copy.deepcopy(data)
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _probe_values(kind: str, args) -> list:
+    if kind in ("uniform", "loguniform", "randint"):
+        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+                and args[0] < args[1]):
+            raise ValueError(f"{kind} needs [low, high] with low < high, got {args!r}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"loguniform needs low > 0, got {args!r}")
+        return [args[0], args[1] - 1] if kind == "randint" else list(args)
+    if not (isinstance(args, list) and args):
+        raise ValueError(f"{kind} needs a non-empty list of values, got {args!r}")
+    return list(args)
+
+
+def check_space(base: dict, space: dict, source: str) -> None:
+    """Reject a space naming a key the method's config does not have, or a value the schema refuses
+    (both ends of every range, every listed value), before any trial starts."""
+    lines = []
+    known = validate(copy.deepcopy(base), source=source).to_dict()
+    for key, spec in space.items():
+        node = known
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                lines.append(f"  {key}: not a key of the {base.get('method')} config")
+                break
+            node = node[part]
+        else:
+            if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in KINDS):
+                lines.append(f"  {key}: expected one of {{{', '.join(KINDS)}}}: [...], got {spec!r}")
+                continue
+            kind, args = next(iter(spec.items()))
+            try:
+                values = _probe_values(kind, args)
+            except ValueError as exc:
+                lines.append(f"  {key}: {exc}")
+                continue
+            for value in values:
+                try:
+                    validate(_set(base, key, value), source=source)
+                except ConfigError as exc:
+                    why = "; ".join(line.strip() for line in str(exc).splitlines()[1:])
+                    lines.append(f"  {key}: {kind} {args!r} reaches {value!r}, which the schema refuses ({why})")
+                    break
+    if lines:
+        raise ConfigError("\n".join([f"invalid sweep space ({source}):", *lines]))
+
+
+def tune_domains(space: dict) -> dict:
+    from ray import tune
+
+    make = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a), "choice": tune.choice, "grid": tune.grid_search}
+    return {key: make[kind](args) for key, spec in space.items() for kind, args in spec.items()}
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+def trial_name(sweep_id: str, trial) -> str:
+    """Deterministic within a sweep (the trial's index), unique across sweeps (the sweep id)."""
+    return f"{sweep_id}-{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .experiment import run_experiment
+
+    name = tune.get_context().get_trial_name()
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        data = _set(data, key, value.item() if hasattr(value, "item") else value)
+    data = _set(data, "output_dir", str(Path(sweep_dir) / "trials" / name))
+    data = _set(data, "tracking.run_name", name)
+    cfg = validate(data, source=f"sweep trial {name}")
+    run_experiment(cfg, quiet=True, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _objective(select: str) -> tuple[str, str]:
+    from ..config import LABEL_FREE_SCORES
+
+    if select == "oracle_map":
+        return "mAP", "max"
+    if select == "validation":
+        return "val_mAP", "max"
+    score = select.split(":", 1)[1]
+    return score, "max" if LABEL_FREE_SCORES[score] else "min"
+
+
+def _max_concurrent(ray_cfg) -> int:
+    import ray
+
+    need = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // need))
+
+
+def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] | None = None, *,
+              space_file: str | None = None, num_samples: int = 4, search: str = "random",
+              scheduler: str = "asha", max_concurrent: int | None = None, name: str | None = None,
+              resume: str | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) a sweep; returns its summary (also in sweep.json)."""
+    import ray
+    from ray import tune
+
+    from ..methods import get_method
+    from .job import ensure_ray
+
+    t0 = time.perf_counter()
+    if resume:
+        sweep_dir = Path(resume).expanduser().resolve()
+        if not (sweep_dir / "sweep.json").is_file():
+            raise FileNotFoundError(f"--resume {sweep_dir}: not a ureid sweep folder (no sweep.json)")
+        info = json.loads((sweep_dir / "sweep.json").read_text())
+        base, space = info["base"], info["space"]
+        tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
+    else:
+        base = apply_overrides(read_yaml(config), overrides)
+        if "select" not in base.get("schedule", {}) or base["schedule"]["select"] == "last":
+            base = _set(base, "schedule.select", DEFAULT_OBJECTIVE)  # a sweep needs a score to compare trials on
+        cfg = validate(copy.deepcopy(base), source=str(config))
+        if cfg.method != method_name:
+            raise ConfigError(f"config method is {cfg.method!r} but the sweep is over {method_name!r}")
+        cfg.check_paths()
+        method = get_method(method_name)
+        space, source = load_space(method, space_file)
+        check_space(base, space, source)  # before Ray starts
+        cfg = cfg.with_absolute_paths()
+        base = cfg.to_dict()
+        sweep_id = secrets.token_hex(3)
+        label = name or f"sweep-{method_name}-{time.strftime('%Y%m%d-%H%M%S')}-{sweep_id}"
+        sweep_dir = Path(cfg.output_dir) / label
+        sweep_dir.mkdir(parents=True)
+        uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
+        base = _set(base, "tracking.tracking_uri", uri)
+        objective, mode = _objective(cfg.schedule.select)
+        params = {"space": json.dumps(space), "search": search, "scheduler": scheduler, "num_samples": num_samples,
+                  "objective": f"{objective} ({mode})", "config": str(config)}
+        parent = tracking.start_run(uri, cfg.tracking.experiment, label, params,
+                                    {"ureid.sweep_id": sweep_id, "method": method_name, "dataset": cfg.data.name,
+                                     "ureid.kind": "sweep"})
+        info = {"base": base, "space": space, "search": search, "scheduler": scheduler, "num_samples": num_samples,
+                "sweep_id": sweep_id, "name": label, "parent_run_id": parent, "tracking_uri": uri,
+                "objective": objective, "mode": mode, "method": method_name}
+        (sweep_dir / "sweep.json").write_text(json.dumps(info, indent=1))
+    print(f"[ureid] sweep folder {sweep_dir}\n[ureid] MLflow parent run {info['parent_run_id']} at "
+          f"{info['tracking_uri']}", flush=True)
+
+    cfg = validate(copy.deepcopy(info["base"]), source="sweep")
+    ensure_ray(cfg.ray)
+    from ..methods import get_method
+
+    num_stages = get_method(info["method"]).num_stages(cfg, _n0_for_stage_count(cfg))
+    if cfg.schedule.max_stages:
+        num_stages = min(num_stages, cfg.schedule.max_stages)
+    trainable = tune.with_resources(
+        partial(_trial, base=info["base"], sweep_dir=str(sweep_dir), parent_run_id=info["parent_run_id"]),
+        {"CPU": 0.01},  # the trial function only waits on its TorchTrainer; {"CPU": 0} is refused by Tune
+    )
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable,
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            sched = None
+            if scheduler == "asha":
+                from ray.tune.schedulers import ASHAScheduler
+
+                # time_attr counts finished stages; stop_last_trials=False lets a trial that reaches the last
+                # stage finish its run (summary, artifacts, MLflow status) instead of being stopped there.
+                sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages, grace_period=1,
+                                      reduction_factor=2, stop_last_trials=False)
+            elif scheduler != "none":
+                raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_domains(info["space"]) if search != "grid" else tune_domains(_as_grid(info["space"])),
+                tune_config=tune.TuneConfig(
+                    metric=info["objective"], mode=info["mode"], scheduler=sched,
+                    search_alg=_searcher(search, info, cfg.seed),
+                    num_samples=num_samples if search != "grid" else 1,
+                    max_concurrent_trials=max_concurrent or _max_concurrent(cfg.ray),
+                    trial_name_creator=partial(trial_name, info["sweep_id"]),
+                    trial_dirname_creator=partial(trial_name, info["sweep_id"]),
+                ),
+                run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0),
+            )
+        grid = tuner.fit()
+    except BaseException as exc:
+        tracking.finish_run(info["tracking_uri"], info["parent_run_id"], error=exc)
+        raise
+    summary = _finish(sweep_dir, info, grid, num_stages, time.perf_counter() - t0)
+    if not quiet:
+        print(_table(summary))
+    return summary
+
+
+def _n0_for_stage_count(cfg):
+    """The schedule's length may depend on the data (BUC: on mp only); read the dataset once for it."""
+    from ..data.run_data import ensure_synthetic
+    from ..methods import get_method
+    from .experiment import load_run_data
+
+    ensure_synthetic(cfg.data)
+    return load_run_data(cfg, get_method(cfg.method))
+
+
+def _as_grid(space: dict) -> dict:
+    grid = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        if kind not in ("choice", "grid"):
+            raise ConfigError(f"--search grid: {key} is a {kind} range; a grid needs choice or grid lists")
+        grid[key] = {"grid": args}
+    return grid
+
+
+def _searcher(search: str, info: dict, seed: int):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if search in ("random", "grid"):
+        return BasicVariantGenerator(random_state=seed)
+    if search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("--search optuna needs the optional extra: pip install 'ureid[optuna]' (optuna)") from None
+        import optuna
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+    raise ConfigError(f"--search {search!r}: allowed: random, grid, optuna")
+
+
+def _trial_runs(sweep_dir: Path) -> dict[str, Path]:
+    """Trial name -> its run folder."""
+    runs = {}
+    for run_json in sorted((sweep_dir / "trials").glob("*/*/run.json")):
+        runs[run_json.parent.parent.name] = run_json.parent
+    return runs
+
+
+def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float) -> dict:
+    """Honest statuses for every child run, trials.csv, best.yaml, the parent's summary metrics."""
+    from .callbacks import read_history
+
+    uri, objective, mode = info["tracking_uri"], info["objective"], info["mode"]
+    runs = _trial_runs(sweep_dir)
+    rows = []
+    for result in grid:
+        name = Path(result.path).name
+        run_dir = runs.get(name)
+        history = read_history(run_dir / "history.jsonl") if run_dir else []
+        run_id = json.loads((run_dir / "run.json").read_text())["run_id"] if run_dir else None
+        finished = run_dir is not None and (run_dir / "summary.json").is_file()
+        if result.error is not None:
+            status = "failed"
+        elif finished:
+            status = "finished"
+        else:
+            status = "early_stopped"
+        scored = [h for h in history if objective in h]
+        chosen = (max if mode == "max" else min)(scored, key=lambda h: h[objective]) if scored else None
+        oracle = max(history, key=lambda h: h.get("mAP", -1)) if history else None
+        if run_id:
+            summary = {}
+            if chosen:
+                summary.update({f"selected_{objective}": chosen[objective], "selected_at_stage": chosen["stage"],
+                                "selected_mAP": chosen.get("mAP", math.nan), "selected_rank1": chosen.get("rank1", math.nan)})
+            if oracle:
+                summary.update({"best_mAP": oracle["mAP"], "oracle_at_stage": oracle["stage"]})
+            tracking.log_summary(uri, run_id, summary)
+            if status == "early_stopped":
+                tracking.set_tags(uri, run_id, {"ureid.early_stopped": "true"})
+                tracking.finish_run(uri, run_id, status="KILLED")
+            elif status == "failed":
+                tracking.finish_run(uri, run_id, error=result.error)
+        params = {k: v for k, v in (result.config or {}).items()}
+        rows.append({"trial": name, "status": status, **params, "stages": len(history),
+                     "selected_stage": chosen["stage"] if chosen else "", objective: chosen[objective] if chosen else "",
+                     "selected_mAP": chosen.get("mAP", "") if chosen else "",
+                     "oracle_mAP": oracle.get("mAP", "") if oracle else "", "run_dir": str(run_dir or "")})
+    rows.sort(key=lambda r: r["trial"])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(sweep_dir / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    scored_rows = [r for r in rows if r[objective] != ""]
+    best = (max if mode == "max" else min)(scored_rows, key=lambda r: r[objective]) if scored_rows else None
+    if best:
+        cfg_data = yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text())
+        cfg_data["output_dir"] = str(sweep_dir.parent)
+        cfg_data["tracking"]["run_name"] = None
+        (sweep_dir / "best.yaml").write_text(
+            f"# best trial {best['trial']} of sweep {info['name']} by {objective} ({mode}): "
+            f"ureid run {info['method']} --config best.yaml reproduces its stages\n"
+            + yaml.safe_dump(cfg_data, sort_keys=False))
+        tracking.log_summary(uri, info["parent_run_id"], {f"best_{objective}": best[objective]})
+        tracking.set_tags(uri, info["parent_run_id"], {"ureid.best_trial": best["trial"]})
+    tracking.log_artifacts(uri, info["parent_run_id"], {"": sweep_dir / "trials.csv",
+                                                        "best": sweep_dir / "best.yaml"})
+    tracking.finish_run(uri, info["parent_run_id"])
+    summary = {"sweep_dir": str(sweep_dir), "parent_run_id": info["parent_run_id"], "tracking_uri": uri,
+               "objective": objective, "mode": mode, "trials": rows, "best": best, "wall_time_s": wall_time,
+               "num_stages": num_stages}
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _table(summary: dict) -> str:
+    objective = summary["objective"]
+    lines = [f"[ureid] sweep {summary['sweep_dir']}: {len(summary['trials'])} trials in "
+             f"{summary['wall_time_s'] / 60:.1f} min, objective {objective} ({summary['mode']})"]
+    for r in summary["trials"]:
+        score = f"{r[objective]:.4f}" if r[objective] != "" else "-"
+        lines.append(f"  {r['trial']:<24} {r['status']:<14} stages {r['stages']}  {objective} {score}  "
+                     f"selected mAP {r['selected_mAP'] if r['selected_mAP'] == '' else format(r['selected_mAP'], '.1%')}"
+                     f"  (oracle {r['oracle_mAP'] if r['oracle_mAP'] == '' else format(r['oracle_mAP'], '.1%')})")
+    if summary["best"]:
+        lines.append(f"[ureid] best trial {summary['best']['trial']}: {Path(summary['sweep_dir']) / 'best.yaml'}")
+    return "\n".join(lines)
+
+
+def space_summary(space: dict) -> list[str]:
+    return [f"{k}: {next(iter(v))} {next(iter(v.values()))}" for k, v in space.items()]

@@ -1,0 +1,192 @@
+"""The comparison of methods, read from MLflow: per dataset a Markdown and a CSV table and PNG plots
+(mAP and cluster count per stage for every run on one axis; for a sweep, each swept parameter against
+the objective), logged as the artifacts of a comparison run.
+
+Every row shows the stage the run's own criterion selected (label-free, validation or last) and, beside
+it, the oracle-best stage by test-set mAP, which an unsupervised user could not have picked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _client, log_artifacts, start_run, finish_run
+
+STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_clusters", "stage_time_s")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    method: str
+    dataset: str
+    status: str
+    setting: str
+    selection: str
+    params: dict
+    summary: dict
+    stages: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> stage -> value
+    parent: str | None = None
+
+
+def collect(uri: str, experiment: str | None = None, run_ids: list[str] | None = None) -> list[RunRecord]:
+    """The finished method runs of ``experiment`` (or the given run ids), with their per-stage metrics."""
+    client = _client(uri)
+    if run_ids:
+        runs = [client.get_run(r) for r in run_ids]
+    else:
+        exp = client.get_experiment_by_name(experiment or "ureid")
+        if exp is None:
+            raise FileNotFoundError(f"no MLflow experiment {experiment!r} at {uri}")
+        runs = client.search_runs([exp.experiment_id], max_results=5000)
+    records = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("ureid.kind") in ("sweep", "comparison") or "method" not in tags:
+            continue
+        if run.info.status not in ("FINISHED", "KILLED"):
+            continue
+        rec = RunRecord(run.info.run_id, run.info.run_name, tags["method"], tags.get("dataset", "?"), run.info.status,
+                        tags.get("ureid.setting", ""), tags.get("ureid.selection", ""), run.data.params,
+                        dict(run.data.metrics), parent=tags.get("mlflow.parentRunId"))
+        for key in STAGE_KEYS:
+            rec.stages[key] = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        records.append(rec)
+    return records
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{v:.1%}"
+
+
+def rows(records: list[RunRecord]) -> list[dict]:
+    out = []
+    for r in records:
+        m, s = r.stages.get("mAP", {}), r.summary
+        selected = s.get("selected_at_stage")
+        oracle = s.get("oracle_at_stage")
+        times = r.stages.get("stage_time_s", {})
+        clusters = r.stages.get("num_clusters", {})
+        out.append({
+            "method": r.method, "dataset": r.dataset, "run": r.name, "status": r.status, "setting": r.setting,
+            "selected_stage": "" if selected is None else int(selected), "selected_by": r.selection,
+            "selected_mAP": s.get("selected_mAP"), "selected_rank1": s.get("selected_rank1"),
+            "selected_rank5": s.get("selected_rank5"), "selected_rank10": s.get("selected_rank10"),
+            "oracle_stage": "" if oracle is None else int(oracle), "oracle_mAP": s.get("best_mAP"),
+            "stage0_mAP": m.get(0), "stages": len(m),
+            "final_clusters": int(clusters[max(clusters)]) if clusters else "",
+            "wall_time_min": (s["wall_time_s"] / 60) if "wall_time_s" in s else sum(times.values()) / 60,
+        })
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    head = ["method", "setting", "selected (how)", "mAP", "rank-1", "rank-5", "rank-10", "oracle-best mAP (stage)",
+            "stage-0 mAP", "final clusters", "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        lines.append("| " + " | ".join([
+            r["method"], r["setting"], f"{r['selected_stage']} of {r['stages']} ({r['selected_by']})",
+            _pct(r["selected_mAP"]), _pct(r["selected_rank1"]), _pct(r["selected_rank5"]), _pct(r["selected_rank10"]),
+            f"{_pct(r['oracle_mAP'])} ({r['oracle_stage']})", _pct(r["stage0_mAP"]), str(r["final_clusters"]),
+            f"{r['wall_time_min']:.1f} min"]) + " |")
+    return "\n".join(lines)
+
+
+def _plot_stages(records: list[RunRecord], key: str, ylabel: str, path: Path, percent: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for r in records:
+        series = sorted(r.stages.get(key, {}).items())
+        if series:
+            ax.plot([s for s, _ in series], [100 * v if percent else v for _, v in series], "o-",
+                    label=f"{r.method} ({r.name})" if len(records) > 8 else r.method, markersize=3)
+    ax.set_xlabel("stage")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
+    """Each swept parameter against the sweep's objective (one panel a parameter, one point a trial)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    space = json.loads(parent.data.params.get("space", "{}"))
+    objective = parent.data.params.get("objective", "").split(" ")[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    if not space or not children:
+        return None
+    fig, axes = plt.subplots(1, len(space), figsize=(4 * len(space), 3.5), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], space):
+        for c in children:
+            y = c.data.metrics.get(f"selected_{objective}")
+            if y is None or key not in c.data.params:
+                continue
+            stopped = c.data.tags.get("ureid.early_stopped") == "true"
+            ax.scatter(float(c.data.params[key]), y, marker="x" if stopped else "o",
+                       color="tab:red" if stopped else "tab:blue")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"selected {objective}")
+        if next(iter(space[key])) == "loguniform":
+            ax.set_xscale("log")
+    fig.suptitle("sweep: o finished, x stopped by ASHA")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_ids: list[str] | None = None,
+            log: bool = True) -> dict[str, list[Path]]:
+    """Write the tables and plots per dataset into ``out_dir``; log them as a comparison run; return the files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = collect(uri, experiment, run_ids)
+    if not records:
+        raise FileNotFoundError(f"no finished ureid runs in experiment {experiment!r} at {uri}")
+    files: dict[str, list[Path]] = {}
+    for dataset in sorted({r.dataset for r in records}):
+        subset = sorted((r for r in records if r.dataset == dataset), key=lambda r: (r.method, r.name))
+        table = rows(subset)
+        md = out_dir / f"compare_{dataset}.md"
+        md.write_text(markdown(table) + "\n")
+        csv_path = out_dir / f"compare_{dataset}.csv"
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        files[dataset] = [md, csv_path,
+                          _plot_stages(subset, "mAP", "mAP (%)", out_dir / f"map_per_stage_{dataset}.png", True),
+                          _plot_stages(subset, "num_clusters", "clusters", out_dir / f"clusters_per_stage_{dataset}.png", False)]
+    client = _client(uri)
+    if experiment is not None or not run_ids:
+        exp = client.get_experiment_by_name(experiment or "ureid")
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.`ureid.kind` = 'sweep'") if exp else []
+        for p in parents:
+            plot = sweep_plot(uri, p.info.run_id, out_dir / f"sweep_{p.info.run_name}.png")
+            if plot:
+                files.setdefault("sweeps", []).append(plot)
+    if log:
+        run_id = start_run(uri, experiment or "ureid", "comparison", {"runs": len(records)},
+                           {"ureid.kind": "comparison"})
+        log_artifacts(uri, run_id, {"comparison": out_dir})
+        finish_run(uri, run_id)
+    return files

@@ -1,0 +1,54 @@
+"""`ureid compare` reads a real MLflow store (SQLite) holding runs of two methods and a sweep, and writes the
+per-dataset tables (selected stage beside the oracle) and plots, logged as a comparison run."""
+
+import csv
+
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ureid import tracking
+from ureid.tracking.compare import compare
+
+
+def _run(uri, method, maps, selected, parent=None, params=None):
+    run_id = tracking.start_run(uri, "cmp", f"{method}-run", {"method": method, **(params or {})},
+                                {"method": method, "dataset": "synthetic"}, parent_run_id=parent)
+    for stage, m in enumerate(maps):
+        tracking.log_stage(uri, run_id, stage, {"mAP": m, "rank1": m / 2, "num_clusters": 100 - 10 * stage,
+                                                "stage_time_s": 6.0}, timestamp_ms=1)
+    best = max(range(len(maps)), key=lambda s: maps[s])
+    tracking.log_summary(uri, run_id, {"selected_at_stage": selected, "selected_mAP": maps[selected],
+                                       "selected_rank1": maps[selected] / 2, "best_mAP": maps[best],
+                                       "oracle_at_stage": best, "wall_time_s": 120.0,
+                                       "selected_lf_silhouette": 0.1 * selected})
+    tracking.set_tags(uri, run_id, {"ureid.setting": f"{method}-setting", "ureid.selection": "label_free:lf_silhouette"})
+    tracking.finish_run(uri, run_id)
+    return run_id
+
+
+def test_compare_two_methods_and_a_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _run(uri, "buc", [0.01, 0.03, 0.02], selected=2)
+    _run(uri, "dbc", [0.02, 0.025], selected=1)
+    parent = tracking.start_run(uri, "cmp", "sweep-buc", {"space": '{"clustering.size_penalty": {"loguniform": [0.001, 0.01]}}',
+                                                          "objective": "lf_silhouette (max)"},
+                                {"ureid.kind": "sweep", "method": "buc"})
+    for i, lam in enumerate((0.001, 0.005)):
+        _run(uri, "buc", [0.01, 0.02 + i / 100], selected=1, parent=parent, params={"clustering.size_penalty": lam})
+    tracking.finish_run(uri, parent)
+
+    files = compare(uri, tmp_path / "out", experiment="cmp")
+    md, table_csv, map_png, clusters_png = files["synthetic"]
+    text = md.read_text()
+    assert text.count("\n| buc |") == 3 and text.count("\n| dbc |") == 1
+    assert "2 of 3 (label_free:lf_silhouette) | 2.0% |" in text and "3.0% (1)" in text  # selected beside the oracle
+    rows = list(csv.DictReader(table_csv.open()))
+    assert {r["method"] for r in rows} == {"buc", "dbc"} and all(r["oracle_mAP"] for r in rows)
+    for png in (map_png, clusters_png, *files["sweeps"]):
+        with Image.open(png) as img:
+            assert img.size[0] > 300
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cmp")
+    (comparison,) = client.search_runs([exp.experiment_id], filter_string="tags.`ureid.kind` = 'comparison'")
+    logged = {a.path for a in client.list_artifacts(comparison.info.run_id, "comparison")}
+    assert "comparison/compare_synthetic.md" in logged and "comparison/map_per_stage_synthetic.png" in logged
