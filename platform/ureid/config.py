@@ -71,7 +71,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v2"] = "resnet50"
     weights: str = "imagenet"
     embedding_dim: PosInt = 2048
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5

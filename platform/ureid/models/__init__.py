@@ -9,7 +9,7 @@ from __future__ import annotations
 from .._lazy import lazy_getattr
 
 _EXPORTS = {
-    "ReidNet": "backbone", "imagenet_weights_path": "backbone",
+    "ReidNet": "backbone", "imagenet_weights_path": "backbone", "mobilenet_imagenet_weights_path": "backbone",
     "MemoryTable": "losses", "RepelledLoss": "losses", "SoftenedMemoryLoss": "losses", "ClassifierHead": "losses",
 }
 __all__ = list(_EXPORTS)

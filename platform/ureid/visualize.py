@@ -1,0 +1,199 @@
+"""Pictures of a run, as pure functions: arrays and image paths in, PNG files out (no Ray, no MLflow).
+
+- :func:`ranked_lists`: for a fixed, seeded sample of queries, the query image and its top-k gallery
+  images under the Market-1501 protocol (same identity *and* same camera, and pid -1, are junk and skipped),
+  each gallery image framed green when it shows the query's identity and red when not, one row per query
+  (as torchreid's ``visualize_ranked_results``).
+- :func:`feature_map` / :func:`feature_maps`: 2-D t-SNE maps (scikit-learn, seeded) of features coloured by
+  (pseudo-)label, one panel per (features, labels, title), e.g. stage 0 beside the selected stage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+GREEN = (0, 200, 0)
+RED = (220, 0, 0)
+QUERY_FRAME = (0, 0, 0)
+BACKGROUND = (255, 255, 255)
+EMPTY = (225, 225, 225)  # a cell with no gallery image left (fewer valid gallery images than topk)
+
+
+def _sample(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` distinct indices out of ``n``, fixed by ``seed``, in increasing order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+
+def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cams,
+                 gallery_paths: Sequence[str | os.PathLike], gallery_pids, gallery_cams, distances,
+                 out_png: str | os.PathLike, num_queries: int = 8, topk: int = 10, seed: int = 0, *,
+                 height: int = 128, width: int = 64, border: int = 5, spacing: int = 6,
+                 query_gap: int = 30) -> dict:
+    """Write a ranked-list picture to ``out_png``; return what it shows.
+
+    Rows are ``num_queries`` queries drawn with ``seed`` (among those with pid >= 0, in query order); each row
+    is the query (black frame), a gap, then its ``topk`` nearest valid gallery images by ``distances``
+    (shape (num query, num gallery), smaller = closer; ties keep gallery order), framed ``GREEN`` for
+    the query's identity and ``RED`` otherwise. Images are resized to ``height`` x ``width``, framed by
+    ``border`` pixels, ``spacing`` pixels apart, with ``spacing`` pixels of margin around the picture.
+
+    Returns ``dict(path, size=(W, H), queries=indices, gallery=(n, topk) gallery indices or -1,
+    matches=(n, topk) bool)``; cell ``(r, j)`` (``j = 0`` the query, ``1..topk`` the ranks) has its top-left
+    frame corner at :func:`cell_origin`.
+    """
+    from PIL import Image
+
+    qp, qc = np.asarray(query_pids), np.asarray(query_cams)
+    gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
+    dist = np.asarray(distances)
+    if dist.shape != (len(query_paths), len(gallery_paths)):
+        raise ValueError(f"distances has shape {dist.shape}, expected ({len(query_paths)}, {len(gallery_paths)})")
+    if not (len(qp) == len(qc) == len(query_paths)) or not (len(gp) == len(gc) == len(gallery_paths)):
+        raise ValueError("paths, pids and cams must have one entry per image (query and gallery)")
+    if num_queries <= 0 or topk <= 0:
+        raise ValueError(f"num_queries and topk must be > 0, got {num_queries}, {topk}")
+    valid_q = np.flatnonzero(qp >= 0)
+    if valid_q.size == 0:
+        raise ValueError("no query with a known identity (pid >= 0)")
+    queries = valid_q[_sample(valid_q.size, num_queries, seed)]
+
+    n = len(queries)
+    ranked = np.full((n, topk), -1, dtype=np.int64)
+    matches = np.zeros((n, topk), dtype=bool)
+    for r, q in enumerate(queries):
+        order = np.argsort(dist[q], kind="stable")
+        junk = ((gp[order] == qp[q]) & (gc[order] == qc[q])) | (gp[order] == -1)
+        keep = order[~junk][:topk]
+        ranked[r, : keep.size] = keep
+        matches[r, : keep.size] = gp[keep] == qp[q]
+
+    size = picture_size(n, topk, height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
+    canvas = Image.new("RGB", size, BACKGROUND)
+    cell = (width + 2 * border, height + 2 * border)
+
+    def paste(path, colour, origin):
+        canvas.paste(Image.new("RGB", cell, colour), origin)
+        if path is not None:
+            with Image.open(path) as im:
+                tile = im.convert("RGB").resize((width, height), Image.BILINEAR)
+            canvas.paste(tile, (origin[0] + border, origin[1] + border))
+
+    geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
+    for r, q in enumerate(queries):
+        paste(query_paths[q], QUERY_FRAME, cell_origin(r, 0, **geom))
+        for j in range(topk):
+            g = ranked[r, j]
+            if g < 0:
+                paste(None, EMPTY, cell_origin(r, j + 1, **geom))
+            else:
+                paste(gallery_paths[g], GREEN if matches[r, j] else RED, cell_origin(r, j + 1, **geom))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_png, format="PNG")
+    return {"path": out_png, "size": size, "queries": queries, "gallery": ranked, "matches": matches}
+
+
+def cell_origin(row: int, col: int, *, height: int = 128, width: int = 64, border: int = 5, spacing: int = 6,
+                query_gap: int = 30) -> tuple[int, int]:
+    """Top-left pixel (x, y) of the frame of cell ``(row, col)`` in a :func:`ranked_lists` picture."""
+    cw, ch = width + 2 * border, height + 2 * border
+    x = spacing + col * (cw + spacing) + (query_gap if col > 0 else 0)
+    y = spacing + row * (ch + spacing)
+    return x, y
+
+
+def picture_size(num_rows: int, topk: int, *, height: int = 128, width: int = 64, border: int = 5,
+                 spacing: int = 6, query_gap: int = 30) -> tuple[int, int]:
+    """(W, H) in pixels of a :func:`ranked_lists` picture with ``num_rows`` rows."""
+    cw, ch = width + 2 * border, height + 2 * border
+    return (spacing + (topk + 1) * (cw + spacing) + query_gap, spacing + num_rows * (ch + spacing))
+
+
+# -- t-SNE maps -----------------------------------------------------------------------------------------
+
+EXACT_TSNE_MAX = 300  # up to this many points t-SNE uses exact gradients, above it Barnes-Hut
+
+def _embed_2d(features: np.ndarray, seed: int, normalise: bool) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float32)
+    if normalise:  # ureid clusters and evaluates L2-normalised features
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n = x.shape[0]
+    if n < 3:
+        raise ValueError(f"a t-SNE map needs at least 3 points, got {n}")
+    perplexity = float(min(30.0, (n - 1) / 3.0))  # scikit-learn requires perplexity < n
+    # Exact gradients for small maps: O(n^2) numpy, single-threaded and quick below a few hundred points,
+    # where Barnes-Hut's OpenMP loop can crawl on a busy machine. Default iterations (1000): the name of that
+    # argument changed across scikit-learn releases.
+    method = "exact" if n <= EXACT_TSNE_MAX else "barnes_hut"
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                method=method).fit_transform(x)
+
+
+def _colours(labels: np.ndarray) -> np.ndarray:
+    """RGBA per point: a qualitative palette by label (cycled), grey for label -1 (no cluster)."""
+    from matplotlib import colormaps
+
+    palette = np.concatenate([colormaps["tab20"](np.arange(20)), colormaps["tab20b"](np.arange(20))])
+    uniq, inv = np.unique(labels, return_inverse=True)
+    out = palette[inv % len(palette)]
+    out[labels < 0] = (0.6, 0.6, 0.6, 0.5)
+    return out
+
+
+def feature_maps(panels: Sequence[tuple], out_png: str | os.PathLike, seed: int = 0, max_points: int = 2000,
+                 normalise: bool = True, panel_inches: float = 5.0, dpi: int = 100) -> dict:
+    """Write t-SNE maps side by side to ``out_png``, one panel per ``(features, labels, title)``.
+
+    ``features`` (N, D) and ``labels`` (N,) (pseudo-labels; -1 = unassigned, drawn grey). Each panel keeps
+    at most ``max_points`` points, drawn with ``seed``; t-SNE is seeded with ``seed`` too, so the picture is
+    reproducible. Features are L2-normalised first unless ``normalise=False``. The PNG is
+    ``len(panels) * panel_inches * dpi`` by ``panel_inches * dpi`` pixels.
+
+    Returns ``dict(path, size=(W, H), points=[(M, 2) map coordinates per panel], indices=[kept rows])``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("feature_maps needs at least one (features, labels, title) panel")
+    if max_points < 3:
+        raise ValueError(f"max_points must be >= 3, got {max_points}")
+    # A Figure without pyplot: no global backend or figure state is touched.
+    fig = Figure(figsize=(panel_inches * len(panels), panel_inches), dpi=dpi)
+    FigureCanvasAgg(fig)
+    points, kept = [], []
+    for i, (features, labels, title) in enumerate(panels):
+        features, labels = np.asarray(features), np.asarray(labels)
+        if features.ndim != 2 or labels.shape != (features.shape[0],):
+            raise ValueError(f"panel {title!r}: features must be (N, D) and labels (N,), got "
+                             f"{features.shape} and {labels.shape}")
+        idx = _sample(features.shape[0], max_points, seed)
+        xy = _embed_2d(features[idx], seed, normalise)
+        lab = labels[idx]
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.scatter(xy[:, 0], xy[:, 1], c=_colours(lab), s=8, linewidths=0)
+        n_clusters = np.unique(lab[lab >= 0]).size
+        ax.set_title(f"{title}\n{idx.size} points, {n_clusters} clusters", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        points.append(xy)
+        kept.append(idx)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.88, wspace=0.05)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png", dpi=dpi, metadata={"Software": None})
+    size = (int(round(panel_inches * dpi * len(panels))), int(round(panel_inches * dpi)))
+    return {"path": out_png, "size": size, "points": points, "indices": kept}
+
+
+def feature_map(features, labels, out_png: str | os.PathLike, title: str, seed: int = 0, max_points: int = 2000,
+                **kw) -> dict:
+    """One t-SNE panel; see :func:`feature_maps`."""
+    return feature_maps([(features, labels, title)], out_png, seed=seed, max_points=max_points, **kw)

@@ -1,0 +1,118 @@
+"""ureid.visualize: ranked-list pictures (Market protocol, green/red frames) and t-SNE feature maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ureid import visualize as vis
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def gallery_setup(tmp_path_factory):
+    """6 queries / 12 gallery images (tiny solid-colour files), pids 0..5 in query, -1 junk in gallery."""
+    root = tmp_path_factory.mktemp("imgs")
+
+    def img(name, value):
+        p = root / f"{name}.png"
+        Image.new("RGB", (8, 16), (value, value, value)).save(p)
+        return str(p)
+
+    q_pids = np.array([0, 1, 2, 3, 4, 5])
+    q_cams = np.zeros(6, dtype=int)
+    # Gallery: pid of each image; cameras: 1 except image 0 (pid 0 in the query's camera 0 -> junk).
+    g_pids = np.array([0, 0, 1, 2, 3, 4, 5, -1, 1, 2, 3, 9])
+    g_cams = np.ones(12, dtype=int)
+    g_cams[0] = 0
+    rng = np.random.default_rng(3)
+    dist = rng.random((6, 12))
+    dist[:, 7] = -1.0  # the pid -1 image is everybody's nearest: it must be skipped
+    q_paths = [img(f"q{i}", 40 + 10 * i) for i in range(6)]
+    g_paths = [img(f"g{i}", 100 + 10 * i) for i in range(12)]
+    return q_paths, q_pids, q_cams, g_paths, g_pids, g_cams, dist
+
+
+def test_ranked_lists_file_size_and_protocol(gallery_setup, tmp_path):
+    q_paths, q_pids, q_cams, g_paths, g_pids, g_cams, dist = gallery_setup
+    geom = dict(height=32, width=16, border=3, spacing=4, query_gap=10)
+    out = vis.ranked_lists(q_paths, q_pids, q_cams, g_paths, g_pids, g_cams, dist, tmp_path / "sub" / "r.png",
+                           num_queries=4, topk=5, seed=0, **geom)
+    data = (tmp_path / "sub" / "r.png").read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    im = Image.open(tmp_path / "sub" / "r.png").convert("RGB")
+    assert im.size == out["size"] == vis.picture_size(4, 5, **geom)
+    assert len(out["queries"]) == 4 and len(set(out["queries"].tolist())) == 4
+    for r, q in enumerate(out["queries"]):
+        shown = out["gallery"][r]
+        assert 7 not in shown  # pid -1
+        if q == 0:
+            assert 0 not in shown  # same pid, same camera
+        want = np.argsort(dist[q], kind="stable")
+        want = [g for g in want if g_pids[g] != -1 and not (g_pids[g] == q_pids[q] and g_cams[g] == q_cams[q])][:5]
+        assert shown.tolist() == want
+        np.testing.assert_array_equal(out["matches"][r], g_pids[shown] == q_pids[q])
+        # Frame colours: the top-left corner pixel of each cell's frame, and one in the middle of its top edge.
+        for j in range(5):
+            x, y = vis.cell_origin(r, j + 1, **geom)
+            colour = vis.GREEN if out["matches"][r, j] else vis.RED
+            assert im.getpixel((x, y)) == colour
+            assert im.getpixel((x + geom["width"] // 2, y + 1)) == colour
+            # Inside the frame: the (grey) gallery image itself.
+            inside = im.getpixel((x + geom["border"] + 2, y + geom["border"] + 2))
+            assert inside[0] == inside[1] == inside[2] and inside not in (vis.GREEN, vis.RED)
+        assert im.getpixel(vis.cell_origin(r, 0, **geom)) == vis.QUERY_FRAME
+    assert out["matches"].any() and (~out["matches"]).any()  # both colours are exercised
+
+
+def test_ranked_lists_deterministic_for_a_seed_and_fills_short_lists(gallery_setup, tmp_path):
+    args = gallery_setup
+    kw = dict(num_queries=3, topk=12, height=16, width=8, border=2)
+    a = vis.ranked_lists(*args, tmp_path / "a.png", seed=5, **kw)
+    b = vis.ranked_lists(*args, tmp_path / "b.png", seed=5, **kw)
+    c = vis.ranked_lists(*args, tmp_path / "c.png", seed=6, **kw)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert a["queries"].tolist() == b["queries"].tolist() != c["queries"].tolist()
+    # 12 gallery images minus the junk: at most 11 (10 for query pid 0), so the last cells stay empty.
+    assert (a["gallery"][:, -1] == -1).all()
+    im = Image.open(tmp_path / "a.png").convert("RGB")
+    assert im.getpixel(vis.cell_origin(0, 12, height=16, width=8, border=2)) == vis.EMPTY
+
+
+def test_ranked_lists_bad_input(gallery_setup, tmp_path):
+    q_paths, q_pids, q_cams, g_paths, g_pids, g_cams, dist = gallery_setup
+    with pytest.raises(ValueError, match="distances has shape"):
+        vis.ranked_lists(q_paths, q_pids, q_cams, g_paths, g_pids, g_cams, dist[:, :3], tmp_path / "x.png")
+
+
+def _blobs(n_per=12, k=3, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 5
+    x = np.concatenate([c + rng.normal(size=(n_per, d)) for c in centres]).astype(np.float32)
+    return x, np.repeat(np.arange(k), n_per)
+
+
+def test_feature_map_single_panel(tmp_path):
+    x, y = _blobs()
+    out = vis.feature_map(x, y, tmp_path / "m.png", "stage 0", seed=0, panel_inches=2.0, dpi=50)
+    assert (tmp_path / "m.png").read_bytes().startswith(PNG_MAGIC)
+    assert Image.open(tmp_path / "m.png").size == out["size"] == (100, 100)
+    assert out["points"][0].shape == (36, 2)
+
+
+def test_feature_maps_two_panels_max_points_and_determinism(tmp_path):
+    x0, y0 = _blobs(seed=0)
+    xk, yk = _blobs(seed=1)
+    yk[:5] = -1  # unassigned points are allowed (grey)
+    panels = [(x0, y0, "stage 0"), (xk, yk, "stage 4")]
+    a = vis.feature_maps(panels, tmp_path / "a.png", seed=1, max_points=20, panel_inches=2.0, dpi=50)
+    b = vis.feature_maps(panels, tmp_path / "b.png", seed=1, max_points=20, panel_inches=2.0, dpi=50)
+    assert Image.open(tmp_path / "a.png").size == a["size"] == (200, 100)
+    assert [p.shape for p in a["points"]] == [(20, 2), (20, 2)]
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    for pa, pb in zip(a["points"], b["points"]):
+        np.testing.assert_array_equal(pa, pb)
+    with pytest.raises(ValueError, match="labels"):
+        vis.feature_maps([(x0, y0[:-1], "bad")], tmp_path / "c.png")
