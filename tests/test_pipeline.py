@@ -88,7 +88,7 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
     else:
         assert summary["selection"] == "last" and summary["selected_stage"] == 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "labels.npy", "plots", "best_checkpoint"} <= artifacts
+    assert {"config.yaml", "labels.npy", "plots", "best_checkpoint", "pictures"} <= artifacts
 
     labels = np.load(f"{summary['run_dir']}/labels.npy")
     assert labels.ndim == 1 and labels.min() == 0

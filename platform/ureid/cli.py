@@ -179,6 +179,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from ureid.run_pictures import visualize_run
+
+    for path in visualize_run(args.run_dir, num_queries=args.num_queries, seed=args.seed):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from ureid.tracking.report import comparison_table, load_summaries
 
@@ -200,6 +208,11 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--runs", nargs="*", default=[], help="run ids instead of a whole experiment")
     cmp.add_argument("--out", default="runs/comparison", help="folder for the tables and plots")
     cmp.set_defaults(func=_cmd_compare)
+    vis = sub.add_parser("visualize", help="ranked lists and a t-SNE feature map of a finished run")
+    vis.add_argument("run_dir")
+    vis.add_argument("--num-queries", type=int, default=8)
+    vis.add_argument("--seed", type=int, default=0)
+    vis.set_defaults(func=_cmd_visualize)
     rep = sub.add_parser("report", help="compare finished runs: one markdown row per run")
     rep.add_argument("runs", nargs="+", help="run folders, or output folders holding them")
     rep.set_defaults(func=_cmd_report)
@@ -246,7 +259,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,tune,compare,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,tune,compare,visualize,report}")
     add_data_commands(sub)
     add_run_commands(sub)
     return parser

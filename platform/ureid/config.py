@@ -159,6 +159,8 @@ class TrackingConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "ureid"
     run_name: str | None = None
+    # Ranked lists and a t-SNE map of the training features at the end of a run (run folder + MLflow).
+    pictures: bool = True
 
 
 class Config(_Strict):

@@ -120,8 +120,14 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         "history": history,
     }
     (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    pictures = None
+    if cfg.tracking.pictures:
+        from ..run_pictures import visualize_run
+
+        visualize_run(job.run_dir)
+        pictures = job.run_dir / "pictures"
     job.log_artifacts({"": job.run_dir / "labels.npy", "plots": plot, "best_checkpoint": job.run_dir / "best_checkpoint",
-                       "summary": job.run_dir / "summary.json"})
+                       "summary": job.run_dir / "summary.json", "pictures": pictures})
     # Summary metrics under names of their own (MLflow's search returns a metric's latest value only).
     chosen, best = by_stage[selected], by_stage[oracle]
     tracking.log_summary(job.tracking_uri, job.run_id, {

@@ -1,0 +1,68 @@
+"""Pictures of a finished run folder (``ureid visualize RUN_DIR``, and at the end of every run).
+
+From the run's own files, so it works long after the run: the stage checkpoints (the model), the feature
+store's saved targets (the pseudo-labels) and the resolved config. It writes ``pictures/ranked_lists.png``
+(the selected stage's model on a fixed sample of queries) and ``pictures/feature_map.png`` (t-SNE of the
+training features after stage 0 and after the selected stage, coloured by the pseudo-labels their update
+gave). No Ray here.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import load_config
+
+
+def _model(cfg, state_path: Path):
+    from .methods import get_method
+    from .models.backbone import ReidNet
+
+    net = ReidNet(cfg.model.arch, weights="none", embedding_dim=get_method(cfg.method).embedding_dim(cfg),
+                  dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes, frozen_stages=cfg.model.frozen_stages)
+    net.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    return net.eval()
+
+
+def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0) -> list[Path]:
+    from .data.run_data import load_split_dataset
+    from .engine.extract import extract_features
+    from .evaluation import pairwise_distance
+    from .runtime.job import stage_checkpoints
+    from .visualize import feature_maps, ranked_lists
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    checkpoints = dict(stage_checkpoints(run_dir))
+    results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
+    selected = summary["selected_stage"]
+    ds = load_split_dataset(cfg.data)
+    out = run_dir / "pictures"
+    out.mkdir(exist_ok=True)
+    opts = cfg.extract_options()
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    model = _model(cfg, checkpoints[selected] / "state.pt")
+    q = unit(extract_features(model, ds.query, **opts)["pooled"])
+    g = unit(extract_features(model, ds.gallery, **opts)["pooled"])
+    ranked_lists([r.path for r in ds.query], [r.pid for r in ds.query], [r.camid for r in ds.query],
+                          [r.path for r in ds.gallery], [r.pid for r in ds.gallery], [r.camid for r in ds.gallery],
+                          pairwise_distance(q, g, metric="sqeuclidean"), out / "ranked_lists.png",
+                          num_queries=num_queries, seed=seed)
+    panels = []
+    train = list(ds.train)  # the real training images (camstyle fakes are not drawn)
+    for stage in sorted({0, selected}):
+        feats = extract_features(_model(cfg, checkpoints[stage] / "state.pt"), train, **opts)["pooled"]
+        labels = results[stage]["targets"].labels[: len(train)]
+        panels.append((feats, labels, f"after stage {stage}: {np.unique(labels).size} pseudo-classes"
+                                      + (" (selected)" if stage == selected else "")))
+    feature_maps(panels, out / "feature_map.png", seed=seed)
+    return [out / "ranked_lists.png", out / "feature_map.png"]
