@@ -18,10 +18,12 @@ TINY_SYNTH = {"seed": 3, "num_train_ids": 6, "num_test_ids": 4, "num_distractors
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray instance with exactly 2 CPUs: two train workers hold every CPU slot, so the
-    feature-store actor must not need one (the deadlock the design warns about)."""
+    feature-store actor must not need one (the deadlock the design warns about). With its dashboard:
+    Ray Train's PlacementGroupCleaner needs the State API to free the placement group of a trial that
+    ASHA stopped; without it the group leaks and the next trial waits forever for its CPU."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 

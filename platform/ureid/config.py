@@ -120,6 +120,20 @@ class ScheduleConfig(_Strict):
     select: str = "last"
     validation: DataConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_select_metric(cls, data: Any):
+        # Run folders written before schedule.select kept the test-mAP-best stage (select_metric: mAP): read
+        # them as what that was, the oracle, so they can still be resumed and visualised.
+        if isinstance(data, dict) and "select_metric" in data:
+            data = dict(data)
+            old = data.pop("select_metric")
+            if old != "mAP":
+                raise ValueError(f"schedule.select_metric {old!r} is gone: use schedule.select (label_free:<score>, "
+                                 f"validation, last or oracle_map)")
+            data.setdefault("select", "oracle_map")
+        return data
+
     @model_validator(mode="after")
     def _known_criterion(self):
         allowed = ["last", "validation", "oracle_map", *(f"label_free:{k}" for k in LABEL_FREE_SCORES)]

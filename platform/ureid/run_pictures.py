@@ -41,7 +41,7 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0) -> l
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = dict(stage_checkpoints(run_dir))
     results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
-    selected = summary["selected_stage"]
+    selected = summary.get("selected_stage", summary.get("best_stage"))  # runs before schedule.select: best_stage
     ds = load_split_dataset(cfg.data)
     out = run_dir / "pictures"
     out.mkdir(exist_ok=True)

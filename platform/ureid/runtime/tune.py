@@ -232,20 +232,23 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
             if scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
 
-                # time_attr counts finished stages; stop_last_trials=False lets a trial that reaches the last
-                # stage finish its run (summary, artifacts, MLflow status) instead of being stopped there.
-                sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages, grace_period=1,
-                                      reduction_factor=2, stop_last_trials=False)
+                # time_attr counts finished stages. No rung sits on the last stage (max_t = stages - 1, and
+                # stop_last_trials=False past it): a trial that gets there finishes its run (summary,
+                # artifacts, MLflow status) instead of being killed after its last report.
+                if num_stages >= 2:
+                    sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages - 1, grace_period=1,
+                                          reduction_factor=2, stop_last_trials=False)
             elif scheduler != "none":
                 raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+            concurrent = max_concurrent or _max_concurrent(cfg.ray)
             tuner = tune.Tuner(
                 trainable,
                 param_space=tune_domains(info["space"]) if search != "grid" else tune_domains(_as_grid(info["space"])),
                 tune_config=tune.TuneConfig(
                     metric=info["objective"], mode=info["mode"], scheduler=sched,
-                    search_alg=_searcher(search, info, cfg.seed),
+                    search_alg=_searcher(search, cfg.seed, concurrent),
                     num_samples=num_samples if search != "grid" else 1,
-                    max_concurrent_trials=max_concurrent or _max_concurrent(cfg.ray),
+                    max_concurrent_trials=concurrent if search == "optuna" else None,
                     trial_name_creator=partial(trial_name, info["sweep_id"]),
                     trial_dirname_creator=partial(trial_name, info["sweep_id"]),
                 ),
@@ -281,11 +284,11 @@ def _as_grid(space: dict) -> dict:
     return grid
 
 
-def _searcher(search: str, info: dict, seed: int):
+def _searcher(search: str, seed: int, concurrent: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    if search in ("random", "grid"):
-        return BasicVariantGenerator(random_state=seed)
+    if search in ("random", "grid"):  # Tune ignores max_concurrent_trials for this one: it takes its own
+        return BasicVariantGenerator(max_concurrent=concurrent, random_state=seed)
     if search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
