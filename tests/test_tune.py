@@ -83,3 +83,19 @@ def test_sweep_with_asha_parent_child_runs_and_best_yaml(ray_cluster, tiny_root,
         assert a["num_clusters"] == b["num_clusters"]
         assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-9) and a["lf_silhouette"] == pytest.approx(b["lf_silhouette"])
     assert np.isfinite(best[summary["objective"]])
+
+
+SWEEPS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("space_file", SWEEPS, ids=[p.stem for p in SWEEPS])
+def test_shipped_spaces_and_method_defaults_pass_the_check(space_file):
+    from ureid.config import read_yaml
+    from ureid.methods import get_method
+    from ureid.runtime.tune import check_space, load_space
+
+    method = get_method(space_file.stem.split("_")[0])
+    base = read_yaml(CONFIG_DIR / f"{method.name}_cpu.yaml")
+    space, source = load_space(method, space_file)
+    check_space(base, space, source)
+    check_space(base, *load_space(method))  # the method's own default space
