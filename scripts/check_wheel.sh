@@ -22,7 +22,8 @@ export RAY_AUTH_MODE=disabled
 import sys
 import ureid, ureid.config
 repo = sys.argv[1]
-assert not any(p.startswith(repo) for p in sys.path), [p for p in sys.path if p.startswith(repo)]
+checkout = [p for p in sys.path if (p == repo or p.startswith(repo + "/")) and not p.startswith(repo + "/.venv/")]
+assert not checkout, f"the checkout is on sys.path: {checkout}"
 assert not ureid.__file__.startswith(repo) and (ureid.config.CONFIG_DIR / "buc_cpu.yaml").is_file(), ureid.__file__
 print(f"[check_wheel] ureid {ureid.__version__} from {ureid.__file__}, configs from the package")
 PY
