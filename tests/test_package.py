@@ -43,6 +43,9 @@ def test_cluster_yaml_is_a_valid_local_launcher_config():
     jsonschema.validate(cfg, schema)  # raises on an unknown key or a wrong type
     assert cfg["provider"]["type"] == "local"
     assert any("scripts/bootstrap.sh" in c for c in cfg["setup_commands"]), "every node must install the project"
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c), "every node must start with token auth"
+    assert not any("0.0.0.0" in c for c in starts), "the dashboard must not listen on every interface"
 
 
 def test_light_modules_do_not_import_torchvision():
