@@ -33,7 +33,6 @@ class PairUp(Method):
 
     name = "toy_pair_up"
     Settings = PairUpSettings
-    path_fields = ()
 
     def num_stages(self, cfg, data):
         return 3

@@ -29,7 +29,9 @@ def _model(cfg, state_path: Path):
     return net.eval()
 
 
-def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0) -> list[Path]:
+def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None) -> list[Path]:
+    """``records``: (train, query, gallery) record lists when the caller has them (the driver at the end of a
+    run); otherwise the dataset the run's config names is read."""
     from .data.run_data import load_split_dataset
     from .engine.extract import extract_features
     from .evaluation import pairwise_distance
@@ -42,7 +44,10 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0) -> l
     checkpoints = dict(stage_checkpoints(run_dir))
     results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
     selected = summary.get("selected_stage", summary.get("best_stage"))  # runs before schedule.select: best_stage
-    ds = load_split_dataset(cfg.data)
+    if records is None:
+        ds = load_split_dataset(cfg.data)
+        records = (list(ds.train), ds.query, ds.gallery)
+    train, query, gallery = records  # real training images only (camstyle fakes are not drawn)
     out = run_dir / "pictures"
     out.mkdir(exist_ok=True)
     opts = cfg.extract_options()
@@ -50,17 +55,16 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0) -> l
     def unit(x):
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    model = _model(cfg, checkpoints[selected] / "state.pt")
-    q = unit(extract_features(model, ds.query, **opts)["pooled"])
-    g = unit(extract_features(model, ds.gallery, **opts)["pooled"])
-    ranked_lists([r.path for r in ds.query], [r.pid for r in ds.query], [r.camid for r in ds.query],
-                          [r.path for r in ds.gallery], [r.pid for r in ds.gallery], [r.camid for r in ds.gallery],
+    models = {stage: _model(cfg, checkpoints[stage] / "state.pt") for stage in sorted({0, selected})}
+    q = unit(extract_features(models[selected], query, **opts)["pooled"])
+    g = unit(extract_features(models[selected], gallery, **opts)["pooled"])
+    ranked_lists([r.path for r in query], [r.pid for r in query], [r.camid for r in query],
+                 [r.path for r in gallery], [r.pid for r in gallery], [r.camid for r in gallery],
                           pairwise_distance(q, g, metric="sqeuclidean"), out / "ranked_lists.png",
                           num_queries=num_queries, seed=seed)
     panels = []
-    train = list(ds.train)  # the real training images (camstyle fakes are not drawn)
-    for stage in sorted({0, selected}):
-        feats = extract_features(_model(cfg, checkpoints[stage] / "state.pt"), train, **opts)["pooled"]
+    for stage, model in models.items():
+        feats = extract_features(model, train, **opts)["pooled"]
         labels = results[stage]["targets"].labels[: len(train)]
         panels.append((feats, labels, f"after stage {stage}: {np.unique(labels).size} pseudo-classes"
                                       + (" (selected)" if stage == selected else "")))

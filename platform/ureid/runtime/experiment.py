@@ -68,8 +68,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                         tags={"method": cfg.method, "dataset": cfg.data.name},
                         write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
     job.announce()
-    store = None
-    with job.failing_loudly():
+    with job.failing_loudly():  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
         cfg.check_paths()
         method.prepare(cfg)
         ensure_synthetic(cfg.data)
@@ -104,39 +103,39 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         finally:
             ray.kill(store)
 
-    history = read_history(job.history_path)
-    np.save(job.run_dir / "labels.npy", final.labels)
-    by_stage = {h["stage"]: h for h in history}
-    selected, oracle = history[-1]["selected_stage"], history[-1]["oracle_stage"]
-    shutil.copytree(dict(job.checkpoints(STATE_FILE))[selected], job.run_dir / "best_checkpoint", dirs_exist_ok=True)
-    plot = tracking.plot_stages(history, job.run_dir / "stages.png", title=f"{cfg.method} on {cfg.data.name}")
-    block = cfg.clustering.model_dump()
-    summary = {
-        "method": cfg.method, "dataset": cfg.data.name, "run_dir": str(job.run_dir), "run_id": job.run_id,
-        "tracking_uri": job.tracking_uri, "selection": cfg.schedule.select, "selected_stage": selected,
-        "selected": by_stage[selected], "oracle_stage": oracle, "oracle": by_stage[oracle], "first": history[0],
-        "setting": ", ".join(f"{k}={block[k]}" for k in method.key_settings if k in block),
-        "final_num_clusters": history[-1]["num_clusters"], "wall_time_s": time.perf_counter() - t0,
-        "history": history,
-    }
-    (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    pictures = None
-    if cfg.tracking.pictures:
-        from ..run_pictures import visualize_run
+        history = read_history(job.history_path)
+        np.save(job.run_dir / "labels.npy", final.labels)
+        by_stage = {h["stage"]: h for h in history}
+        selected, oracle = history[-1]["selected_stage"], history[-1]["oracle_stage"]
+        shutil.copytree(dict(job.checkpoints(STATE_FILE))[selected], job.run_dir / "best_checkpoint", dirs_exist_ok=True)
+        plot = tracking.plot_stages(history, job.run_dir / "stages.png", title=f"{cfg.method} on {cfg.data.name}")
+        block = cfg.clustering.model_dump()
+        summary = {
+            "method": cfg.method, "dataset": cfg.data.name, "run_dir": str(job.run_dir), "run_id": job.run_id,
+            "tracking_uri": job.tracking_uri, "selection": cfg.schedule.select, "selected_stage": selected,
+            "selected": by_stage[selected], "oracle_stage": oracle, "oracle": by_stage[oracle], "first": history[0],
+            "setting": ", ".join(f"{k}={block[k]}" for k in method.key_settings if k in block),
+            "final_num_clusters": history[-1]["num_clusters"], "wall_time_s": time.perf_counter() - t0,
+            "history": history,
+        }
+        (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        pictures = None
+        if cfg.tracking.pictures:
+            from ..run_pictures import visualize_run
 
-        visualize_run(job.run_dir)
-        pictures = job.run_dir / "pictures"
-    job.log_artifacts({"": job.run_dir / "labels.npy", "plots": plot, "best_checkpoint": job.run_dir / "best_checkpoint",
-                       "summary": job.run_dir / "summary.json", "pictures": pictures})
-    # Summary metrics under names of their own (MLflow's search returns a metric's latest value only).
-    chosen, best = by_stage[selected], by_stage[oracle]
-    tracking.log_summary(job.tracking_uri, job.run_id, {
-        "wall_time_s": summary["wall_time_s"], "selected_at_stage": selected, "oracle_at_stage": oracle,
-        **{f"selected_{k}": chosen[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in chosen},
-        **{f"best_{k}": best[k] for k in ("mAP", "rank1") if k in best}})
-    tracking.set_tags(job.tracking_uri, job.run_id, {"ureid.setting": summary["setting"],
-                                                     "ureid.selection": cfg.schedule.select})
-    job.finish()
+            visualize_run(job.run_dir, records=(data.train[: data.num_real], data.query, data.gallery))
+            pictures = job.run_dir / "pictures"
+        job.log_artifacts({"": job.run_dir / "labels.npy", "plots": plot, "best_checkpoint": job.run_dir / "best_checkpoint",
+                           "summary": job.run_dir / "summary.json", "pictures": pictures})
+        # Summary metrics under names of their own (MLflow's search returns a metric's latest value only).
+        chosen, best = by_stage[selected], by_stage[oracle]
+        tracking.log_summary(job.tracking_uri, job.run_id, {
+            "wall_time_s": summary["wall_time_s"], "selected_at_stage": selected, "oracle_at_stage": oracle,
+            **{f"selected_{k}": chosen[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in chosen},
+            **{f"best_{k}": best[k] for k in ("mAP", "rank1") if k in best}})
+        tracking.set_tags(job.tracking_uri, job.run_id, {"ureid.setting": summary["setting"],
+                                                         "ureid.selection": cfg.schedule.select})
+        job.finish()
     if not quiet:
         print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stages in {summary['wall_time_s']:.0f}s")
         print(f"[ureid] selected stage {selected} by {cfg.schedule.select}; the oracle (test-set mAP, labels an "

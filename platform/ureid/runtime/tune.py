@@ -214,8 +214,6 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
 
     cfg = validate(copy.deepcopy(info["base"]), source="sweep")
     ensure_ray(cfg.ray)
-    from ..methods import get_method
-
     num_stages = get_method(info["method"]).num_stages(cfg, _n0_for_stage_count(cfg))
     if cfg.schedule.max_stages:
         num_stages = min(num_stages, cfg.schedule.max_stages)
@@ -328,13 +326,14 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
             status = "finished"
         else:
             status = "early_stopped"
-        scored = [h for h in history if objective in h]
-        chosen = (max if mode == "max" else min)(scored, key=lambda h: h[objective]) if scored else None
-        oracle = max(history, key=lambda h: h.get("mAP", -1)) if history else None
+        # The trial's own selection (schedule.select is the objective), as its stage loop reported it.
+        by_stage = {h["stage"]: h for h in history}
+        chosen = by_stage[history[-1]["selected_stage"]] if history else None
+        oracle = by_stage[history[-1]["oracle_stage"]] if history else None
         if run_id:
             summary = {}
             if chosen:
-                summary.update({f"selected_{objective}": chosen[objective], "selected_at_stage": chosen["stage"],
+                summary.update({f"selected_{objective}": chosen.get(objective), "selected_at_stage": chosen["stage"],
                                 "selected_mAP": chosen.get("mAP", math.nan), "selected_rank1": chosen.get("rank1", math.nan)})
             if oracle:
                 summary.update({"best_mAP": oracle["mAP"], "oracle_at_stage": oracle["stage"]})
@@ -346,7 +345,7 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
                 tracking.finish_run(uri, run_id, error=result.error)
         params = {k: v for k, v in (result.config or {}).items()}
         rows.append({"trial": name, "status": status, **params, "stages": len(history),
-                     "selected_stage": chosen["stage"] if chosen else "", objective: chosen[objective] if chosen else "",
+                     "selected_stage": chosen["stage"] if chosen else "", objective: chosen.get(objective, "") if chosen else "",
                      "selected_mAP": chosen.get("mAP", "") if chosen else "",
                      "oracle_mAP": oracle.get("mAP", "") if oracle else "", "run_dir": str(run_dir or "")})
     rows.sort(key=lambda r: r["trial"])
@@ -390,6 +389,3 @@ def _table(summary: dict) -> str:
         lines.append(f"[ureid] best trial {summary['best']['trial']}: {Path(summary['sweep_dir']) / 'best.yaml'}")
     return "\n".join(lines)
 
-
-def space_summary(space: dict) -> list[str]:
-    return [f"{k}: {next(iter(v))} {next(iter(v.values()))}" for k, v in space.items()]
