@@ -23,7 +23,9 @@ def ray_cluster():
     ASHA stopped; without it the group leaks and the next trial waits forever for its CPU."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    from ureid.runtime.tasks import SLOT
+
+    ray.init(num_cpus=2, resources={SLOT: 2}, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -14,8 +14,10 @@ def _run(uri, method, maps, selected, parent=None, params=None):
     run_id = tracking.start_run(uri, "cmp", f"{method}-run", {"method": method, **(params or {})},
                                 {"method": method, "dataset": "synthetic"}, parent_run_id=parent)
     for stage, m in enumerate(maps):
+        # silhouette ranks stages as mAP does; Davies-Bouldin (lower is better) the other way round
         tracking.log_stage(uri, run_id, stage, {"mAP": m, "rank1": m / 2, "num_clusters": 100 - 10 * stage,
-                                                "stage_time_s": 6.0}, timestamp_ms=1)
+                                                "stage_time_s": 6.0, "lf_silhouette": 10 * m,
+                                                "lf_davies_bouldin": m}, timestamp_ms=1)
     best = max(range(len(maps)), key=lambda s: maps[s])
     tracking.log_summary(uri, run_id, {"selected_at_stage": selected, "selected_mAP": maps[selected],
                                        "selected_rank1": maps[selected] / 2, "best_mAP": maps[best],
@@ -47,6 +49,13 @@ def test_compare_two_methods_and_a_sweep(tmp_path):
     for png in (map_png, clusters_png, *files["sweeps"]):
         with Image.open(png) as img:
             assert img.size[0] > 300
+    (scores_md,) = files["synthetic label-free scores"]
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in scores_md.read_text().splitlines()}
+    # 9 (run, stage) points from 4 runs; mean mAP of the stage each criterion picks, per run
+    assert lines["lf_silhouette"].startswith("| lf_silhouette | 9 (4) | +1.00 | +1.00 |")
+    assert lines["lf_davies_bouldin"].startswith("| lf_davies_bouldin | 9 (4) | -1.00 | -1.00 |")
+    assert lines["lf_silhouette"].endswith("| 2.6% |")  # per run the best stage: (3.0 + 2.5 + 2.0 + 3.0) / 4
+    assert lines["last (no selection)"].endswith("| 2.4% |") and lines["oracle_map (test labels)"].endswith("| 2.6% |")
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cmp")
     (comparison,) = client.search_runs([exp.experiment_id], filter_string="tags.`ureid.kind` = 'comparison'")

@@ -62,3 +62,19 @@ def test_outliers_and_degenerate_partitions():
     assert davies_bouldin(x, np.arange(len(x))) == float("inf")
     with pytest.raises(ValueError, match="differ in length"):
         agreement(labels, labels[:-1])
+
+
+def test_rank_correlations_equal_scipy_with_ties():
+    from scipy import stats
+
+    from ureid.evaluation.label_free import kendall, spearman
+
+    rng = np.random.default_rng(0)
+    for n in (5, 40, 200):
+        x = rng.integers(0, 6, n).astype(float)  # many ties
+        y = x + rng.normal(0, 2, n)
+        y[: n // 4] = np.round(y[: n // 4])
+        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        assert kendall(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1) and kendall([1, 2, 3], [1, 2, 3]) == pytest.approx(1)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))

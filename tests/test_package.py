@@ -46,6 +46,9 @@ def test_cluster_yaml_is_a_valid_local_launcher_config():
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c), "every node must start with token auth"
     assert not any("0.0.0.0" in c for c in starts), "the dashboard must not listen on every interface"
+    from ureid.runtime.tasks import SLOT
+
+    assert all(f'\\"{SLOT}\\"' in c for c in starts if "ray start" in c), "every node must declare clustering slots"
 
 
 def test_light_modules_do_not_import_torchvision():

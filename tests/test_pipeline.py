@@ -59,7 +59,9 @@ _RUNS = {}
 def _run(method, tiny_root, tmp_path_factory):
     if method not in _RUNS:
         out = tmp_path_factory.mktemp(method)
-        _RUNS[method] = run_experiment(tiny_cfg(method, tiny_root, out), quiet=True)
+        shared = tmp_path_factory.getbasetemp() / "methods_mlflow.db"  # one store: `ureid compare` reads them all
+        _RUNS[method] = run_experiment(tiny_cfg(method, tiny_root, out, f"tracking.tracking_uri=sqlite:///{shared}"),
+                                       quiet=True)
     return _RUNS[method]
 
 
@@ -154,13 +156,24 @@ def test_failed_run_is_marked_failed_with_the_reason(ray_cluster, tiny_root, tmp
     assert "ureid data camstyle" in run.data.tags["error"]
 
 
-def test_comparison_report_has_a_row_per_run(ray_cluster, tiny_root, fakes, tmp_path_factory):
-    from ureid.tracking.report import comparison_table, load_summaries
+def test_compare_reads_the_runs_of_two_methods_from_mlflow(ray_cluster, tiny_root, fakes, tmp_path_factory, tmp_path):
+    from PIL import Image
 
-    runs = [_run(m, tiny_root, tmp_path_factory)["run_dir"] for m in ("buc", "dbc")]
-    table = comparison_table(load_summaries(runs)).splitlines()
-    assert len(table) == 4 and table[2].startswith("| buc | merge_percent=0.2") and "| dbc |" in table[3]
-    assert "(last)" in table[2] and "oracle-best" in table[0]
+    from ureid.tracking.compare import compare
+
+    runs = [_run(m, tiny_root, tmp_path_factory) for m in ("buc", "dbc")]
+    assert runs[0]["tracking_uri"] == runs[1]["tracking_uri"]
+    files = compare(runs[0]["tracking_uri"], tmp_path, run_ids=[r["run_id"] for r in runs])
+    md, _, map_png, clusters_png = files["synthetic"]
+    lines = md.read_text().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| buc | merge_percent=0.2") and lines[3].startswith("| dbc |")
+    assert "(last)" in lines[2] and "(validation)" in lines[3] and "oracle-best" in lines[0]
+    assert f"| {runs[0]['selected']['mAP']:.1%} |" in lines[2]
+    (scores,) = files["synthetic label-free scores"]
+    assert "| lf_silhouette | 4 (2) |" in scores.read_text()
+    for png in (map_png, clusters_png):
+        with Image.open(png) as img:
+            assert img.size[0] > 300
 
 
 def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):

@@ -1,16 +1,18 @@
-"""The label update's k-NN row blocks as parallel Ray tasks: same labels as in-process, and no
-deadlock when the train workers hold every CPU (the store then runs the blocks itself)."""
+"""The label update's k-NN row blocks as parallel Ray tasks: same labels as in-process, and no deadlock
+when the train workers hold every CPU (the tasks run on reserved clustering slots, not on CPUs); inside a
+placement group that holds slots (a sweep trial's reservation) they run there."""
 
 import time
 
 import numpy as np
+import pytest
 import ray
 
 from ureid.clustering import bottom_up_merge
 from ureid.config import CONFIG_DIR, load_config
 from ureid.methods import METHODS, Targets
 from ureid.runtime.feature_store import FeatureStore, StoreInputs
-from ureid.runtime.tasks import RayBlockMap, block_map_if_cpus_free
+from ureid.runtime.tasks import SLOT, RayBlockMap, check_cluster_slots
 
 
 def _features(n, d=16, seed=0):
@@ -22,6 +24,11 @@ def _features(n, d=16, seed=0):
 class _Holder:  # stands in for a train worker holding a CPU slot
     def ready(self):
         return True
+
+
+@ray.remote(num_cpus=1)
+def _plain_cpu_task():
+    return True
 
 
 def _wait_for_cpus(at_least):
@@ -42,16 +49,18 @@ def test_buc_blocks_as_ray_tasks_give_the_same_labels(ray_cluster):
         assert executor.tasks == stats["mapped_blocks"] >= 600 // 64
 
 
-def test_feature_store_uses_tasks_only_when_a_cpu_is_free(ray_cluster, tmp_path):
+def test_feature_store_tasks_run_while_train_workers_hold_every_cpu(ray_cluster, tmp_path):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     n = 5000  # two k-NN blocks of BUC's default 4096 rows
     cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["clustering.merge_percent=0.05"])
     x = _features(n, d=32, seed=1)
     expected = bottom_up_merge(x, np.arange(n), int(0.05 * n), cfg.clustering.size_penalty)
 
-    def update(stage):
+    def update(stage, pg=None, config=cfg):
         inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.zeros(n, np.int64), is_fake=None, truth=None,
                              initial=Targets(labels=np.arange(n)), seed=0)
-        store = FeatureStore.remote(METHODS["buc"], cfg, inputs, 1, str(tmp_path / f"s{stage}"))
+        store = FeatureStore.remote(METHODS["buc"], config, inputs, 1, str(tmp_path / f"s{stage}"), pg)
         ray.get(store.forget_from.remote(0))
         ray.get(store.put.remote(0, 0, np.arange(n), x))
         result = ray.get(store.update.remote(0), timeout=180)
@@ -59,20 +68,38 @@ def test_feature_store_uses_tasks_only_when_a_cpu_is_free(ray_cluster, tmp_path)
         return result
 
     _wait_for_cpus(2)
-    free = update(0)
-    assert free["info"]["cluster_tasks"] == 2
-    assert np.array_equal(free["targets"].labels, expected)
-
     holders = [_Holder.remote() for _ in range(2)]  # every CPU slot taken, as by two train workers
     ray.get([h.ready.remote() for h in holders])
     try:
-        assert block_map_if_cpus_free() is None
-        busy = update(1)  # would hang if the store queued tasks for a CPU nobody frees
-        assert busy["info"]["cluster_tasks"] == 0
+        assert ray.available_resources().get("CPU", 0.0) == 0.0
+        plain = _plain_cpu_task.remote()  # the control: a task asking for a CPU waits while workers hold them
+        assert ray.wait([plain], timeout=5)[1] == [plain]
+        ray.cancel(plain, force=True)
+        busy = update(0)  # a task asking for a CPU would wait for ever here
+        assert busy["info"]["cluster_tasks"] == 2 and busy["info"]["cluster_nodes"] == 1
         assert np.array_equal(busy["targets"].labels, expected)
+        assert "cluster_tasks_reserved" not in busy["info"]
+
+        pg = placement_group([{SLOT: 1}])  # a trial's reservation: one slot of the cluster's two
+        ray.get(pg.ready(), timeout=30)
+        try:
+            inside = update(1, pg)
+        finally:
+            remove_placement_group(pg)
+        assert inside["info"]["cluster_tasks"] == 2 and inside["info"]["cluster_tasks_reserved"] == 1.0
+        assert np.array_equal(inside["targets"].labels, expected)
+
+        off = update(2, config=load_config(CONFIG_DIR / "buc_cpu.yaml",
+                                           ["clustering.merge_percent=0.05", "ray.clustering_tasks=false"]))
+        assert off["info"]["cluster_tasks"] == 0 and np.array_equal(off["targets"].labels, expected)
     finally:
         for h in holders:
             ray.kill(h)
-    _wait_for_cpus(1)
-    assert isinstance(block_map_if_cpus_free(), RayBlockMap)
-    assert block_map_if_cpus_free(enabled=False) is None
+
+
+def test_too_few_clustering_slots_is_a_clear_error(ray_cluster):
+    cfg = load_config(CONFIG_DIR / "buc_cpu.yaml")
+    check_cluster_slots(cfg.ray, 2)  # the test cluster declares two
+    with pytest.raises(RuntimeError, match=r"declares 2 'ureid_cluster_slot'.*needs 3.*--resources"):
+        check_cluster_slots(cfg.ray, 3)
+    check_cluster_slots(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.clustering_tasks=false"]).ray, 3)

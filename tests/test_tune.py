@@ -104,3 +104,83 @@ def test_shipped_spaces_and_method_defaults_pass_the_check(space_file):
     space, source = load_space(method, space_file)
     check_space(base, space, source)
     check_space(base, *load_space(method))  # the method's own default space
+
+
+def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray_cluster, tiny_root, tmp_path):
+    """The driver is a separate process on the same Ray (one Ray instance per machine, see conftest), killed
+    with SIGKILL once the second trial has finished its first stage; ``--resume`` then continues that trial
+    from its checkpoint and leaves the finished first trial alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    space = tmp_path / "space.yaml"
+    space.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
+    out = tmp_path / "out"
+    sets = [*_overrides(tiny_root, out), f"ray.address={ray.get_runtime_context().gcs_address}"]
+    cmd = [sys.executable, "-m", "ureid.cli", "tune", "buc", "--config", str(CONFIG_DIR / "buc_cpu.yaml"),
+           "--space", str(space), "--search", "grid", "--scheduler", "none", "--max-concurrent", "1",
+           "--name", "killed", *[a for s in sets for a in ("--set", s)]]
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sweep_dir = out / "killed"
+
+    def histories():
+        return {d.name: [json.loads(x) for x in h.read_text().splitlines()]
+                for d in (sweep_dir / "trials").glob("*/") for h in d.glob("*/history.jsonl")}
+
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        runs = histories()
+        if len(runs) == 2 and any(len(h) == 1 for h in runs.values()):
+            break
+        time.sleep(0.5)
+    assert driver.poll() is None, f"the driver ended before it could be killed:\n{(tmp_path / 'driver.log').read_text()}"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = histories()
+    first = next(n for n, h in before.items() if len(h) == 2)
+    second = next(n for n, h in before.items() if len(h) == 1)
+    first_dir = next((sweep_dir / "trials" / first).glob("*/run.json")).parent
+    stamp = (first_dir / "summary.json").stat().st_mtime
+
+    summary = run_sweep(None, "buc", resume=str(sweep_dir), quiet=True)
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    after = histories()
+    assert after[first] == before[first] and (first_dir / "summary.json").stat().st_mtime == stamp
+    assert json.loads((first_dir / "run.json").read_text())["attempts"] == 1, "the finished trial ran again"
+    second_dir = next((sweep_dir / "trials" / second).glob("*/run.json")).parent
+    assert json.loads((second_dir / "run.json").read_text())["attempts"] == 2  # continued, not started over
+    assert [h["stage"] for h in after[second]] == [0, 1] and after[second][0] == before[second][0]
+
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"], [c.info.status for c in children]
+    assert (sweep_dir / "best.yaml").is_file()
+
+
+def test_optuna_starts_from_the_paper_defaults(ray_cluster, tiny_root, tmp_path):
+    from ureid.runtime.tune import paper_point
+
+    space = {"clustering.size_penalty": {"loguniform": [0.001, 0.01]}, "clustering.merge_percent": {"choice": [0.2, 0.3]}}
+    base = load_config(CONFIG_DIR / "buc_cpu.yaml").to_dict()
+    assert paper_point(base, space) == {"clustering.size_penalty": 0.005}  # the preset's mp 0.1 is not a choice
+    file = tmp_path / "space.yaml"
+    file.write_text(json.dumps({"space": space}))  # JSON is YAML
+    out = tmp_path / "out"
+    overrides = [o for o in _overrides(tiny_root, out) if not o.startswith("schedule.max_stages")]
+    summary = run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [*overrides, "schedule.max_stages=1"], space_file=str(file),
+                        search="optuna", num_samples=2, scheduler="none", max_concurrent=1, quiet=True)
+    first, second = summary["trials"]
+    assert first["clustering.size_penalty"] == 0.005 and second["clustering.size_penalty"] != 0.005
+    assert all(t["status"] == "finished" for t in summary["trials"])
+    with pytest.raises(ConfigError, match="grid; Optuna samples"):
+        file.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", overrides, space_file=str(file), search="optuna")

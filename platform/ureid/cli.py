@@ -7,7 +7,8 @@ group and sets ``func`` on its leaves, so further groups (``ureid run ...``) plu
     ureid data info --format market1501 --root /datasets/Market-1501-v15.09.15
     ureid data camstyle --root data/synthetic
     ureid run buc --set clustering.size_penalty=0.003
-    ureid report runs/
+    ureid tune buc --num-samples 8
+    ureid compare --experiment ureid
 
 ``experiments/<method>.py`` call :func:`run_entry_point`, the same command as ``ureid run <method>``.
 """
@@ -187,13 +188,6 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from ureid.tracking.report import comparison_table, load_summaries
-
-    print(comparison_table(load_summaries(args.runs)))
-    return 0
-
-
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
     r.add_argument("method", choices=_method_names())
@@ -213,9 +207,6 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("--num-queries", type=int, default=8)
     vis.add_argument("--seed", type=int, default=0)
     vis.set_defaults(func=_cmd_visualize)
-    rep = sub.add_parser("report", help="compare finished runs: one markdown row per run")
-    rep.add_argument("runs", nargs="+", help="run folders, or output folders holding them")
-    rep.set_defaults(func=_cmd_report)
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -259,7 +250,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,tune,compare,visualize,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,tune,compare,visualize}")
     add_data_commands(sub)
     add_run_commands(sub)
     return parser

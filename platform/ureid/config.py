@@ -165,8 +165,11 @@ class RayConfig(_Strict):
     # A local start (address null) runs Ray's dashboard at 127.0.0.1:8265; Ray Train's state queries
     # go through it (without it Train logs "Failed to query Ray Train Controller actor state" every few s).
     include_dashboard: bool = True
-    # Run the label update's k-NN row blocks (BUC, camstyle) as parallel Ray tasks when a CPU is free.
+    # Run the label update's row blocks as parallel Ray tasks on the cluster's reserved clustering slots
+    # (custom resource ureid_cluster_slot, declared on every node); false: inside the feature-store actor.
     clustering_tasks: bool = True
+    # Slots a sweep trial reserves for its own clustering tasks (in its placement group).
+    cluster_slots_per_trial: PosInt = 2
 
 
 class TrackingConfig(_Strict):

@@ -153,3 +153,34 @@ def label_free_scores(features, labels, previous=None, sample: int | None = 2048
         agree = agreement(previous, labels)
         out["lf_nmi_previous"], out["lf_ari_previous"] = agree["nmi"], agree["ari"]
     return out
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), 1-based."""
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+    ends = np.r_[starts[1:], x.size]
+    ranks = np.empty(x.size, dtype=np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho: Pearson's correlation of the average ranks (scipy.stats.spearmanr's definition)."""
+    rx, ry = _ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+def kendall(x, y) -> float:
+    """Kendall's tau-b (ties in either variable corrected, scipy.stats.kendalltau's default), O(n^2) over
+    pairs: meant for the stages of a sweep (hundreds of points), not for samples."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx = np.sign(x[:, None] - x[None, :])
+    dy = np.sign(y[:, None] - y[None, :])
+    iu = np.triu_indices(x.size, 1)
+    dx, dy = dx[iu], dy[iu]
+    den = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
+    return float((dx * dy).sum() / den) if den > 0 else float("nan")

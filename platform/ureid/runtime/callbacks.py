@@ -52,10 +52,15 @@ def read_history(path: str | Path, before: int | None = None) -> list[dict]:
     path = Path(path)
     by_stage: dict[int, dict] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
                 m = json.loads(line)
-                by_stage[int(m["stage"])] = m
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # cut short by a kill mid-write: that stage was not recorded
+                    break
+                raise
+            by_stage[int(m["stage"])] = m
     history = [by_stage[s] for s in sorted(by_stage) if before is None or s < before]
     if before is not None:
         path.write_text("".join(json.dumps(m) + "\n" for m in history))

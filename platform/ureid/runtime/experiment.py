@@ -48,10 +48,26 @@ def _print_table(history: list[dict], selected: int | None, oracle: int | None) 
         print(row + (f"   <- {', '.join(marks)}" if marks else ""))
 
 
+def _resume_point(job: Job) -> tuple[int, str | None]:
+    """The first stage to run and the checkpoint to load: after the last stage that has both a checkpoint and
+    its line in the history. A process killed after Ray Train persisted a stage's checkpoint but before the
+    driver's callback recorded its report left a checkpoint without metrics: that stage runs again."""
+    from .callbacks import read_history
+
+    recorded = {h["stage"] for h in read_history(job.history_path)}
+    checkpoints = dict(job.checkpoints(STATE_FILE))
+    stage = 0
+    while stage in recorded and stage in checkpoints:
+        stage += 1
+    return stage, str(checkpoints[stage - 1]) if stage else None
+
+
 def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
-                   parent_run_id: str | None = None, callbacks: Sequence = ()) -> dict:
+                   parent_run_id: str | None = None, callbacks: Sequence = (),
+                   cluster_placement_group=None) -> dict:
     """Run (or resume) one method end to end; returns the summary written to summary.json. ``callbacks`` are
-    extra Ray Train callbacks (a sweep trial's Tune reporter); ``parent_run_id`` nests the MLflow run."""
+    extra Ray Train callbacks (a sweep trial's Tune reporter); ``parent_run_id`` nests the MLflow run;
+    ``cluster_placement_group`` is a sweep trial's reservation, where its clustering tasks run."""
     import ray
 
     from .callbacks import HistoryCallback, MlflowStageCallback, read_history
@@ -75,22 +91,24 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         if cfg.schedule.validation is not None:
             ensure_synthetic(cfg.schedule.validation)
         data = load_run_data(cfg, method)  # fail here, in the driver, on a bad dataset
-        done = job.checkpoints(STATE_FILE)
-        start_stage, resume_from = (done[-1][0] + 1, str(done[-1][1])) if done else (0, None)
+        start_stage, resume_from = _resume_point(job)
         read_history(job.history_path, before=start_stage)
         num_stages = method.num_stages(cfg, data)
         if cfg.schedule.max_stages:
             num_stages = min(num_stages, cfg.schedule.max_stages)
 
         from .job import ensure_ray
+        from .tasks import check_cluster_slots
 
         ensure_ray(cfg.ray)
+        if cluster_placement_group is None:
+            check_cluster_slots(cfg.ray)
         namespace = f"ureid-{job.run_dir.name}"
         inputs = StoreInputs(num_samples=len(data), num_real=data.num_real, cameras=data.cameras,
                              is_fake=data.is_fake, truth=data.identities(),
                              initial=method.initial_targets(cfg, data), seed=cfg.seed)
         store = FeatureStore.options(name="feature_store", namespace=namespace).remote(
-            method, cfg, inputs, cfg.ray.num_workers, str(job.run_dir / "feature_store"))
+            method, cfg, inputs, cfg.ray.num_workers, str(job.run_dir / "feature_store"), cluster_placement_group)
         ray.get(store.forget_from.remote(start_stage))
         try:
             job.fit(train_loop_per_worker, {

@@ -7,8 +7,8 @@ and writes them to ``state_dir`` after each update; a restarted actor (``max_res
 so a crash of the actor loses no finished stage.
 
 The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold every CPU slot of a small
-machine, and an actor waiting for a slot would deadlock the stage. When Ray has a CPU to spare the
-update may fan its row blocks out as Ray tasks (:mod:`.tasks`).
+machine, and an actor waiting for a slot would deadlock the stage. The update fans its row blocks out as
+Ray tasks on reserved clustering slots (:mod:`.tasks`; inside a sweep trial, on the trial's own).
 
 Every update also gets the label-free scores of :mod:`ureid.evaluation.label_free` (``lf_*``: computed
 from the features and pseudo-labels only, what an unsupervised user can select stages by).
@@ -29,7 +29,7 @@ import ray
 
 from ..evaluation.label_free import label_free_scores
 from ..methods.base import Targets, UpdateContext
-from .tasks import block_map_if_cpus_free
+from .tasks import RayBlockMap
 
 #: The update that runs before stage 0 for a method without initial targets (on the prepared model).
 PRE_STAGE = -1
@@ -50,8 +50,9 @@ class StoreInputs:
 
 @ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
 class FeatureStore:
-    def __init__(self, method, cfg, inputs: StoreInputs, world_size: int, state_dir: str):
+    def __init__(self, method, cfg, inputs: StoreInputs, world_size: int, state_dir: str, placement_group=None):
         self.method, self.cfg, self.inputs, self.world_size = method, cfg, inputs, world_size
+        self.placement_group = placement_group  # a sweep trial's reservation for the clustering tasks
         self.state_path = Path(state_dir) / "feature_store.pkl"
         self.shards: dict[int, dict[int, tuple]] = {}
         self.results: dict[int, dict] = {}
@@ -114,7 +115,7 @@ class FeatureStore:
             previous = Targets(labels=np.zeros(inputs.num_samples, dtype=np.int64))
         pooled, parts = self._gather(stage)
         start = time.perf_counter()
-        blocks = block_map_if_cpus_free(self.cfg.ray.clustering_tasks)
+        blocks = RayBlockMap(self.placement_group) if self.cfg.ray.clustering_tasks else None
         ctx = UpdateContext(stage=stage, seed=inputs.seed, num_real=inputs.num_real, cameras=inputs.cameras,
                             is_fake=inputs.is_fake, parts=parts, known_labels=self._known_labels(stage),
                             map_blocks=blocks)
@@ -122,7 +123,7 @@ class FeatureStore:
         if not isinstance(new, Targets):
             raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes,
-                "cluster_tasks": blocks.tasks if blocks is not None else 0}
+                **(blocks.stats() if blocks is not None else {"cluster_tasks": 0})}
         real = slice(0, inputs.num_real)  # scored on the real samples (camstyle fakes are augmentation)
         info.update(label_free_scores(pooled[real], new.labels[real], previous.labels[real], seed=inputs.seed))
         if inputs.truth is not None:

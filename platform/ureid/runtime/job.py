@@ -43,7 +43,10 @@ def ensure_ray(ray_cfg) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard)
+    from .tasks import local_resources
+
+    local = {"resources": local_resources()} if ray_cfg.address is None else {}
+    ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard, **local)
 
 
 @dataclass

@@ -1,38 +1,77 @@
 """Parallel Ray tasks for the row blocks of a label update (the ``map_blocks`` executor of
 :mod:`ureid.clustering`, handed to an update in :class:`ureid.methods.UpdateContext`).
 
-The feature-store actor hands one out when the cluster has a CPU to spare. When the train workers hold
-every CPU slot (one machine, workers sized to it) a task would wait for a slot that is only freed after
-the update it belongs to: a deadlock. Then no executor is given and the update runs its blocks in the
-actor, with the same result.
+Clustering capacity is reserved explicitly, so train workers can never take it: a block task asks for
+no CPU and one unit of the custom resource ``ureid_cluster_slot``, which every node declares (a local
+start declares one per core, ``cluster.yaml``'s start commands one per core of each node). While a stage's
+update runs, its train workers wait for the targets, so the cores are free for the tasks; when workers
+hold every CPU slot of the cluster the tasks still run (a task asking for a CPU would wait for a slot
+freed only after the update it belongs to: the deadlock DESIGN.md reproduced). A sweep trial reserves
+``ray.cluster_slots_per_trial`` slots in its own placement group and its tasks run there, so concurrent
+trials neither starve nor block each other. Outside a trial, tasks ``SPREAD`` over the nodes.
 """
 
 from __future__ import annotations
 
+import os
+
 import ray
 
+SLOT = "ureid_cluster_slot"
 
-@ray.remote(num_cpus=1)
+
+def local_resources() -> dict[str, float]:
+    """What a local start (``ray.init()`` without an address, or the tests' cluster) declares."""
+    return {SLOT: float(os.cpu_count() or 1)}
+
+
+@ray.remote(num_cpus=0)
 def _run_block(fn, shared, item):
-    return fn(shared, item)
+    ctx = ray.get_runtime_context()
+    pg = ray.util.get_current_placement_group()
+    return ctx.get_node_id(), pg.id.hex() if pg is not None else None, fn(shared, item)
 
 
 class RayBlockMap:
     """``map_blocks(fn, shared, items)``: ``fn(shared, item)`` for every item as parallel Ray tasks,
-    ``shared`` put into the object store once; results in the order of ``items``."""
+    ``shared`` put into the object store once (read zero-copy by every task); results in the order of
+    ``items``. Counts the tasks, the nodes they ran on, and whether all ran inside ``placement_group``."""
 
-    def __init__(self):
+    def __init__(self, placement_group=None):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.placement_group = placement_group
+        strategy = ("SPREAD" if placement_group is None else
+                    PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0))
+        self.options = {"num_cpus": 0, "resources": {SLOT: 1}, "scheduling_strategy": strategy}
         self.tasks = 0
+        self.nodes: set[str] = set()
+        self.groups: set[str | None] = set()
 
     def __call__(self, fn, shared, items):
         ref = ray.put(shared)
-        refs = [_run_block.remote(fn, ref, item) for item in items]
+        refs = [_run_block.options(**self.options).remote(fn, ref, item) for item in items]
+        out = ray.get(refs)
         self.tasks += len(refs)
-        return ray.get(refs)
+        self.nodes.update(node for node, _, _ in out)
+        self.groups.update(group for _, group, _ in out)
+        return [result for _, _, result in out]
+
+    def stats(self) -> dict[str, float]:
+        """The stage's metrics: tasks, nodes, and 1.0 when every task ran inside the trial's reservation."""
+        out = {"cluster_tasks": self.tasks, "cluster_nodes": len(self.nodes)}
+        if self.placement_group is not None and self.tasks:
+            out["cluster_tasks_reserved"] = float(self.groups == {self.placement_group.id.hex()})
+        return out
 
 
-def block_map_if_cpus_free(enabled: bool = True) -> RayBlockMap | None:
-    """A :class:`RayBlockMap` when Ray has at least one CPU free right now, else None (run in-process)."""
-    if not enabled:
-        return None
-    return RayBlockMap() if ray.available_resources().get("CPU", 0.0) >= 1.0 else None
+def check_cluster_slots(ray_cfg, need: float = 1) -> None:
+    """Fail at start-up, not mid-stage, when the cluster declares too few clustering slots."""
+    if not ray_cfg.clustering_tasks:
+        return
+    have = ray.cluster_resources().get(SLOT, 0.0)
+    if have < need:
+        raise RuntimeError(
+            f"the Ray cluster declares {have:g} '{SLOT}' resource units, this job needs {need:g} for its clustering "
+            f"tasks: start every node with `ray start ... --resources '{{\"{SLOT}\": <cores>}}'` (cluster.yaml does), "
+            f"or set ray.clustering_tasks=false to run the label updates inside the feature-store actor")

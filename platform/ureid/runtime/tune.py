@@ -130,14 +130,34 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
 
     from .experiment import run_experiment
 
+    import ray
+
     name = tune.get_context().get_trial_name()
+    reserved = ray.util.get_current_placement_group()  # the trial's bundle, holding its clustering slots
     data = copy.deepcopy(base)
     for key, value in params.items():
         data = _set(data, key, value.item() if hasattr(value, "item") else value)
     data = _set(data, "output_dir", str(Path(sweep_dir) / "trials" / name))
     data = _set(data, "tracking.run_name", name)
     cfg = validate(data, source=f"sweep trial {name}")
-    run_experiment(cfg, quiet=True, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    earlier = _latest_run(Path(sweep_dir) / "trials" / name)
+    if earlier is None:
+        run_experiment(cfg, quiet=True, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                       cluster_placement_group=reserved)
+    elif (earlier / "summary.json").is_file():
+        # It finished before the sweep's driver died, after Tune last saved its state: report, do not re-train.
+        from .callbacks import read_history
+
+        for row in read_history(earlier / "history.jsonl"):
+            tune.report(row)
+    else:  # a driver died mid-trial: continue its run (same folder and MLflow child) after its last stage
+        run_experiment(cfg, resume=earlier, quiet=True, callbacks=[TuneReportCallback()],
+                       cluster_placement_group=reserved)
+
+
+def _latest_run(trial_dir: Path) -> Path | None:
+    runs = sorted(trial_dir.glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else None
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -155,10 +175,29 @@ def _objective(select: str) -> tuple[str, str]:
 
 
 def _max_concurrent(ray_cfg) -> int:
+    """As many trials as the cluster holds: CPUs for their workers, clustering slots for their reservations."""
     import ray
 
-    need = ray_cfg.num_workers * ray_cfg.cpus_per_worker
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // need))
+    from .tasks import SLOT
+
+    have = ray.cluster_resources()
+    fits = int(have.get("CPU", 1) // (ray_cfg.num_workers * ray_cfg.cpus_per_worker))
+    if ray_cfg.clustering_tasks:
+        fits = min(fits, int(have.get(SLOT, 0) // ray_cfg.cluster_slots_per_trial))
+    return max(1, fits)
+
+
+def _trial_resources(ray_cfg):
+    """The trial function only waits on its trainer ({"CPU": 0} is refused by Tune, hence 0.01); its bundle
+    also holds the slots its clustering tasks run on, so no other trial can take them."""
+    from ray import tune
+
+    from .tasks import SLOT
+
+    bundle = {"CPU": 0.01}
+    if ray_cfg.clustering_tasks:
+        bundle[SLOT] = float(ray_cfg.cluster_slots_per_trial)
+    return tune.PlacementGroupFactory([bundle])
 
 
 def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] | None = None, *,
@@ -171,6 +210,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
 
     from ..methods import get_method
     from .job import ensure_ray
+    from .tasks import check_cluster_slots
 
     t0 = time.perf_counter()
     if resume:
@@ -191,6 +231,9 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         method = get_method(method_name)
         space, source = load_space(method, space_file)
         check_space(base, space, source)  # before Ray starts
+        grids = [key for key, spec in space.items() if next(iter(spec)) == "grid"]
+        if search == "optuna" and grids:
+            raise ConfigError(f"--search optuna: {', '.join(grids)} is a grid; Optuna samples, use choice: [...]")
         cfg = cfg.with_absolute_paths()
         base = cfg.to_dict()
         sweep_id = secrets.token_hex(3)
@@ -214,13 +257,13 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
 
     cfg = validate(copy.deepcopy(info["base"]), source="sweep")
     ensure_ray(cfg.ray)
+    check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
     num_stages = get_method(info["method"]).num_stages(cfg, _n0_for_stage_count(cfg))
     if cfg.schedule.max_stages:
         num_stages = min(num_stages, cfg.schedule.max_stages)
     trainable = tune.with_resources(
         partial(_trial, base=info["base"], sweep_dir=str(sweep_dir), parent_run_id=info["parent_run_id"]),
-        {"CPU": 0.01},  # the trial function only waits on its TorchTrainer; {"CPU": 0} is refused by Tune
-    )
+        _trial_resources(cfg.ray))
     try:
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable,
@@ -244,7 +287,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                 param_space=tune_domains(info["space"]) if search != "grid" else tune_domains(_as_grid(info["space"])),
                 tune_config=tune.TuneConfig(
                     metric=info["objective"], mode=info["mode"], scheduler=sched,
-                    search_alg=_searcher(search, cfg.seed, concurrent),
+                    search_alg=_searcher(search, cfg.seed, concurrent, paper_point(info["base"], info["space"])),
                     num_samples=num_samples if search != "grid" else 1,
                     max_concurrent_trials=concurrent if search == "optuna" else None,
                     trial_name_creator=partial(trial_name, info["sweep_id"]),
@@ -282,7 +325,23 @@ def _as_grid(space: dict) -> dict:
     return grid
 
 
-def _searcher(search: str, seed: int, concurrent: int):
+def paper_point(base: dict, space: dict) -> dict:
+    """The base config's values of the swept keys (the papers' defaults in the shipped configs), where they lie
+    inside the space: the first trial a model-based searcher runs."""
+    point = {}
+    for key, spec in space.items():
+        kind, args = next(iter(spec.items()))
+        value = base
+        for part in key.split("."):
+            value = value[part]
+        inside = (value in args if kind in ("choice", "grid") else
+                  args[0] <= value < args[1] if kind == "randint" else args[0] <= value <= args[1])
+        if inside:
+            point[key] = value
+    return point
+
+
+def _searcher(search: str, seed: int, concurrent: int, first: dict | None = None):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if search in ("random", "grid"):  # Tune ignores max_concurrent_trials for this one: it takes its own
@@ -295,16 +354,14 @@ def _searcher(search: str, seed: int, concurrent: int):
             raise ConfigError("--search optuna needs the optional extra: pip install 'ureid[optuna]' (optuna)") from None
         import optuna
 
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3))
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
+                            points_to_evaluate=[first] if first else None)
     raise ConfigError(f"--search {search!r}: allowed: random, grid, optuna")
 
 
 def _trial_runs(sweep_dir: Path) -> dict[str, Path]:
     """Trial name -> its run folder."""
-    runs = {}
-    for run_json in sorted((sweep_dir / "trials").glob("*/*/run.json")):
-        runs[run_json.parent.parent.name] = run_json.parent
-    return runs
+    return {d.name: run for d in sorted((sweep_dir / "trials").glob("*/")) if (run := _latest_run(d))}
 
 
 def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float) -> dict:
@@ -366,6 +423,12 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
             + yaml.safe_dump(cfg_data, sort_keys=False))
         tracking.log_summary(uri, info["parent_run_id"], {f"best_{objective}": best[objective]})
         tracking.set_tags(uri, info["parent_run_id"], {"ureid.best_trial": best["trial"]})
+    # A child left RUNNING belongs to no trial of the grid any more (a driver died before its run folder was
+    # written): say so instead of leaving it RUNNING for ever.
+    known = {json.loads((r / "run.json").read_text())["run_id"] for r in runs.values()}
+    for run_id in tracking.child_runs(uri, info["parent_run_id"], status="RUNNING"):
+        if run_id not in known:
+            tracking.finish_run(uri, run_id, error=RuntimeError("orphaned: the sweep's driver died during this trial"))
     tracking.log_artifacts(uri, info["parent_run_id"], {"": sweep_dir / "trials.csv",
                                                         "best": sweep_dir / "best.yaml"})
     tracking.finish_run(uri, info["parent_run_id"])

@@ -53,6 +53,14 @@ def git_commit(folder: str | os.PathLike | None = None) -> str | None:
         return None
 
 
+def _artifact_root(uri: str, experiment: str) -> str | None:
+    """Beside a SQLite store (``<dir>/mlartifacts/<experiment>``): MLflow's default is ``./mlruns`` of whatever
+    folder the process that created the experiment ran in, which scatters a run's artifacts across checkouts."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict[str, str],
               artifact: Path | None = None, parent_run_id: str | None = None) -> str:
     """Create ``experiment`` if needed and a RUNNING run in it (a child of ``parent_run_id`` when given),
@@ -61,7 +69,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
 
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri, experiment))
     tags = {**tags, "mlflow.runName": run_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -117,6 +125,16 @@ def finish_run(uri: str, run_id: str, error: BaseException | None = None, status
         client.set_terminated(run_id, status="FAILED")
     else:
         client.set_terminated(run_id, status=status or "FINISHED")
+
+
+def child_runs(uri: str, parent_run_id: str, status: str | None = None) -> list[str]:
+    """The ids of a parent run's children (optionally only those in ``status``)."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return [r.info.run_id for r in client.search_runs([parent.info.experiment_id], filter_string=query, max_results=10000)]
 
 
 def log_artifacts(uri: str, run_id: str, paths: dict[str, Path]) -> None:

@@ -13,9 +13,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import _client, log_artifacts, start_run, finish_run
 
-STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_clusters", "stage_time_s")
+SCORE_DIRECTION = {"lf_silhouette": 1, "lf_davies_bouldin": -1, "lf_snd": 1, "lf_nmi_previous": 1,
+                   "lf_ari_previous": 1}  # +1: higher is better (as ureid.config.LABEL_FREE_SCORES)
+STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_clusters", "stage_time_s", *SCORE_DIRECTION)
 
 
 @dataclass
@@ -97,6 +101,55 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def score_rows(records: list[RunRecord]) -> list[dict]:
+    """How well each label-free score ranks stages by test-set mAP, over every stage of every run (a sweep's
+    trials included): Spearman and Kendall pooled over all (run, stage) points, the mean Spearman within a run
+    (the ranking a run's own selection uses), and the mean mAP of the stage each score would select per run,
+    beside the last stage and the oracle. Scores are signed so that +1 is a perfect ranking."""
+    from ..evaluation.label_free import kendall, spearman
+
+    runs = [r for r in records if len(r.stages.get("mAP", {})) >= 2]
+    out = []
+    for score, sign in SCORE_DIRECTION.items():
+        xs, ys, within, picked = [], [], [], []
+        for r in runs:
+            pts = sorted((st, sign * v, r.stages["mAP"][st]) for st, v in r.stages.get(score, {}).items()
+                         if st in r.stages["mAP"])
+            if not pts:
+                continue
+            xs += [p[1] for p in pts]
+            ys += [p[2] for p in pts]
+            if len(pts) >= 3:
+                within.append(spearman([p[1] for p in pts], [p[2] for p in pts]))
+            picked.append(max(pts, key=lambda p: (p[1], -p[0]))[2])  # ties: the earlier stage, as selection does
+        if len(xs) < 3:
+            continue
+        out.append({"score": score, "points": len(xs), "runs": len(picked), "spearman": spearman(xs, ys),
+                    "kendall": kendall(xs, ys), "mean_within_run_spearman": float(np.nanmean(within)) if within else None,
+                    "mean_selected_mAP": float(np.mean(picked))})
+    if out:
+        last = [r.stages["mAP"][max(r.stages["mAP"])] for r in runs]
+        best = [max(r.stages["mAP"].values()) for r in runs]
+        out.append({"score": "last (no selection)", "points": "", "runs": len(last), "spearman": None,
+                    "kendall": None, "mean_within_run_spearman": None, "mean_selected_mAP": float(np.mean(last))})
+        out.append({"score": "oracle_map (test labels)", "points": "", "runs": len(best), "spearman": None,
+                    "kendall": None, "mean_within_run_spearman": None, "mean_selected_mAP": float(np.mean(best))})
+    return out
+
+
+def score_markdown(table: list[dict]) -> str:
+    def f(v):
+        return "" if v is None or v == "" else f"{v:+.2f}"
+
+    lines = ["| score | stages (runs) | Spearman vs mAP | Kendall vs mAP | mean within-run Spearman | "
+             "mean mAP of the stage it selects |", "|---|---|---|---|---|---|"]
+    for r in table:
+        pts = f"{r['points']} ({r['runs']})" if r["points"] != "" else f"({r['runs']})"
+        lines.append(f"| {r['score']} | {pts} | {f(r['spearman'])} | {f(r['kendall'])} | "
+                     f"{f(r['mean_within_run_spearman'])} | {_pct(r['mean_selected_mAP'])} |")
+    return "\n".join(lines)
+
+
 def _plot_stages(records: list[RunRecord], key: str, ylabel: str, path: Path, percent: bool) -> Path:
     import matplotlib
 
@@ -173,6 +226,11 @@ def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_id
             writer = csv.DictWriter(f, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
+        scores = score_rows(subset)
+        if scores:
+            score_md = out_dir / f"scores_{dataset}.md"
+            score_md.write_text(score_markdown(scores) + "\n")
+            files.setdefault(f"{dataset} label-free scores", []).append(score_md)
         files[dataset] = [md, csv_path,
                           _plot_stages(subset, "mAP", "mAP (%)", out_dir / f"map_per_stage_{dataset}.png", True),
                           _plot_stages(subset, "num_clusters", "clusters", out_dir / f"clusters_per_stage_{dataset}.png", False)]
