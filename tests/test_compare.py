@@ -44,6 +44,7 @@ def test_compare_two_methods_and_a_sweep(tmp_path):
     text = md.read_text()
     assert text.count("\n| buc |") == 3 and text.count("\n| dbc |") == 1
     assert "2 of 3 (label_free:lf_silhouette) | 2.0% |" in text and "3.0% (1)" in text  # selected beside the oracle
+    assert "| 3.0% / 1.5% (1) |" in text  # the stage silhouette picks, shown whatever the run kept
     rows = list(csv.DictReader(table_csv.open()))
     assert {r["method"] for r in rows} == {"buc", "dbc"} and all(r["oracle_mAP"] for r in rows)
     for png in (map_png, clusters_png, *files["sweeps"]):

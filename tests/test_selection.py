@@ -11,7 +11,8 @@ def _schedule(*sets):
 
 
 def test_criteria_and_their_direction():
-    assert _schedule().select == "last" and _schedule().criterion() is None
+    assert _schedule().select == "label_free:lf_silhouette" and _schedule().criterion() == ("lf_silhouette", True)
+    assert _schedule("schedule.select=last").criterion() is None
     assert _schedule("schedule.select=label_free:lf_davies_bouldin").criterion() == ("lf_davies_bouldin", False)
     assert _schedule("schedule.select=label_free:lf_silhouette").criterion() == ("lf_silhouette", True)
     assert _schedule("schedule.select=oracle_map").criterion() == ("mAP", True)
@@ -32,7 +33,7 @@ def test_label_free_choice_and_the_oracle_are_tracked_apart():
 
 
 def test_last_never_stops_and_patience_stops_on_the_criterion():
-    last = Selection.from_schedule(_schedule("schedule.patience=1"))
+    last = Selection.from_schedule(_schedule("schedule.select=last", "schedule.patience=1"))
     assert not any(last.observe(s, {"mAP": 0.1}) for s in range(4)) and last.selected_stage == 3
     sel = Selection.from_schedule(_schedule("schedule.select=label_free:lf_silhouette", "schedule.patience=2"))
     stops = [sel.observe(s, {"lf_silhouette": v}) for s, v in enumerate([0.1, 0.3, 0.2, 0.25])]

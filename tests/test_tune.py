@@ -18,7 +18,8 @@ from ureid.runtime.tune import run_sweep
 def _overrides(root, out):
     return [f"data.root={root}", "data.height=32", "data.width=16", "model.embedding_dim=32",
             "train.batch_size=8", "train.eval_batch_size=32", "train.first_stage_epochs=1", "train.stage_epochs=1",
-            "train.max_batches_per_epoch=2", "ray.num_workers=1", "ray.cpus_per_worker=1", "schedule.max_stages=2",
+            "train.max_batches_per_epoch=2", "ray.num_workers=1", "schedule.max_stages=2",
+            "ray.cpus_per_worker=2",  # the trainer takes every CPU of the cluster, as the CPU presets do
             f"output_dir={out}", f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-sweep",
             *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]]
 
@@ -171,7 +172,8 @@ def test_optuna_starts_from_the_paper_defaults(ray_cluster, tiny_root, tmp_path)
 
     space = {"clustering.size_penalty": {"loguniform": [0.001, 0.01]}, "clustering.merge_percent": {"choice": [0.2, 0.3]}}
     base = load_config(CONFIG_DIR / "buc_cpu.yaml").to_dict()
-    assert paper_point(base, space) == {"clustering.size_penalty": 0.005}  # the preset's mp 0.1 is not a choice
+    # the preset's lambda 0.005 lies inside; its mp 0.1 is not a choice: the nearest one
+    assert paper_point(base, space) == {"clustering.size_penalty": 0.005, "clustering.merge_percent": 0.2}
     file = tmp_path / "space.yaml"
     file.write_text(json.dumps({"space": space}))  # JSON is YAML
     out = tmp_path / "out"

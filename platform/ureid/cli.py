@@ -89,6 +89,8 @@ def build_run_parser(method: str | None = None) -> argparse.ArgumentParser:
                    help="dotted override, repeatable, e.g. --set clustering.size_penalty=0.003")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last stage checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="the workers' own log lines and Ray Train's INFO output instead of the progress bar")
     if method is None:
         p.add_argument("method", choices=_method_names())
     return p
@@ -119,7 +121,7 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None) ->
         return 0
     from ureid.runtime.experiment import run_experiment
 
-    run_experiment(cfg, resume=args.resume)
+    run_experiment(cfg, resume=args.resume, verbose=args.verbose)
     return 0
 
 
@@ -171,7 +173,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ureid.tracking.compare import compare
 
     uri = args.tracking_uri or resolve_tracking_uri(None, "runs")
-    files = compare(uri, args.out, experiment=args.experiment, run_ids=args.runs or None)
+    files = compare(uri, args.out, experiment=args.experiment, run_ids=args.runs or None, score=args.score)
     for dataset, paths in files.items():
         for path in paths:
             if path.suffix == ".md":
@@ -189,6 +191,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    from ureid.config import LABEL_FREE_SCORES
+
     r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
     r.add_argument("method", choices=_method_names())
     r.add_argument("rest", nargs=argparse.REMAINDER, help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
@@ -201,6 +205,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--experiment", default=None, help="MLflow experiment (default: ureid)")
     cmp.add_argument("--runs", nargs="*", default=[], help="run ids instead of a whole experiment")
     cmp.add_argument("--out", default="runs/comparison", help="folder for the tables and plots")
+    cmp.add_argument("--score", default="lf_silhouette", choices=sorted(LABEL_FREE_SCORES), help="label-free score whose stage pick every row shows")
     cmp.set_defaults(func=_cmd_compare)
     vis = sub.add_parser("visualize", help="ranked lists and a t-SNE feature map of a finished run")
     vis.add_argument("run_dir")

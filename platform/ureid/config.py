@@ -117,7 +117,7 @@ class ScheduleConfig(_Strict):
     # pseudo-labels only); ``validation`` (mAP on the labeled ``validation`` dataset, another one than the
     # target: the TIP paper's protocol); ``oracle_map`` (test-set mAP: labels an unsupervised user does not
     # have; for analysis, always reported beside the others as ``oracle_stage``).
-    select: str = "last"
+    select: str = "label_free:lf_silhouette"  # measured: README "which label-free score to trust"
     validation: DataConfig | None = None
 
     @model_validator(mode="before")

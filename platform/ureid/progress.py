@@ -47,6 +47,11 @@ class StageProgress:
         self._stage = None
         self._t0 = 0.0
 
+    @property
+    def in_stage(self) -> bool:
+        """Between :meth:`start_stage` and :meth:`end_stage`."""
+        return self._stage is not None
+
     # -- events --------------------------------------------------------------------------------------
     def start_stage(self, stage: int, num_stages: int, epochs: int, batches_per_epoch: int) -> None:
         """A stage of ``epochs`` epochs of ``batches_per_epoch`` batches begins (``stage`` counts from 0)."""

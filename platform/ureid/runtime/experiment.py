@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -48,6 +49,13 @@ def _print_table(history: list[dict], selected: int | None, oracle: int | None) 
         print(row + (f"   <- {', '.join(marks)}" if marks else ""))
 
 
+def _setting(cfg: Config, method) -> str:
+    """The method's key settings, e.g. ``merge_percent=0.1, size_penalty=0.005`` (floats to 4 digits)."""
+    block = cfg.clustering.model_dump()
+    return ", ".join(f"{k}={block[k]:.4g}" if isinstance(block[k], float) else f"{k}={block[k]}"
+                     for k in method.key_settings if k in block)
+
+
 def _resume_point(job: Job) -> tuple[int, str | None]:
     """The first stage to run and the checkpoint to load: after the last stage that has both a checkpoint and
     its line in the history. A process killed after Ray Train persisted a stage's checkpoint but before the
@@ -64,14 +72,17 @@ def _resume_point(job: Job) -> tuple[int, str | None]:
 
 def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
                    parent_run_id: str | None = None, callbacks: Sequence = (),
-                   cluster_placement_group=None) -> dict:
+                   cluster_placement_group=None, verbose: bool = False) -> dict:
     """Run (or resume) one method end to end; returns the summary written to summary.json. ``callbacks`` are
     extra Ray Train callbacks (a sweep trial's Tune reporter); ``parent_run_id`` nests the MLflow run;
-    ``cluster_placement_group`` is a sweep trial's reservation, where its clustering tasks run."""
+    ``cluster_placement_group`` is a sweep trial's reservation, where its clustering tasks run. Unless
+    ``quiet`` or ``verbose``, the driver draws the workers' progress (a bar per stage, a line per finished
+    stage, :mod:`.progress`); ``verbose`` shows the workers' own lines and Ray Train's INFO output instead."""
     import ray
 
     from .callbacks import HistoryCallback, MlflowStageCallback, read_history
     from .feature_store import FeatureStore, StoreInputs
+    from .progress import DriverProgress, ProgressRelay
     from .stage_loop import train_loop_per_worker
 
     t0 = time.perf_counter()
@@ -81,7 +92,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         job = Job.reopen(resume)
     else:
         job = Job.start(cfg.method, cfg.output_dir, cfg.tracking, params=cfg.to_dict(),
-                        tags={"method": cfg.method, "dataset": cfg.data.name},
+                        tags={"method": cfg.method, "dataset": cfg.data.name,
+                              "ureid.setting": _setting(cfg, method), "ureid.selection": cfg.schedule.select},
                         write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
     job.announce()
     with job.failing_loudly():  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
@@ -110,16 +122,20 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         store = FeatureStore.options(name="feature_store", namespace=namespace).remote(
             method, cfg, inputs, cfg.ray.num_workers, str(job.run_dir / "feature_store"), cluster_placement_group)
         ray.get(store.forget_from.remote(start_stage))
+        relay = None if quiet or verbose else ProgressRelay.options(namespace=namespace).remote()
         try:
-            job.fit(train_loop_per_worker, {
-                "cfg": cfg, "method": method, "data": data, "num_stages": num_stages,
-                "store_name": "feature_store", "namespace": namespace, "resume_from": resume_from,
-                "threads": max(1, int(cfg.ray.cpus_per_worker)),
-            }, cfg.ray, callbacks=[MlflowStageCallback(job.tracking_uri, job.run_id),
-                                   HistoryCallback(job.history_path), *callbacks])
+            with DriverProgress(relay) if relay is not None else nullcontext():
+                job.fit(train_loop_per_worker, {
+                    "cfg": cfg, "method": method, "data": data, "num_stages": num_stages,
+                    "store_name": "feature_store", "namespace": namespace, "resume_from": resume_from,
+                    "threads": max(1, int(cfg.ray.cpus_per_worker)), "relay": relay, "verbose": verbose,
+                }, cfg.ray, callbacks=[MlflowStageCallback(job.tracking_uri, job.run_id),
+                                       HistoryCallback(job.history_path), *callbacks], verbose=verbose)
             final = ray.get(store.latest_targets.remote())
         finally:
             ray.kill(store)
+            if relay is not None:
+                ray.kill(relay)
 
         history = read_history(job.history_path)
         np.save(job.run_dir / "labels.npy", final.labels)
@@ -127,12 +143,11 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         selected, oracle = history[-1]["selected_stage"], history[-1]["oracle_stage"]
         shutil.copytree(dict(job.checkpoints(STATE_FILE))[selected], job.run_dir / "best_checkpoint", dirs_exist_ok=True)
         plot = tracking.plot_stages(history, job.run_dir / "stages.png", title=f"{cfg.method} on {cfg.data.name}")
-        block = cfg.clustering.model_dump()
         summary = {
             "method": cfg.method, "dataset": cfg.data.name, "run_dir": str(job.run_dir), "run_id": job.run_id,
             "tracking_uri": job.tracking_uri, "selection": cfg.schedule.select, "selected_stage": selected,
             "selected": by_stage[selected], "oracle_stage": oracle, "oracle": by_stage[oracle], "first": history[0],
-            "setting": ", ".join(f"{k}={block[k]}" for k in method.key_settings if k in block),
+            "setting": _setting(cfg, method),
             "final_num_clusters": history[-1]["num_clusters"], "wall_time_s": time.perf_counter() - t0,
             "history": history,
         }
@@ -151,8 +166,6 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
             "wall_time_s": summary["wall_time_s"], "selected_at_stage": selected, "oracle_at_stage": oracle,
             **{f"selected_{k}": chosen[k] for k in ("mAP", "rank1", "rank5", "rank10") if k in chosen},
             **{f"best_{k}": best[k] for k in ("mAP", "rank1") if k in best}})
-        tracking.set_tags(job.tracking_uri, job.run_id, {"ureid.setting": summary["setting"],
-                                                         "ureid.selection": cfg.schedule.select})
         job.finish()
     if not quiet:
         print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stages in {summary['wall_time_s']:.0f}s")

@@ -118,8 +118,10 @@ class Job:
             raise
 
     def fit(self, train_fn: Callable[[dict], None], loop_config: dict, ray_cfg, callbacks: Sequence = (),
-            max_failures: int = 0):
-        """Launch ``train_fn`` on ``ray_cfg.num_workers`` Ray Train workers and wait for it."""
+            max_failures: int = 0, verbose: bool = False):
+        """Launch ``train_fn`` on ``ray_cfg.num_workers`` Ray Train workers and wait for it. Ray Train's own
+        INFO lines (worker-group start-up, every report's metrics dict, every checkpoint path) only when
+        ``verbose``; its warnings and errors always."""
         import ray.train
         from ray.train.torch import TorchTrainer
 
@@ -136,6 +138,7 @@ class Job:
                 callbacks=list(callbacks),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
                 failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             ),
         )
         return trainer.fit()

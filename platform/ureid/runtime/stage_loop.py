@@ -36,6 +36,19 @@ def log_line(rank: int, msg: str) -> None:
         sys.stdout.flush()
 
 
+def quiet_ray_train_worker() -> None:
+    """Ray Train's per-report lines in a worker ("Reporting training result ...: TrainingReport(<every
+    metric>)", "Checkpoint successfully created at ...") come from loggers named after their files, which
+    ``ray.train.LoggingConfig`` does not reach; raise just those to WARNING (shown again with --verbose)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for module in (context, storage):
+        for name in (module.__file__, module.__name__):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _barrier(world: int) -> None:
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -68,6 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
     from ..models.backbone import ReidNet
 
     cfg, method, data = config["cfg"], config["method"], config["data"]
+    if not config.get("verbose"):
+        quiet_ray_train_worker()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
@@ -80,13 +95,22 @@ def train_loop_per_worker(config: dict) -> None:
                     dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes,
                     frozen_stages=cfg.model.frozen_stages)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
-    log_every = int(config.get("log_every", 20))
+    # With a relay (runtime/progress.py) rank 0 sends its lines and batch events to the driver's progress
+    # display instead of printing them; a bar wants every batch, a log every 20th.
+    relay = config.get("relay") if rank == 0 else None
+    log_every = 1 if relay is not None else int(config.get("log_every", 20))
 
     def log(msg: str) -> None:
-        log_line(rank, msg)
+        if relay is not None:
+            relay.push.remote(("line", f"[ureid] {msg}"))
+        else:
+            log_line(rank, msg)
 
     def progress(info: dict) -> None:
-        log(f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
+        if relay is not None:
+            relay.push.remote(("batch", info["epoch"], info["batch"] - 1, info["mean_loss"]))
+        else:
+            log(f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
 
     def evaluate() -> dict:
         scores = evaluate_model(model, data.query, data.gallery, device, **cfg.extract_options()) if rank == 0 else None
@@ -139,13 +163,17 @@ def train_loop_per_worker(config: dict) -> None:
         extra = [p for p in loss_fn.parameters() if p.requires_grad]
         opt = build_optimizer(net, extra, recipe.lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
                               cfg.train.weight_decay, cfg.train.nesterov)
-        log(f"stage {stage + 1}/{num_stages}: {targets.num_classes} classes, {recipe.epochs} epochs at lr {recipe.lr}")
+        if relay is None:
+            log(f"stage {stage + 1}/{num_stages}: {targets.num_classes} classes, {recipe.epochs} epochs at lr {recipe.lr}")
         losses = []
         for epoch in range(recipe.epochs):
             step_lr(opt, epoch, recipe.lr, recipe.lr_step)
             loader = make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 1000 + stage,
                                  epoch=epoch, num_workers=cfg.data.num_workers, rank=rank, world_size=world,
                                  drop_last=len(dataset) >= cfg.train.batch_size * world)
+            if relay is not None and epoch == 0:
+                batches = min(len(loader), cfg.train.max_batches_per_epoch or len(loader))
+                relay.push.remote(("start", stage, num_stages, recipe.epochs, batches))
             out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
                               log_every=log_every, max_batches=cfg.train.max_batches_per_epoch)
             losses.append(out["loss"])
@@ -172,9 +200,13 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["selected_stage"] = selection.selected_stage
         metrics["oracle_stage"] = selection.oracle_stage
         if rank == 0:
-            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "rank1", "loss") if k in metrics)
-            log(f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {shown}, "
-                f"{metrics['num_clusters']} clusters")
+            shown = ", ".join(f"{k} {metrics[k]:.1%}" for k in ("mAP", "rank1") if k in metrics)
+            line = (f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {shown}, loss "
+                    f"{metrics['loss']:.3f}, {metrics['num_classes']} classes -> {metrics['num_clusters']} clusters")
+            if relay is not None:
+                relay.push.remote(("end", f"[ureid] {line}"))
+            else:
+                log(line)
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

@@ -188,16 +188,16 @@ def _max_concurrent(ray_cfg) -> int:
 
 
 def _trial_resources(ray_cfg):
-    """The trial function only waits on its trainer ({"CPU": 0} is refused by Tune, hence 0.01); its bundle
-    also holds the slots its clustering tasks run on, so no other trial can take them."""
+    """The trial function only waits on its trainer, so its bundle holds no CPU (a trainer sized to every CPU
+    of the cluster must still fit), only the slots its clustering tasks run on, which no other trial can take.
+    Without clustering tasks the bundle would be empty, which Tune refuses: then 0.01 CPU."""
     from ray import tune
 
     from .tasks import SLOT
 
-    bundle = {"CPU": 0.01}
     if ray_cfg.clustering_tasks:
-        bundle[SLOT] = float(ray_cfg.cluster_slots_per_trial)
-    return tune.PlacementGroupFactory([bundle])
+        return tune.PlacementGroupFactory([{SLOT: float(ray_cfg.cluster_slots_per_trial)}])
+    return tune.PlacementGroupFactory([{"CPU": 0.01}])
 
 
 def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] | None = None, *,
@@ -326,18 +326,21 @@ def _as_grid(space: dict) -> dict:
 
 
 def paper_point(base: dict, space: dict) -> dict:
-    """The base config's values of the swept keys (the papers' defaults in the shipped configs), where they lie
-    inside the space: the first trial a model-based searcher runs."""
+    """The first trial a model-based searcher runs: the base config's value of every swept key (the papers'
+    defaults in the shipped configs), moved into the space where it lies outside (a range: its nearest end;
+    a list: its nearest value, or the first for non-numbers), since the searcher needs a value for every key."""
     point = {}
     for key, spec in space.items():
         kind, args = next(iter(spec.items()))
         value = base
         for part in key.split("."):
             value = value[part]
-        inside = (value in args if kind in ("choice", "grid") else
-                  args[0] <= value < args[1] if kind == "randint" else args[0] <= value <= args[1])
-        if inside:
-            point[key] = value
+        if kind in ("choice", "grid"):
+            numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in [*args, value])
+            point[key] = value if value in args else min(args, key=lambda a: abs(a - value)) if numeric else args[0]
+        else:
+            high = args[1] - 1 if kind == "randint" else args[1]
+            point[key] = min(max(value, args[0]), high)
     return point
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import LABEL_FREE_SCORES
 from . import _client, log_artifacts, start_run, finish_run
 
-SCORE_DIRECTION = {"lf_silhouette": 1, "lf_davies_bouldin": -1, "lf_snd": 1, "lf_nmi_previous": 1,
-                   "lf_ari_previous": 1}  # +1: higher is better (as ureid.config.LABEL_FREE_SCORES)
+SCORE_DIRECTION = {k: 1 if higher else -1 for k, higher in LABEL_FREE_SCORES.items()}  # +1: higher is better
 STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_clusters", "stage_time_s", *SCORE_DIRECTION)
 
 
@@ -67,9 +67,19 @@ def _pct(v) -> str:
     return "" if v is None else f"{v:.1%}"
 
 
-def rows(records: list[RunRecord]) -> list[dict]:
+def label_free_pick(r: RunRecord, score: str) -> int | None:
+    """The stage ``score`` selects among a run's stages (ties: the earlier one, as runtime/selection.py)."""
+    sign = SCORE_DIRECTION[score]
+    pts = [(st, sign * v) for st, v in r.stages.get(score, {}).items() if st in r.stages.get("mAP", {})]
+    return max(pts, key=lambda p: (p[1], -p[0]))[0] if pts else None
+
+
+def rows(records: list[RunRecord], score: str = "lf_silhouette") -> list[dict]:
+    """One row per run: its own selection, the stage ``score`` picks (shown for every run, whatever it kept),
+    the oracle beside them."""
     out = []
     for r in records:
+        pick = label_free_pick(r, score)
         m, s = r.stages.get("mAP", {}), r.summary
         selected = s.get("selected_at_stage")
         oracle = s.get("oracle_at_stage")
@@ -80,6 +90,8 @@ def rows(records: list[RunRecord]) -> list[dict]:
             "selected_stage": "" if selected is None else int(selected), "selected_by": r.selection,
             "selected_mAP": s.get("selected_mAP"), "selected_rank1": s.get("selected_rank1"),
             "selected_rank5": s.get("selected_rank5"), "selected_rank10": s.get("selected_rank10"),
+            "label_free_score": score, "label_free_stage": "" if pick is None else pick,
+            "label_free_mAP": r.stages["mAP"].get(pick), "label_free_rank1": r.stages.get("rank1", {}).get(pick),
             "oracle_stage": "" if oracle is None else int(oracle), "oracle_mAP": s.get("best_mAP"),
             "stage0_mAP": m.get(0), "stages": len(m),
             "final_clusters": int(clusters[max(clusters)]) if clusters else "",
@@ -89,13 +101,15 @@ def rows(records: list[RunRecord]) -> list[dict]:
 
 
 def markdown(table: list[dict]) -> str:
-    head = ["method", "setting", "selected (how)", "mAP", "rank-1", "rank-5", "rank-10", "oracle-best mAP (stage)",
-            "stage-0 mAP", "final clusters", "wall time"]
+    score = table[0]["label_free_score"] if table else ""
+    head = ["method", "setting", "selected (how)", "mAP", "rank-1", "rank-5", "rank-10",
+            f"{score} pick: mAP / rank-1 (stage)", "oracle-best mAP (stage)", "stage-0 mAP", "final clusters", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         lines.append("| " + " | ".join([
             r["method"], r["setting"], f"{r['selected_stage']} of {r['stages']} ({r['selected_by']})",
             _pct(r["selected_mAP"]), _pct(r["selected_rank1"]), _pct(r["selected_rank5"]), _pct(r["selected_rank10"]),
+            f"{_pct(r['label_free_mAP'])} / {_pct(r['label_free_rank1'])} ({r['label_free_stage']})",
             f"{_pct(r['oracle_mAP'])} ({r['oracle_stage']})", _pct(r["stage0_mAP"]), str(r["final_clusters"]),
             f"{r['wall_time_min']:.1f} min"]) + " |")
     return "\n".join(lines)
@@ -208,7 +222,7 @@ def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
 
 
 def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_ids: list[str] | None = None,
-            log: bool = True) -> dict[str, list[Path]]:
+            log: bool = True, score: str = "lf_silhouette") -> dict[str, list[Path]]:
     """Write the tables and plots per dataset into ``out_dir``; log them as a comparison run; return the files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,7 +232,7 @@ def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_id
     files: dict[str, list[Path]] = {}
     for dataset in sorted({r.dataset for r in records}):
         subset = sorted((r for r in records if r.dataset == dataset), key=lambda r: (r.method, r.name))
-        table = rows(subset)
+        table = rows(subset, score)
         md = out_dir / f"compare_{dataset}.md"
         md.write_text(markdown(table) + "\n")
         csv_path = out_dir / f"compare_{dataset}.csv"
