@@ -8,10 +8,12 @@ placement-group cleaner), ``scripts/test.sh -m slow tests/test_job_submit.py``. 
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +38,11 @@ def test_sweep_through_ray_job_submit_with_token_auth(tiny_root, tmp_path):
     token = secrets.token_hex(32)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     port, dash = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="ureid-ray-", dir="/tmp")
     head = subprocess.Popen(
         [f"{venv_bin}/ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          f"--resources={json.dumps({SLOT: 2})}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+         "--include-dashboard=true", f"--temp-dir={ray_tmp}"],  # short: Ray's socket paths must fit 107 bytes
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -80,8 +83,10 @@ def test_sweep_through_ray_job_submit_with_token_auth(tiny_root, tmp_path):
         parent = MlflowClient(summary["tracking_uri"]).get_run(summary["parent_run_id"])
         assert parent.info.status == "FINISHED"
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # the head's process group only: never `ray stop`
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
