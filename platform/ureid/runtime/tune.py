@@ -120,8 +120,11 @@ def tune_domains(space: dict) -> dict:
 
 
 def trial_name(sweep_id: str, trial) -> str:
-    """Deterministic within a sweep (the trial's index), unique across sweeps (the sweep id)."""
-    return f"{sweep_id}-{trial.trial_id.rsplit('_', 1)[-1]}"
+    """Deterministic within a sweep (the trial's creation index), unique across sweeps (the sweep id). The
+    index is the leading counter of Tune's experiment tag, which every search generator sets (and keeps in
+    its saved state); Tune's trial ids are indices for the random/grid generator but random hex for
+    searchers such as Optuna's."""
+    return f"{sweep_id}-{int(trial.experiment_tag.split('_', 1)[0]):05d}"
 
 
 def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> None:
