@@ -33,13 +33,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG_DIR / "buc_cpu.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15,
+                   help="supervised epochs for the ceiling; 0: only the features of the configured weights")
     p.add_argument("--lr", type=float, default=None, help="default: the config's train.lr")
     p.add_argument("--color-jitter", type=float, default=None, help="default: the config's data.color_jitter")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads; on a shared machine 1 can be several times faster than oversubscribing")
     p.add_argument("--json", help="write the two reference points here")
     args = p.parse_args(argv)
+    if args.epochs < 0:
+        p.error(f"--epochs must be >= 0, got {args.epochs}")
     cfg = load_config(args.config, args.overrides)
     lr = cfg.train.lr if args.lr is None else args.lr
     if args.color_jitter is not None:
@@ -52,6 +55,13 @@ def main(argv=None) -> int:
     floor = evaluate_model(model, ds.query, ds.gallery, "cpu", **cfg.extract_options())
     print(f"floor   (untrained {cfg.model.arch}, weights={cfg.model.weights}): mAP {floor['mAP']:.1%} "
           f"rank-1 {floor['rank1']:.1%}", flush=True)
+
+    if args.epochs == 0:  # nothing trained: the floor is the reference (e.g. ImageNet-only features)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"floor": floor, "ceiling": None, "epochs": 0, "config": args.config,
+                           "overrides": args.overrides}, f, indent=1)
+        return 0
 
     train = [r for r in ds.train if r.pid >= 0]
     _, labels = np.unique([r.pid for r in train], return_inverse=True)

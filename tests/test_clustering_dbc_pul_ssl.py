@@ -138,6 +138,33 @@ def test_dbc_stage_candidate_growth_is_exact(monkeypatch):
     assert rounds, "the test must exercise candidate growth"
 
 
+def test_dbc_stage_through_map_blocks_gives_the_same_labels(monkeypatch):
+    """The candidate search as row blocks through an executor (what Ray tasks run), with candidate growth
+    forced (1 initial partner, small blocks): same labels as in-process and as the full-matrix reference."""
+    blocks = []
+
+    def executor(fn, shared, items):
+        blocks.append(len(items))
+        return [fn(shared, item) for item in items]
+
+    monkeypatch.setattr(dbc, "_INITIAL_CANDIDATES", 1)
+    monkeypatch.setattr(dbc, "_MAP_MIN_CLUSTERS", 0)  # fan out even at this size
+    for seed in range(3):
+        x = features(seed, n=96)
+        for w in (0.0, 0.5):
+            stats = {}
+            out = dispersion_merge(x, np.arange(96), 40, w, map_blocks=executor, stats=stats)
+            assert np.array_equal(out, dispersion_merge(x, np.arange(96), 40, w))
+            assert np.array_equal(out, reference_dbc_stage(x, np.arange(96), 40, w))
+            assert stats["mapped_blocks"] >= 8
+    assert len(blocks) > 6, "candidate growth must have sent further rounds through the executor"
+    x = features(4, n=80)  # merge mode has no candidate search: the executor is not used
+    stats = {}
+    assert np.array_equal(dispersion_merge(x, np.arange(80), 20, 0.5, update="merge", map_blocks=executor,
+                                           stats=stats), dispersion_merge(x, np.arange(80), 20, 0.5, update="merge"))
+    assert "mapped_blocks" not in stats
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dbc_merge_is_average_linkage_without_intra(seed):
     x = features(seed, n=80)
@@ -380,3 +407,24 @@ def test_reliable_neighbors_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         reliable_neighbors(**args)
+
+
+def test_reliable_neighbors_through_map_blocks_give_the_same_neighbours(monkeypatch):
+    """Row blocks through an executor (what Ray tasks run): the same blocks as in-process, the same result."""
+    monkeypatch.setattr(ssl, "_BLOCK_BYTES", 3 * 9 * 70 * 4 * 7)  # 7 rows per block with 8 stripes
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((70, 12)).astype(np.float32)
+    parts = rng.standard_normal((70, 8, 4)).astype(np.float32)
+    cams = rng.integers(0, 3, 70)
+    calls = []
+
+    def executor(fn, shared, items):
+        calls.append(len(items))
+        return [fn(shared, item) for item in items]
+
+    for p, w in ((parts, 0.5), (None, 0.0)):
+        stats = {}
+        ours = reliable_neighbors(g, p, cams, 4, w, 0.02, map_blocks=executor, stats=stats)
+        assert np.array_equal(ours, reliable_neighbors(g, p, cams, 4, w, 0.02))
+        assert np.array_equal(ours, reference_neighbors(g, p, cams, 4, w, 0.02))
+        assert stats["mapped_blocks"] == calls[-1] > 1

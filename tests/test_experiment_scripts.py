@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import TINY_SYNTH
@@ -44,3 +45,15 @@ def test_reference_points_on_tracklets(tmp_path):
                      "--json", str(out)]) == 0
     ref = json.loads(out.read_text())
     assert 0.0 <= ref["floor"]["mAP"] <= 1.0 and 0.0 <= ref["ceiling"]["mAP"] <= 1.0
+
+
+def test_reference_points_with_no_epochs_reports_the_floor_only(tmp_path):
+    mod = _script("reference_points")
+    out = tmp_path / "ref.json"
+    sets = sum((["--set", s] for s in _tiny(tmp_path / "d")), [])
+    assert mod.main(["--config", str(CONFIG_DIR / "buc_cpu.yaml"), *sets, "--epochs", "0", "--threads", "1",
+                     "--json", str(out)]) == 0
+    ref = json.loads(out.read_text())
+    assert 0.0 <= ref["floor"]["mAP"] <= 1.0 and ref["ceiling"] is None and ref["epochs"] == 0
+    with pytest.raises(SystemExit):
+        mod.main(["--config", str(CONFIG_DIR / "buc_cpu.yaml"), *sets, "--epochs", "-1"])

@@ -49,6 +49,19 @@ def test_buc_blocks_as_ray_tasks_give_the_same_labels(ray_cluster):
         assert executor.tasks == stats["mapped_blocks"] >= 600 // 64
 
 
+def test_dbc_candidate_blocks_as_ray_tasks_give_the_same_labels(ray_cluster, monkeypatch):
+    from ureid.clustering import dbc, dispersion_merge
+
+    monkeypatch.setattr(dbc, "_MAP_MIN_CLUSTERS", 0)  # fan out even at this size
+
+    x = _features(900, d=24, seed=2)
+    for update_weight in (0.0, 0.5):
+        executor, stats = RayBlockMap(), {}
+        ours = dispersion_merge(x, np.arange(900), 300, update_weight, map_blocks=executor, stats=stats)
+        assert np.array_equal(ours, dispersion_merge(x, np.arange(900), 300, update_weight))
+        assert executor.tasks == stats["mapped_blocks"] >= 8 and executor.stats()["cluster_nodes"] == 1
+
+
 def test_feature_store_tasks_run_while_train_workers_hold_every_cpu(ray_cluster, tmp_path):
     from ray.util.placement_group import placement_group, remove_placement_group
 

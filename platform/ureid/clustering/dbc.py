@@ -34,9 +34,12 @@ UPDATE_MODES = ("stage", "merge")
 _BLOCK_BYTES = 256 * 2**20
 # Candidate partners first fetched per cluster in stage mode; clusters that turn out to need more get 4x more.
 _INITIAL_CANDIDATES = 16
+# Below this many clusters the symmetric in-process search is faster than any fan-out.
+_MAP_MIN_CLUSTERS = 2048
 
 
-def dispersion_merge(features, labels, num_merges, intra_weight, update="stage", device=None) -> np.ndarray:
+def dispersion_merge(features, labels, num_merges, intra_weight, update="stage", device=None,
+                     map_blocks=None, stats=None) -> np.ndarray:
     """Merge ``num_merges`` cluster pairs by dispersion (DBC) and return new labels 0..C'-1 (int64, numpy).
 
     Args:
@@ -53,6 +56,12 @@ def dispersion_merge(features, labels, num_merges, intra_weight, update="stage",
             merged cluster are recomputed exactly and the global minimum is taken again (ties by the smaller
             id pair). With ``intra_weight=0`` this is average linkage on squared Euclidean distances.
         device: torch device to compute on; default: the device of a tensor input, else CPU.
+        map_blocks: optional executor ``map_blocks(fn, shared, items)`` (as for :func:`bottom_up_merge`): in
+            stage mode on CPU with at least ``_MAP_MIN_CLUSTERS`` clusters, each round's candidate search runs
+            as row blocks of the cluster means through
+            it (:func:`candidate_block`), e.g. parallel Ray tasks. The candidate lists may break ties
+            differently, never the merges: the search is exact for any candidate set (see _stage_merges).
+        stats: optional dict, filled with ``mapped_blocks`` (blocks sent through ``map_blocks``).
 
     Returns:
         (N,) int64 labels, numbered in ascending order of each cluster's smallest sample index.
@@ -81,7 +90,10 @@ def dispersion_merge(features, labels, num_merges, intra_weight, update="stage",
     if num_merges == 0:
         merges = []
     elif update == "stage":
-        merges = _stage_merges(mu, _h(mu, q, intra_weight), int(num_merges), search_dtype=x.dtype)
+        use = map_blocks if map_blocks is not None and mu.device.type == "cpu" and num_clusters >= _MAP_MIN_CLUSTERS \
+            else None
+        merges = _stage_merges(mu, _h(mu, q, intra_weight), int(num_merges), search_dtype=x.dtype,
+                               map_blocks=use, stats=stats)
     else:
         merges = _agglomerate(mu, q, sizes, float(intra_weight), int(num_merges))
     uf = UnionFind(num_clusters)
@@ -124,7 +136,8 @@ def _full_fp32_matmul():
         torch.set_float32_matmul_precision(old)
 
 
-def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dtype) -> list[tuple[int, int]]:
+def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dtype, map_blocks=None,
+                  stats=None) -> list[tuple[int, int]]:
     """The public DBC stage (frozen scores, skip pairs with an absorbed cluster) without the C x C matrix.
 
     Exactness. Let ``K`` be the pairs known so far: for each cluster c its ``k_c`` best partners under a fast
@@ -151,8 +164,14 @@ def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dty
     keys = np.empty(0, dtype=np.int64)  # known pairs as i * C + j with i < j
     exact = np.empty(0, dtype=np.float64)
     rows, k = np.arange(num_clusters), min(num_clusters - 1, _INITIAL_CANDIDATES)
+    shared = (m_s.cpu().numpy(), h_s.cpu().numpy()) if map_blocks is not None else None
     while True:
-        cand, b = _candidates_all(m_s, h_s, k) if rows.size == num_clusters else _candidates(m_s, h_s, rows, k)
+        if map_blocks is not None:
+            cand, b = _candidates_mapped(map_blocks, shared, rows, k, stats)
+        elif rows.size == num_clusters:
+            cand, b = _candidates_all(m_s, h_s, k)
+        else:
+            cand, b = _candidates(m_s, h_s, rows, k)
         bound[rows] = b
         complete[rows] = k >= num_clusters - 1
         fresh = np.setdiff1d(cand, keys)  # unique, and each pair is scored exactly once
@@ -228,6 +247,30 @@ def _candidates(m_s: torch.Tensor, h_s: torch.Tensor, rows: np.ndarray, k: int):
             i, j = blk[:, None].expand_as(col), col
             keys.append((torch.minimum(i, j) * num_clusters + torch.maximum(i, j)).reshape(-1).cpu().numpy())
     return np.unique(np.concatenate(keys)), np.concatenate(bounds)
+
+
+def candidate_block(shared, job):
+    """One row block of a stage's candidate search, ``shared = (means, h)`` (numpy, read zero-copy),
+    ``job = (rows, k)``: the unit of work a ``map_blocks`` executor runs, as ``_candidates`` returns it."""
+    import warnings
+
+    means, h = shared
+    rows, k = job
+    with warnings.catch_warnings():  # shared arrays from an object store are read-only; nothing writes them
+        warnings.simplefilter("ignore", UserWarning)
+        m_s, h_s = torch.from_numpy(means), torch.from_numpy(h)
+    return _candidates(m_s, h_s, rows, k)
+
+
+def _candidates_mapped(map_blocks, shared, rows: np.ndarray, k: int, stats=None):
+    """``_candidates`` over ``rows`` as blocks through ``map_blocks`` (row-wise: twice the products of the
+    symmetric in-process search, spread over the executor's workers)."""
+    per_block = max(1, min(_BLOCK_BYTES // (shared[0].itemsize * shared[0].shape[0]), -(-rows.size // 8)))
+    jobs = [(rows[s:s + per_block], k) for s in range(0, rows.size, per_block)]
+    out = map_blocks(candidate_block, shared, jobs)
+    if stats is not None:
+        stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + len(jobs)
+    return np.unique(np.concatenate([keys for keys, _ in out])), np.concatenate([b for _, b in out])
 
 
 def _exact_scores(mu: torch.Tensor, h: torch.Tensor, keys: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ _BLOCK_BYTES = 256 * 2**20
 
 
 def reliable_neighbors(global_features, part_features, cameras, num_neighbors, part_weight, camera_penalty,
-                       device=None) -> np.ndarray:
+                       device=None, map_blocks=None, stats=None) -> np.ndarray:
     """The ``num_neighbors`` samples with the smallest D (module docstring) for every sample.
 
     Args:
@@ -38,6 +38,10 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
         part_weight: lambda_p in [0, 1] (0.5 in the paper).
         camera_penalty: lambda_c >= 0 (0.02 in the paper).
         device: torch device; default: the device of a tensor input, else CPU.
+        map_blocks: optional executor ``map_blocks(fn, shared, items)`` (as for :func:`bottom_up_merge`): on
+            CPU the row blocks (the same blocks, so the same arithmetic) run through it
+            (:func:`neighbor_block`), e.g. as parallel Ray tasks.
+        stats: optional dict, filled with ``mapped_blocks`` (blocks sent through ``map_blocks``).
 
     Returns:
         (N, k) int64 indices (numpy), each row ascending in D, ties by the smaller index; the sample itself is
@@ -78,17 +82,41 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
         p_sq = (parts * parts).sum(2)
     layers = 3 * (1 + (0 if parts is None else parts.shape[0]))  # block x N tensors alive at once, temporaries included
     step = max(1, _BLOCK_BYTES // (layers * n * g.element_size()))
-    out = []
-    for s in range(0, n, step):
-        rows = torch.arange(s, min(n, s + step), device=dev)
-        dist = (1 - part_weight) * _euclid(g_sq[rows, None], g_sq[None, :], g[rows] @ g.T)
-        if parts is not None:
-            prod = torch.bmm(parts[:, rows], parts.transpose(1, 2))  # (P, block, N)
-            dist += part_weight * _euclid(p_sq[:, rows, None], p_sq[:, None, :], prod).mean(0)
-        dist += camera_penalty * (cam[rows, None] == cam[None, :]).to(dtype)
-        dist[torch.arange(rows.numel(), device=dev), rows] = torch.inf
-        out.append(_smallest_by_value_then_index(dist, num_neighbors))
-    return torch.cat(out).cpu().numpy().astype(np.int64)
+    spans = [(s, min(n, s + step)) for s in range(0, n, step)]
+    if map_blocks is not None and dev.type == "cpu" and len(spans) > 1:
+        shared = tuple(None if t is None else t.numpy() for t in (g, g_sq, parts, p_sq if parts is not None else None,
+                                                                   cam)) + (float(part_weight), float(camera_penalty))
+        out = map_blocks(neighbor_block, shared, [(s, e, num_neighbors) for s, e in spans])
+        if stats is not None:
+            stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + len(spans)
+        return np.concatenate(out)
+    state = (g, g_sq, parts, p_sq if parts is not None else None, cam, part_weight, camera_penalty)
+    return np.concatenate([_block(state, s, e, num_neighbors) for s, e in spans])
+
+
+def _block(state, start: int, stop: int, k: int) -> np.ndarray:
+    """The k reliable neighbours of rows start..stop-1 (one block x N slice of D)."""
+    g, g_sq, parts, p_sq, cam, part_weight, camera_penalty = state
+    rows = torch.arange(start, stop, device=g.device)
+    dist = (1 - part_weight) * _euclid(g_sq[rows, None], g_sq[None, :], g[rows] @ g.T)
+    if parts is not None:
+        prod = torch.bmm(parts[:, rows], parts.transpose(1, 2))  # (P, block, N)
+        dist += part_weight * _euclid(p_sq[:, rows, None], p_sq[:, None, :], prod).mean(0)
+    dist += camera_penalty * (cam[rows, None] == cam[None, :]).to(g.dtype)
+    dist[torch.arange(rows.numel(), device=g.device), rows] = torch.inf
+    return _smallest_by_value_then_index(dist, k).cpu().numpy().astype(np.int64)
+
+
+def neighbor_block(shared, job) -> np.ndarray:
+    """One row block of :func:`reliable_neighbors`, ``shared`` its prepared arrays (numpy, read zero-copy),
+    ``job = (start, stop, k)``: the unit of work a ``map_blocks`` executor runs."""
+    import warnings
+
+    *arrays, part_weight, camera_penalty = shared
+    with warnings.catch_warnings():  # shared arrays from an object store are read-only; nothing writes them
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = [None if a is None else torch.from_numpy(a) for a in arrays]
+    return _block((*tensors, part_weight, camera_penalty), *job)
 
 
 def _euclid(a_sq: torch.Tensor, b_sq: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:

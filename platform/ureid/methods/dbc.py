@@ -39,7 +39,7 @@ class DBC(BUC):
         c = cfg.clustering
         labels = clustering.dispersion_merge(
             l2_normalise(features), targets.labels, num_merges(c.merge_percent, ctx.num_real), c.intra_weight,
-            update=c.update,
+            update=c.update, map_blocks=ctx.map_blocks,
         )
         return Targets(labels=np.asarray(labels))
 

@@ -61,7 +61,7 @@ class SSL(Method):
             part_feats = ctx.parts / np.maximum(np.linalg.norm(ctx.parts, axis=2, keepdims=True), 1e-12)
         neighbors = clustering.reliable_neighbors(
             l2_normalise(features), part_feats, ctx.cameras, c.num_neighbors,
-            c.part_weight if part_feats is not None else 0.0, c.camera_penalty,
+            c.part_weight if part_feats is not None else 0.0, c.camera_penalty, map_blocks=ctx.map_blocks,
         )
         return Targets(labels=targets.labels, neighbors=neighbors)
 
