@@ -191,7 +191,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
-    from ureid.config import LABEL_FREE_SCORES
+    from ureid.config import DEFAULT_SCORE, LABEL_FREE_SCORES
 
     r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
     r.add_argument("method", choices=_method_names())
@@ -205,7 +205,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--experiment", default=None, help="MLflow experiment (default: ureid)")
     cmp.add_argument("--runs", nargs="*", default=[], help="run ids instead of a whole experiment")
     cmp.add_argument("--out", default="runs/comparison", help="folder for the tables and plots")
-    cmp.add_argument("--score", default="lf_silhouette", choices=sorted(LABEL_FREE_SCORES), help="label-free score whose stage pick every row shows")
+    cmp.add_argument("--score", default=DEFAULT_SCORE, choices=sorted(LABEL_FREE_SCORES), help="label-free score whose stage pick every row shows")
     cmp.set_defaults(func=_cmd_compare)
     vis = sub.add_parser("visualize", help="ranked lists and a t-SNE feature map of a finished run")
     vis.add_argument("run_dir")

@@ -106,6 +106,9 @@ class MethodSettings(_Strict):
 
 
 #: Label-free stage scores (logged as ``lf_*`` by every update) and whether higher is better.
+#: The default of ``schedule.select`` and of a sweep's objective (README, "which label-free score to trust").
+DEFAULT_SELECT = "label_free:lf_silhouette"
+DEFAULT_SCORE = DEFAULT_SELECT.split(":", 1)[1]
 LABEL_FREE_SCORES = {"lf_silhouette": True, "lf_davies_bouldin": False, "lf_snd": True,
                      "lf_nmi_previous": True, "lf_ari_previous": True}
 
@@ -117,7 +120,7 @@ class ScheduleConfig(_Strict):
     # pseudo-labels only); ``validation`` (mAP on the labeled ``validation`` dataset, another one than the
     # target: the TIP paper's protocol); ``oracle_map`` (test-set mAP: labels an unsupervised user does not
     # have; for analysis, always reported beside the others as ``oracle_stage``).
-    select: str = "label_free:lf_silhouette"  # measured: README "which label-free score to trust"
+    select: str = DEFAULT_SELECT
     validation: DataConfig | None = None
 
     @model_validator(mode="before")

@@ -83,14 +83,13 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
     layers = 3 * (1 + (0 if parts is None else parts.shape[0]))  # block x N tensors alive at once, temporaries included
     step = max(1, _BLOCK_BYTES // (layers * n * g.element_size()))
     spans = [(s, min(n, s + step)) for s in range(0, n, step)]
+    state = (g, g_sq, parts, p_sq if parts is not None else None, cam, part_weight, camera_penalty)
     if map_blocks is not None and dev.type == "cpu" and len(spans) > 1:
-        shared = tuple(None if t is None else t.numpy() for t in (g, g_sq, parts, p_sq if parts is not None else None,
-                                                                   cam)) + (float(part_weight), float(camera_penalty))
+        shared = tuple(t.numpy() if isinstance(t, torch.Tensor) else t for t in state)
         out = map_blocks(neighbor_block, shared, [(s, e, num_neighbors) for s, e in spans])
         if stats is not None:
             stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + len(spans)
         return np.concatenate(out)
-    state = (g, g_sq, parts, p_sq if parts is not None else None, cam, part_weight, camera_penalty)
     return np.concatenate([_block(state, s, e, num_neighbors) for s, e in spans])
 
 
@@ -112,11 +111,10 @@ def neighbor_block(shared, job) -> np.ndarray:
     ``job = (start, stop, k)``: the unit of work a ``map_blocks`` executor runs."""
     import warnings
 
-    *arrays, part_weight, camera_penalty = shared
     with warnings.catch_warnings():  # shared arrays from an object store are read-only; nothing writes them
         warnings.simplefilter("ignore", UserWarning)
-        tensors = [None if a is None else torch.from_numpy(a) for a in arrays]
-    return _block((*tensors, part_weight, camera_penalty), *job)
+        state = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in shared)
+    return _block(state, *job)
 
 
 def _euclid(a_sq: torch.Tensor, b_sq: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, apply_overrides, read_yaml, validate
+from ..config import DEFAULT_SELECT, ConfigError, apply_overrides, read_yaml, validate
 from .. import tracking
 
-DEFAULT_OBJECTIVE = "label_free:lf_silhouette"
+DEFAULT_OBJECTIVE = DEFAULT_SELECT
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import LABEL_FREE_SCORES
+from ..config import DEFAULT_SCORE, LABEL_FREE_SCORES
 from . import _client, log_artifacts, start_run, finish_run
 
 SCORE_DIRECTION = {k: 1 if higher else -1 for k, higher in LABEL_FREE_SCORES.items()}  # +1: higher is better
@@ -74,7 +74,7 @@ def label_free_pick(r: RunRecord, score: str) -> int | None:
     return max(pts, key=lambda p: (p[1], -p[0]))[0] if pts else None
 
 
-def rows(records: list[RunRecord], score: str = "lf_silhouette") -> list[dict]:
+def rows(records: list[RunRecord], score: str = DEFAULT_SCORE) -> list[dict]:
     """One row per run: its own selection, the stage ``score`` picks (shown for every run, whatever it kept),
     the oracle beside them."""
     out = []
@@ -135,7 +135,7 @@ def score_rows(records: list[RunRecord]) -> list[dict]:
             ys += [p[2] for p in pts]
             if len(pts) >= 3:
                 within.append(spearman([p[1] for p in pts], [p[2] for p in pts]))
-            picked.append(max(pts, key=lambda p: (p[1], -p[0]))[2])  # ties: the earlier stage, as selection does
+            picked.append(r.stages["mAP"][label_free_pick(r, score)])
         if len(xs) < 3:
             continue
         out.append({"score": score, "points": len(xs), "runs": len(picked), "spearman": spearman(xs, ys),
@@ -222,7 +222,7 @@ def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
 
 
 def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_ids: list[str] | None = None,
-            log: bool = True, score: str = "lf_silhouette") -> dict[str, list[Path]]:
+            log: bool = True, score: str = DEFAULT_SCORE) -> dict[str, list[Path]]:
     """Write the tables and plots per dataset into ``out_dir``; log them as a comparison run; return the files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
