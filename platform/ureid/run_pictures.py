@@ -21,10 +21,8 @@ from .config import load_config
 
 def _model(cfg, state_path: Path):
     from .methods import get_method
-    from .models.backbone import ReidNet
 
-    net = ReidNet(cfg.model.arch, weights="none", embedding_dim=get_method(cfg.method).embedding_dim(cfg),
-                  dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes, frozen_stages=cfg.model.frozen_stages)
+    net = get_method(cfg.method).build_model(cfg, weights="none")
     net.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
     return net.eval()
 

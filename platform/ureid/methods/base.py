@@ -9,12 +9,16 @@ Driver, once per run:
     ``prepare(cfg)``             before anything is read (e.g. generate a synthetic source set)
     ``load_data(cfg, data)``     add what the method trains on besides the real images (fakes, a source)
     ``num_stages(cfg, data)``    the schedule's length
-Train workers, every stage:
+Train workers, once, then every stage:
+    ``build_model(cfg)``         the network (default: the ``model`` block's ReidNet)
     ``begin(worker)``            before stage 0 (PUL: source pre-training); returns a checkpointed state
     ``start_stage(worker, ...)`` before each stage's training (PUL: restart from the original model)
     ``recipe(cfg, stage)``       epochs, learning rate and its step for this stage
     ``build_loss(...)``          the stage's loss module (a fresh memory table, a new classifier)
     ``train_dataset(...)``       the samples the stage trains on, with their pseudo labels
+    ``build_optimizer(...)``     the stage's optimizer (default: SGD afresh; ``persistent_optimizer``
+                                 hands it the previous stage's state, also across a resume)
+    ``train_loader(...)``        each epoch's batches (default: a seeded shuffle sharded over ranks)
 Feature store, after each stage:
     ``update(cfg, features, targets, ctx)``  the new targets: pure, calls :mod:`ureid.clustering`
     ``diagnostics(old, new, truth)``          metrics from the ground truth; never reaches ``update``
@@ -148,6 +152,9 @@ class Method:
     key_settings: ClassVar[tuple[str, ...]] = ()
     #: Whether the update uses stripe (part) features.
     needs_parts: ClassVar[bool] = False
+    #: Whether the optimizer's state (e.g. Adam's moments) carries over from stage to stage, and so is
+    #: checkpointed with the model; False: every stage starts a fresh optimizer (BUC's recipe).
+    persistent_optimizer: ClassVar[bool] = False
 
     # -- driver ------------------------------------------------------------------------------------
     def prepare(self, cfg) -> None:
@@ -172,6 +179,13 @@ class Method:
         return np.empty(0, dtype=np.int64)
 
     # -- train workers ---------------------------------------------------------------------------
+    def build_model(self, cfg, **overrides):
+        """The network every worker trains, from the ``model`` block (``overrides``: single keys, e.g.
+        ``weights="none"`` before a checkpoint is loaded)."""
+        from ..models.backbone import ReidNet
+
+        return ReidNet.from_config(cfg.model, embedding_dim=self.embedding_dim(cfg), **overrides)
+
     def begin(self, worker: Worker) -> Preparation:
         return Preparation()
 
@@ -193,6 +207,33 @@ class Method:
 
     def train_dataset(self, cfg, data: RunData, targets: Targets):
         return labeled_dataset(cfg, data.train, targets.labels)
+
+    def build_optimizer(self, worker: Worker, loss_fn, recipe: Recipe, stage: int, previous: dict | None = None):
+        """The stage's optimizer over the model and the loss module's own parameters (PUL's classifier).
+
+        Default: BUC's SGD (``train.momentum``, ``nesterov``, ``weight_decay``), the trunk at
+        ``train.backbone_lr_mult``, built afresh every stage. ``previous`` is the state dict of the
+        previous stage's optimizer (also after a resume) when :attr:`persistent_optimizer` is set, else None.
+        The runtime sets each group's rate every epoch from ``recipe`` times the group's ``lr_mult``.
+        """
+        from ..engine.train import build_optimizer
+
+        t = worker.cfg.train
+        extra = [p for p in loss_fn.parameters() if p.requires_grad]
+        return build_optimizer(worker.net, extra, recipe.lr, t.backbone_lr_mult, t.momentum, t.weight_decay,
+                               t.nesterov)
+
+    def train_loader(self, worker: Worker, dataset, stage: int, epoch: int):
+        """One epoch's batches ``(images, targets, indices, camids)`` for this rank; needs ``len()``.
+
+        Default: a permutation seeded from ``(seed, stage, epoch)``, every ``world_size``-th sample per rank,
+        the last short batch dropped when every rank has a full one."""
+        from ..engine.datasets import make_loader
+
+        cfg = worker.cfg
+        return make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 1000 + stage, epoch=epoch,
+                           num_workers=cfg.data.num_workers, rank=worker.rank, world_size=worker.world_size,
+                           drop_last=len(dataset) >= cfg.train.batch_size * worker.world_size)
 
     # -- feature store ---------------------------------------------------------------------------
     def update(self, cfg, features: np.ndarray, targets: Targets, ctx: UpdateContext) -> Targets:

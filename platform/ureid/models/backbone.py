@@ -226,6 +226,17 @@ class ReidNet(nn.Module):
         self._load_weights(weights)
         self._freeze()
 
+    @classmethod
+    def from_config(cls, model, embedding_dim: int | None = None, **overrides) -> "ReidNet":
+        """The network a ``model`` config block (``ureid.config.ModelConfig``) describes; ``embedding_dim``
+        is the method's (``Method.embedding_dim``), ``overrides`` replace single keys (e.g. ``weights="none"``
+        before loading a checkpoint)."""
+        kwargs = dict(arch=model.arch, weights=model.weights,
+                      embedding_dim=model.embedding_dim if embedding_dim is None else embedding_dim,
+                      dropout=model.dropout, num_stripes=model.num_stripes, frozen_stages=model.frozen_stages)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     @property
     def is_mobilenet(self) -> bool:
         return self.arch == "mobilenet_v2"

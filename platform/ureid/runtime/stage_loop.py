@@ -74,11 +74,9 @@ def _load_state(config: dict) -> dict | None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from ..engine.datasets import make_loader
     from ..engine.evaluate import evaluate_model
     from ..engine.extract import extract_features
-    from ..engine.train import build_optimizer, step_lr, train_epoch
-    from ..models.backbone import ReidNet
+    from ..engine.train import step_lr, train_epoch
 
     cfg, method, data = config["cfg"], config["method"], config["data"]
     if not config.get("verbose"):
@@ -91,9 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     n = len(data)
 
     seed_everything(cfg.seed)
-    model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=method.embedding_dim(cfg),
-                    dropout=cfg.model.dropout, num_stripes=cfg.model.num_stripes,
-                    frozen_stages=cfg.model.frozen_stages)
+    model = method.build_model(cfg)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     # With a relay (runtime/progress.py) rank 0 sends its lines and batch events to the driver's progress
     # display instead of printing them; a bar wants every batch, a log every 20th.
@@ -131,10 +127,11 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None:
         net.load_state_dict(state["model"])
         start_stage, method_state, selection = state["stage"] + 1, state["method_state"], state["selection"]
+        optimizer_state = state.get("optimizer")
         first_metrics = {}
         log(f"continuing at stage {start_stage + 1}")
     else:
-        start_stage, selection = 0, Selection.from_schedule(cfg.schedule)
+        start_stage, selection, optimizer_state = 0, Selection.from_schedule(cfg.schedule), None
         prepared = method.begin(worker)
         method_state, first_metrics = prepared.state, prepared.metrics
 
@@ -160,17 +157,14 @@ def train_loop_per_worker(config: dict) -> None:
         loss_fn = method.build_loss(cfg, targets, n, net.feature_dim).to(device)
         dataset = method.train_dataset(cfg, data, targets)
         recipe = method.recipe(cfg, stage)
-        extra = [p for p in loss_fn.parameters() if p.requires_grad]
-        opt = build_optimizer(net, extra, recipe.lr, cfg.train.backbone_lr_mult, cfg.train.momentum,
-                              cfg.train.weight_decay, cfg.train.nesterov)
+        opt = method.build_optimizer(worker, loss_fn, recipe, stage,
+                                     optimizer_state if method.persistent_optimizer else None)
         if relay is None:
             log(f"stage {stage + 1}/{num_stages}: {targets.num_classes} classes, {recipe.epochs} epochs at lr {recipe.lr}")
         losses = []
         for epoch in range(recipe.epochs):
             step_lr(opt, epoch, recipe.lr, recipe.lr_step)
-            loader = make_loader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.seed * 1000 + stage,
-                                 epoch=epoch, num_workers=cfg.data.num_workers, rank=rank, world_size=world,
-                                 drop_last=len(dataset) >= cfg.train.batch_size * world)
+            loader = method.train_loader(worker, dataset, stage, epoch)
             if relay is not None and epoch == 0:
                 batches = min(len(loader), cfg.train.max_batches_per_epoch or len(loader))
                 relay.push.remote(("start", stage, num_stages, recipe.epochs, batches))
@@ -178,6 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
                               log_every=log_every, max_batches=cfg.train.max_batches_per_epoch)
             losses.append(out["loss"])
         train_time = time.perf_counter() - t0
+        if method.persistent_optimizer:
+            optimizer_state = opt.state_dict()
 
         # stages_done: the time axis of a sweep's scheduler (ASHA decides after every stage)
         metrics = {"stage": stage, "stages_done": stage + 1, "loss": float(np.mean(losses)),
@@ -212,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint = None
             if rank == 0:  # what a resume reads, nothing more
                 torch.save({"stage": stage, "model": net.state_dict(), "method_state": method_state,
-                            "selection": selection}, Path(tmp) / STATE_FILE)
+                            "selection": selection, "optimizer": optimizer_state}, Path(tmp) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"stage_{stage:03d}")
         if stop:
