@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     ds = load_split_dataset(cfg.data)
     seed_everything(cfg.seed)
-    model = ReidNet(cfg.model.arch, weights=cfg.model.weights, embedding_dim=0, dropout=cfg.model.dropout)
+    model = ReidNet.from_config(cfg.model, embedding_dim=0)
     t0 = time.perf_counter()
     floor = evaluate_model(model, ds.query, ds.gallery, "cpu", **cfg.extract_options())
     print(f"floor   (untrained {cfg.model.arch}, weights={cfg.model.weights}): mAP {floor['mAP']:.1%} "

@@ -72,7 +72,7 @@ def test_update_context_rejects_a_misspelt_field():
 
 
 def test_registry_names_and_refuses_duplicates():
-    assert sorted(METHODS) == ["buc", "camstyle", "dbc", "pul", "ssl"]
+    assert sorted(METHODS) == ["buc", "camstyle", "cluster_contrast", "dbc", "pul", "ssl"]
     with pytest.raises(KeyError, match="registered: buc, camstyle"):
         get_method("kmeans")
     clone = type(METHODS["buc"])()

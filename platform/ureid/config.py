@@ -77,6 +77,9 @@ class ModelConfig(_Strict):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
     num_stripes: Annotated[int, Field(ge=0)] = 0
     frozen_stages: Literal["layer2"] | None = None
+    pooling: Literal["avg", "gem"] = "avg"
+    neck: Literal["none", "bn"] = "none"
+    last_stride: Literal[1, 2] = 2
 
 
 class TrainConfig(_Strict):

@@ -49,6 +49,26 @@ def build_transforms(height: int, width: int, train: bool, color_jitter: float =
     return T.Compose([T.Resize((height, width), interpolation=T.InterpolationMode.BILINEAR), *norm])
 
 
+def pad_crop_erase_transforms(height: int, width: int, color_jitter: float = 0.0) -> Callable:
+    """Cluster Contrast's (and SpCL's) training preprocessing: resize (bicubic), horizontal flip, pad 10 and
+    random crop back, ImageNet normalisation, then random erasing (p 0.5, area 2-40 %, aspect 0.3-3.3) that
+    fills with the numbers of the ImageNet mean *in the normalised image*, as that code does.
+    ``color_jitter`` as in :func:`build_transforms` (not in Cluster Contrast)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height and width must be > 0, got {height}x{width}")
+    if not 0.0 <= color_jitter < 1.0:
+        raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+    return T.Compose([
+        T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.Pad(10),
+        T.RandomCrop((height, width)),
+        *([T.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter > 0 else []),
+        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 1 / 0.3), value=list(IMAGENET_MEAN)),
+    ])
+
+
 def load_image(path: str) -> Image.Image:
     with Image.open(path) as img:
         return img.convert("RGB")
@@ -103,9 +123,12 @@ class ReidImageDataset(_Seeded):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        # ``(index, draw)``: a sample drawn more than once per epoch (a clusters x instances sampler) gets
+        # the augmentation of its draw, not the same crop every time.
+        index, draw = index if isinstance(index, tuple) else (index, index)
         rec = self.records[index]
-        img = self._run_seeded(index, lambda: self.transform(load_image(rec.path)))
+        img = self._run_seeded(draw, lambda: self.transform(load_image(rec.path)))
         label = int(self.labels[index]) if self.labels is not None else rec.pid
         return img, label, index, rec.camid
 
@@ -225,3 +248,76 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(order), num_workers=num_workers,
                       drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_worker_init, generator=g,
                       collate_fn=collate_fn, persistent_workers=False)
+
+
+def cluster_instance_batches(labels, cameras, num_instances: int, batch_size: int, num_batches: int,
+                             seed: int) -> np.ndarray:
+    """Cluster Contrast's batches: ``RandomMultipleGallerySampler`` passes cut into full batches by an
+    ``IterLoader`` of ``num_batches`` (its ``--iters``), as ``(num_batches, batch_size)`` sample indices.
+
+    One pass visits every cluster once, in a random order: a random anchor, then ``num_instances - 1``
+    members from *other cameras* than the anchor's (drawn without replacement only when there are at least
+    ``num_instances`` of them, the code's condition), else other members of its own camera, else the anchor
+    alone. A pass's last short batch is dropped (``drop_last``) and the next pass starts a new order.
+    When a pass is shorter than one batch (fewer clusters than ``batch_size / num_instances``; the code
+    stops there) the next pass continues it. ``labels`` are the pseudo labels of the training samples
+    (>= 0), ``cameras`` their cameras; the draws depend only on ``seed``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    cameras = np.asarray(cameras, dtype=np.int64)
+    if labels.ndim != 1 or labels.shape != cameras.shape:
+        raise ValueError(f"labels and cameras must be 1-D of one length, got {labels.shape} and {cameras.shape}")
+    if labels.size == 0 or labels.min() < 0:
+        raise ValueError("cluster_instance_batches needs at least one sample and labels >= 0 (outliers removed)")
+    if num_instances < 1 or batch_size < 1 or num_batches < 1:
+        raise ValueError(f"num_instances, batch_size and num_batches must be >= 1, got "
+                         f"{num_instances}, {batch_size}, {num_batches}")
+    rng = np.random.default_rng(_derive_seed(_ORDER, seed))
+    order = np.argsort(labels, kind="stable")
+    clusters, starts = np.unique(labels[order], return_index=True)
+    members = np.split(order, starts[1:])
+    if len(labels) < batch_size:
+        raise ValueError(f"{len(labels)} training samples cannot fill one batch of {batch_size}")
+    batches: list[np.ndarray] = []
+    carry: list = []
+    while len(batches) < num_batches:
+        draws = carry
+        for c in rng.permutation(len(clusters)):
+            idx = members[c]
+            anchor = idx[rng.integers(len(idx))]
+            draws.append(anchor)
+            others = idx[cameras[idx] != cameras[anchor]]
+            if others.size == 0:
+                others = idx[idx != anchor]
+            if others.size:
+                draws.extend(rng.choice(others, size=num_instances - 1, replace=others.size < num_instances))
+        full = len(draws) // batch_size
+        if full == 0:
+            # Fewer clusters than a batch needs (the code's IterLoader would stop here): the next pass
+            # continues this one instead of being dropped.
+            carry = draws
+            continue
+        carry = []
+        draws = np.asarray(draws, dtype=np.int64)
+        batches.extend(draws[: full * batch_size].reshape(full, batch_size))
+    return np.stack(batches[:num_batches])
+
+
+def make_batch_loader(dataset: Dataset, batches: np.ndarray, seed: int = 0, epoch: int = 0, num_workers: int = 0,
+                      rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """A loader over fixed global ``batches`` (``(num_batches, global_batch)`` indices): rank ``r`` takes the
+    ``r``-th contiguous slice of every batch, so the global batch is the same for any worker count. Each
+    draw gets its own augmentation (seeded from ``(seed, epoch, position of the draw)``)."""
+    batches = np.asarray(batches, dtype=np.int64)
+    if batches.ndim != 2 or batches.shape[1] % world_size:
+        raise ValueError(f"batches must be (num_batches, global_batch) with global_batch divisible by "
+                         f"world_size={world_size}, got {batches.shape}")
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(seed, epoch)
+    per = batches.shape[1] // world_size
+    keys = np.arange(batches.size).reshape(batches.shape)
+    mine = [list(zip(b[rank * per:(rank + 1) * per].tolist(), k[rank * per:(rank + 1) * per].tolist()))
+            for b, k in zip(batches, keys)]
+    g = torch.Generator().manual_seed(_derive_seed(_WORKERS, seed, epoch, rank))
+    return DataLoader(dataset, batch_sampler=mine, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init, generator=g, persistent_workers=False)

@@ -37,8 +37,8 @@ def get_method(name: str) -> Method:
         raise KeyError(f"{name!r} is not a method; registered: {', '.join(sorted(METHODS))}") from None
 
 
-from . import buc, camstyle, dbc, pul, ssl  # noqa: E402  (each registers itself)
+from . import buc, camstyle, cluster_contrast, dbc, pul, ssl  # noqa: E402  (each registers itself)
 
 __all__ = ["METHODS", "Method", "Preparation", "Recipe", "RunData", "Settings", "Targets", "UpdateContext",
            "Worker", "get_method", "l2_normalise", "labeled_dataset", "pair_precision", "register",
-           "buc", "camstyle", "dbc", "pul", "ssl"]
+           "buc", "camstyle", "cluster_contrast", "dbc", "pul", "ssl"]

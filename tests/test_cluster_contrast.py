@@ -1,0 +1,223 @@
+"""Cluster Contrast as the sixth method: its memory, sampler, model options, and two stages through a real
+TorchTrainer with 2 workers (identical memory replicas, Adam kept across stages and across a resume).
+The clustering half (sparse Jaccard, DBSCAN) is tested in test_clustering_cc.py."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ureid.engine.datasets import cluster_instance_batches, make_batch_loader
+from ureid.methods import get_method
+from ureid.models.backbone import ReidNet
+from ureid.models.losses import ClusterMemory, hard_momentum_update_, momentum_update_
+
+
+def _loop_update(memory, x, y, m):
+    """The public code's CM.backward, literally: one sample at a time in batch order."""
+    memory = memory.clone()
+    for xi, yi in zip(x, y.tolist()):
+        memory[yi] = m * memory[yi] + (1.0 - m) * xi
+        memory[yi] /= memory[yi].norm()
+    return memory
+
+
+def _hard_loop_update(memory, x, y, m):
+    """CM_Hard.backward as it means to be: per cluster the least similar sample, similarities taken before
+    any row moves, clusters in order of first appearance."""
+    memory = memory.clone()
+    before = memory.clone()
+    seen = {}
+    for k, yi in enumerate(y.tolist()):
+        seen.setdefault(yi, []).append(k)
+    for yi, ks in seen.items():
+        sims = [float(x[k] @ before[yi]) for k in ks]
+        hard = ks[int(np.argmin(sims))]
+        memory[yi] = memory[yi] * m + (1 - m) * x[hard]
+        memory[yi] /= memory[yi].norm()
+    return memory
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.2])
+def test_momentum_update_equals_the_codes_plain_loop(momentum):
+    g = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(7, 16, generator=g), dim=1)
+    x = F.normalize(torch.randn(40, 16, generator=g), dim=1)
+    y = torch.randint(0, 7, (40,), generator=g)  # repeats: later samples must see the moved row
+    ours = memory.clone()
+    momentum_update_(ours, x, y, momentum)
+    assert torch.allclose(ours, _loop_update(memory, x, y, momentum), atol=1e-6)
+    assert not torch.allclose(ours, memory)
+    hard = memory.clone()
+    hard_momentum_update_(hard, x, y, momentum)
+    assert torch.allclose(hard, _hard_loop_update(memory, x, y, momentum), atol=1e-6)
+    untouched = sorted(set(range(7)) - set(y.tolist()))
+    assert torch.equal(ours[untouched], memory[untouched])
+
+
+def test_cluster_memory_loss_gradient_and_update():
+    torch.manual_seed(0)
+    centroids = torch.randn(5, 8)
+    loss_fn = ClusterMemory(8, temperature=0.05, momentum=0.2)
+    loss_fn.reset(centroids)
+    assert torch.allclose(loss_fn.memory.norm(dim=1), torch.ones(5))
+    before = loss_fn.memory.clone()
+    feats = torch.randn(6, 8, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 2, 2, 2])
+    loss = loss_fn({"pooled": feats}, y)
+    q = F.normalize(feats.detach(), dim=1)
+    expected = F.cross_entropy(q @ before.T / 0.05, y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert feats.grad is not None and torch.isfinite(feats.grad).all()
+    assert torch.allclose(loss_fn.memory, _loop_update(before, q, y, 0.2), atol=1e-6)
+    with pytest.raises(ValueError, match="centroids"):
+        loss_fn.reset(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="momentum"):
+        ClusterMemory(8, momentum=1.0)
+
+
+def test_cluster_instance_batches_follow_the_sampler():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), 6)
+    cameras = rng.integers(0, 3, labels.size)
+    cameras[labels == 11] = 2  # one cluster seen by a single camera: other members of its own camera
+    b = cluster_instance_batches(labels, cameras, num_instances=4, batch_size=16, num_batches=7, seed=3)
+    assert b.shape == (7, 16)
+    assert np.array_equal(b, cluster_instance_batches(labels, cameras, 4, 16, 7, seed=3))  # seeded
+    assert not np.array_equal(b, cluster_instance_batches(labels, cameras, 4, 16, 7, seed=4))
+    # a pass is 12 groups of 4 = 48 = 3 full batches; every group is one cluster, anchor first
+    groups = b.reshape(-1, 4)
+    assert (labels[groups] == labels[groups[:, :1]]).all()
+    first_pass = labels[groups[:12, 0]]
+    assert sorted(first_pass) == list(range(12)), "one pass visits every cluster once"
+    for g in groups:
+        if labels[g[0]] != 11 and (cameras[labels == labels[g[0]]] != cameras[g[0]]).sum() >= 3:
+            assert (cameras[g[1:]] != cameras[g[0]]).all(), "others are drawn from other cameras first"
+        if labels[g[0]] == 11:
+            assert (g[1:] != g[0]).all()
+    few = cluster_instance_batches(labels[:18], cameras[:18], 4, 16, 2, seed=0)  # 3 clusters: 12 a pass
+    assert few.shape == (2, 16) and set(labels[few.ravel()]) == {0, 1, 2}
+    with pytest.raises(ValueError, match="batch"):
+        cluster_instance_batches(labels[:8], cameras[:8], 4, 16, 2, seed=0)
+    with pytest.raises(ValueError, match="labels >= 0"):
+        cluster_instance_batches(np.r_[labels, -1], np.r_[cameras, 0], 4, 16, 2, seed=0)
+
+
+def test_batch_loader_splits_each_global_batch_over_ranks(tiny_root):
+    from ureid.data.formats import load_dataset
+    from ureid.engine.datasets import ReidImageDataset, pad_crop_erase_transforms
+
+    records = load_dataset("market1501", tiny_root).train[:24]
+    ds = ReidImageDataset(records, pad_crop_erase_transforms(32, 16), labels=np.arange(24) % 6)
+    batches = np.array([[0, 1, 2, 3, 0, 0, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13]])
+    single = [idx.tolist() for _, _, idx, _ in make_batch_loader(ds, batches, seed=1, epoch=0)]
+    assert single == batches.tolist()
+    halves = [[idx.tolist() for _, _, idx, _ in make_batch_loader(ds, batches, seed=1, epoch=0, rank=r,
+                                                                  world_size=2)] for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == single
+    imgs = next(iter(make_batch_loader(ds, batches, seed=1, epoch=0)))[0]
+    assert not torch.equal(imgs[0], imgs[4]), "a sample drawn twice gets two augmentations"
+    again = next(iter(make_batch_loader(ds, batches, seed=1, epoch=0)))[0]
+    assert torch.equal(imgs, again)
+
+
+def test_model_options_gem_bn_neck_and_last_stride():
+    x = torch.randn(2, 3, 64, 32)
+    net = ReidNet("resnet18", weights="none", embedding_dim=0, pooling="gem", neck="bn", last_stride=1).eval()
+    assert net.trunk(x).shape[2:] == (4, 2)  # stride 16 instead of 32
+    assert ReidNet("resnet18", weights="none", embedding_dim=0).eval().trunk(x).shape[2:] == (2, 1)
+    assert ReidNet("resnet50", weights="none", embedding_dim=0, last_stride=1).eval().trunk(x).shape[2:] == (4, 2)
+    assert float(net.gem.p.detach()) == 3.0 and net.gem.p.requires_grad
+    assert not net.neck_bn.bias.requires_grad and net.neck_bn.weight.requires_grad
+    fmap = net.trunk(x)
+    gem = fmap.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+    assert torch.allclose(net(x)["pooled"], net.neck_bn(gem), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        ReidNet("resnet18", weights="none", pooling="max")
+    with pytest.raises(ValueError, match="last_stride=1"):
+        ReidNet("mobilenet_v2", weights="none", last_stride=1)
+
+
+def test_update_outliers_are_singletons_outside_training():
+    from ureid.config import CONFIG_DIR, load_config
+    from ureid.methods import UpdateContext
+
+    cfg = load_config(CONFIG_DIR / "cluster_contrast_cpu.yaml", ["clustering.k1=10", "clustering.k2=2",
+                                                                 "clustering.eps=0.6"])
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 32))
+    feats = np.concatenate([c + 0.05 * rng.normal(size=(10, 32)) for c in centres] + [rng.normal(size=(3, 32)) * 5])
+    method = get_method("cluster_contrast")
+    ctx = UpdateContext(stage=0, seed=0, num_real=len(feats), cameras=np.zeros(len(feats), dtype=np.int64))
+    t = method.update(cfg, feats.astype(np.float32), None, ctx)
+    assert t.num_classes == 4 and t.centroids.shape == (4, 32)
+    assert t.selected[:40].all()
+    truth = np.repeat(np.arange(4), 10)
+    for c in range(4):  # each true cluster is one pseudo cluster
+        assert len(set(t.labels[:40][truth == c])) == 1
+    n_out = int((~t.selected).sum())
+    assert np.array_equal(np.sort(t.labels[~t.selected]), 4 + np.arange(n_out))
+    assert np.allclose(np.linalg.norm(t.centroids, axis=1), 1.0, atol=0.01)
+    d = method.diagnostics(cfg, t, t, np.r_[truth, [7, 8, 9]])
+    assert d["cluster_pair_precision"] == 1.0 and d["outlier_fraction"] == pytest.approx(n_out / len(feats))
+    with pytest.raises(ValueError, match="no cluster"):
+        cfg.clustering.eps = 1e-4
+        method.update(cfg, rng.normal(size=(20, 32)).astype(np.float32), None,
+                      UpdateContext(stage=0, seed=0, num_real=20, cameras=np.zeros(20, dtype=np.int64)))
+
+
+def _cc_cfg(root, out, *extra):
+    from test_pipeline import tiny_cfg
+
+    # 25 tiny images: k1 6 / k2 2 / eps 0.6 give 3 clusters and 40% outliers on the ImageNet features
+    return tiny_cfg("cluster_contrast", root, out, "clustering.k1=6", "clustering.k2=2", "clustering.eps=0.6",
+                    "clustering.min_samples=3", "clustering.num_instances=2", "clustering.iters=2",
+                    "clustering.epochs=2", "train.batch_size=4", *extra)
+
+
+def _adam_steps(run_dir: str, stage: int) -> set:
+    from ureid.runtime.job import stage_checkpoints
+    from ureid.runtime.stage_loop import STATE_FILE
+
+    path = dict(stage_checkpoints(Path(run_dir)))[stage] / STATE_FILE
+    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer"]
+    return {int(s["step"]) for s in state["state"].values()}
+
+
+def test_two_stages_on_ray_train_with_identical_memories_and_one_adam(ray_cluster, tiny_root, tmp_path_factory):
+    """Two stages, 2 workers, the real TorchTrainer, MLflow and faiss; then the same run stopped after
+    stage 0 and resumed: same labels, and Adam's moments carried through the checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    from ureid.runtime.experiment import load_run_config, run_experiment
+
+    out = tmp_path_factory.mktemp("cc")
+    full = run_experiment(_cc_cfg(tiny_root, out), quiet=True)
+    assert [h["stage"] for h in full["history"]] == [0, 1]
+    client = MlflowClient(full["tracking_uri"])
+    run = client.get_run(full["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "cluster_contrast"
+    same = client.get_metric_history(full["run_id"], "memory_replicas_identical")
+    assert [x.value for x in same] == [1.0, 1.0], "the DDP replicas' cluster memories drifted apart"
+    outliers = client.get_metric_history(full["run_id"], "outlier_fraction")
+    assert len(outliers) == 2 and all(0.0 <= x.value < 1.0 for x in outliers)
+    for h in full["history"]:
+        assert h["num_classes"] >= 1 and 0.0 <= h["mAP"] <= 1.0
+    # one Adam for the run: 2 batches a stage (train.max_batches_per_epoch=2 in the tiny config)
+    assert _adam_steps(full["run_dir"], 0) == {2} and _adam_steps(full["run_dir"], 1) == {4}
+    labels = np.load(f"{full['run_dir']}/labels.npy")
+    assert labels.ndim == 1 and np.array_equal(np.unique(labels), np.arange(labels.max() + 1))
+
+    out2 = tmp_path_factory.mktemp("cc_resume")
+    first = run_experiment(_cc_cfg(tiny_root, out2, "schedule.max_stages=1"), quiet=True)
+    resumed = run_experiment(load_run_config(first["run_dir"], ["schedule.max_stages=2"]),
+                             resume=first["run_dir"], quiet=True)
+    assert [h["stage"] for h in resumed["history"]] == [0, 1]
+    assert _adam_steps(resumed["run_dir"], 1) == {4}, "the resumed stage started a fresh Adam"
+    assert np.array_equal(np.load(f"{resumed['run_dir']}/labels.npy"), labels)
+    for a, b in zip(resumed["history"], full["history"]):
+        assert a["num_clusters"] == b["num_clusters"] and a["mAP"] == pytest.approx(b["mAP"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)  # a fresh Adam would train differently
