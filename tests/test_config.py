@@ -19,14 +19,15 @@ def test_every_method_config_loads(method):
     cfg = load_config(CONFIG_DIR / f"{method}.yaml")
     assert cfg.method == method
     assert cfg.model.arch == "resnet50" and (cfg.data.height, cfg.data.width) == (256, 128)
-    assert cfg.train.batch_size == 16
+    assert cfg.train.batch_size == (256 if method == "cluster_contrast" else 16)  # its -b 256
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_cpu_preset_loads(method):
     cfg = load_config(CONFIG_DIR / f"{method}_cpu.yaml")
     assert cfg.method == method and cfg.data.name == "synthetic"
-    assert cfg.model.arch == "resnet18" and cfg.model.weights == "none"
+    start = ("mobilenet_v2", "imagenet") if method == "cluster_contrast" else ("resnet18", "none")
+    assert (cfg.model.arch, cfg.model.weights) == start  # DBSCAN needs a feature with dense neighbourhoods
 
 
 def test_video_presets_load():
@@ -130,7 +131,7 @@ def test_validation_itself_never_touches_the_file_system(tmp_path):
 
 
 def test_unknown_method_and_choice():
-    with pytest.raises(ConfigError, match="'kmeans' is not a method; allowed: buc, camstyle, dbc, pul, ssl"):
+    with pytest.raises(ConfigError, match="'kmeans' is not a method; allowed: buc, camstyle, cluster_contrast, dbc, pul, ssl"):
         validate({"method": "kmeans", "clustering": {}})
     msg = _err(["clustering.metric=cosine"])
     assert "clustering.metric" in msg and "'sqeuclidean' or 'euclidean'" in msg

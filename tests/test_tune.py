@@ -100,7 +100,7 @@ def test_shipped_spaces_and_method_defaults_pass_the_check(space_file):
     from ureid.methods import get_method
     from ureid.runtime.tune import check_space, load_space
 
-    method = get_method(space_file.stem.split("_")[0])
+    method = get_method(space_file.stem.removesuffix("_cpu"))
     base = read_yaml(CONFIG_DIR / f"{method.name}_cpu.yaml")
     space, source = load_space(method, space_file)
     check_space(base, space, source)
