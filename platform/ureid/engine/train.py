@@ -109,6 +109,13 @@ def build_optimizer(model: nn.Module, extra_params=None, lr: float = 0.1, backbo
         raise ValueError(f"lr must be > 0, got {lr}")
     if nesterov and momentum <= 0:
         raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum}")
+    groups = param_groups(model, extra_params, lr, backbone_lr_mult)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def param_groups(model: nn.Module, extra_params=None, lr: float = 0.1, backbone_lr_mult: float = 0.1) -> list[dict]:
+    """Optimizer groups: the trunk (``model.base``) at ``lr * backbone_lr_mult``, the heads plus
+    ``extra_params`` at ``lr``, each with its ``lr_mult`` for :func:`step_lr`; frozen parameters left out."""
     net = unwrap(model)
     base_ids = {id(p) for p in net.base.parameters()} if hasattr(net, "base") else set()
     backbone = [p for p in net.parameters() if p.requires_grad and id(p) in base_ids]
@@ -121,7 +128,7 @@ def build_optimizer(model: nn.Module, extra_params=None, lr: float = 0.1, backbo
               for ps, mult in ((backbone, backbone_lr_mult), (heads, 1.0)) if ps]
     if not groups:
         raise ValueError("build_optimizer found no trainable parameters")
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    return groups
 
 
 def step_lr(optimizer: torch.optim.Optimizer, epoch: int, base_lr: float, step_epoch: int | None,

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from .. import clustering
 from . import register
-from .base import Method, Recipe, RunData, Settings, Targets, UpdateContext, Worker, l2_normalise
+from .base import Method, Recipe, RunData, Settings, Targets, UpdateContext, Worker, l2_normalise, pair_precision
 
 PosInt = Annotated[int, Field(ge=1)]
 
@@ -107,13 +107,12 @@ class ClusterContrast(Method):
         ``train.backbone_lr_mult`` (1 in the code); ``previous``: the last epoch's moments."""
         import torch
 
-        net, t = worker.net, worker.cfg.train
-        base = {id(p) for p in net.base.parameters()}
-        trunk = [p for p in net.parameters() if p.requires_grad and id(p) in base]
-        rest = [p for p in net.parameters() if p.requires_grad and id(p) not in base]
-        groups = [{"params": ps, "lr": recipe.lr * m, "lr_mult": m}
-                  for ps, m in ((trunk, t.backbone_lr_mult), (rest, 1.0)) if ps]
-        opt = torch.optim.Adam(groups, lr=recipe.lr, weight_decay=t.weight_decay)
+        from ..engine.train import param_groups
+
+        t = worker.cfg.train
+        extra = [p for p in loss_fn.parameters() if p.requires_grad]  # none: the memory is a buffer
+        opt = torch.optim.Adam(param_groups(worker.net, extra, recipe.lr, t.backbone_lr_mult), lr=recipe.lr,
+                               weight_decay=t.weight_decay)
         if previous is not None:
             opt.load_state_dict(previous)
         return opt
@@ -153,13 +152,11 @@ class ClusterContrast(Method):
 
     def diagnostics(self, cfg, old: Targets, new: Targets, truth: np.ndarray) -> dict[str, float]:
         sel = new.selected
-        _, counts = np.unique(np.stack([new.labels[sel], truth[sel]], 1), axis=0, return_counts=True)
-        sizes = np.bincount(new.labels[sel])
-        # pair precision of the clusters: of all sample pairs put in one cluster, the share of one identity
-        pairs = float((sizes * (sizes - 1) // 2).sum())
-        same = float((counts * (counts - 1) // 2).sum())
+        # of all sample pairs put in one cluster, the share of one identity: the pairs a clustering of
+        # singletons would newly join (each epoch clusters afresh, so the previous labels do not matter)
+        precision = pair_precision(np.arange(int(sel.sum())), new.labels[sel], truth[sel])
         return {"outlier_fraction": float(1.0 - sel.mean()),
-                **({"cluster_pair_precision": same / pairs} if pairs else {})}
+                **({} if precision is None else {"cluster_pair_precision": precision})}
 
 
 METHOD = register(ClusterContrast())
