@@ -116,3 +116,47 @@ def test_too_few_clustering_slots_is_a_clear_error(ray_cluster):
     with pytest.raises(RuntimeError, match=r"declares 2 'ureid_cluster_slot'.*needs 3.*--resources"):
         check_cluster_slots(cfg.ray, 3)
     check_cluster_slots(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.clustering_tasks=false"]).ray, 3)
+
+
+def test_cluster_contrast_update_through_the_store_fans_out_and_gives_the_same_labels(ray_cluster, tmp_path):
+    """Cluster Contrast's k-NN blocks (the Jaccard distance's only O(N^2 d) part) as Ray tasks from the
+    feature store: the same Jaccard matrix and DBSCAN labels as in-process."""
+    from ureid.clustering import dbscan, kreciprocal_jaccard
+    from ureid.methods import UpdateContext
+
+    # directly through the clustering seam, several small blocks
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(30, 16))
+    x = centres[np.arange(600) % 30] + 0.35 * rng.normal(size=(600, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    executor, stats = RayBlockMap(), {}
+    ours = kreciprocal_jaccard(x, 15, 4, max_distance=0.6, block_size=64, map_blocks=executor, stats=stats)
+    plain = kreciprocal_jaccard(x, 15, 4, max_distance=0.6, block_size=64)
+    assert executor.tasks == stats["mapped_blocks"] == -(-600 // 64)
+    assert np.array_equal(ours.indptr, plain.indptr) and np.array_equal(ours.indices, plain.indices)
+    assert np.array_equal(ours.data, plain.data)
+    assert (dbscan(ours, 0.6, 4) >= 0).sum() > 300
+
+    # and as the method runs it from the store: 5000 rows are two k-NN blocks of the default 4096
+    n = 5000
+    cfg = load_config(CONFIG_DIR / "cluster_contrast_cpu.yaml")
+    centres = rng.normal(size=(250, 32))
+    feats = centres[np.arange(n) % 250] + 0.3 * rng.normal(size=(n, 32))
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+    expected = METHODS["cluster_contrast"].update(
+        cfg, feats, None, UpdateContext(stage=0, seed=0, num_real=n, cameras=np.zeros(n, np.int64)))
+    _wait_for_cpus(2)
+    inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.zeros(n, np.int64), is_fake=None, truth=None,
+                         initial=Targets(labels=np.arange(n)), seed=0)
+    store = FeatureStore.remote(METHODS["cluster_contrast"], cfg, inputs, 1, str(tmp_path / "cc"), None)
+    try:
+        ray.get(store.forget_from.remote(0))
+        ray.get(store.put.remote(0, 0, np.arange(n), feats))
+        result = ray.get(store.update.remote(0), timeout=180)
+    finally:
+        ray.kill(store)
+    assert result["info"]["cluster_tasks"] == 2 and result["info"]["cluster_nodes"] == 1
+    got = result["targets"]
+    assert np.array_equal(got.labels, expected.labels) and np.array_equal(got.selected, expected.selected)
+    assert 0 < got.selected.sum() < n  # clusters found, and some outliers left out of training
+    np.testing.assert_array_equal(got.centroids, expected.centroids)
