@@ -12,6 +12,13 @@ experiment=${UREID_EXPERIMENT:-ureid-compare}
 methods=${UREID_METHODS:-buc camstyle dbc pul ssl cluster_contrast}
 for method in $methods; do
   echo "== $method"
+  if [ "$method" = camstyle ] && [ ! -d data/synthetic/bounding_box_train_camstyle ]; then
+    # camstyle's preset trains on colour-statistics fakes (the stand-in): the synthetic set first, then them
+    .venv/bin/python -c "from ureid.config import CONFIG_DIR, load_config
+from ureid.data.run_data import ensure_synthetic
+ensure_synthetic(load_config(CONFIG_DIR / 'camstyle_cpu.yaml').data)"
+    .venv/bin/ureid data camstyle --root data/synthetic
+  fi
   .venv/bin/python "experiments/$method.py" --set "output_dir=$runs" --set "tracking.experiment=$experiment"
 done
 .venv/bin/ureid compare --tracking-uri "sqlite:///$(realpath "$runs")/mlflow.db" --experiment "$experiment" --out "$out"

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real local Ray cluster and a tiny synthetic dataset.
+"""Shared fixtures: a real 2-node Ray cluster (both nodes on this machine) and a tiny synthetic dataset.
 
 Ray 2.60 turns token auth on for clusters it starts; every process of the test session runs with
 ``RAY_AUTH_MODE=disabled`` (set here, before Ray is imported, so workers inherit it).
@@ -15,19 +15,82 @@ TINY_SYNTH = {"seed": 3, "num_train_ids": 6, "num_test_ids": 4, "num_distractors
               "min_images": 3, "max_images": 5, "mean_images": 4, "height": 32, "width": 16}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray instance with exactly 2 CPUs: two train workers hold every CPU slot, so the
-    feature-store actor must not need one (the deadlock the design warns about). With its dashboard:
-    Ray Train's PlacementGroupCleaner needs the State API to free the placement group of a trial that
-    ASHA stopped; without it the group leaks and the next trial waits forever for its CPU."""
+    """A real 2-node Ray cluster on this machine, shared by the whole session (two Ray instances on one machine
+    confuse Ray Train's placement-group cleaner): ``ray start --head --block`` and a second ``ray start
+    --block`` with ports of its own, 1 CPU and 2 clustering slots each, stopped by PID (never ``ray stop``).
+    Two train workers hold every CPU slot, one per node, so the feature-store actor must not need one (the
+    deadlock the design warns about), and a label update's tasks spread over both nodes. With the head's
+    dashboard: Ray Train's PlacementGroupCleaner needs the State API to free the placement group of a trial
+    that ASHA stopped; without it the group leaks and the next trial waits forever for its CPU."""
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
     import ray
 
     from ureid.runtime.tasks import SLOT
 
-    ray.init(num_cpus=2, resources={SLOT: 2}, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp = tempfile.mkdtemp(prefix="ureid-t-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    common = ["--block", "--num-cpus=1", f"--resources={json.dumps({SLOT: 2})}", "--object-store-memory=500000000"]
+
+    def own_ports():  # nodes on one host must not share the fixed default ports
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
+
+    logs = Path(temp) / "logs-nodes"
+    logs.mkdir()
+    nodes = [subprocess.Popen(
+        [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", *common, *own_ports()],
+        stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while not _listening(port):  # the head's GCS is up
+            assert time.time() < deadline and nodes[0].poll() is None, (logs / "head.log").read_text()[-3000:]
+            time.sleep(0.2)
+        nodes.append(subprocess.Popen(
+            [ray_bin, "start", f"--address={address}", *common, *own_ports()],
+            stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        ray.init(address=address, log_to_driver=False)
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 or ray.cluster_resources().get("CPU", 0) < 2:
+            assert time.time() < deadline and nodes[1].poll() is None, (logs / "node.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield
+    finally:
+        ray.shutdown()
+        for node in reversed(nodes):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)  # each node's own process group only
+                try:
+                    node.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(node.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

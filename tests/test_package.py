@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,24 +33,39 @@ def test_console_script_and_entry_point_help():
     assert "method: ssl" in out.stdout
 
 
-def test_cluster_yaml_is_a_valid_local_launcher_config():
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-aws.yaml"])
+def test_cluster_yamls_are_valid_launcher_configs(name):
     import json
 
     import jsonschema
     import ray
     import yaml
 
-    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
-    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    jsonschema.validate(cfg, schema)  # raises on an unknown key or a wrong type
-    assert cfg["provider"]["type"] == "local"
-    assert any("scripts/bootstrap.sh" in c for c in cfg["setup_commands"]), "every node must install the project"
-    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c), "every node must start with token auth"
-    assert not any("0.0.0.0" in c for c in starts), "the dashboard must not listen on every interface"
     from ureid.runtime.tasks import SLOT
 
-    assert all(f'\\"{SLOT}\\"' in c for c in starts if "ray start" in c), "every node must declare clustering slots"
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((REPO / name).read_text())
+    jsonschema.validate(cfg, schema)  # raises on an unknown key or a wrong type
+    assert any("scripts/bootstrap.sh" in c for c in cfg["setup_commands"]), "every node must install the project"
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and not any("ray stop" in c for c in starts), "never `ray stop` a machine's other clusters"
+    assert all("RAY_AUTH_MODE=token" in c for c in starts), "every node must start with token auth"
+    assert all("--dashboard-host=127.0.0.1" in c for c in starts if "--head" in c), "dashboard on the private address"
+    assert not any("0.0.0.0" in c for c in starts), "the dashboard must not listen on every interface"
+    if cfg["provider"]["type"] == "local":
+        assert all(f'\\"{SLOT}\\"' in c for c in starts), "every node must declare clustering slots"
+    else:  # the autoscaler starts each node type with its declared resources
+        assert cfg["provider"]["type"] == "aws"
+        assert all(t["resources"].get(SLOT, 0) > 0 for t in cfg["available_node_types"].values())
+        images = [cfg["docker"]["head_image"], cfg["docker"]["worker_image"]]
+        assert all(i.startswith("rayproject/ray:2.60.0-") and "ray-ml" not in i for i in images)
+        assert images[1].endswith("-gpu")
+        assert any("InstanceType" in t["node_config"] and t["node_config"]["InstanceType"].startswith(("g", "p"))
+                   for t in cfg["available_node_types"].values()), "a GPU worker node type"
+
+    cfg["setup_comands"] = cfg.pop("setup_commands")  # a misspelt key is rejected with the schema's message
+    with pytest.raises(jsonschema.ValidationError, match="Additional properties are not allowed .*setup_comands"):
+        jsonschema.validate(cfg, schema)
 
 
 def test_light_modules_do_not_import_torchvision():

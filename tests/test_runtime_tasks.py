@@ -10,7 +10,7 @@ import ray
 
 from ureid.clustering import bottom_up_merge
 from ureid.config import CONFIG_DIR, load_config
-from ureid.methods import METHODS, Targets
+from ureid.methods import METHODS, Targets, UpdateContext
 from ureid.runtime.feature_store import FeatureStore, StoreInputs
 from ureid.runtime.tasks import SLOT, RayBlockMap, check_cluster_slots
 
@@ -59,7 +59,7 @@ def test_dbc_candidate_blocks_as_ray_tasks_give_the_same_labels(ray_cluster, mon
         executor, stats = RayBlockMap(), {}
         ours = dispersion_merge(x, np.arange(900), 300, update_weight, map_blocks=executor, stats=stats)
         assert np.array_equal(ours, dispersion_merge(x, np.arange(900), 300, update_weight))
-        assert executor.tasks == stats["mapped_blocks"] >= 8 and executor.stats()["cluster_nodes"] == 1
+        assert executor.tasks == stats["mapped_blocks"] >= 8 and executor.stats()["cluster_nodes"] == 2
 
 
 def test_feature_store_tasks_run_while_train_workers_hold_every_cpu(ray_cluster, tmp_path):
@@ -89,7 +89,7 @@ def test_feature_store_tasks_run_while_train_workers_hold_every_cpu(ray_cluster,
         assert ray.wait([plain], timeout=5)[1] == [plain]
         ray.cancel(plain, force=True)
         busy = update(0)  # a task asking for a CPU would wait for ever here
-        assert busy["info"]["cluster_tasks"] == 2 and busy["info"]["cluster_nodes"] == 1
+        assert busy["info"]["cluster_tasks"] == 2 and busy["info"]["cluster_nodes"] == 2
         assert np.array_equal(busy["targets"].labels, expected)
         assert "cluster_tasks_reserved" not in busy["info"]
 
@@ -112,17 +112,16 @@ def test_feature_store_tasks_run_while_train_workers_hold_every_cpu(ray_cluster,
 
 def test_too_few_clustering_slots_is_a_clear_error(ray_cluster):
     cfg = load_config(CONFIG_DIR / "buc_cpu.yaml")
-    check_cluster_slots(cfg.ray, 2)  # the test cluster declares two
-    with pytest.raises(RuntimeError, match=r"declares 2 'ureid_cluster_slot'.*needs 3.*--resources"):
-        check_cluster_slots(cfg.ray, 3)
-    check_cluster_slots(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.clustering_tasks=false"]).ray, 3)
+    check_cluster_slots(cfg.ray, 4)  # the test cluster declares two on each of its two nodes
+    with pytest.raises(RuntimeError, match=r"declares 4 'ureid_cluster_slot'.*needs 5.*--resources"):
+        check_cluster_slots(cfg.ray, 5)
+    check_cluster_slots(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.clustering_tasks=false"]).ray, 5)
 
 
 def test_cluster_contrast_update_through_the_store_fans_out_and_gives_the_same_labels(ray_cluster, tmp_path):
     """Cluster Contrast's k-NN blocks (the Jaccard distance's only O(N^2 d) part) as Ray tasks from the
     feature store: the same Jaccard matrix and DBSCAN labels as in-process."""
     from ureid.clustering import dbscan, kreciprocal_jaccard
-    from ureid.methods import UpdateContext
 
     # directly through the clustering seam, several small blocks
     rng = np.random.default_rng(3)
@@ -155,8 +154,36 @@ def test_cluster_contrast_update_through_the_store_fans_out_and_gives_the_same_l
         result = ray.get(store.update.remote(0), timeout=180)
     finally:
         ray.kill(store)
-    assert result["info"]["cluster_tasks"] == 2 and result["info"]["cluster_nodes"] == 1
+    assert result["info"]["cluster_tasks"] == 2 and result["info"]["cluster_nodes"] == 2
     got = result["targets"]
     assert np.array_equal(got.labels, expected.labels) and np.array_equal(got.selected, expected.selected)
     assert 0 < got.selected.sum() < n  # clusters found, and some outliers left out of training
     np.testing.assert_array_equal(got.centroids, expected.centroids)
+
+
+@pytest.mark.parametrize("method", ["buc", "dbc", "ssl", "pul"])
+def test_each_methods_update_through_the_store_spreads_over_both_nodes(method, ray_cluster, tmp_path):
+    """The test session's cluster has two nodes: every method's label update, run by the feature store as it
+    runs in a stage, deals its row blocks (PUL: its k-means restarts) to both, and gives the in-process targets.
+    N = 5000 is two blocks for BUC's k-NN and SSL's neighbours and 5000 clusters for DBC's candidate fan-out."""
+    n = 5000
+    cfg = load_config(CONFIG_DIR / f"{method}_cpu.yaml")
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(250, 32))[np.arange(n) % 250] + 0.3 * rng.normal(size=(n, 32))
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+    cameras, initial = np.arange(n) % 3, Targets(labels=np.arange(n))
+    want = METHODS[method].update(cfg, feats, initial, UpdateContext(stage=0, seed=0, num_real=n, cameras=cameras))
+    inputs = StoreInputs(num_samples=n, num_real=n, cameras=cameras, is_fake=None, truth=None, initial=initial, seed=0)
+    store = FeatureStore.remote(METHODS[method], cfg, inputs, 2, str(tmp_path / "store"), None)
+    try:
+        ray.get([store.put.remote(0, r, np.arange(n)[r::2], feats[r::2]) for r in (0, 1)])
+        result = ray.get(store.update.remote(0), timeout=300)
+    finally:
+        ray.kill(store)
+    info, got = result["info"], result["targets"]
+    assert info["cluster_tasks"] >= 2 and info["cluster_nodes"] == 2, info
+    for field in ("labels", "selected", "neighbors", "centroids"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            assert np.array_equal(a, b), field

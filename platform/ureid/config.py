@@ -176,6 +176,9 @@ class RayConfig(_Strict):
     clustering_tasks: bool = True
     # Slots a sweep trial reserves for its own clustering tasks (in its placement group).
     cluster_slots_per_trial: PosInt = 2
+    # Worker-group restarts Ray Train makes after a train worker (or its node) dies; each restart continues
+    # from the last stage checkpoint, so a fault costs at most the stage it hit. 0: a worker fault fails the run.
+    max_failures: Annotated[int, Field(ge=0)] = 3
 
 
 class TrackingConfig(_Strict):

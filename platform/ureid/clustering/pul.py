@@ -22,7 +22,8 @@ MATCH_MODES = ("any", "own")
 _BLOCK_BYTES = 256 * 2**20
 
 
-def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None) -> np.ndarray:
+def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None, map_blocks=None,
+           stats=None) -> np.ndarray:
     """k-means of the raw (unnormalised) features into ``num_clusters`` groups; int64 labels (numpy).
 
     scikit-learn's algorithm and protocol (greedy k-means++ seeding, Lloyd iterations until the assignment
@@ -40,6 +41,11 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None)
 
     Deterministic for a given ``seed``. Labels are numbered in order of each cluster's first sample; there are
     ``num_clusters`` of them unless a centre ends up with no sample (then fewer, still contiguous).
+
+    ``map_blocks``: optional executor ``map_blocks(fn, shared, items)`` (as for :func:`bottom_up_merge`): on the
+    faiss path the restarts' Lloyd runs (independent once seeded) go through it, one item per restart, with the
+    features shared once; the same restart wins (lowest inertia, the first on a tie), so the labels are the
+    in-process ones. ``stats``: optional dict, filled with ``mapped_blocks``.
     """
     dev = resolve_device(features, device)
     use_torch = device is not None or (isinstance(features, torch.Tensor) and features.is_cuda)
@@ -54,17 +60,33 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     with _one_cpu_thread(x.device):
         seeds = _kmeanspp(x, int(num_clusters), int(n_init), gen)
+    jobs = [(seeds[r].cpu().numpy(), (int(seed) * 1000 + r) % 2**31, int(max_iter)) for r in range(n_init)]
+    if use_torch:
+        runs = [(labels, inertia(x, labels)) for labels in
+                (_lloyd_torch(x, x[seeds[r]], int(max_iter)) for r in range(n_init))]
+    elif map_blocks is not None and n_init > 1:
+        runs = map_blocks(lloyd_restart, x.cpu().numpy(), jobs)
+        if len(runs) != n_init:
+            raise RuntimeError(f"map_blocks returned {len(runs)} results for {n_init} k-means restarts")
+        if stats is not None:
+            stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + n_init
+    else:
+        xn = x.cpu().numpy()
+        runs = [lloyd_restart(xn, job) for job in jobs]
     best, best_inertia = None, math.inf
-    for restart in range(n_init):
-        centres = x[seeds[restart]]
-        if use_torch:
-            labels = _lloyd_torch(x, centres, int(max_iter))
-        else:
-            labels = _lloyd_faiss(x, centres, int(max_iter), seed=(int(seed) * 1000 + restart) % 2**31)
-        value = inertia(x, labels)
+    for labels, value in runs:  # in restart order: the first of equal inertias wins
         if value < best_inertia:
             best, best_inertia = labels, value
     return relabel_by_first_index(best)
+
+
+def lloyd_restart(features: np.ndarray, job) -> tuple[np.ndarray, float]:
+    """One k-means restart on the faiss path: ``job = (seed indices, faiss seed, max_iter)`` -> (labels,
+    inertia). The unit of work a ``map_blocks`` executor runs (in another process or on another node)."""
+    seed_idx, faiss_seed, max_iter = job
+    x = torch.from_numpy(np.asarray(features))
+    labels = _lloyd_faiss(x, x[torch.from_numpy(np.asarray(seed_idx))], int(max_iter), seed=int(faiss_seed))
+    return labels, inertia(x, labels)
 
 
 def inertia(features, labels) -> float:
@@ -130,7 +152,7 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator) -> t
 def _lloyd_faiss(x: torch.Tensor, centres: torch.Tensor, max_iter: int, seed: int) -> np.ndarray:
     import faiss
 
-    xn = x.cpu().numpy()
+    xn = np.ascontiguousarray(x.cpu().numpy())
     n, d = xn.shape
     km = faiss.Kmeans(d, centres.shape[0], niter=max_iter, seed=seed, max_points_per_centroid=n,
                       min_points_per_centroid=1, verbose=False)

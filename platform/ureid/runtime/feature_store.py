@@ -3,8 +3,12 @@
 Train workers put the features of their shard of the training set; once every shard is in, the first
 worker to ask runs the method's update (pure :mod:`ureid.clustering` code) and every worker gets the
 same targets. The store keeps the targets of every finished update (the workers never send them back)
-and writes them to ``state_dir`` after each update; a restarted actor (``max_restarts``) reloads them,
-so a crash of the actor loses no finished stage.
+and writes them to ``state_dir`` after each update; it also writes every shard it is given to
+``state_dir/shards/`` until its stage's update is saved. The actor restarts without limit and its calls
+are retried (``max_restarts=-1, max_task_retries=-1``); every method is idempotent, keyed by stage and
+rank, and a restarted actor reloads both the finished updates and the current stage's shards, so killing
+its process at any point of a stage costs the seconds of a restart. ``state_dir`` is in the run's folder:
+on a cluster, storage every node reads.
 
 The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold every CPU slot of a small
 machine, and an actor waiting for a slot would deadlock the stage. The update fans its row blocks out as
@@ -48,19 +52,42 @@ class StoreInputs:
     seed: int
 
 
-@ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class FeatureStore:
     def __init__(self, method, cfg, inputs: StoreInputs, world_size: int, state_dir: str, placement_group=None):
         self.method, self.cfg, self.inputs, self.world_size = method, cfg, inputs, world_size
         self.placement_group = placement_group  # a sweep trial's reservation for the clustering tasks
         self.state_path = Path(state_dir) / "feature_store.pkl"
+        self.shard_dir = Path(state_dir) / "shards"
         self.shards: dict[int, dict[int, tuple]] = {}
         self.results: dict[int, dict] = {}
         if self.state_path.exists():  # restarted after a crash, or a resumed run: keep the finished updates
             self.results = pickle.loads(self.state_path.read_bytes())
+        for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
+            if stage not in self.results:
+                with np.load(path) as f:
+                    self.shards.setdefault(stage, {})[rank] = (f["indices"], f["pooled"], f["parts"] if "parts" in f else None)
+
+    def pid(self) -> int:
+        """The actor's process id (fault tests kill it)."""
+        import os
+
+        return os.getpid()
+
+    def _shard_path(self, stage: int, rank: int) -> Path:
+        return self.shard_dir / f"stage_{stage:+04d}_rank_{rank:03d}.npz"
 
     def put(self, stage: int, rank: int, indices: np.ndarray, pooled: np.ndarray, parts=None) -> int:
-        self.shards.setdefault(stage, {})[rank] = (np.asarray(indices), pooled, parts)
+        """Keep rank ``rank``'s features of stage ``stage`` (again: they replace the first ones), on disk too,
+        before answering: a put that returned survives a restart."""
+        indices = np.asarray(indices)
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        path = self._shard_path(stage, rank)
+        tmp = path.with_name("tmp_" + path.name)
+        arrays = {"indices": indices, "pooled": pooled, **({"parts": parts} if parts is not None else {})}
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        self.shards.setdefault(stage, {})[rank] = (indices, pooled, parts)
         return len(self.shards[stage])
 
     def targets_for(self, stage: int) -> Targets | None:
@@ -130,14 +157,30 @@ class FeatureStore:
             info.update(self.method.diagnostics(self.cfg, previous, new, inputs.truth))
         result = {"targets": new, "info": info}
         self.results[stage] = result
-        self.shards.pop(stage, None)
         self._save()
+        self._drop_shards(lambda s: s == stage)  # only once the update that used them is saved
         return result
 
     def forget_from(self, stage: int) -> None:
-        """Drop cached updates from ``stage`` on: a resumed run recomputes them, it never replays them."""
+        """Drop cached updates (and stored shards) from ``stage`` on: a resumed run recomputes them, it never
+        replays them."""
         self.results = {s: r for s, r in self.results.items() if s < stage}
         self._save()
+        self._drop_shards(lambda s: s >= stage)
+
+    def _shard_files(self) -> list[tuple[int, int, Path]]:
+        files = []
+        for path in sorted(self.shard_dir.glob("stage_*_rank_*.npz")):
+            stage, rank = (int(v) for v in path.stem.removeprefix("stage_").split("_rank_"))
+            files.append((stage, rank, path))
+        return files
+
+    def _drop_shards(self, which) -> None:
+        for s in [s for s in self.shards if which(s)]:
+            del self.shards[s]
+        for stage, _, path in self._shard_files():
+            if which(stage):
+                path.unlink(missing_ok=True)
 
     def _save(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)

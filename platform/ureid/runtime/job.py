@@ -118,8 +118,10 @@ class Job:
             raise
 
     def fit(self, train_fn: Callable[[dict], None], loop_config: dict, ray_cfg, callbacks: Sequence = (),
-            max_failures: int = 0, verbose: bool = False):
-        """Launch ``train_fn`` on ``ray_cfg.num_workers`` Ray Train workers and wait for it. Ray Train's own
+            verbose: bool = False):
+        """Launch ``train_fn`` on ``ray_cfg.num_workers`` Ray Train workers and wait for it; a dead worker makes
+        Ray Train restart the group up to ``ray_cfg.max_failures`` times (``train_fn`` continues from
+        ``ray.train.get_checkpoint()``). Ray Train's own
         INFO lines (worker-group start-up, every report's metrics dict, every checkpoint path) only when
         ``verbose``; its warnings and errors always."""
         import ray.train
@@ -137,7 +139,7 @@ class Job:
                 name=f"{self.run_dir.name}-attempt{self.attempt}", storage_path=str(self.run_dir / "ray"),
                 callbacks=list(callbacks),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                failure_config=ray.train.FailureConfig(max_failures=ray_cfg.max_failures),
                 logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             ),
         )

@@ -8,7 +8,9 @@ update runs, its train workers wait for the targets, so the cores are free for t
 hold every CPU slot of the cluster the tasks still run (a task asking for a CPU would wait for a slot
 freed only after the update it belongs to: the deadlock DESIGN.md reproduced). A sweep trial reserves
 ``ray.cluster_slots_per_trial`` slots in its own placement group and its tasks run there, so concurrent
-trials neither starve nor block each other. Outside a trial, tasks ``SPREAD`` over the nodes.
+trials neither starve nor block each other. Outside a trial, the tasks of an update are dealt over the nodes
+that declare slots, in proportion to their slots (node affinity, soft: a node gone meanwhile hands its task to
+another); Ray's ``SPREAD`` alone left every short task on one node now and then.
 """
 
 from __future__ import annotations
@@ -38,19 +40,27 @@ class RayBlockMap:
     ``items``. Counts the tasks, the nodes they ran on, and whether all ran inside ``placement_group``."""
 
     def __init__(self, placement_group=None):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.placement_group = placement_group
-        strategy = ("SPREAD" if placement_group is None else
-                    PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=0))
-        self.options = {"num_cpus": 0, "resources": {SLOT: 1}, "scheduling_strategy": strategy}
         self.tasks = 0
         self.nodes: set[str] = set()
         self.groups: set[str | None] = set()
 
+    def _strategies(self, count: int) -> list:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+        if self.placement_group is not None:
+            return [PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=0)] * count
+
+        deal = slot_deal(ray.nodes())
+        if not deal:
+            return ["SPREAD"] * count
+        return [NodeAffinitySchedulingStrategy(deal[(self.tasks + i) % len(deal)], soft=True) for i in range(count)]
+
     def __call__(self, fn, shared, items):
         ref = ray.put(shared)
-        refs = [_run_block.options(**self.options).remote(fn, ref, item) for item in items]
+        items = list(items)
+        refs = [_run_block.options(num_cpus=0, resources={SLOT: 1}, scheduling_strategy=strategy).remote(fn, ref, item)
+                for item, strategy in zip(items, self._strategies(len(items)))]
         out = ray.get(refs)
         self.tasks += len(refs)
         self.nodes.update(node for node, _, _ in out)
@@ -63,6 +73,17 @@ class RayBlockMap:
         if self.placement_group is not None and self.tasks:
             out["cluster_tasks_reserved"] = float(self.groups == {self.placement_group.id.hex()})
         return out
+
+
+def slot_deal(nodes: list[dict]) -> list[str]:
+    """The order in which an update's tasks are dealt to the alive nodes of ``ray.nodes()``: one round per
+    slot, each round over the nodes (sorted by id) that still have a slot, so a node gets tasks in
+    proportion to the slots it declares."""
+    slots = {n["NodeID"]: int(n["Resources"].get(SLOT, 0)) for n in nodes if n.get("Alive")}
+    deal = []
+    for r in range(max(slots.values(), default=0)):
+        deal += [node for node in sorted(slots) if slots[node] > r]
+    return deal
 
 
 def check_cluster_slots(ray_cfg, need: float = 1) -> None:

@@ -1,0 +1,223 @@
+"""Faults cost at most the stage they hit (issue 14, point 3). Each kill is a real SIGKILL of a real process on
+the test session's Ray instance: the feature-store actor (it restarts and reloads its finished updates and the
+current stage's shards from the run folder), a Ray Train worker (Ray Train restarts the worker group, which
+continues from the last stage checkpoint) and the driver (``--resume``). Every faulted run must end with the
+labels and per-stage numbers of an uninterrupted run of the same config. The uninterrupted run logs through a
+real local ``mlflow server`` (the multi-node recipe of the README: a tracking server every node reaches, its
+artifacts served by it), so the Train controller's per-stage callbacks and the driver's artifacts go over HTTP."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from test_pipeline import tiny_cfg
+from ureid.config import CONFIG_DIR, load_config
+from ureid.methods import METHODS, Targets, UpdateContext
+from ureid.runtime.callbacks import read_history
+from ureid.runtime.experiment import load_run_config, run_experiment
+from ureid.runtime.feature_store import FeatureStore, StoreInputs
+
+# Three stages, and later stages long enough (20 epochs of 2 batches) for a kill to land inside their training.
+FAULT_RUN = ("schedule.max_stages=3", "train.stage_epochs=20")
+
+
+def _alive_pids(class_name: str) -> set[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=1000,
+                         filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return {a.pid for a in actors}
+
+
+def _kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def _wait(what, timeout=240, alive=lambda: True):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = what()
+        if got:
+            return got
+        assert alive(), "the run ended before the fault could be injected"
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run to reach the point of the fault")
+
+
+def _checkpointed(run_dir: Path, stage: int) -> bool:
+    return any(run_dir.glob(f"ray/*/stage_{stage:03d}/state.pt"))
+
+
+def _recorded(run_dir: Path) -> int:
+    path = run_dir / "history.jsonl"
+    return len(read_history(path)) if path.is_file() else 0
+
+
+def _same_run(got: dict, want: dict) -> None:
+    assert [h["stage"] for h in got["history"]] == [h["stage"] for h in want["history"]] == [0, 1, 2]
+    assert np.array_equal(np.load(Path(got["run_dir"]) / "labels.npy"), np.load(Path(want["run_dir"]) / "labels.npy"))
+    for a, b in zip(got["history"], want["history"]):
+        assert a["num_clusters"] == b["num_clusters"] and a["num_classes"] == b["num_classes"]
+        assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-6) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts; yields (uri, artifact folder)."""
+    import socket
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield uri, root / "artifacts"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+_UNINTERRUPTED = {}
+
+
+def _uninterrupted(tiny_root, tmp_path_factory, mlflow_server) -> dict:
+    if not _UNINTERRUPTED:
+        out = tmp_path_factory.mktemp("uninterrupted")
+        cfg = tiny_cfg("buc", tiny_root, out, *FAULT_RUN, f"tracking.tracking_uri={mlflow_server[0]}")
+        _UNINTERRUPTED.update(run_experiment(cfg, quiet=True))
+    return _UNINTERRUPTED
+
+
+def test_a_run_logs_through_a_local_mlflow_server(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    summary = _uninterrupted(tiny_root, tmp_path_factory, mlflow_server)
+    uri, artifacts = mlflow_server
+    assert summary["tracking_uri"] == uri
+    client = MlflowClient(uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "num_clusters")) == [0, 1, 2]
+    assert {"labels.npy", "summary", "best_checkpoint"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert list(artifacts.rglob("labels.npy")), "the server stored the artifacts it was sent"
+
+
+def test_a_store_killed_after_the_shards_were_put_reloads_them(ray_cluster, tmp_path):
+    """Between the workers' puts and the update the store is killed: the restarted actor reads the stage's
+    shards back from the run folder and gives the update an unkilled store gives; killed again, it still
+    serves the finished update, and the shard files are gone once that update is saved."""
+    n = 400
+    cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["clustering.merge_percent=0.2"])
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 16))[np.arange(n) % 40] + 0.3 * rng.normal(size=(n, 16))
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+    initial = Targets(labels=np.arange(n))
+    cameras = np.arange(n) % 3
+    want = METHODS["buc"].update(cfg, feats, initial, UpdateContext(stage=0, seed=0, num_real=n, cameras=cameras))
+    inputs = StoreInputs(num_samples=n, num_real=n, cameras=cameras, is_fake=None, truth=None, initial=initial, seed=0)
+    state = tmp_path / "store"
+    store = FeatureStore.remote(METHODS["buc"], cfg, inputs, 2, str(state), None)
+    try:
+        for rank in (0, 1):
+            ray.get(store.put.remote(0, rank, np.arange(n)[rank::2], feats[rank::2]))
+        assert len(list((state / "shards").glob("*.npz"))) == 2
+        first = ray.get(store.pid.remote())
+        _kill(first)
+        result = ray.get(store.update.remote(0), timeout=120)  # retried on the restarted actor
+        assert ray.get(store.pid.remote()) != first
+        assert np.array_equal(result["targets"].labels, want.labels)
+        assert not list((state / "shards").glob("*.npz"))
+        _kill(ray.get(store.pid.remote()))
+        assert np.array_equal(ray.get(store.targets_for.remote(1), timeout=120).labels, want.labels)
+    finally:
+        ray.kill(store)
+
+
+def test_a_killed_store_and_a_killed_train_worker_cost_only_their_stage(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
+    """One run, two faults: the feature store is killed while stage 2 trains (its next put and update reach
+    the restarted actor, which reloads stage 1's targets), then a train worker while stage 3 trains (Ray
+    Train restarts the group from stage 2's checkpoint). The run completes with the uninterrupted labels."""
+    want = _uninterrupted(tiny_root, tmp_path_factory, mlflow_server)
+    out = tmp_path_factory.mktemp("faults")
+    box = {}
+
+    def run():
+        try:
+            box["summary"] = run_experiment(tiny_cfg("buc", tiny_root, out, *FAULT_RUN), quiet=True)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    alive = thread.is_alive
+    run_dir = _wait(lambda: next(out.glob("buc-*/run.json"), None), alive=alive).parent
+
+    _wait(lambda: _checkpointed(run_dir, 0) and _recorded(run_dir) == 1, alive=alive)
+    store = ray.get_actor("feature_store", namespace=f"ureid-{run_dir.name}")
+    store_pid = ray.get(store.pid.remote())
+    _kill(store_pid)
+
+    _wait(lambda: _checkpointed(run_dir, 1) and _recorded(run_dir) == 2, alive=alive)
+    assert not _checkpointed(run_dir, 2)
+    workers = _alive_pids("RayTrainWorker")
+    assert len(workers) == 2
+    _kill(min(workers))
+
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    if "error" in box:
+        raise box["error"]
+    _same_run(box["summary"], want)
+    assert _alive_pids("RayTrainWorker").isdisjoint(workers)  # the group was replaced, not the run failed
+
+
+def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
+    """``experiments/buc.py`` as its own process on the session's Ray, SIGKILLed while stage 2 trains, then
+    ``--resume RUN_DIR``: stage 1 is not run again, and the run ends as the uninterrupted one."""
+    want = _uninterrupted(tiny_root, tmp_path_factory, mlflow_server)
+    out = tmp_path_factory.mktemp("driver")
+    cfg = tiny_cfg("buc", tiny_root, out, *FAULT_RUN)
+    sets = [f"ray.address={ray.get_runtime_context().gcs_address}"]
+    config = out / "config.yaml"
+    from ureid.config import save_config
+
+    save_config(cfg, config)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "buc.py"
+    log = open(out / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, str(script), "--config", str(config), *[a for s in sets for a in ("--set", s)]],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_dir = _wait(lambda: next(out.glob("buc-*/run.json"), None), alive=lambda: driver.poll() is None).parent
+        _wait(lambda: _checkpointed(run_dir, 0) and _recorded(run_dir) == 1, alive=lambda: driver.poll() is None)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first = read_history(run_dir / "history.jsonl")
+    assert [h["stage"] for h in first] == [0] and not (run_dir / "summary.json").exists()
+
+    resumed = run_experiment(load_run_config(run_dir), resume=run_dir, quiet=True)
+    _same_run(resumed, want)
+    assert resumed["history"][0] == first[0]  # stage 1 kept, not recomputed
