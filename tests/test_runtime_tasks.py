@@ -187,3 +187,34 @@ def test_each_methods_update_through_the_store_spreads_over_both_nodes(method, r
         assert (a is None) == (b is None), field
         if a is not None:
             assert np.array_equal(a, b), field
+
+
+def test_the_tracking_uri_and_mlflow_credentials_reach_both_nodes_through_runtime_env(ray_cluster):
+    """A driver joining the cluster (``ensure_ray`` with an address, as ``ray submit`` runs it) hands the
+    tracking URI and its MLflow credentials to every process of the job, on either node, through
+    ``runtime_env``; the nodes themselves were started without them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, os, sys, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ureid.config import CONFIG_DIR, load_config
+from ureid.runtime.job import ensure_ray
+ensure_ray(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.address=" + sys.argv[1]]).ray, "http://10.0.0.1:5000")
+@ray.remote(num_cpus=0)
+def seen():
+    return ray.get_runtime_context().get_node_id(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes])))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "s3cret"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "-c", code, ray.get_runtime_context().gcs_address], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len({node for node, _, _ in seen}) == 2
+    assert all(uri == "http://10.0.0.1:5000" and password == "s3cret" for _, uri, password in seen)

@@ -112,7 +112,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         from .job import ensure_ray
         from .tasks import check_cluster_slots
 
-        ensure_ray(cfg.ray)
+        ensure_ray(cfg.ray, job.tracking_uri)
         if cluster_placement_group is None:
             check_cluster_slots(cfg.ray)
         namespace = f"ureid-{job.run_dir.name}"

@@ -37,8 +37,24 @@ def stage_checkpoints(run_dir: str | os.PathLike, state_file: str = "state.pt") 
     return sorted(found.items())
 
 
-def ensure_ray(ray_cfg) -> None:
-    """Join ``ray.address`` or start a local Ray instance (workers import the installed ``ureid``)."""
+#: Driver environment that every process of the job needs wherever it runs: MLflow's credentials (the Train
+#: controller, which logs the stage metrics, may run on another node).
+FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_TRACKING_INSECURE_TLS")
+
+
+def job_env(tracking_uri: str | None = None) -> dict[str, str]:
+    """The ``runtime_env`` env vars of a job: the tracking URI and the driver's MLflow credentials."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env
+
+
+def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
+    """Join ``ray.address`` or start a local Ray instance (workers import the installed ``ureid``). The
+    job's processes get :func:`job_env` through ``runtime_env``: an environment variable set only in the
+    driver does not reach other nodes."""
     import ray
 
     if ray.is_initialized():
@@ -46,7 +62,9 @@ def ensure_ray(ray_cfg) -> None:
     from .tasks import local_resources
 
     local = {"resources": local_resources()} if ray_cfg.address is None else {}
-    ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard, **local)
+    env = job_env(tracking_uri)
+    ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
+             **({"runtime_env": {"env_vars": env}} if env else {}), **local)
 
 
 @dataclass

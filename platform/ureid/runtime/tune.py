@@ -259,7 +259,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
           f"{info['tracking_uri']}", flush=True)
 
     cfg = validate(copy.deepcopy(info["base"]), source="sweep")
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, info["tracking_uri"])
     check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
     num_stages = get_method(info["method"]).num_stages(cfg, _n0_for_stage_count(cfg))
     if cfg.schedule.max_stages:
