@@ -73,8 +73,10 @@ def ray_cluster():
         while not _listening(port):  # the head's GCS is up
             assert time.time() < deadline and nodes[0].poll() is None, (logs / "head.log").read_text()[-3000:]
             time.sleep(0.2)
+        second = Path(temp) / "n2"  # its own session folder, as on another machine (one log monitor per file)
+        second.mkdir()
         nodes.append(subprocess.Popen(
-            [ray_bin, "start", f"--address={address}", *common, *own_ports()],
+            [ray_bin, "start", f"--address={address}", f"--temp-dir={second}", *common, *own_ports()],
             stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         ray.init(address=address, log_to_driver=False)
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 or ray.cluster_resources().get("CPU", 0) < 2:

@@ -90,6 +90,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     seed_everything(cfg.seed)
     model = method.build_model(cfg)
+    if cfg.train.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     # With a relay (runtime/progress.py) rank 0 sends its lines and batch events to the driver's progress
     # display instead of printing them; a bar wants every batch, a log every 20th.

@@ -1,0 +1,248 @@
+"""Benchmark: how ureid scales on one machine, in one run, side by side.
+
+1. **The feature store's label update** (every method's, as a stage runs it): in-process (inside the store
+   actor, ``ray.clustering_tasks: false``) and fanned out as Ray tasks over 1, 2 and 4 clustering slots,
+   each slot its own simulated node (``ray start --block`` per node, own ports, stopped by PID; never
+   ``ray stop``). Per row: update time, tasks and the nodes they ran on, the store process's peak RSS
+   (VmHWM), whether the labels equal the in-process ones, and the time of a blockwise ``x @ x.T`` with a
+   row max in numpy on the same matrix (the floor for any exact k-NN: every pairwise product).
+2. **Train workers at equal global batch**: the BUC CPU preset's first stage with 1 worker at batch B
+   (2 CPUs) and with 2 workers at B/2 (1 CPU each): stage time, mAP, rank-1, clusters, and how far the
+   first-stage pseudo-labels agree (identical labels; adjusted Rand index).
+
+    python benchmarks/scaling.py                     # N = 12,936, d = 2048; both parts
+    python benchmarks/scaling.py --large             # also N = 77,616 (BUC only; about half an hour)
+    python benchmarks/scaling.py --methods buc,pul --skip-train
+
+Features: clustered unit vectors (``clustering_buc.make_features``: N/10 identities, d = 2048). A 2-core
+machine runs at most 2 tasks at once, so 4 slots cannot be faster than 2 here: the rows show what the
+fan-out costs and that it gives the same labels; the speed-up needs the cores of real nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "platform")]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the benchmark's own throw-away clusters, on 127.0.0.1
+
+from clustering_buc import make_features  # noqa: E402
+
+SLOT = "ureid_cluster_slot"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalCluster:
+    """``nodes`` Ray nodes on this machine (a head plus workers), ``slots`` clustering slots each."""
+
+    def __init__(self, nodes: int, slots: int = 1, cpus: int = 1):
+        self.temp = tempfile.mkdtemp(prefix="ureid-b-", dir="/tmp")
+        self.port = _free_port()
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        common = ["--block", f"--num-cpus={cpus}", f"--resources={json.dumps({SLOT: slots})}",
+                  "--object-store-memory=2000000000"]
+
+        def own_ports():
+            return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                    f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
+
+        log = open(Path(self.temp) / "nodes.log", "w")
+        self.procs = [subprocess.Popen(
+            [ray_bin, "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}",
+             "--include-dashboard=false", *common, *own_ports()], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)]
+        while socket.socket().connect_ex(("127.0.0.1", self.port)) != 0:
+            time.sleep(0.2)
+        for _ in range(nodes - 1):
+            self.procs.append(subprocess.Popen(
+                [ray_bin, "start", f"--address=127.0.0.1:{self.port}", *common, *own_ports()],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        import ray
+
+        ray.init(address=f"127.0.0.1:{self.port}", log_to_driver=False)
+        while len([n for n in ray.nodes() if n["Alive"]]) < nodes:
+            time.sleep(0.5)
+
+    def close(self):
+        import ray
+        import shutil
+
+        ray.shutdown()
+        for p in reversed(self.procs):
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _vmhwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _method_cfg(method: str, tasks: bool):
+    from ureid.config import CONFIG_DIR, load_config
+
+    return load_config(CONFIG_DIR / f"{method}_cpu.yaml", [f"ray.clustering_tasks={str(tasks).lower()}"])
+
+
+def store_update(method: str, x: np.ndarray, tasks: bool) -> dict:
+    """One stage-0 update through a fresh feature store on the connected cluster."""
+    import ray
+
+    from ureid.methods import METHODS, Targets
+    from ureid.runtime.feature_store import FeatureStore, StoreInputs
+
+    n = len(x)
+    initial = Targets(labels=np.arange(n))
+    inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.arange(n) % 6, is_fake=None, truth=None,
+                         initial=initial, seed=0)
+    with tempfile.TemporaryDirectory(prefix="ureid-store-") as state:
+        store = FeatureStore.remote(METHODS[method], _method_cfg(method, tasks), inputs, 1, state, None)
+        try:
+            pid = ray.get(store.pid.remote())
+            ray.get(store.put.remote(0, 0, np.arange(n), x))
+            start = time.perf_counter()
+            result = ray.get(store.update.remote(0))
+            wall = time.perf_counter() - start
+            peak = _vmhwm_mb(pid)
+        finally:
+            ray.kill(store)
+    info, targets = result["info"], result["targets"]
+    return {"time_s": info["cluster_time_s"], "wall_s": wall, "tasks": int(info.get("cluster_tasks", 0)),
+            "nodes": int(info.get("cluster_nodes", 0)), "peak_mb": peak, "targets": targets}
+
+
+def gemm_floor_s(x: np.ndarray, block: int = 4096) -> float:
+    """Blockwise ``x @ x.T`` with a row max: every pairwise product once, nothing else."""
+    start = time.perf_counter()
+    for s in range(0, len(x), block):
+        (x[s:s + block] @ x.T).max(1)
+    return time.perf_counter() - start
+
+
+def _same(a, b) -> bool:
+    return all((getattr(a, f) is None and getattr(b, f) is None) or
+               (getattr(a, f) is not None and getattr(b, f) is not None and np.array_equal(getattr(a, f), getattr(b, f)))
+               for f in ("labels", "selected", "neighbors", "centroids"))
+
+
+def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4)) -> list[dict]:
+    rows = []
+    for n in sizes:
+        x, _ = make_features(n)
+        floor = gemm_floor_s(x)
+        print(f"[scaling] N = {n:,}: blockwise GEMM floor {floor:.1f} s", flush=True)
+        baseline = {}
+        cluster = LocalCluster(1)
+        try:
+            for m in methods:
+                r = store_update(m, x, tasks=False)
+                baseline[m] = r["targets"]
+                rows.append({"n": n, "method": m, "where": "in-process (store actor)", **r, "same": True, "floor": floor})
+                print(f"[scaling]   {m} in-process {r['time_s']:.1f} s", flush=True)
+        finally:
+            cluster.close()
+        for slots in slot_counts:
+            cluster = LocalCluster(slots)
+            try:
+                for m in methods:
+                    r = store_update(m, x, tasks=True)
+                    rows.append({"n": n, "method": m, "where": f"{slots} slot(s) on {slots} node(s)", **r,
+                                 "same": _same(r["targets"], baseline[m]), "floor": floor})
+                    print(f"[scaling]   {m} {slots} slots {r['time_s']:.1f} s, {r['tasks']} tasks on {r['nodes']} nodes",
+                          flush=True)
+            finally:
+                cluster.close()
+    return rows
+
+
+def part_workers() -> list[dict]:
+    """The BUC CPU preset's first stage with 1 worker at batch B and 2 workers at B/2."""
+    import ray
+
+    from ureid.config import CONFIG_DIR, load_config
+    from ureid.runtime.experiment import run_experiment
+
+    out = Path(tempfile.mkdtemp(prefix="ureid-scaling-"))
+    base = load_config(CONFIG_DIR / "buc_cpu.yaml")
+    batch = base.train.batch_size
+    ray.init(num_cpus=2, resources={SLOT: 2}, include_dashboard=True, log_to_driver=False)
+    rows = []
+    try:
+        for workers in (1, 2):
+            cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", [
+                "schedule.max_stages=1", f"ray.num_workers={workers}", f"ray.cpus_per_worker={2 // workers}",
+                f"train.batch_size={batch // workers}", f"output_dir={out}", "tracking.pictures=false",
+                f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=scaling"])
+            summary = run_experiment(cfg, quiet=True)
+            h = summary["history"][0]
+            labels = np.load(Path(summary["run_dir"]) / "labels.npy")
+            rows.append({"workers": workers, "batch": batch // workers, "stage_time_s": h["stage_time_s"],
+                         "train_time_s": h["train_time_s"], "mAP": h["mAP"], "rank1": h["rank1"],
+                         "clusters": h["num_clusters"], "loss": h["loss"], "labels": labels})
+            print(f"[scaling] {workers} worker(s) x batch {batch // workers}: stage {h['stage_time_s']:.0f} s, "
+                  f"mAP {h['mAP']:.2%}", flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="buc,dbc,ssl,pul,cluster_contrast")
+    ap.add_argument("--large", action="store_true", help="also N = 77,616 (BUC only)")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-updates", action="store_true")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    rows = [] if args.skip_updates else part_updates(methods, [12936])
+    if args.large and not args.skip_updates:
+        rows += part_updates(["buc"], [77616])
+    workers = [] if args.skip_train else part_workers()
+
+    if rows:
+        print("\n## The store's label update, d = 2048 (2 cores)\n")
+        print("| N | method | where | update s | tasks / nodes | store peak MB | same targets | GEMM floor s | update / floor |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['n']:,} | {r['method']} | {r['where']} | {r['time_s']:.1f} | {r['tasks']} / {r['nodes']} | "
+                  f"{r['peak_mb']:.0f} | {'yes' if r['same'] else 'NO'} | {r['floor']:.1f} | {r['time_s'] / r['floor']:.1f}x |")
+    if workers:
+        from sklearn.metrics import adjusted_rand_score
+
+        a, b = workers
+        print("\n## BUC CPU preset, first stage, equal global batch\n")
+        print("| train workers | batch per worker | stage s | train s | mAP | rank-1 | clusters | loss |")
+        print("|---|---|---|---|---|---|---|---|")
+        for w in workers:
+            print(f"| {w['workers']} | {w['batch']} | {w['stage_time_s']:.0f} | {w['train_time_s']:.0f} | {w['mAP']:.2%} | "
+                  f"{w['rank1']:.2%} | {w['clusters']} | {w['loss']:.4f} |")
+        same = float((a["labels"] == b["labels"]).mean())
+        print(f"\nfirst-stage pseudo-labels: {same:.1%} of samples with identical labels, adjusted Rand index "
+              f"{adjusted_rand_score(a['labels'], b['labels']):.3f}; mAP difference {abs(a['mAP'] - b['mAP']):.2%}")
+
+
+if __name__ == "__main__":
+    main()
