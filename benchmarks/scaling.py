@@ -70,15 +70,22 @@ class LocalCluster:
             start_new_session=True)]
         while socket.socket().connect_ex(("127.0.0.1", self.port)) != 0:
             time.sleep(0.2)
-        for _ in range(nodes - 1):
-            self.procs.append(subprocess.Popen(
-                [ray_bin, "start", f"--address=127.0.0.1:{self.port}", *common, *own_ports()],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         import ray
 
         ray.init(address=f"127.0.0.1:{self.port}", log_to_driver=False)
-        while len([n for n in ray.nodes() if n["Alive"]]) < nodes:
-            time.sleep(0.5)
+        for i in range(1, nodes):  # one at a time: several raylets starting at once time out on 2 cores
+            own = Path(self.temp) / f"n{i}"  # each node its own session folder, as on its own machine
+            own.mkdir()
+            self.procs.append(subprocess.Popen(
+                [ray_bin, "start", f"--address=127.0.0.1:{self.port}", f"--temp-dir={own}", *common, *own_ports()],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.time() + 120
+            while len([n for n in ray.nodes() if n["Alive"]]) < i + 1:
+                if time.time() > deadline or self.procs[-1].poll() is not None:
+                    tail = (Path(self.temp) / "nodes.log").read_text()[-2000:]
+                    self.close()
+                    raise RuntimeError(f"node {i + 1} of {nodes} did not start:\n{tail}")
+                time.sleep(0.5)
 
     def close(self):
         import ray
@@ -86,6 +93,8 @@ class LocalCluster:
 
         ray.shutdown()
         for p in reversed(self.procs):
+            if p.poll() is not None:
+                continue
             os.killpg(p.pid, signal.SIGTERM)
             try:
                 p.wait(timeout=60)
@@ -112,14 +121,15 @@ def store_update(method: str, x: np.ndarray, tasks: bool) -> dict:
     import ray
 
     from ureid.methods import METHODS, Targets
-    from ureid.runtime.feature_store import FeatureStore, StoreInputs
+    from ureid.runtime.feature_store import FeatureStore, StoreInputs, save_inputs
 
     n = len(x)
     initial = Targets(labels=np.arange(n))
     inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.arange(n) % 6, is_fake=None, truth=None,
                          initial=initial, seed=0)
     with tempfile.TemporaryDirectory(prefix="ureid-store-") as state:
-        store = FeatureStore.remote(METHODS[method], _method_cfg(method, tasks), inputs, 1, state, None)
+        store = FeatureStore.remote(METHODS[method], _method_cfg(method, tasks), save_inputs(inputs, state), 1, state,
+                                    None)
         try:
             pid = ray.get(store.pid.remote())
             ray.get(store.put.remote(0, 0, np.arange(n), x))

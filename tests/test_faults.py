@@ -23,7 +23,7 @@ from ureid.config import CONFIG_DIR, load_config
 from ureid.methods import METHODS, Targets, UpdateContext
 from ureid.runtime.callbacks import read_history
 from ureid.runtime.experiment import load_run_config, run_experiment
-from ureid.runtime.feature_store import FeatureStore, StoreInputs
+from ureid.runtime.feature_store import FeatureStore, StoreInputs, save_inputs
 
 # Three stages, and later stages long enough (20 epochs of 2 batches) for a kill to land inside their training.
 FAULT_RUN = ("schedule.max_stages=3", "train.stage_epochs=20")
@@ -139,7 +139,7 @@ def test_a_store_killed_after_the_shards_were_put_reloads_them(ray_cluster, tmp_
     want = METHODS["buc"].update(cfg, feats, initial, UpdateContext(stage=0, seed=0, num_real=n, cameras=cameras))
     inputs = StoreInputs(num_samples=n, num_real=n, cameras=cameras, is_fake=None, truth=None, initial=initial, seed=0)
     state = tmp_path / "store"
-    store = FeatureStore.remote(METHODS["buc"], cfg, inputs, 2, str(state), None)
+    store = FeatureStore.remote(METHODS["buc"], cfg, save_inputs(inputs, state), 2, str(state), None)  # as the driver does
     try:
         for rank in (0, 1):
             ray.get(store.put.remote(0, rank, np.arange(n)[rank::2], feats[rank::2]))

@@ -81,7 +81,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     import ray
 
     from .callbacks import HistoryCallback, MlflowStageCallback, read_history
-    from .feature_store import FeatureStore, StoreInputs
+    from .feature_store import FeatureStore, StoreInputs, save_inputs
     from .progress import DriverProgress, ProgressRelay
     from .stage_loop import train_loop_per_worker
 
@@ -119,8 +119,9 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         inputs = StoreInputs(num_samples=len(data), num_real=data.num_real, cameras=data.cameras,
                              is_fake=data.is_fake, truth=data.identities(),
                              initial=method.initial_targets(cfg, data), seed=cfg.seed)
+        state_dir = job.run_dir / "feature_store"
         store = FeatureStore.options(name="feature_store", namespace=namespace).remote(
-            method, cfg, inputs, cfg.ray.num_workers, str(job.run_dir / "feature_store"), cluster_placement_group)
+            method, cfg, save_inputs(inputs, state_dir), cfg.ray.num_workers, str(state_dir), cluster_placement_group)
         ray.get(store.forget_from.remote(start_stage))
         relay = None if quiet or verbose else ProgressRelay.options(namespace=namespace).remote()
         try:

@@ -52,9 +52,21 @@ class StoreInputs:
     seed: int
 
 
+def save_inputs(inputs: StoreInputs, state_dir: str | Path) -> str:
+    """Write a store's inputs beside its state; the path is what :class:`FeatureStore` is created with."""
+    path = Path(state_dir) / "inputs.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(inputs))
+    return str(path)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class FeatureStore:
-    def __init__(self, method, cfg, inputs: StoreInputs, world_size: int, state_dir: str, placement_group=None):
+    def __init__(self, method, cfg, inputs: StoreInputs | str, world_size: int, state_dir: str, placement_group=None):
+        # ``inputs`` as a file in the run folder (see save_inputs) keeps the creation arguments small: Ray
+        # inlines them, and a restart never depends on objects the driver owns.
+        if isinstance(inputs, str):
+            inputs = pickle.loads(Path(inputs).read_bytes())
         self.method, self.cfg, self.inputs, self.world_size = method, cfg, inputs, world_size
         self.placement_group = placement_group  # a sweep trial's reservation for the clustering tasks
         self.state_path = Path(state_dir) / "feature_store.pkl"
