@@ -63,8 +63,20 @@ def ray_cluster():
 
     logs = Path(temp) / "logs-nodes"
     logs.mkdir()
+    # Each node runs under a watchdog that ends the node's process group when this pytest process is gone
+    # (killed by a CI timeout, say): a node must never outlive the session that started it
+    # (`ray start --block` can hang on SIGTERM once its raylet is gone: SIGKILL follows).
+    watch = [sys.executable, "-c", "import os, signal, subprocess, sys, time\n"
+             "node = subprocess.Popen(sys.argv[2:])\n"
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             "while node.poll() is None:\n"
+             "    if os.getppid() != int(sys.argv[1]):\n"
+             "        os.killpg(0, signal.SIGTERM)\n"
+             "        time.sleep(15)\n"
+             "        os.killpg(0, signal.SIGKILL)\n"
+             "    time.sleep(1)\n", str(os.getpid())]
     nodes = [subprocess.Popen(
-        [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true",
+        [*watch, ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", *common, *own_ports()],
         stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]
     address = f"127.0.0.1:{port}"
@@ -76,7 +88,7 @@ def ray_cluster():
         second = Path(temp) / "n2"  # its own session folder, as on another machine (one log monitor per file)
         second.mkdir()
         nodes.append(subprocess.Popen(
-            [ray_bin, "start", f"--address={address}", f"--temp-dir={second}", *common, *own_ports()],
+            [*watch, ray_bin, "start", f"--address={address}", f"--temp-dir={second}", *common, *own_ports()],
             stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         ray.init(address=address, log_to_driver=False)
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 or ray.cluster_resources().get("CPU", 0) < 2:
