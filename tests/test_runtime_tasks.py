@@ -218,3 +218,30 @@ print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulin
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert len({node for node, _, _ in seen}) == 2
     assert all(uri == "http://10.0.0.1:5000" and password == "s3cret" for _, uri, password in seen)
+
+
+def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_cluster, tmp_path):
+    """Ray runs a zero-CPU actor with OMP_NUM_THREADS=1; ``ray.store_threads`` lets the store's own work use
+    more (the train workers wait meanwhile), with the same labels."""
+    n = 3000
+    x = _features(n, d=32, seed=5)
+    want = bottom_up_merge(x, np.arange(n), int(0.1 * n), 0.005)
+
+    @ray.remote(num_cpus=0)
+    def seen():
+        import faiss
+        return faiss.omp_get_max_threads()
+
+    assert ray.get(seen.remote()) == 1  # what the store gets by default
+    for threads in (None, 2):
+        cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.clustering_tasks=false", f"ray.store_threads={threads or 'null'}"])
+        inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.zeros(n, np.int64), is_fake=None, truth=None,
+                             initial=Targets(labels=np.arange(n)), seed=0)
+        store = FeatureStore.remote(METHODS["buc"], cfg, inputs, 1, str(tmp_path / f"t{threads}"), None)
+        try:
+            ray.get(store.put.remote(0, 0, np.arange(n), x))
+            result = ray.get(store.update.remote(0), timeout=120)
+            assert np.array_equal(result["targets"].labels, want)
+            assert result["info"]["store_threads"] == (threads or 1)
+        finally:
+            ray.kill(store)

@@ -182,6 +182,10 @@ class RayConfig(_Strict):
     # Worker-group restarts Ray Train makes after a train worker (or its node) dies; each restart continues
     # from the last stage checkpoint, so a fault costs at most the stage it hit. 0: a worker fault fails the run.
     max_failures: Annotated[int, Field(ge=0)] = 3
+    # Threads of the feature store's own work (faiss and torch inside the actor: the in-process update and
+    # what a fanned-out update keeps). null: what Ray gives an actor that asks for no CPU, 1 thread
+    # (OMP_NUM_THREADS=1). The train workers wait for the labels meanwhile, so a node's cores are free then.
+    store_threads: PosInt | None = None
 
 
 class TrackingConfig(_Strict):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,25 @@ class StoreInputs:
     truth: np.ndarray | None      # ground-truth identities: diagnostics only
     initial: Targets | None       # the method's initial targets (None: run the update at PRE_STAGE first)
     seed: int
+
+
+@contextmanager
+def _threads(count: int | None):
+    """faiss's and torch's thread counts set to ``count`` for the block, then restored (None: unchanged)."""
+    if count is None:
+        yield
+        return
+    import faiss
+    import torch
+
+    old_faiss, old_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(count)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old_faiss)
+        torch.set_num_threads(old_torch)
 
 
 def save_inputs(inputs: StoreInputs, state_dir: str | Path) -> str:
@@ -158,10 +178,14 @@ class FeatureStore:
         ctx = UpdateContext(stage=stage, seed=inputs.seed, num_real=inputs.num_real, cameras=inputs.cameras,
                             is_fake=inputs.is_fake, parts=parts, known_labels=self._known_labels(stage),
                             map_blocks=blocks)
-        new = self.method.update(self.cfg, pooled, previous, ctx)
+        with _threads(self.cfg.ray.store_threads):
+            import faiss
+
+            threads = faiss.omp_get_max_threads()
+            new = self.method.update(self.cfg, pooled, previous, ctx)
         if not isinstance(new, Targets):
             raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
-        info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes,
+        info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
                 **(blocks.stats() if blocks is not None else {"cluster_tasks": 0})}
         real = slice(0, inputs.num_real)  # scored on the real samples (camstyle fakes are augmentation)
         info.update(label_free_scores(pooled[real], new.labels[real], previous.labels[real], seed=inputs.seed))
