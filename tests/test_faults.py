@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import ray
 
+from conftest import _free_port
 from test_pipeline import tiny_cfg
 from ureid.config import CONFIG_DIR, load_config
 from ureid.methods import METHODS, Targets, UpdateContext
@@ -72,13 +73,10 @@ def _same_run(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 with a SQLite store and served artifacts; yields (uri, artifact folder)."""
-    import socket
     import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     server = subprocess.Popen(
         [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -60,11 +60,12 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     with _one_cpu_thread(x.device):
         seeds = _kmeanspp(x, int(num_clusters), int(n_init), gen)
-    jobs = [(seeds[r].cpu().numpy(), (int(seed) * 1000 + r) % 2**31, int(max_iter)) for r in range(n_init)]
     if use_torch:
         runs = [(labels, inertia(x, labels)) for labels in
                 (_lloyd_torch(x, x[seeds[r]], int(max_iter)) for r in range(n_init))]
-    elif map_blocks is not None and n_init > 1:
+        return relabel_by_first_index(_lowest_inertia(runs))
+    jobs = [(seeds[r].cpu().numpy(), (int(seed) * 1000 + r) % 2**31, int(max_iter)) for r in range(n_init)]
+    if map_blocks is not None and n_init > 1:
         runs = map_blocks(lloyd_restart, x.cpu().numpy(), jobs)
         if len(runs) != n_init:
             raise RuntimeError(f"map_blocks returned {len(runs)} results for {n_init} k-means restarts")
@@ -73,11 +74,16 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
     else:
         xn = x.cpu().numpy()
         runs = [lloyd_restart(xn, job) for job in jobs]
+    return relabel_by_first_index(_lowest_inertia(runs))
+
+
+def _lowest_inertia(runs) -> np.ndarray:
+    """The labels of the restart with the lowest inertia; in restart order, so the first of equal ones wins."""
     best, best_inertia = None, math.inf
-    for labels, value in runs:  # in restart order: the first of equal inertias wins
+    for labels, value in runs:
         if value < best_inertia:
             best, best_inertia = labels, value
-    return relabel_by_first_index(best)
+    return best
 
 
 def lloyd_restart(features: np.ndarray, job) -> tuple[np.ndarray, float]:
