@@ -6,6 +6,8 @@ group and sets ``func`` on its leaves, so further groups (``ureid run ...``) plu
     ureid data synth --out data/synthetic [--seed 0] [--num-train-ids 80] [--video]
     ureid data info --format market1501 --root /datasets/Market-1501-v15.09.15
     ureid data camstyle --root data/synthetic
+    ureid camstyle train --config stargan_cpu.yaml
+    ureid camstyle generate --checkpoint runs/stargan-.../stargan.pt --data data/synthetic
     ureid run buc --set clustering.size_penalty=0.003
     ureid tune buc --num-samples 8
     ureid compare --experiment ureid
@@ -252,11 +254,72 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_camstyle)
 
 
+def _cmd_gan_train(args: argparse.Namespace) -> int:
+    from ureid.config import CONFIG_DIR, ConfigError, load_gan_config
+    from ureid.runtime.stargan import train_stargan
+
+    try:
+        if args.resume:
+            from pathlib import Path
+
+            gcfg = load_gan_config(Path(args.resume) / "config.yaml", args.overrides)
+        else:
+            gcfg = load_gan_config(args.config or CONFIG_DIR / "stargan_cpu.yaml", args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    train_stargan(gcfg, resume=args.resume, verbose=args.verbose)
+    return 0
+
+
+def _cmd_gan_generate(args: argparse.Namespace) -> int:
+    from ureid.config import RayConfig
+    from ureid.data.camstyle import STARGAN_FOLDER
+    from ureid.data.formats import load_dataset
+    from ureid.runtime.stargan import generate_fakes, resolve_checkpoint
+
+    ds = load_dataset(args.format, args.data, verify=False)
+    out = args.out
+    if out is None:
+        import hashlib
+
+        ckpt = resolve_checkpoint(args.checkpoint)
+        out = f"{ds.root}/{STARGAN_FOLDER}/{hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]}/fakes"
+    generate_fakes(args.checkpoint, [r for r in ds.train if not r.is_fake], out,
+                   RayConfig(address=args.address, use_gpu=args.gpu), threads=args.threads)
+    print(f"use them with: experiments/camstyle.py --set clustering.fake_root={out}")
+    return 0
+
+
+def add_camstyle_commands(sub: argparse._SubParsersAction) -> None:
+    cam = sub.add_parser("camstyle", help="camera-style transfer: train a StarGAN over the cameras, generate fakes")
+    csub = cam.add_subparsers(dest="camstyle_command", required=True, metavar="{train,generate}")
+    t = csub.add_parser("train", help="train a StarGAN over the training set's cameras as a Ray Train job")
+    t.add_argument("--config", help="StarGAN YAML; a bare name is looked up in the packaged configs "
+                                    "(default: stargan_cpu.yaml; stargan.yaml is the paper's setting)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set gan.iterations=1000")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a StarGAN run from its last checkpoint")
+    t.add_argument("--verbose", action="store_true", help="Ray Train's INFO output")
+    t.set_defaults(func=_cmd_gan_train)
+    g = csub.add_parser("generate", help="write one fake per other camera for every training image (Ray tasks)")
+    g.add_argument("--checkpoint", required=True, help="stargan.pt, a checkpoint folder, or a StarGAN run folder")
+    g.add_argument("--data", required=True, help="dataset folder (Market-1501 layout)")
+    g.add_argument("--format", default="market1501", choices=["market1501", "dukemtmc", "msmt17"])
+    g.add_argument("--out", default=None, help="default: <data>/camstyle_stargan/<checkpoint hash>/fakes")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per task (default: the GAN config's)")
+    g.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
+    g.add_argument("--gpu", action="store_true", help="one GPU per generation task")
+    g.set_defaults(func=_cmd_gan_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{data,run,tune,compare,visualize}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{data,run,tune,compare,visualize,camstyle}")
     add_data_commands(sub)
+    add_camstyle_commands(sub)
     add_run_commands(sub)
     return parser
 

@@ -276,6 +276,77 @@ class Config(_Strict):
         return cfg
 
 
+class StarGANSettings(_Strict):
+    """The ``gan`` block of a StarGAN config (:mod:`ureid.models.stargan`; names as in the reference code)."""
+
+    height: PosInt = 256                 # images are resized to crop_scale x this, then randomly cropped to it
+    width: PosInt = 128
+    crop_scale: Annotated[float, Field(ge=1.0)] = 1.125
+    conv_dim: PosInt = 64                # generator channels after the first conv
+    repeat_num: Annotated[int, Field(ge=0)] = 6     # generator residual blocks
+    d_conv_dim: PosInt = 64
+    d_repeat_num: PosInt = 6             # discriminator stride-2 convs: H and W must be multiples of 2^this
+    batch_size: PosInt = 16              # global: split over the train workers
+    iterations: PosInt = 200000
+    decay_iterations: Annotated[int, Field(ge=0)] = 100000   # linear lr decay to 0 over the last ones
+    n_critic: PosInt = 5                 # one generator step every n_critic discriminator steps
+    g_lr: Annotated[float, Field(gt=0)] = 1e-4
+    d_lr: Annotated[float, Field(gt=0)] = 1e-4
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    lambda_cls: NonNegFloat = 1.0
+    lambda_rec: NonNegFloat = 10.0
+    lambda_gp: NonNegFloat = 10.0
+    log_every: PosInt = 100              # iterations per logged (MLflow) step
+    checkpoint_every: PosInt = 5000      # iterations per checkpoint (and at the end)
+    sample_every: PosInt = 5000          # iterations per sample grid (and at the end)
+    sample_images: PosInt = 8            # columns of the sample grid
+    cache_images_mb: NonNegFloat = 2048  # decode the training images once when they fit in this much memory
+    generate_threads: PosInt = 1         # torch threads per generation task (fixed: same threads, same bytes)
+    generate_chunk: PosInt = 256         # source images per generation task
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.decay_iterations > self.iterations:
+            raise ValueError(f"gan.decay_iterations ({self.decay_iterations}) must be at most gan.iterations "
+                             f"({self.iterations})")
+        scale = 2 ** self.d_repeat_num
+        if self.height % scale or self.width % scale or self.height % 4 or self.width % 4:
+            raise ValueError(f"gan.height and gan.width must be multiples of 4 (the generator's two down-convs) "
+                             f"and of 2^gan.d_repeat_num = {scale} (the discriminator's); got "
+                             f"{self.height}x{self.width}")
+        return self
+
+
+class GanConfig(_Strict):
+    """A StarGAN training job (``ureid camstyle train``): the dataset, the ``gan`` block, Ray and MLflow."""
+
+    seed: Annotated[int, Field(ge=0)] = 0
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    gan: StarGANSettings = Field(default_factory=StarGANSettings)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_absolute_paths(self) -> "GanConfig":
+        cfg = self.model_copy(deep=True)
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+        cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+        return cfg
+
+
+def load_gan_config(path: str | os.PathLike, overrides: list[str] | None = None) -> GanConfig:
+    """Load, merge and validate a StarGAN config file (``stargan.yaml``) plus dotted overrides."""
+    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        return GanConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join([f"invalid StarGAN configuration ({path}):", *_error_lines(exc)])) from None
+
+
 def _settings_schema(method: str) -> type[MethodSettings]:
     from .methods import METHODS
 

@@ -1,11 +1,17 @@
-"""A documented stand-in for StarGAN camera-style transfer: per-camera colour statistics.
+"""Camera-style fakes on disk: the one file contract between what writes them and camstyle, which reads them.
 
-camstyle (Lin et al., TIP 2020) trains a StarGAN with one domain per camera and gives every real
-training image L-1 fakes, one per other camera. Until the StarGAN lands, this stand-in produces the
-same *files* - ``<real stem>_fake_c<k>.jpg`` (k = 1-based target camera) in
-``<root>/bounding_box_train_camstyle`` - by moving each image's per-channel mean and standard
-deviation to the target camera's (Reinhard-style colour transfer). It captures a camera's colour
-cast and illumination, not its geometry or blur: a weaker augmentation than a trained StarGAN.
+camstyle (Lin et al., TIP 2020) gives every real training image L-1 fakes, one per other camera. Whatever
+writes them - the StarGAN (:mod:`ureid.runtime.stargan`) or the colour-statistics stand-in below - names
+each ``<real stem>_fake_c<k>.jpg`` (k = 1-based target camera) in one folder, and :func:`load_fakes` reads
+the source image and target camera back from that name. Folders:
+
+``<root>/bounding_box_train_camstyle/``            the stand-in (``ureid data camstyle``)
+``<root>/camstyle_stargan/<key>/fakes/``           a StarGAN's, ``<key>`` naming the dataset and GAN config
+``<root>/camstyle_stargan/<key>/stargan.pt``       that StarGAN's generator (reused by later runs)
+
+The stand-in moves each image's per-channel mean and standard deviation to the target camera's
+(Reinhard-style colour transfer). It captures a camera's colour cast and illumination, not its geometry or
+blur: a weaker augmentation than a trained StarGAN.
 """
 
 from __future__ import annotations
@@ -24,13 +30,31 @@ DEFAULT_FOLDER = "bounding_box_train_camstyle"
 _FAKE_NAME = re.compile(r"^(?P<stem>.+)_fake_c(?P<cam>\d+)\.(jpg|jpeg|png)$", re.IGNORECASE)
 
 
+STARGAN_FOLDER = "camstyle_stargan"
+
+
 def default_fake_folder(root: str | Path) -> Path:
+    """The colour stand-in's folder."""
     return Path(root) / DEFAULT_FOLDER
+
+
+def stargan_cache(root: str | Path, key: str) -> Path:
+    """The folder of one StarGAN's generator and fakes for the dataset at ``root``."""
+    return Path(root) / STARGAN_FOLDER / key
+
+
+def stargan_fake_folder(root: str | Path, key: str) -> Path:
+    return stargan_cache(root, key) / "fakes"
 
 
 def fake_filename(source_path: str | Path, camid: int) -> str:
     """The fake of ``source_path`` in 0-based camera ``camid``."""
     return f"{Path(source_path).stem}_fake_c{camid + 1}.jpg"
+
+
+def missing_fakes(source_path: str | Path, cameras, own: int, folder: str | Path) -> list[int]:
+    """The cameras of ``cameras`` other than ``own`` whose fake of ``source_path`` is not in ``folder`` yet."""
+    return [c for c in cameras if c != own and not (Path(folder) / fake_filename(source_path, c)).is_file()]
 
 
 def parse_fake_filename(name: str) -> tuple[str, int] | None:

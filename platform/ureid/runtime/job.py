@@ -29,10 +29,12 @@ from .. import tracking
 HISTORY_FILE = "history.jsonl"
 
 
-def stage_checkpoints(run_dir: str | os.PathLike, state_file: str = "state.pt") -> list[tuple[int, Path]]:
-    """Every stage checkpoint of every attempt under a run folder, by stage (the newest copy of a stage wins)."""
+def stage_checkpoints(run_dir: str | os.PathLike, state_file: str = "state.pt",
+                      prefix: str = "stage") -> list[tuple[int, Path]]:
+    """Every checkpoint ``<prefix>_<n>/`` of every attempt under a run folder, by ``n`` (a stage, or a GAN's
+    iteration; the newest copy of one wins)."""
     found = {}
-    for state in sorted((Path(run_dir) / "ray").glob(f"**/stage_*/{state_file}"), key=lambda p: p.stat().st_mtime):
+    for state in sorted((Path(run_dir) / "ray").glob(f"**/{prefix}_*/{state_file}"), key=lambda p: p.stat().st_mtime):
         found[int(state.parent.name.split("_")[1])] = state.parent
     return sorted(found.items())
 
@@ -120,8 +122,8 @@ class Job:
               flush=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def checkpoints(self, state_file: str) -> list[tuple[int, Path]]:
-        return stage_checkpoints(self.run_dir, state_file)
+    def checkpoints(self, state_file: str, prefix: str = "stage") -> list[tuple[int, Path]]:
+        return stage_checkpoints(self.run_dir, state_file, prefix)
 
     # -- running ---------------------------------------------------------------------------------
     @contextmanager
