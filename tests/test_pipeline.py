@@ -27,6 +27,8 @@ def tiny_cfg(method, root, out, *extra):
         overrides.append(f"data.synthetic.{key}={value}")
     if method in ("buc", "dbc", "camstyle"):
         overrides.append("clustering.merge_percent=0.2")
+    if method == "camstyle":  # the colour stand-in here; tests/test_stargan.py runs camstyle on StarGAN fakes
+        overrides.append("clustering.style_transfer=colour")
     if method == "pul":
         src = root.parent / "tiny_source"
         overrides += [f"clustering.source.root={src}", "clustering.source.height=32", "clustering.source.width=16",

@@ -16,13 +16,19 @@ blur: a weaker augmentation than a trained StarGAN.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from .records import Record
+
+if TYPE_CHECKING:
+    from ..config import GanConfig
 
 # The file contract between whatever writes fakes (this stand-in, a StarGAN) and camstyle, which reads them:
 # ``<real stem>_fake_c<k>.<ext>``, k the 1-based target camera, in one folder.
@@ -115,3 +121,32 @@ def write_fakes(records: list[Record], out_dir: str | Path, *, quality: int = 95
             Image.fromarray(fake).save(out / fake_filename(rec.path, cam), quality=quality)
             written += 1
     return written
+
+
+# Settings that change neither the generator's weights nor its fakes' bytes: not part of the cache key.
+_NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "cache_images_mb", "generate_chunk")
+
+
+def camera_domains(records: list[Record], source: str) -> tuple[list[int], np.ndarray]:
+    """The dataset's cameras (sorted ids; one StarGAN domain each) and every record's domain index."""
+    if any(len(r.paths) > 1 for r in records):
+        raise ValueError(f"{source}: StarGAN camera-style transfer works on image datasets; this one holds video "
+                         f"tracklets (use an image dataset, or camstyle's clustering.style_transfer: colour)")
+    cameras = sorted({r.camid for r in records})
+    if len(cameras) < 2:
+        raise ValueError(f"{source}: the training images come from {len(cameras)} camera(s) "
+                         f"{cameras}; a StarGAN over cameras needs at least 2 (camera-style transfer has nothing "
+                         f"to transfer to)")
+    index = {c: i for i, c in enumerate(cameras)}
+    return cameras, np.asarray([index[r.camid] for r in records], dtype=np.int64)
+
+
+def stargan_key(gcfg: GanConfig, records: list[Record]) -> str:
+    """12 hex digits naming (training images and their cameras, the GAN settings, seed, worker count)."""
+    root = Path(gcfg.data.root).expanduser().resolve()
+    images = sorted((str(Path(r.path).resolve().relative_to(root)) if Path(r.path).resolve().is_relative_to(root)
+                     else str(r.path), r.camid) for r in records)
+    gan = {k: v for k, v in gcfg.gan.model_dump().items() if k not in _NOT_IN_KEY}
+    blob = json.dumps({"images": images, "gan": gan, "seed": gcfg.seed, "workers": gcfg.ray.num_workers},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

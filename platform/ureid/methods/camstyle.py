@@ -101,10 +101,10 @@ class Camstyle(BUC):
         """With StarGAN fakes: train the GAN and generate its fakes unless the cache has them (the driver)."""
         c = cfg.clustering
         if c.style_transfer == "stargan" and c.fake_root is None:
+            from .. import jobs
             from ..data.run_data import load_split_dataset
-            from ..runtime.stargan import ensure_stargan_fakes
 
-            ensure_stargan_fakes(stargan_config(cfg), load_split_dataset(cfg.data).train)
+            jobs.run("stargan_fakes", stargan_config(cfg), load_split_dataset(cfg.data).train)
 
     def fake_folder(self, cfg, real) -> str:
         c = cfg.clustering
@@ -112,8 +112,7 @@ class Camstyle(BUC):
             return c.fake_root
         if c.style_transfer == "colour":
             return str(default_fake_folder(cfg.data.root))
-        from ..data.camstyle import stargan_fake_folder
-        from ..runtime.stargan import stargan_key
+        from ..data.camstyle import stargan_fake_folder, stargan_key
 
         gcfg = stargan_config(cfg).with_absolute_paths()
         return str(stargan_fake_folder(gcfg.data.root, stargan_key(gcfg, real)))

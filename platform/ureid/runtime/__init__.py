@@ -8,4 +8,8 @@
 ``feature_store``  the actor holding a stage's global features; it runs the method's update.
 ``tasks``          the ``map_blocks`` executor: an update's row blocks as parallel Ray tasks.
 ``callbacks``      Ray Train callbacks: per-stage MLflow metrics and the run's history file.
+``stargan``        StarGAN jobs: training on Ray Train (its per-worker loop in ``gan_loop``), generation
+                   in Ray tasks, the cache; registered in :mod:`ureid.jobs` for methods that ask for them.
 """
+
+from . import stargan as _stargan  # noqa: F401  (registers its jobs)

@@ -17,7 +17,6 @@ GAN setting that changes the generator, so another config trains another GAN and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -26,48 +25,21 @@ from pathlib import Path
 import numpy as np
 from ray.train import UserCallback
 
-from .. import tracking
+from .. import jobs, tracking
 from ..config import GanConfig, RayConfig
-from ..data.camstyle import stargan_cache, stargan_fake_folder
+from ..data.camstyle import camera_domains, stargan_cache, stargan_fake_folder, stargan_key
 from ..data.records import Record
 from ..engine.stargan import CHECKPOINT_PREFIX, GAN_FILE, SAMPLES_FILE
 from .job import Job, ensure_ray
 
 MODEL_FILE = "stargan.pt"
 LOSSES_FILE = "losses.jsonl"
-# Settings that change neither the generator's weights nor its fakes' bytes: not part of the cache key.
-_NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "cache_images_mb", "generate_chunk")
-
-
-def camera_domains(records: list[Record], source: str) -> tuple[list[int], np.ndarray]:
-    """The dataset's cameras (sorted ids; one StarGAN domain each) and every record's domain index."""
-    if any(len(r.paths) > 1 for r in records):
-        raise ValueError(f"{source}: StarGAN camera-style transfer works on image datasets; this one holds video "
-                         f"tracklets (use an image dataset, or camstyle's clustering.style_transfer: colour)")
-    cameras = sorted({r.camid for r in records})
-    if len(cameras) < 2:
-        raise ValueError(f"{source}: the training images come from {len(cameras)} camera(s) "
-                         f"{cameras}; a StarGAN over cameras needs at least 2 (camera-style transfer has nothing "
-                         f"to transfer to)")
-    index = {c: i for i, c in enumerate(cameras)}
-    return cameras, np.asarray([index[r.camid] for r in records], dtype=np.int64)
 
 
 def training_images(gcfg: GanConfig) -> list[Record]:
     from ..data.run_data import load_split_dataset
 
     return [r for r in load_split_dataset(gcfg.data).train if not r.is_fake]
-
-
-def stargan_key(gcfg: GanConfig, records: list[Record]) -> str:
-    """12 hex digits naming (training images and their cameras, the GAN settings, seed, worker count)."""
-    root = Path(gcfg.data.root).expanduser().resolve()
-    images = sorted((str(Path(r.path).resolve().relative_to(root)) if Path(r.path).resolve().is_relative_to(root)
-                     else str(r.path), r.camid) for r in records)
-    gan = {k: v for k, v in gcfg.gan.model_dump().items() if k not in _NOT_IN_KEY}
-    blob = json.dumps({"images": images, "gan": gan, "seed": gcfg.seed, "workers": gcfg.ray.num_workers},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 class GanReportCallback(UserCallback):
@@ -120,7 +92,7 @@ def train_stargan(gcfg: GanConfig, *, resume: str | Path | None = None, verbose:
     """Train (or resume) a StarGAN over the cameras of ``gcfg.data``'s training images; returns the summary
     written to the run folder's ``summary.json`` (``model``: the exported generator)."""
     from ..data.run_data import ensure_synthetic
-    from ..engine.stargan import train_loop_per_worker
+    from .gan_loop import train_loop_per_worker
 
     t0 = time.perf_counter()
     gcfg = gcfg.with_absolute_paths()
@@ -260,3 +232,6 @@ def ensure_stargan_fakes(gcfg: GanConfig, records: list[Record], *, verbose: boo
     folder = stargan_fake_folder(gcfg.data.root, key)
     generate_fakes(model, records, folder, gcfg.ray, quiet=quiet)
     return folder
+
+
+jobs.register("stargan_fakes", ensure_stargan_fakes)
