@@ -102,6 +102,8 @@ def identity_scores(real_f, real_pid, real_cam, fake_f, fake_src, fake_cam) -> d
     src_sim = sim[np.arange(len(fake_f)), fake_src]
     other = real_pid[None, :] != real_pid[fake_src][:, None]
     beats = src_sim > np.where(other, sim, -np.inf).max(1)
+    # the share of other identities' images farther from the fake than its source (0.5: no identity kept)
+    auc = ((sim < src_sim[:, None]) & other).sum(1) / other.sum(1)
     in_target = real_cam[None, :] == fake_cam[:, None]
     has_same = (in_target & (real_pid[None, :] == real_pid[fake_src][:, None])).any(1)
 
@@ -112,7 +114,7 @@ def identity_scores(real_f, real_pid, real_cam, fake_f, fake_src, fake_cam) -> d
 
     src_query = real_f[fake_src] @ real_f.T
     keep = has_same
-    return {"nearer_source_than_other_identities": float(beats.mean()),
+    return {"nearer_source_than_other_identities": float(beats.mean()), "source_rank_auc": float(auc.mean()),
             "target_camera_top1_fake": float(nearest_same(sim)[keep].mean()),
             "target_camera_top1_source": float(nearest_same(src_query)[keep].mean()),
             "target_camera_pairs": int(keep.sum())}
@@ -136,7 +138,7 @@ def cycle_errors(checkpoint, paths, cams_of) -> dict:
         rec.append(np.abs(to_uint8(back).astype(np.float32) - pix).mean())
         same.append(np.abs(to_uint8(g(x, one_hot(torch.tensor([cams.index(own)]), len(cams)))).astype(np.float32) - pix).mean())
     return {"cycle_l1_pixels": float(np.mean(rec)), "own_camera_l1_pixels": float(np.mean(same)),
-            "iterations": int(info["iterations"])}
+            "iterations": int(info["iteration"])}
 
 
 def measure(name, folder, train, net, real_f, real_pid, real_cam, cameras) -> dict:
@@ -201,13 +203,15 @@ def main(argv=None) -> int:
     print(f"{len(train)} real training images, {len(cameras)} cameras (chance {1 / len(cameras):.1%}); the camera "
           f"classifier gets {held_out_acc:.1%} on held-out real images")
     print("| fakes | camera = target | camera = source | nearer own source than any other identity | "
+          "other identities farther than the source | "
           "target camera top-1 same identity: fake / source as query | cycle L1 (0-255) | own-camera L1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in report["fakes"]:
         cyc = f"{r['cycle_l1_pixels']:.1f}" if "cycle_l1_pixels" in r else "-"
         own = f"{r['own_camera_l1_pixels']:.1f}" if "own_camera_l1_pixels" in r else "-"
         print(f"| {r['name']} ({r['num_fakes']}) | {r['target_camera_accuracy']:.1%} | {r['source_camera_rate']:.1%} | "
-              f"{r['nearer_source_than_other_identities']:.1%} | {r['target_camera_top1_fake']:.1%} / "
+              f"{r['nearer_source_than_other_identities']:.1%} | {r['source_rank_auc']:.1%} | "
+              f"{r['target_camera_top1_fake']:.1%} / "
               f"{r['target_camera_top1_source']:.1%} | {cyc} | {own} |")
     for r in report["fakes"]:
         print(f"\nconfusion of the {r['name']} fakes (rows: target camera, columns: predicted camera, 1-based)")

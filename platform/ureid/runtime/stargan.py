@@ -27,7 +27,7 @@ from ray.train import UserCallback
 
 from .. import jobs, tracking
 from ..config import GanConfig, RayConfig
-from ..data.camstyle import camera_domains, stargan_cache, stargan_fake_folder, stargan_key
+from ..data.camstyle import camera_domains, missing_fakes, stargan_cache, stargan_fake_folder, stargan_key
 from ..data.records import Record
 from ..engine.stargan import CHECKPOINT_PREFIX, GAN_FILE, SAMPLES_FILE
 from .job import Job, ensure_ray
@@ -172,21 +172,24 @@ def generate_fakes(checkpoint: str | Path, records: list[Record], out_dir: str |
     ray_cfg = ray_cfg or RayConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ensure_ray(ray_cfg)
-    sources = [(r.path, r.camid) for r in records]
-    task = ray.remote(generate_chunk).options(num_cpus=threads, num_gpus=1 if ray_cfg.use_gpu else 0)
-    device = "cuda" if ray_cfg.use_gpu else "cpu"
+    # Only sources with a missing fake go to the tasks: a complete folder costs no task (a sweep trial, whose
+    # placement group holds no spare CPU, never waits for one).
+    sources = [(r.path, r.camid) for r in records if missing_fakes(r.path, info["cameras"], r.camid, out)]
     t0 = time.perf_counter()
-    refs = [task.remote(str(checkpoint), sources[i:i + chunk], str(out), threads, device)
-            for i in range(0, len(sources), chunk)]
-    parts = ray.get(refs)
+    parts = []
+    if sources:
+        ensure_ray(ray_cfg)
+        task = ray.remote(generate_chunk).options(num_cpus=threads, num_gpus=1 if ray_cfg.use_gpu else 0)
+        device = "cuda" if ray_cfg.use_gpu else "cpu"
+        parts = ray.get([task.remote(str(checkpoint), sources[i:i + chunk], str(out), threads, device)
+                         for i in range(0, len(sources), chunk)])
     wall = time.perf_counter() - t0
     written = sum(p["written"] for p in parts)
-    result = {"written": written, "skipped_sources": sum(p["skipped_sources"] for p in parts), "tasks": len(parts),
+    result = {"written": written, "skipped_sources": len(records) - len(sources), "tasks": len(parts),
               "wall_time_s": wall, "images_per_s": written / wall if written else None, "folder": str(out),
               "checkpoint": str(checkpoint)}
     if not quiet:
-        print(f"[ureid] StarGAN fakes: wrote {written} ({result['skipped_sources']} of {len(sources)} source images "
+        print(f"[ureid] StarGAN fakes: wrote {written} ({result['skipped_sources']} of {len(records)} source images "
               f"already complete) in {wall:.1f}s by {len(parts)} task(s) -> {out}", flush=True)
     return result
 

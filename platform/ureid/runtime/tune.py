@@ -261,6 +261,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     cfg = validate(copy.deepcopy(info["base"]), source="sweep")
     ensure_ray(cfg.ray, info["tracking_uri"])
     check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
+    get_method(info["method"]).prepare(cfg)  # once, here: what every trial needs (camstyle's StarGAN and fakes)
     num_stages = get_method(info["method"]).num_stages(cfg, _n0_for_stage_count(cfg))
     if cfg.schedule.max_stages:
         num_stages = min(num_stages, cfg.schedule.max_stages)
