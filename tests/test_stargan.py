@@ -340,3 +340,17 @@ def test_camstyle_end_to_end_on_stargan_fakes(stargan, tiny_root, tmp_path):
     assert [h["stage"] for h in summary["history"]] == [0, 1]
     assert summary["history"][-1]["num_clusters"] < n  # clusters count real images; fakes are augmentation
     assert 0 <= summary["selected"]["mAP"] <= 1
+
+
+def test_cli_generate_and_train_errors(stargan, tiny_root, tmp_path, capsys):
+    from ureid.cli import main
+
+    out = tmp_path / "cli_fakes"
+    assert main(["camstyle", "generate", "--checkpoint", str(stargan["run"]["run_dir"]), "--data", str(tiny_root),
+                 "--out", str(out)]) == 0
+    assert _files(out) == _files(stargan["fakes"])  # a run folder resolves to its generator: the same bytes
+    assert f"clustering.fake_root={out}" in capsys.readouterr().out
+    assert main(["camstyle", "generate", "--checkpoint", str(tmp_path), "--data", str(tiny_root)]) == 2
+    assert "no StarGAN generator there" in capsys.readouterr().err
+    assert main(["camstyle", "train", "--set", "gan.lambda_gpp=1"]) == 2
+    assert "gan.lambda_gpp: unknown key" in capsys.readouterr().err
