@@ -274,7 +274,7 @@ def _cmd_gan_train(args: argparse.Namespace) -> int:
 
 def _cmd_gan_generate(args: argparse.Namespace) -> int:
     from ureid.config import RayConfig
-    from ureid.data.camstyle import STARGAN_FOLDER
+    from ureid.data.camstyle import stargan_fake_folder
     from ureid.data.formats import load_dataset
     from ureid.runtime.stargan import generate_fakes, resolve_checkpoint
 
@@ -284,7 +284,7 @@ def _cmd_gan_generate(args: argparse.Namespace) -> int:
         import hashlib
 
         ckpt = resolve_checkpoint(args.checkpoint)
-        out = f"{ds.root}/{STARGAN_FOLDER}/{hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]}/fakes"
+        out = str(stargan_fake_folder(ds.root, hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]))
     generate_fakes(args.checkpoint, [r for r in ds.train if not r.is_fake], out,
                    RayConfig(address=args.address, use_gpu=args.gpu), threads=args.threads)
     print(f"use them with: experiments/camstyle.py --set clustering.fake_root={out}")

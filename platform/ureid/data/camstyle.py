@@ -144,8 +144,9 @@ def camera_domains(records: list[Record], source: str) -> tuple[list[int], np.nd
 def stargan_key(gcfg: GanConfig, records: list[Record]) -> str:
     """12 hex digits naming (training images and their cameras, the GAN settings, seed, worker count)."""
     root = Path(gcfg.data.root).expanduser().resolve()
-    images = sorted((str(Path(r.path).resolve().relative_to(root)) if Path(r.path).resolve().is_relative_to(root)
-                     else str(r.path), r.camid) for r in records)
+    paths = [Path(r.path).resolve() for r in records]
+    images = sorted((str(p.relative_to(root)) if p.is_relative_to(root) else str(r.path), r.camid)
+                    for p, r in zip(paths, records))
     gan = {k: v for k, v in gcfg.gan.model_dump().items() if k not in _NOT_IN_KEY}
     blob = json.dumps({"images": images, "gan": gan, "seed": gcfg.seed, "workers": gcfg.ray.num_workers},
                       sort_keys=True)

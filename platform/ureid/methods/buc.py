@@ -29,6 +29,16 @@ class BUCSettings(Settings):
     size_penalty: NonNegFloat = 0.005
     metric: Literal["sqeuclidean", "euclidean"] = "sqeuclidean"
 
+    @property
+    def merge_penalty(self) -> float:
+        """The diversity weight the merge uses (camstyle's eq. 8 may put lambda elsewhere)."""
+        return self.size_penalty
+
+    @property
+    def ignore_fake_pairs(self) -> bool:
+        """Fake-fake pairs never merge (camstyle; its ablation uses them)."""
+        return True
+
 
 def num_merges(merge_percent: float, num_real: int) -> int:
     """``m = int(mp * N0)``, at least one."""
@@ -52,8 +62,8 @@ class BUC(Method):
         """Eqs. (5)-(6): merge ``int(mp * N0)`` pairs by minimum distance + diversity penalty."""
         c = cfg.clustering
         labels = clustering.bottom_up_merge(
-            l2_normalise(features), targets.labels, num_merges(c.merge_percent, ctx.num_real), c.size_penalty,
-            is_fake=ctx.is_fake, metric=c.metric, map_blocks=ctx.map_blocks,
+            l2_normalise(features), targets.labels, num_merges(c.merge_percent, ctx.num_real), c.merge_penalty,
+            is_fake=ctx.is_fake if c.ignore_fake_pairs else None, metric=c.metric, map_blocks=ctx.map_blocks,
         )
         return Targets(labels=np.asarray(labels))
 

@@ -22,11 +22,10 @@ from typing import Literal
 import numpy as np
 from pydantic import model_validator
 
-from .. import clustering
 from ..data.camstyle import default_fake_folder, load_fakes
 from . import register
-from .base import RunData, Targets, UpdateContext, l2_normalise, labeled_dataset
-from .buc import BUC, BUCSettings, num_merges
+from .base import RunData, Targets, labeled_dataset
+from .buc import BUC, BUCSettings
 
 
 class CamstyleSettings(BUCSettings):
@@ -54,9 +53,13 @@ class CamstyleSettings(BUCSettings):
         return self
 
     @property
-    def effective_size_penalty(self) -> float:
+    def merge_penalty(self) -> float:
         """BUC's size penalty giving eq. 8's order: lambda, or 1 / lambda when lambda scales the distance."""
         return self.size_penalty if self.lambda_on == "diversity" else 1.0 / self.size_penalty
+
+    @property
+    def ignore_fake_pairs(self) -> bool:
+        return self.fake_fake == "ignore"
 
 
 def stargan_config(cfg):
@@ -130,17 +133,6 @@ class Camstyle(BUC):
         data.extra["support"] = support
         data.extra["support_labels"] = np.asarray(owner, dtype=np.int64)
         return data
-
-    def update(self, cfg, features, targets: Targets, ctx: UpdateContext) -> Targets:
-        """BUC's eqs. (5)-(6) over real-real and real-fake pairs (all pairs with ``fake_fake: use``), with eq. 8's
-        lambda where ``lambda_on`` puts it."""
-        c = cfg.clustering
-        labels = clustering.bottom_up_merge(
-            l2_normalise(features), targets.labels, num_merges(c.merge_percent, ctx.num_real),
-            c.effective_size_penalty, is_fake=ctx.is_fake if c.fake_fake == "ignore" else None,
-            metric=c.metric, map_blocks=ctx.map_blocks,
-        )
-        return Targets(labels=np.asarray(labels))
 
     def initial_targets(self, cfg, data: RunData) -> Targets:
         return Targets(labels=data.extra["support_labels"].copy())

@@ -18,12 +18,9 @@ import torch
 
 from ..engine.stargan import (CHECKPOINT_PREFIX, GAN_FILE, SAMPLES_FILE, ImageBank, build_networks, sample_columns,
                               sample_grid, to_tensor)
+from ..engine.train import unwrap
 from ..models.stargan import discriminator_loss, generator_loss, learning_rate, one_hot
 from .stage_loop import log_line, quiet_ray_train_worker
-
-
-def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    return m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -126,12 +123,12 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
                     if save:
-                        torch.save({"iteration": done, "G": _unwrap(g).state_dict(), "D": _unwrap(d).state_dict(),
+                        torch.save({"iteration": done, "G": unwrap(g).state_dict(), "D": unwrap(d).state_dict(),
                                     "g_opt": g_opt.state_dict(), "d_opt": d_opt.state_dict(),
                                     "c_dim": c_dim, "cameras": list(config["cameras"]), "gan": gan.model_dump()},
                                    Path(tmp) / GAN_FILE)
                     if grid_now:
-                        sample_grid(_unwrap(g), grid_real.to(device), c_dim).save(Path(tmp) / SAMPLES_FILE)
+                        sample_grid(unwrap(g), grid_real.to(device), c_dim).save(Path(tmp) / SAMPLES_FILE)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 else:
                     ckpt = None

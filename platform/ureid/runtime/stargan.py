@@ -30,6 +30,7 @@ from ..config import GanConfig, RayConfig
 from ..data.camstyle import camera_domains, missing_fakes, stargan_cache, stargan_fake_folder, stargan_key
 from ..data.records import Record
 from ..engine.stargan import CHECKPOINT_PREFIX, GAN_FILE, SAMPLES_FILE
+from .callbacks import stage_metrics
 from .job import Job, ensure_ray
 
 MODEL_FILE = "stargan.pt"
@@ -50,7 +51,7 @@ class GanReportCallback(UserCallback):
         self.uri, self.run_id, self.run_dir = uri, run_id, run_dir
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        m = {k: float(v) for k, v in metrics[0].items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        m = stage_metrics(metrics)
         step = int(m.pop("iteration"))
         tracking.log_stage(self.uri, self.run_id, step, m, timestamp_ms=int(time.time() * 1000))
         with open(Path(self.run_dir) / LOSSES_FILE, "a") as f:
@@ -116,9 +117,7 @@ def train_stargan(gcfg: GanConfig, *, resume: str | Path | None = None, verbose:
         cameras, domains = camera_domains(records, f"data.root {gcfg.data.root}")
         done = job.checkpoints(GAN_FILE, CHECKPOINT_PREFIX)
         resume_from = str(done[-1][1]) if done else None
-        if resume_from and done[-1][0] >= gcfg.gan.iterations:
-            pass  # already trained to the end: only the export below runs again
-        else:
+        if not (done and done[-1][0] >= gcfg.gan.iterations):  # trained to the end: only the export runs again
             ensure_ray(gcfg.ray, job.tracking_uri)
             job.fit(train_loop_per_worker, {
                 "gan": gcfg.gan, "paths": [r.path for r in records], "domains": domains.tolist(),
