@@ -50,6 +50,7 @@ def _old_module(rev: str):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("ureid_synthetic_old", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -76,7 +76,9 @@ def test_images_per_identity_long_tailed():
 
 
 def test_cameras_look_different(small):
-    """Camera style dominates raw pixels: the mean colour differs far more across cameras than within."""
+    """Each camera keeps its own look (colour response, scene), but since generator version 2 it no longer
+    dominates: the mean colour differs across cameras by an amount of the order of its spread within one
+    (backgrounds, light, passers-by and framing vary inside a camera too)."""
     ds = load_dataset("market1501", small)
     means = defaultdict(list)
     for r in ds.train + ds.gallery:
@@ -84,7 +86,7 @@ def test_cameras_look_different(small):
     centres = np.array([np.mean(v, axis=0) for v in means.values()])
     within = np.mean([np.std(v, axis=0).mean() for v in means.values()])
     between = np.std(centres, axis=0).mean()
-    assert len(means) == 6 and between > within
+    assert len(means) == 6 and 0.3 * within < between < 2 * within
 
 
 def test_video_layout_read_back_by_mars_loader(tmp_path):

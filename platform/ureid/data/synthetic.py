@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +42,20 @@ from PIL import Image, ImageDraw, ImageFilter
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: realistic nuisances and camera strength (issue 13); folders of another version are regenerated
 MANIFEST = "manifest.json"
 _SS = 2  # supersampling factor: shapes are drawn at 2x and downsampled for anti-aliasing
+_MX, _MY = 0.3, 0.2  # canvas margin around the nominal detector box: fraction of its width / height per side
+_PANO = 8  # a camera's scene is this many canvases wide
+_OWN_LOOK = 0.25  # share of a camera's background stretches in its own look (the rest: materials all cameras share)
+_MUTE = 0.35  # saturation kept by scene colours
+_RESPONSE = 0.4  # camera_strength=1 applies this fraction of the looks in _LIGHTS (calibrated: colour must survive)
+_BOX_WIDTH = 0.8  # detector boxes are tight: the nominal box is this fraction of the canvas' box width
 # Folders the generator owns (the only things ``overwrite=True`` ever deletes).
 _OWNED = ("bounding_box_train", "bounding_box_test", "query", "bbox_train", "bbox_test", "info", MANIFEST)
 
 # Stream tags for the per-item random generators (part of their seed keys).
-_PLAN, _IDENTITY, _CAMERA, _IMAGE, _DISTRACTOR, _JUNK, _BACKGROUND = range(7)
+_PLAN, _IDENTITY, _CAMERA, _IMAGE, _DISTRACTOR, _JUNK, _BACKGROUND, _CROWD = range(8)
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -149,18 +155,23 @@ class CameraStyle:
     scale: float  # nominal person height / image height
     view_p: tuple  # probabilities of facing front, back, side
     light_dir: float  # -1 light from the left .. +1 from the right
+    tilt: float = 0.0  # camera elevation: leg-ratio offset of everyone it sees (looking down shortens legs)
 
 
 # Hand-picked looks so that any two cameras differ visibly; jittered and permuted by the seed.
+# Version 2: white balance and exposure at the strength of real surveillance cameras (a few percent
+# to ~12% per channel, exposure within about +-20%). The version-1 table (casts up to 0.74..1.22,
+# gain 0.62..1.30, saturation 0.60..1.25) moved clothing colours across hue and value bins between
+# cameras, so colour stopped carrying identity across cameras.
 _LIGHTS = [  # gain, cast, contrast, saturation, gamma
-    (1.10, (1.00, 1.00, 1.00), 1.05, 1.05, 1.00),  # daylight
-    (0.80, (1.18, 1.00, 0.74), 0.95, 0.95, 1.05),  # warm sodium evening
-    (1.05, (0.84, 0.98, 1.22), 1.00, 0.85, 0.95),  # cold fluorescent
-    (1.30, (1.02, 1.04, 0.98), 0.75, 0.70, 0.85),  # washed-out, overexposed
-    (0.62, (0.95, 1.05, 1.10), 1.15, 0.80, 1.15),  # dim, bluish shade
-    (0.95, (0.92, 1.12, 0.88), 1.10, 1.25, 1.00),  # green-tinted, oversaturated
-    (1.00, (1.10, 0.95, 1.05), 0.90, 0.60, 1.00),  # magenta, desaturated
-    (0.75, (1.00, 1.00, 1.00), 1.30, 1.00, 1.10),  # harsh contrast
+    (1.05, (1.00, 1.00, 1.00), 1.00, 1.00, 1.00),  # daylight
+    (0.90, (1.10, 1.00, 0.88), 0.95, 0.95, 1.03),  # warm evening light
+    (1.02, (0.92, 0.99, 1.10), 1.00, 0.90, 0.97),  # cold fluorescent
+    (1.18, (1.02, 1.02, 0.98), 0.85, 0.85, 0.92),  # washed-out, overexposed
+    (0.80, (0.96, 1.02, 1.07), 1.08, 0.90, 1.06),  # dim, bluish shade
+    (0.95, (0.95, 1.07, 0.94), 1.05, 1.10, 1.00),  # green-tinted, saturated
+    (1.00, (1.06, 0.95, 1.04), 0.95, 0.85, 1.00),  # magenta, desaturated
+    (0.88, (1.00, 1.00, 1.00), 1.15, 1.00, 1.05),  # harsh contrast
 ]
 _SCENES = [  # wall, floor, wall texture, floor texture
     ((150, 84, 64), (128, 126, 122), "bricks", "tiles"),
@@ -172,7 +183,14 @@ _SCENES = [  # wall, floor, wall texture, floor texture
     ((176, 150, 110), (140, 120, 96), "bricks", "stripes"),
     ((60, 66, 74), (96, 96, 100), "windows", "tiles"),
 ]
-_VIEWS = [(0.75, 0.15, 0.10), (0.15, 0.75, 0.10), (0.15, 0.15, 0.70), (0.45, 0.45, 0.10), (0.3, 0.3, 0.4)]
+_VIEWS = [(0.6, 0.2, 0.2), (0.2, 0.6, 0.2), (0.2, 0.2, 0.6), (0.4, 0.4, 0.2), (0.34, 0.33, 0.33)]
+
+
+def _muted(col, keep: float | None = None) -> np.ndarray:
+    """A scene colour pulled towards its grey: streets and buildings are mostly unsaturated."""
+    keep = _MUTE if keep is None else keep
+    col = np.asarray(col, np.float32)
+    return col.mean() + keep * (col - col.mean())
 
 
 def camera_styles(seed: int, num_cameras: int, strength: float = 1.0) -> list[CameraStyle]:
@@ -185,77 +203,115 @@ def camera_styles(seed: int, num_cameras: int, strength: float = 1.0) -> list[Ca
         rng = _rng(seed, _CAMERA, c)
         gain, cast, contrast, sat, gamma = _LIGHTS[light_perm[c % 8]]
         toward = lambda v: 1.0 + strength * (v - 1.0)  # noqa: E731
-        gain, contrast, sat, gamma = toward(gain), toward(contrast), toward(sat), toward(gamma)
-        cast = tuple(toward(v) for v in cast)
+        response = lambda v: 1.0 + strength * _RESPONSE * (v - 1.0)  # noqa: E731
+        gain, contrast, sat, gamma = response(gain), response(contrast), response(sat), response(gamma)
+        cast = tuple(response(v) for v in cast)
         wall, floor, wtex, ftex = _SCENES[scene_perm[c % 8]]
         jit = lambda col, s=18: tuple(int(v) for v in np.clip(np.array(col) + rng.normal(0, s, 3), 0, 255))  # noqa: E731
         styles.append(CameraStyle(
             wall=jit(wall), floor=jit(floor), horizon=float(rng.uniform(0.35, 0.65)), wall_texture=wtex, floor_texture=ftex,
-            gain=float(gain * rng.uniform(0.93, 1.07)), cast=tuple(float(v * rng.uniform(0.96, 1.04)) for v in cast),
+            gain=float(gain * rng.uniform(0.96, 1.04)), cast=tuple(float(v * rng.uniform(0.98, 1.02)) for v in cast),
             contrast=float(contrast), saturation=float(sat), gamma=float(gamma),
-            blur=strength * float(rng.choice([0.0, 0.4, 0.8, 1.2])), noise=strength * float(rng.uniform(1.0, 7.0)),
-            lowres=toward(float(rng.choice([1.0, 1.0, 0.6, 0.45]))), scale=float(rng.uniform(0.76, 0.92)),
+            blur=strength * float(rng.choice([0.0, 0.3, 0.6, 0.9])), noise=strength * float(rng.uniform(1.0, 6.0)),
+            lowres=toward(float(rng.choice([1.0, 1.0, 0.7, 0.55]))), scale=float(rng.uniform(0.88, 0.97)),
             view_p=_VIEWS[view_perm[c % len(_VIEWS)]], light_dir=float(rng.uniform(-1, 1)),
+            tilt=float(rng.uniform(-0.03, 0.03)),
         ))
     return styles
 
 
 # ============================================================================ background
-def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.ndarray:
-    """The camera's fixed scene at 2x the output size plus a margin; images crop it at an offset."""
-    rng = _rng(seed, _BACKGROUND, cam)
-    h, w = H * _SS + 2 * (H * _SS // 8), W * _SS + 2 * (W * _SS // 4)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    hz = int(style.horizon * h)
-    img = np.empty((h, w, 3), np.float32)
-    wall, floor = np.array(style.wall, np.float32), np.array(style.floor, np.float32)
-    img[:hz] = wall
-    img[hz:] = floor
-    # wall texture
-    t = style.wall_texture
-    wall_part = img[:hz]
+def _canvas_size(H: int, W: int) -> tuple[int, int]:
+    """The rendered canvas around the nominal detector box (output units): margins of ``_MY`` x H
+    above/below and ``_MX`` x W left/right, so that a jittered box still finds scene and body in it."""
+    return int(round(H * (1 + 2 * _MY))), int(round(W * (1 + 2 * _MX)))
+
+
+def _wall_texture(part: np.ndarray, yy: np.ndarray, xx: np.ndarray, t: str, rng: np.random.Generator) -> None:
+    """Texture one wall segment in place (``yy``/``xx``: its pixel coordinates)."""
+    hz, w = part.shape[:2]
     if t == "bricks":
         bh, bw = 10 * _SS, 22 * _SS
-        row = (yy[:hz] // bh).astype(int)
-        mortar = ((yy[:hz] % bh) < _SS) | (((xx[:hz] + (row % 2) * bw / 2) % bw) < _SS)
-        wall_part *= (1 + 0.12 * rng.standard_normal((hz // bh + 1, w // (bw // 2) + 2))[row, ((xx[:hz] + (row % 2) * bw / 2) // bw).astype(int)])[..., None]
-        wall_part[mortar] = wall_part[mortar] * 0.55 + 90
+        row = (yy // bh).astype(int)
+        col = ((xx + (row % 2) * bw / 2) // bw).astype(int)
+        mortar = ((yy % bh) < _SS) | (((xx + (row % 2) * bw / 2) % bw) < _SS)
+        noise = rng.standard_normal((int(row.max()) + 1, int(col.max()) + 1))
+        part *= (1 + 0.12 * noise[row, col - int(col.min())])[..., None]
+        part[mortar] = part[mortar] * 0.55 + 90
     elif t == "panels":
         pw = int(rng.integers(18, 30)) * _SS
-        wall_part *= (1 - 0.18 * ((xx[:hz] % pw) < 2 * _SS))[..., None]
-        wall_part *= (0.9 + 0.2 * (yy[:hz] / max(hz, 1)))[..., None]
+        part *= (1 - 0.18 * ((xx % pw) < 2 * _SS))[..., None]
+        part *= (0.9 + 0.2 * (yy / max(hz, 1)))[..., None]
     elif t == "windows":
         ww, wh = 20 * _SS, 16 * _SS
-        win = ((xx[:hz] % (ww + 8 * _SS)) < ww) & ((yy[:hz] % (wh + 10 * _SS)) < wh)
+        win = ((xx % (ww + 8 * _SS)) < ww) & ((yy % (wh + 10 * _SS)) < wh)
         glass = np.array([150, 175, 195], np.float32) * rng.uniform(0.6, 1.1)
-        wall_part[win] = glass + 20 * np.sin(xx[:hz][win] / 7.0)[..., None]
+        part[win] = glass + 20 * np.sin(xx[win] / 7.0)[..., None]
     elif t == "foliage":
         blobs = Image.new("L", (w, hz), 0)
         d = ImageDraw.Draw(blobs)
         for _ in range(int(w * hz / 180)):
             x, y, r = rng.integers(0, w), rng.integers(0, hz), rng.integers(3, 10) * _SS // 2
             d.ellipse([x - r, y - r, x + r, y + r], fill=int(rng.integers(0, 255)))
-        wall_part *= (0.65 + 0.6 * np.asarray(blobs, np.float32) / 255)[..., None]
-    wall_part += rng.normal(0, 4, wall_part.shape)
-    # floor texture, with a perspective so lines converge towards the horizon
-    fy, fx = yy[hz:] - hz, xx[hz:] - w / 2
-    depth = (fy + 4.0) / (h - hz + 4.0)
-    t = style.floor_texture
-    floor_part = img[hz:]
+        part *= (0.65 + 0.6 * np.asarray(blobs, np.float32) / 255)[..., None]
+
+
+def _floor_texture(part: np.ndarray, fy: np.ndarray, fx: np.ndarray, depth: np.ndarray, t: str, rng: np.random.Generator) -> None:
     if t == "tiles":
         u, v = fx / (depth * 30 * _SS), np.log1p(fy) * 3.0
-        floor_part *= (1 - 0.25 * (((u % 1) < 0.06) | ((v % 1) < 0.08)))[..., None]
+        part *= (1 - 0.25 * (((u % 1) < 0.06) | ((v % 1) < 0.08)))[..., None]
     elif t == "stripes":
-        floor_part[((fx / (depth * 18 * _SS)) % 2) < 1] *= 0.82
+        part[((fx / (depth * 18 * _SS)) % 2) < 1] *= 0.82
     elif t == "grass":
-        floor_part *= (0.8 + 0.35 * rng.random(floor_part.shape[:2]))[..., None]
-    floor_part *= (0.85 + 0.25 * depth)[..., None]  # nearer floor catches more light
-    floor_part += rng.normal(0, 6, floor_part.shape)
+        part *= (0.8 + 0.35 * rng.random(part.shape[:2]))[..., None]
+
+
+def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.ndarray:
+    """The camera's fixed scene at 2x: a panorama ``_PANO`` canvases wide and taller than one; each
+    track crops the canvas at its own place in it (people walk through different parts of the view).
+
+    The view is made of stretches of different materials (shop fronts, glass, hedges, plain walls;
+    paving, tiles, grass): about half of them the camera's own look (``style.wall``/``floor``), the
+    others drawn from the materials every camera shares, as on one campus. So the background varies
+    within a camera and overlaps between cameras instead of being one camera-wide signature."""
+    rng = _rng(seed, _BACKGROUND, cam)
+    Hc, Wc = _canvas_size(H, W)
+    h, w = Hc * _SS + 2 * int(H * _SS * _MY), Wc * _SS * _PANO
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    hz = int(style.horizon * h)
+    img = np.empty((h, w, 3), np.float32)
+    # stretches of 0.5..1.5 canvas widths
+    edges = [0]
+    while edges[-1] < w:
+        edges.append(min(w, edges[-1] + int(Wc * _SS * rng.uniform(0.5, 1.5))))
+    fy, fx = yy[hz:] - hz, xx[hz:] - w / 2
+    depth = (fy + 4.0) / (h - hz + 4.0)
+    for a, b in zip(edges[:-1], edges[1:]):
+        if rng.random() < _OWN_LOOK:
+            wall, wtex = style.wall, style.wall_texture
+        else:
+            wall, _, wtex, _ = _SCENES[rng.integers(len(_SCENES))]
+        if rng.random() < _OWN_LOOK:
+            floor, ftex = style.floor, style.floor_texture
+        else:
+            _, floor, _, ftex = _SCENES[rng.integers(len(_SCENES))]
+        img[:hz, a:b] = np.clip(_muted(np.array(wall, np.float32) + rng.normal(0, 14, 3)), 0, 255)
+        img[hz:, a:b] = np.clip(_muted(np.array(floor, np.float32) + rng.normal(0, 10, 3)), 0, 255)
+        _wall_texture(img[:hz, a:b], yy[:hz, a:b], xx[:hz, a:b], wtex, rng)
+        _floor_texture(img[hz:, a:b], fy[:, a:b], fx[:, a:b], depth[:, a:b], ftex, rng)
+    img[:hz] += rng.normal(0, 4, img[:hz].shape)
+    img[hz:] *= (0.85 + 0.25 * depth)[..., None]  # nearer floor catches more light
+    img[hz:] += rng.normal(0, 6, img[hz:].shape)
+    # shade and sunlit stretches change tint and brightness along the view
+    knots = np.linspace(0, w, 3 * _PANO + 1)
+    tint = np.stack([np.interp(xx[0], knots, 1 + rng.normal(0, 0.08, len(knots))) for _ in range(3)], axis=-1)
+    tint *= np.interp(xx[0], knots, np.exp(rng.normal(0, 0.15, len(knots))))[:, None]
+    img *= tint[None]
     # a few fixed objects (poles, bins, benches) that belong to this camera's scene
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(out)
-    for _ in range(int(rng.integers(1, 4))):
-        col = tuple(int(v) for v in rng.integers(30, 220, 3))
+    for _ in range(int(rng.integers(1, 4)) * _PANO):
+        col = tuple(int(v) for v in _muted(rng.integers(30, 220, 3)))
         x = int(rng.integers(0, w))
         if rng.random() < 0.5:  # pole
             d.rectangle([x, 0, x + int(rng.integers(2, 5)) * _SS, int(hz + rng.uniform(0.1, 0.3) * h)], fill=col)
@@ -277,6 +333,10 @@ class Pose:
     facing: str  # front | back | side
     phase: float  # walking phase (radians): leg stride and arm swing
     flip: bool
+    width: float = 1.0  # body width factor of this view (posture, loose clothes, a turned torso)
+    stride: float = 1.0  # stride length factor (slow walk .. long steps)
+    legs: float = 0.0  # offset of the leg ratio (camera elevation foreshortens the legs)
+    arms: float = 1.0  # arm-swing amplitude factor
 
 
 def _poly(d: ImageDraw.ImageDraw, pts, fill) -> None:
@@ -319,22 +379,36 @@ def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float 
     The figure is built from body proportions in units of its height ``h``: head 0..0.13,
     shoulders at 0.18, hips at ``1 - leg_ratio``, feet at 1.0.
     """
+    win, x, y = _person_window(app, pose, H, W, light_dir)
+    layer = Image.new("RGBA", (W * _SS, H * _SS), (0, 0, 0, 0))
+    layer.paste(win, (x, y))
+    return layer
+
+
+def _person_window(app: Appearance, pose: Pose, H: int, W: int, light_dir: float = 0.0) -> tuple[Image.Image, int, int]:
+    """:func:`render_person` drawn only in the window around the body: (RGBA window, x, y) in the 2x layer."""
     S = _SS
     HH, WW = H * S, W * S
     h = pose.height * app.height * HH
     feet = pose.feet * HH
     top = feet - h
     cx = pose.cx * WW
+    # the window holds everything drawn below (arms, bags and strides reach < 0.42 h sideways)
+    x0, x1 = int(np.clip(math.floor(cx - 0.42 * h), 0, WW)), int(np.clip(math.ceil(cx + 0.42 * h), 0, WW))
+    y0, y1 = int(np.clip(math.floor(top - 0.03 * h), 0, HH)), int(np.clip(math.ceil(feet + 0.06 * h), 0, HH))
+    if x1 <= x0 or y1 <= y0:
+        return Image.new("RGBA", (1, 1), (0, 0, 0, 0)), 0, 0
+    HH, WW, cx, feet, top = y1 - y0, x1 - x0, cx - x0, feet - y0, top - y0
     side = pose.facing == "side"
-    wf = app.width * (0.62 if side else 1.0)
+    wf = app.width * pose.width * (0.62 if side else 1.0)
     Y = lambda f: top + f * h  # noqa: E731
     sh_w, hip_w = 0.125 * h * wf, 0.095 * h * wf  # half widths
-    hip_y = Y(1 - app.leg_ratio)
+    hip_y = Y(1 - min(0.6, max(0.44, app.leg_ratio + pose.legs)))
     layer = Image.new("RGBA", (WW, HH), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     A = lambda c: tuple(int(v) for v in c) + (255,)  # noqa: E731
     skin, hair = A(app.skin), A(app.hair)
-    stride = math.sin(pose.phase)
+    stride = math.sin(pose.phase) * pose.stride
     bag_x = app.bag_side  # the bag hangs on this side in the front view (mirrored from the back)
     if pose.facing == "back":
         bag_x = -bag_x
@@ -346,7 +420,7 @@ def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float 
         d.rounded_rectangle([cx - sh_w - 0.08 * h, Y(0.19), cx - sh_w + 0.02 * h, Y(0.42)], radius=0.02 * h, fill=A(app.bag_color))
 
     # --- legs and shoes
-    leg_w = 0.075 * h * app.width
+    leg_w = 0.075 * h * app.width * pose.width
     knee_y = hip_y + (feet - hip_y) * 0.5
     for s in (-1, 1):
         if side:  # stride seen from the side: legs swing forward/back
@@ -394,10 +468,10 @@ def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float 
         _limb(d, (cx - bag_x * sh_w * 0.7, Y(0.17)), (cx + bag_x * hip_w, hip_y - 0.04 * h), 0.018 * h, 0.018 * h, bag)
 
     # --- arms: the far arm is hidden from the side
-    arm_w = 0.055 * h * app.width
+    arm_w = 0.055 * h * app.width * pose.width
     arms = (1,) if side else (-1, 1)
     for s in arms:
-        swing = -s * stride if not side else stride
+        swing = (-s * stride if not side else stride) * pose.arms
         shx = cx + s * (sh_w - arm_w * 0.4) if not side else cx
         elbow = (shx + (swing * 0.05 * h if side else s * 0.012 * h), Y(0.33))
         hand = (shx + (swing * 0.12 * h if side else s * 0.02 * h + swing * 0.015 * h), Y(0.47))
@@ -438,47 +512,45 @@ def render_person(app: Appearance, pose: Pose, H: int, W: int, light_dir: float 
     shade = shade[None, :] * (1.0 - 0.12 * np.clip(ys, 0, 1))[:, None]
     arr[..., :3] *= shade[..., None]
     out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGBA")
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if pose.flip else out
+    if pose.flip:  # mirrored about the layer's centre line
+        return out.transpose(Image.FLIP_LEFT_RIGHT), W * S - x1, y0
+    return out, x0, y0
 
 
 # ============================================================================ camera effects
-def _apply_camera(img: np.ndarray | Image.Image, style: CameraStyle, rng: np.random.Generator, H: int, W: int, extra_blur: float = 0.0) -> Image.Image:
-    """Downsample the 2x scene to the output size and apply the camera's optics and colour response."""
-    pil = img if isinstance(img, Image.Image) else Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    pil = pil.resize((W, H), Image.LANCZOS)
-    if style.lowres < 1:
-        small = (max(8, int(W * style.lowres)), max(16, int(H * style.lowres)))
+def _apply_camera(pil: Image.Image, style: CameraStyle, rng: np.random.Generator, light: tuple = (1.0, (1.0, 1.0, 1.0)),
+                  extra_blur: float = 0.0, lowres: float = 1.0, motion: int = 0) -> Image.Image:
+    """The camera's optics and colour response on an output-size image.
+
+    ``light`` is the (gain, per-channel cast) of the moment on top of the camera's own response
+    (the light changes between tracks); ``lowres`` a further resolution loss (a person far away, a
+    compressed stream); ``motion`` a horizontal motion blur over that many pixels."""
+    W, H = pil.size
+    res = style.lowres * lowres
+    if res < 1:
+        small = (max(8, int(W * res)), max(16, int(H * res)))
         pil = pil.resize(small, Image.BILINEAR).resize((W, H), Image.BILINEAR)
     if style.blur + extra_blur > 0:
         pil = pil.filter(ImageFilter.GaussianBlur(style.blur + extra_blur))
     x = np.asarray(pil, np.float32) / 255.0
+    if motion > 1:  # the person (or the camera) moves during the exposure
+        pad = np.pad(x, ((0, 0), (motion // 2, motion - 1 - motion // 2), (0, 0)), mode="edge")
+        x = sum(pad[:, i : i + W] for i in range(motion)) / motion
     gray = x.mean(axis=2, keepdims=True)
     x = gray + style.saturation * (x - gray)
     x = 0.5 + style.contrast * (x - 0.5)
-    x = np.clip(x * np.array(style.cast, np.float32) * style.gain * rng.uniform(0.92, 1.08), 0, 1) ** style.gamma
+    gain, cast = light
+    x = np.clip(x * (np.array(style.cast, np.float32) * np.array(cast, np.float32)) * (style.gain * gain), 0, 1) ** style.gamma
     x = x * 255 + rng.normal(0, style.noise, x.shape)
     return Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8))
 
 
-def _scene(bg: np.ndarray, rng: np.random.Generator, H: int, W: int) -> np.ndarray:
-    """A crop of the camera's fixed background at a small random offset (the detector box moves)."""
-    mh, mw = bg.shape[0] - H * _SS, bg.shape[1] - W * _SS
-    y, x = int(rng.integers(0, mh + 1)), int(rng.integers(0, mw + 1))
-    return bg[y : y + H * _SS, x : x + W * _SS]
-
-
-def _composite(scene: np.ndarray, layer: Image.Image, pose: Pose | None = None) -> Image.Image:
-    """Paste the person layer (by its alpha) over the scene, with a soft contact shadow under the feet."""
-    img = Image.fromarray(np.ascontiguousarray(scene))
-    if pose is not None:
-        w, h = img.size
-        cx, fy, r = pose.cx * w, pose.feet * h, pose.height * h * 0.16
-        box = (int(cx - r) - 4, int(fy - r * 0.18) - 4, int(cx + r) + 5, int(fy + r * 0.18) + 5)
-        sh = Image.new("L", (box[2] - box[0], box[3] - box[1]), 0)
-        ImageDraw.Draw(sh).ellipse([cx - r - box[0], fy - r * 0.18 - box[1], cx + r - box[0], fy + r * 0.18 - box[1]], fill=110)
-        img.paste((0, 0, 0), box, sh.filter(ImageFilter.GaussianBlur(3)))
-    img.paste(layer, (0, 0), layer)
-    return img
+def _shadow(img: Image.Image, cx: float, fy: float, r: float) -> None:
+    """A soft contact shadow under the feet (2x canvas pixels)."""
+    box = (int(cx - r) - 4, int(fy - r * 0.18) - 4, int(cx + r) + 5, int(fy + r * 0.18) + 5)
+    sh = Image.new("L", (box[2] - box[0], box[3] - box[1]), 0)
+    ImageDraw.Draw(sh).ellipse([cx - r - box[0], fy - r * 0.18 - box[1], cx + r - box[0], fy + r * 0.18 - box[1]], fill=110)
+    img.paste((0, 0, 0), box, sh.filter(ImageFilter.GaussianBlur(3)))
 
 
 # ============================================================================ the plan
@@ -502,6 +574,13 @@ class Params:
     mean_frames: float = 8.0
     jpeg_quality: int = 90
     camera_strength: float = 1.0
+    # --- version 2: the nuisances of real detections (0 turns each off)
+    max_tracks_per_camera: int = 3  # image mode: a camera's images of one identity come from up to this many walks
+    box_jitter: float = 1.0  # detector-box shift / scale / aspect jitter and partial crops (1 = the default strength)
+    pose_variation: float = 1.0  # posture, stride, arm swing and body-width change between tracks and images
+    occlusion: float = 0.2  # probability that a scene object or another person covers part of the body
+    clutter: float = 1.0  # background pedestrians and objects (1: about half the images have some)
+    degradation: float = 1.0  # motion blur and resolution loss per image (1: the default rates)
 
     def check(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -513,14 +592,21 @@ class Params:
         need(self.num_train_ids >= 1, f"num_train_ids must be >= 1, got {self.num_train_ids}")
         need(self.num_test_ids >= 1, f"num_test_ids must be >= 1, got {self.num_test_ids}")
         need(2 <= self.num_cameras <= 9, f"num_cameras must be in 2..9 (every identity needs two cameras; file names hold one digit), got {self.num_cameras}")
-        need(self.num_distractors >= 0 and self.num_junk >= 0, f"num_distractors/num_junk must be >= 0, got {self.num_distractors}/{self.num_junk}")
-        need(self.height >= 32 and self.width >= 16, f"height >= 32 and width >= 16 required, got {self.height}x{self.width}")
+        need(self.num_distractors >= 0, f"num_distractors must be >= 0, got {self.num_distractors}")
+        need(self.num_junk >= 0, f"num_junk must be >= 0, got {self.num_junk}")
+        need(self.height >= 32, f"height must be >= 32, got {self.height}")
+        need(self.width >= 16, f"width must be >= 16, got {self.width}")
         need(2 <= self.min_images <= self.max_images, f"need 2 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
         need(self.min_images <= self.mean_images <= self.max_images, f"mean_images must lie in [min_images, max_images], got {self.mean_images}")
         need(self.queries_per_id >= 1, f"queries_per_id must be >= 1, got {self.queries_per_id}")
         need(1 <= self.min_frames <= self.max_frames <= 999, f"need 1 <= min_frames <= max_frames <= 999, got {self.min_frames}, {self.max_frames}")
         need(self.min_frames <= self.mean_frames <= self.max_frames, f"mean_frames must lie in [min_frames, max_frames], got {self.mean_frames}")
         need(1 <= self.jpeg_quality <= 95, f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        need(1 <= self.max_tracks_per_camera <= 20, f"max_tracks_per_camera must be in 1..20, got {self.max_tracks_per_camera}")
+        for name in ("box_jitter", "pose_variation", "clutter", "degradation"):
+            v = getattr(self, name)
+            need(0.0 <= v <= 2.0, f"{name} must be in [0, 2], got {v}")
+        need(0.0 <= self.occlusion <= 1.0, f"occlusion must be in [0, 1], got {self.occlusion}")
 
 
 def _long_tail(rng, lo: int, hi: int, mean: float) -> int:
@@ -557,83 +643,224 @@ def _plan(p: Params) -> list[Track]:
             if p.video:  # m = tracklets in this camera; a query tracklet comes on top of the gallery ones
                 for t in range(m + (cam in qcams)):
                     tracks.append(Track(pid, cam, t, _long_tail(rng, p.min_frames, p.max_frames, p.mean_frames), split, cam in qcams and t == m))
-            else:
-                tracks.append(Track(pid, cam, 0, m + (cam in qcams), split, cam in qcams))
+            else:  # the camera's m images come from 1..max_tracks_per_camera walks past it (the query from the first)
+                nt = 1 + int(rng.binomial(min(p.max_tracks_per_camera, m) - 1, 0.5)) if m > 1 else 1
+                sizes = 1 + rng.multinomial(m - nt, np.ones(nt) / nt)
+                for t, mt in enumerate(sizes.tolist()):
+                    q = cam in qcams and t == 0
+                    tracks.append(Track(pid, cam, t, mt + q, split, q))
     return tracks
 
 
-def _track_poses(style: CameraStyle, rng: np.random.Generator, n: int, video: bool) -> list[Pose]:
-    """Consecutive poses of one walk: fixed facing/scale, moving phase and a little drift."""
+def _track_poses(style: CameraStyle, rng: np.random.Generator, n: int, video: bool, variation: float = 1.0) -> list[Pose]:
+    """Consecutive poses of one walk: facing, scale and posture fixed per walk, moving phase and drift."""
     facing = str(rng.choice(["front", "back", "side"], p=style.view_p))
     flip = bool(rng.random() < 0.5)
     scale = style.scale * rng.uniform(0.94, 1.06)
     cx, feet = 0.5 + rng.normal(0, 0.04), 0.5 + 0.5 * scale + rng.normal(0, 0.015)
     phase, step = rng.uniform(0, 2 * math.pi), (0.7 if video else rng.uniform(1.0, 2.5))
+    v = variation
+    width = math.exp(rng.normal(0, 0.07 * v))
+    stride = float(np.clip(1 + rng.normal(0, 0.3 * v), 0.3, 1.6))
+    arms = float(np.clip(1 + rng.normal(0, 0.4 * v), 0.2, 2.0))
+    legs = style.tilt + rng.normal(0, 0.012 * v)
     poses = []
     for i in range(n):
         j = 0.3 if video else 1.0  # video frames are consecutive: much less jitter
         poses.append(Pose(cx=float(cx + rng.normal(0, 0.035 * j)), feet=float(min(1.02, feet + rng.normal(0, 0.012 * j))),
-                          height=float(scale * (1 + rng.normal(0, 0.03 * j))), facing=facing, phase=float(phase + i * step), flip=flip))
+                          height=float(scale * (1 + rng.normal(0, 0.03 * j))), facing=facing, phase=float(phase + i * step), flip=flip,
+                          width=float(width * math.exp(rng.normal(0, 0.03 * v * j))), stride=stride, legs=float(legs), arms=arms))
     return poses
 
 
 # ============================================================================ rendering items
+@dataclass(frozen=True)
+class _Shot:
+    """What stays fixed during one track: where in the scene, the light, the detector's framing."""
+
+    sx: int  # scene crop offset in the camera's panorama (2x pixels)
+    sy: int
+    light: tuple  # (gain, cast) of the moment
+    box: tuple  # (dx, dy, log-scale, log-aspect) framing bias of this track's boxes
+    lowres: float  # resolution of this track (distance, stream quality); 1 = the camera's own
+    occluder: tuple | None  # video: one occluder for the whole tracklet (image mode: drawn per image)
+
+
 class _Renderer:
     def __init__(self, p: Params):
         self.p = p
         self.styles = camera_styles(p.seed, p.num_cameras, p.camera_strength)
         self.bgs = [_background(s, p.seed, c, p.height, p.width) for c, s in enumerate(self.styles)]  # uint8
         self.apps: dict[int, Appearance] = {}
+        self.Hc, self.Wc = _canvas_size(p.height, p.width)
+        self._crowds: dict[int, list] = {}
 
     def appearance(self, pid: int) -> Appearance:
         if pid not in self.apps:
             self.apps[pid] = random_appearance(_rng(self.p.seed, _IDENTITY, pid))
         return self.apps[pid]
 
-    def person(self, app: Appearance, pose: Pose, cam: int, rng, extra_blur: float = 0.0) -> Image.Image:
-        H, W, st = self.p.height, self.p.width, self.styles[cam]
-        layer = render_person(app, pose, H, W, st.light_dir)
-        return _apply_camera(_composite(_scene(self.bgs[cam], rng, H, W), layer, pose), st, rng, H, W, extra_blur)
+    # ---------------------------------------------------------------- pieces
+    def crowd(self, cam: int) -> list[tuple[Image.Image, float, float]]:
+        """Passers-by of one camera, rendered once: (sprite cropped to the body, feet offset, height) in 2x pixels."""
+        if cam not in self._crowds:
+            rng, st = _rng(self.p.seed, _CROWD, cam), self.styles[cam]
+            out = []
+            for _ in range(12):
+                app = random_appearance(rng)
+                pose = _track_poses(st, rng, 1, False)[0]
+                pose = Pose(0.5, 0.97, pose.height * self.p.height / self.Hc, pose.facing, pose.phase, pose.flip,
+                            pose.width, pose.stride, pose.legs, pose.arms)
+                win, x, y = _person_window(app, pose, self.Hc, self.Wc, st.light_dir)
+                bb = win.getbbox() or (0, 0, 1, 1)
+                out.append((win.crop(bb), 0.97 * self.Hc * _SS - (y + bb[1]), float(bb[3] - bb[1])))
+            self._crowds[cam] = out
+        return self._crowds[cam]
 
+    def _paste_sprite(self, img: Image.Image, cam: int, k: int, x: float, feet: float, f: float) -> None:
+        sprite, _, sh = self.crowd(cam)[k]
+        if f != 1.0:
+            sprite = sprite.resize((max(1, int(sprite.width * f)), max(1, int(sprite.height * f))), Image.BILINEAR)
+        img.paste(sprite, (int(x - sprite.width / 2), int(feet - sprite.height)), sprite)
+
+    def shot(self, cam: int, rng: np.random.Generator) -> _Shot:
+        p, bg = self.p, self.bgs[cam]
+        sx = int(rng.integers(0, bg.shape[1] - self.Wc * _SS + 1))
+        sy = int(rng.integers(0, bg.shape[0] - self.Hc * _SS + 1))
+        light = (float(rng.uniform(0.9, 1.1)), tuple(float(v) for v in rng.uniform(0.97, 1.03, 3)))
+        j = p.box_jitter
+        box = (float(rng.normal(0, 0.06 * j)), float(rng.normal(0, 0.03 * j)), float(rng.normal(0, 0.07 * j)), float(rng.normal(0, 0.08 * j)))
+        lowres = float(rng.uniform(0.45, 0.8)) if rng.random() < 0.25 * p.degradation else 1.0
+        occ = self.occluder(cam, rng) if p.video else None
+        return _Shot(sx, sy, light, box, lowres, occ)
+
+    def occluder(self, cam: int, rng: np.random.Generator) -> tuple | None:
+        """None, ("object", shape, x, y, w, h, colour) in box units, or ("person", sprite, dx, scale)."""
+        if rng.random() >= self.p.occlusion:
+            return None
+        if rng.random() < 0.5:
+            shape = str(rng.choice(["low", "low", "pole", "side"]))
+            col = tuple(int(v) for v in rng.integers(20, 230, 3))
+            if shape == "low":  # bin, railing, bench, car bonnet: hides the legs
+                hgt = float(rng.uniform(0.15, 0.45))
+                return ("object", shape, float(rng.uniform(-0.4, 0.4)), 1.0 - hgt + float(rng.uniform(0, 0.05)), float(rng.uniform(0.6, 1.4)), hgt, col)
+            if shape == "pole":  # a pole or tree trunk in front
+                return ("object", shape, float(rng.uniform(-0.35, 0.35)), -0.2, float(rng.uniform(0.08, 0.2)), 1.4, col)
+            return ("object", shape, float(rng.choice([-1, 1]) * rng.uniform(0.3, 0.5)), float(rng.uniform(-0.1, 0.3)), 0.5, 1.2, col)
+        return ("person", int(rng.integers(12)), float(rng.choice([-1, 1]) * rng.uniform(0.35, 0.75)), float(rng.uniform(0.95, 1.15)))
+
+    # ---------------------------------------------------------------- one image
+    def image(self, app: Appearance | None, pose: Pose | None, cam: int, rng: np.random.Generator, shot: _Shot,
+              extra_blur: float = 0.0) -> Image.Image:
+        """Scene, passers-by behind, the person, an occluder in front, then the detector's box and the camera."""
+        p, st, S = self.p, self.styles[cam], _SS
+        H, W, Hc, Wc = p.height, p.width, self.Hc, self.Wc
+        mx, my = (Wc - W) / 2, (Hc - H) / 2  # nominal box offset in the canvas (output units)
+        bg = self.bgs[cam]
+        drift = int(rng.normal(0, (0.02 if p.video else 0.12) * W * S))
+        sx = int(np.clip(shot.sx + drift, 0, bg.shape[1] - Wc * S))
+        sy = int(np.clip(shot.sy + rng.integers(-2, 3), 0, bg.shape[0] - Hc * S))
+        img = Image.fromarray(np.ascontiguousarray(bg[sy : sy + Hc * S, sx : sx + Wc * S]))
+        feet_y = ((my + (pose.feet if pose else 0.95) * H) * S)
+        # passers-by further away: smaller, feet higher up
+        if rng.random() < 0.5 * p.clutter:
+            for _ in range(int(rng.integers(1, 3))):
+                f = float(rng.uniform(0.45, 0.8))
+                self._paste_sprite(img, cam, int(rng.integers(12)), float(rng.uniform(0, Wc * S)), feet_y - (1 - f) * 0.35 * H * S, f)
+        if rng.random() < 0.5 * p.clutter:  # things in the scene: grey, dark or light (bins, doors, signs, shadows)
+            d = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(1, 4))):
+                v = int(rng.choice([rng.integers(15, 70), rng.integers(170, 245)]))
+                col = tuple(int(c) for c in np.clip(v + rng.normal(0, 10, 3), 0, 255))
+                x0, y0 = float(rng.uniform(0, Wc * S)), float(rng.uniform(0, Hc * S))
+                d.rectangle([x0, y0, x0 + rng.uniform(0.1, 0.5) * W * S, y0 + rng.uniform(0.1, 0.6) * H * S], fill=col)
+        if app is not None:
+            pc = Pose(cx=(mx + pose.cx * W) / Wc, feet=(my + pose.feet * H) / Hc, height=pose.height * H / Hc, facing=pose.facing,
+                      phase=pose.phase, flip=pose.flip, width=pose.width, stride=pose.stride, legs=pose.legs, arms=pose.arms)
+            _shadow(img, pc.cx * Wc * S, pc.feet * Hc * S, pc.height * Hc * S * 0.16)
+            win, x, y = _person_window(app, pc, Hc, Wc, st.light_dir)
+            img.paste(win, (x, y), win)
+        occ = shot.occluder if p.video else self.occluder(cam, rng)
+        if occ is not None:
+            if occ[0] == "person":  # someone walking past in front, a little nearer
+                _, k, dx, f = occ
+                self._paste_sprite(img, cam, k, (mx + (0.5 + dx) * W) * S, feet_y + 0.03 * H * S, f)
+            else:
+                _, shape, ox, oy, ow, oh, col = occ
+                x0, y0 = (mx + (0.5 + ox - ow / 2) * W) * S, (my + oy * H) * S
+                d = ImageDraw.Draw(img)
+                d.rectangle([x0, y0, x0 + ow * W * S, y0 + oh * H * S], fill=col)
+                if shape == "low":  # a darker top edge (railing, bench back)
+                    d.rectangle([x0, y0, x0 + ow * W * S, y0 + 0.03 * H * S], fill=tuple(int(c * 0.6) for c in col))
+        # the detector's box: the track's framing bias plus per-image jitter; sometimes a partial crop
+        j = p.box_jitter * (0.3 if p.video else 1.0)
+        dx, dy = shot.box[0] + rng.normal(0, 0.09 * j), shot.box[1] + rng.normal(0, 0.035 * j)
+        s, a = math.exp(shot.box[2] + rng.normal(0, 0.06 * j)), math.exp(shot.box[3] + rng.normal(0, 0.09 * j))
+        if rng.random() < 0.08 * p.box_jitter:
+            kind = rng.integers(3)
+            if kind == 0:  # head cut off
+                dy += float(rng.uniform(0.08, 0.16))
+            elif kind == 1:  # feet / lower legs cut off: a shorter box
+                cut = float(rng.uniform(0.12, 0.25))
+                s *= 1 - cut
+                dy -= cut / 2
+            else:  # the box caught the person off-centre
+                dx += float(rng.choice([-1, 1]) * rng.uniform(0.18, 0.28))
+        bw, bh = min(Wc, _BOX_WIDTH * W * s * a), min(Hc, H * s)
+        bx = float(np.clip(Wc / 2 + dx * W - bw / 2, 0, Wc - bw))
+        by = float(np.clip(Hc / 2 + dy * H - bh / 2, 0, Hc - bh))
+        out = img.resize((W, H), Image.LANCZOS, box=(bx * S, by * S, (bx + bw) * S, (by + bh) * S))
+        lowres = shot.lowres
+        if not p.video and rng.random() < 0.15 * p.degradation:
+            lowres *= float(rng.uniform(0.45, 0.8))
+        motion = 0
+        if rng.random() < 0.15 * p.degradation:
+            motion = int(rng.integers(2, 5)) * max(1, W // 64)
+        light = (shot.light[0] * float(rng.uniform(0.96, 1.04)), shot.light[1])
+        return _apply_camera(out, st, rng, light, extra_blur, lowres, motion)
+
+    # ---------------------------------------------------------------- items
     def track(self, t: Track) -> list[Image.Image]:
         rng = _rng(self.p.seed, _IMAGE, t.pid, t.cam, t.index)
-        poses = _track_poses(self.styles[t.cam], rng, t.n, self.p.video)
-        return [self.person(self.appearance(t.pid), pose, t.cam, rng) for pose in poses]
+        shot = self.shot(t.cam, rng)
+        poses = _track_poses(self.styles[t.cam], rng, t.n, self.p.video, self.p.pose_variation)
+        return [self.image(self.appearance(t.pid), pose, t.cam, rng, shot) for pose in poses]
 
     def distractor(self, i: int, n: int = 1) -> tuple[int, list[Image.Image]]:
         """pid 0: an empty scene with clutter, or a stranger cut by the box (partial person)."""
         p, rng = self.p, _rng(self.p.seed, _DISTRACTOR, i)
         cam = int(rng.integers(p.num_cameras))
         kind = rng.choice(["background", "partial", "offside"])
+        shot = self.shot(cam, rng)
         if kind == "background":
             out = []
             for _ in range(n):
-                scene = _scene(self.bgs[cam], rng, p.height, p.width)
-                img = Image.fromarray(np.ascontiguousarray(scene))
+                img = self.image(None, None, cam, rng, shot)
                 d = ImageDraw.Draw(img)
                 for _ in range(int(rng.integers(0, 3))):
                     x0, y0 = rng.integers(0, img.width), rng.integers(0, img.height)
                     d.rectangle([x0, y0, x0 + rng.integers(8, 60), y0 + rng.integers(8, 80)], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-                out.append(_apply_camera(img, self.styles[cam], rng, p.height, p.width))
+                out.append(img)
             return cam, out
         app = random_appearance(rng)  # a stranger: not one of the identities
-        base = _track_poses(self.styles[cam], rng, n, p.video)
+        base = _track_poses(self.styles[cam], rng, n, p.video, p.pose_variation)
         if kind == "partial":  # zoomed in: only the upper or the lower body is in the box
             big, up = rng.uniform(1.6, 2.4), rng.random() < 0.5
-            poses = [Pose(q.cx, (1.0 + big * 0.45) if up else (0.98), big * q.height, q.facing, q.phase, q.flip) for q in base]
+            poses = [replace(q, feet=(1.0 + big * 0.45) if up else 0.98, height=big * q.height) for q in base]
         else:  # the box caught only one side of a person
             dx = rng.choice([-1, 1]) * rng.uniform(0.45, 0.6)
-            poses = [Pose(q.cx + dx, q.feet, q.height, q.facing, q.phase, q.flip) for q in base]
-        return cam, [self.person(app, q, cam, rng) for q in poses]
+            poses = [replace(q, cx=q.cx + dx) for q in base]
+        return cam, [self.image(app, q, cam, rng, shot) for q in poses]
 
     def junk(self, i: int, n: int = 1) -> tuple[int, list[Image.Image]]:
         """pid -1: a tiny, heavily blurred fragment of some test identity (useless for matching)."""
         p, rng = self.p, _rng(self.p.seed, _JUNK, i)
         cam = int(rng.integers(p.num_cameras))
         pid = int(rng.integers(p.num_train_ids + 1, p.num_train_ids + p.num_test_ids + 1))
+        shot = self.shot(cam, rng)
         out = []
-        for q in _track_poses(self.styles[cam], rng, n, p.video):
-            img = self.person(self.appearance(pid), q, cam, rng, extra_blur=float(rng.uniform(1.5, 3.0)))
+        for q in _track_poses(self.styles[cam], rng, n, p.video, p.pose_variation):
+            img = self.image(self.appearance(pid), q, cam, rng, shot, extra_blur=float(rng.uniform(1.5, 3.0)))
             fw, fh = int(p.width * rng.uniform(0.3, 0.5)), int(p.height * rng.uniform(0.25, 0.45))
             x0, y0 = int(rng.integers(0, p.width - fw + 1)), int(rng.integers(0, p.height - fh + 1))
             out.append(img.crop((x0, y0, x0 + fw, y0 + fh)).resize((p.width, p.height), Image.BILINEAR))
@@ -754,6 +981,12 @@ def _same(manifest: dict | None, wanted: dict) -> bool:
     return {k: have.get(k) for k in wanted} == wanted
 
 
+def _same_params(manifest: dict, wanted: dict) -> bool:
+    """The parameters agree, those missing from an older manifest taken at their default."""
+    have = {**asdict(Params()), **manifest.get("params", {})}
+    return {k: have.get(k) for k in wanted["params"]} == wanted["params"]
+
+
 def read_manifest(out_dir) -> dict | None:
     path = Path(out_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
@@ -780,6 +1013,12 @@ def generate(
     mean_frames: float = 8.0,
     jpeg_quality: int = 90,
     camera_strength: float = 1.0,
+    max_tracks_per_camera: int = 3,
+    box_jitter: float = 1.0,
+    pose_variation: float = 1.0,
+    occlusion: float = 0.2,
+    clutter: float = 1.0,
+    degradation: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic re-ID dataset to ``out_dir`` (Market-1501 layout, or MARS with ``video``).
@@ -789,8 +1028,14 @@ def generate(
     tracklets: per identity (defaults 2/6/3.5, each ``min/max/mean_frames`` frames) and
     distractor/junk tracklets (defaults 30/12).
 
+    ``max_tracks_per_camera``, ``box_jitter``, ``pose_variation``, ``occlusion``, ``clutter`` and
+    ``degradation`` set the nuisances of real detections (several walks per camera, detector-box
+    jitter and partial crops, posture change, occluders, passers-by, motion blur and resolution
+    loss); 0 turns each off. The defaults are calibrated (``experiments/calibrate_synthetic.py``).
+
     A folder whose ``manifest.json`` records the same parameters is returned as is (the data is
-    generated on first use); a different one raises unless ``overwrite=True``. The dataset is
+    generated on first use); a different one raises unless ``overwrite=True``. A folder written by
+    another version of this generator with the same parameters is regenerated: its images are stale. The dataset is
     built in a sibling temporary folder and moved into place at the end, so an interrupted run
     never leaves a half-written dataset behind.
     """
@@ -803,7 +1048,8 @@ def generate(
         max_images=(6 if video else 20) if max_images is None else max_images,
         mean_images=(3.5 if video else 8.0) if mean_images is None else mean_images,
         queries_per_id=queries_per_id, min_frames=min_frames, max_frames=max_frames, mean_frames=mean_frames,
-        jpeg_quality=jpeg_quality, camera_strength=camera_strength,
+        jpeg_quality=jpeg_quality, camera_strength=camera_strength, max_tracks_per_camera=max_tracks_per_camera,
+        box_jitter=box_jitter, pose_variation=pose_variation, occlusion=occlusion, clutter=clutter, degradation=degradation,
     )
     p.check()
     out = Path(out_dir).expanduser()
@@ -814,12 +1060,17 @@ def generate(
     if out.exists() and any(out.iterdir()):
         if existing is None:
             raise FileExistsError(f"{out} is not empty and holds no {MANIFEST}: refusing to write a synthetic dataset into it")
-        if not overwrite:
-            diff = {k: (existing.get("params", {}).get(k), v) for k, v in wanted["params"].items() if existing.get("params", {}).get(k) != v}
+        stale = existing.get("generator") == wanted["generator"] and existing.get("version") != GENERATOR_VERSION and _same_params(existing, wanted)
+        if stale:
+            log.warning("%s was written by synthetic generator version %s; regenerating it with version %s", out, existing.get("version"), GENERATOR_VERSION)
+        if not overwrite and not stale:
+            have = {**asdict(Params()), **existing.get("params", {})}
+            diff = {k: (have.get(k), v) for k, v in wanted["params"].items() if have.get(k) != v}
             raise FileExistsError(f"{out} holds a synthetic dataset with other parameters {diff or '(generator version)'} (old, new); pass overwrite=True to replace it")
         foreign = sorted(x.name for x in out.iterdir() if x.name not in _OWNED)
         if foreign:
-            raise FileExistsError(f"{out} holds files the generator did not write ({foreign[:5]}): refusing to overwrite it")
+            why = f" (it was written by generator version {existing.get('version')}, this is version {GENERATOR_VERSION}: remove them or the folder)" if stale else ""
+            raise FileExistsError(f"{out} holds files the generator did not write ({foreign[:5]}): refusing to overwrite it{why}")
 
     t0 = time.perf_counter()
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
