@@ -46,10 +46,14 @@ GENERATOR_VERSION = 2  # 2: realistic nuisances and camera strength (issue 13); 
 MANIFEST = "manifest.json"
 _SS = 2  # supersampling factor: shapes are drawn at 2x and downsampled for anti-aliasing
 _MX, _MY = 0.3, 0.2  # canvas margin around the nominal detector box: fraction of its width / height per side
-_PANO = 8  # a camera's scene is this many canvases wide
-_OWN_LOOK = 0.25  # share of a camera's background stretches in its own look (the rest: materials all cameras share)
+_PANO = 16  # a camera's scene is this many canvases wide
+_OWN_LOOK = 0.15  # share of a camera's background stretches in its own look (the rest: materials all cameras share)
 _MUTE = 0.35  # saturation kept by scene colours
 _RESPONSE = 0.4  # camera_strength=1 applies this fraction of the looks in _LIGHTS (calibrated: colour must survive)
+_BLOTCH = 40.0  # amplitude (0..255 units) of the blotchy colour variation in each scene, at two scales
+_DX = 0.15  # per-image horizontal box jitter (fraction of the box width): colour stripes ignore it, pixel layout does not
+_COARSE = 1.0  # relative amplitude of the coarsest blotches (patches about a third of the box wide)
+_HORIZON = 0.15  # the wall/floor boundary moves by up to this fraction of the height between stretches of a scene
 _BOX_WIDTH = 0.8  # detector boxes are tight: the nominal box is this fraction of the canvas' box width
 # Folders the generator owns (the only things ``overwrite=True`` ever deletes).
 _OWNED = ("bounding_box_train", "bounding_box_test", "query", "bbox_train", "bbox_test", "info", MANIFEST)
@@ -278,15 +282,15 @@ def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.n
     Hc, Wc = _canvas_size(H, W)
     h, w = Hc * _SS + 2 * int(H * _SS * _MY), Wc * _SS * _PANO
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    hz = int(style.horizon * h)
     img = np.empty((h, w, 3), np.float32)
-    # stretches of 0.5..1.5 canvas widths
+    # stretches of 0.5..1.5 canvas widths, each with its own wall/floor boundary (steps, kerbs, low walls)
     edges = [0]
     while edges[-1] < w:
         edges.append(min(w, edges[-1] + int(Wc * _SS * rng.uniform(0.5, 1.5))))
-    fy, fx = yy[hz:] - hz, xx[hz:] - w / 2
-    depth = (fy + 4.0) / (h - hz + 4.0)
+    hzs = []
     for a, b in zip(edges[:-1], edges[1:]):
+        hz = int(np.clip(style.horizon + rng.uniform(-_HORIZON, _HORIZON), 0.15, 0.85) * h)
+        hzs.append(hz)
         if rng.random() < _OWN_LOOK:
             wall, wtex = style.wall, style.wall_texture
         else:
@@ -295,18 +299,27 @@ def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.n
             floor, ftex = style.floor, style.floor_texture
         else:
             _, floor, _, ftex = _SCENES[rng.integers(len(_SCENES))]
+        fy, fx = yy[hz:, a:b] - hz, xx[hz:, a:b] - w / 2
+        depth = (fy + 4.0) / (h - hz + 4.0)
         img[:hz, a:b] = np.clip(_muted(np.array(wall, np.float32) + rng.normal(0, 14, 3)), 0, 255)
         img[hz:, a:b] = np.clip(_muted(np.array(floor, np.float32) + rng.normal(0, 10, 3)), 0, 255)
         _wall_texture(img[:hz, a:b], yy[:hz, a:b], xx[:hz, a:b], wtex, rng)
-        _floor_texture(img[hz:, a:b], fy[:, a:b], fx[:, a:b], depth[:, a:b], ftex, rng)
-    img[:hz] += rng.normal(0, 4, img[:hz].shape)
-    img[hz:] *= (0.85 + 0.25 * depth)[..., None]  # nearer floor catches more light
-    img[hz:] += rng.normal(0, 6, img[hz:].shape)
+        _floor_texture(img[hz:, a:b], fy, fx, depth, ftex, rng)
+        img[:hz, a:b] += rng.normal(0, 4, img[:hz, a:b].shape)
+        img[hz:, a:b] *= (0.85 + 0.25 * depth)[..., None]  # nearer floor catches more light
+        img[hz:, a:b] += rng.normal(0, 6, img[hz:, a:b].shape)
+    hz = int(np.mean(hzs))
     # shade and sunlit stretches change tint and brightness along the view
     knots = np.linspace(0, w, 3 * _PANO + 1)
     tint = np.stack([np.interp(xx[0], knots, 1 + rng.normal(0, 0.08, len(knots))) for _ in range(3)], axis=-1)
     tint *= np.interp(xx[0], knots, np.exp(rng.normal(0, 0.15, len(knots))))[:, None]
     img *= tint[None]
+    # dirt, stains, posters, reflections: blotchy colour at every scale (real backgrounds spread over many colours)
+    for cell, amp in ((6, _BLOTCH), (24, _BLOTCH), (64, _BLOTCH * _COARSE)):
+        small = rng.normal(0, 1, (h // (cell * _SS) + 2, w // (cell * _SS) + 2, 3))
+        small = np.clip(128 + 40 * small, 0, 255).astype(np.uint8)
+        field = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32) - 128
+        img += field * (amp / 40)
     # a few fixed objects (poles, bins, benches) that belong to this camera's scene
     out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(out)
@@ -729,7 +742,7 @@ class _Renderer:
         sy = int(rng.integers(0, bg.shape[0] - self.Hc * _SS + 1))
         light = (float(rng.uniform(0.9, 1.1)), tuple(float(v) for v in rng.uniform(0.97, 1.03, 3)))
         j = p.box_jitter
-        box = (float(rng.normal(0, 0.06 * j)), float(rng.normal(0, 0.03 * j)), float(rng.normal(0, 0.07 * j)), float(rng.normal(0, 0.08 * j)))
+        box = (float(rng.normal(0, 0.08 * j)), float(rng.normal(0, 0.03 * j)), float(rng.normal(0, 0.07 * j)), float(rng.normal(0, 0.08 * j)))
         lowres = float(rng.uniform(0.45, 0.8)) if rng.random() < 0.25 * p.degradation else 1.0
         occ = self.occluder(cam, rng) if p.video else None
         return _Shot(sx, sy, light, box, lowres, occ)
@@ -767,9 +780,9 @@ class _Renderer:
             for _ in range(int(rng.integers(1, 3))):
                 f = float(rng.uniform(0.45, 0.8))
                 self._paste_sprite(img, cam, int(rng.integers(12)), float(rng.uniform(0, Wc * S)), feet_y - (1 - f) * 0.35 * H * S, f)
-        if rng.random() < 0.5 * p.clutter:  # things in the scene: grey, dark or light (bins, doors, signs, shadows)
+        if rng.random() < 0.7 * p.clutter:  # things in the scene: grey, dark or light (bins, doors, signs, shadows)
             d = ImageDraw.Draw(img)
-            for _ in range(int(rng.integers(1, 4))):
+            for _ in range(int(rng.integers(1, 5))):
                 v = int(rng.choice([rng.integers(15, 70), rng.integers(170, 245)]))
                 col = tuple(int(c) for c in np.clip(v + rng.normal(0, 10, 3), 0, 255))
                 x0, y0 = float(rng.uniform(0, Wc * S)), float(rng.uniform(0, Hc * S))
@@ -794,7 +807,7 @@ class _Renderer:
                     d.rectangle([x0, y0, x0 + ow * W * S, y0 + 0.03 * H * S], fill=tuple(int(c * 0.6) for c in col))
         # the detector's box: the track's framing bias plus per-image jitter; sometimes a partial crop
         j = p.box_jitter * (0.3 if p.video else 1.0)
-        dx, dy = shot.box[0] + rng.normal(0, 0.09 * j), shot.box[1] + rng.normal(0, 0.035 * j)
+        dx, dy = shot.box[0] + rng.normal(0, _DX * j), shot.box[1] + rng.normal(0, 0.035 * j)
         s, a = math.exp(shot.box[2] + rng.normal(0, 0.06 * j)), math.exp(shot.box[3] + rng.normal(0, 0.09 * j))
         if rng.random() < 0.08 * p.box_jitter:
             kind = rng.integers(3)
