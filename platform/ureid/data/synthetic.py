@@ -47,13 +47,14 @@ MANIFEST = "manifest.json"
 _SS = 2  # supersampling factor: shapes are drawn at 2x and downsampled for anti-aliasing
 _MX, _MY = 0.3, 0.2  # canvas margin around the nominal detector box: fraction of its width / height per side
 _PANO = 16  # a camera's scene is this many canvases wide
-_OWN_LOOK = 0.15  # share of a camera's background stretches in its own look (the rest: materials all cameras share)
+_OWN_LOOK = 0.1  # share of a camera's background stretches in its own look (the rest: materials all cameras share)
 _MUTE = 0.35  # saturation kept by scene colours
 _RESPONSE = 0.4  # camera_strength=1 applies this fraction of the looks in _LIGHTS (calibrated: colour must survive)
 _BLOTCH = 40.0  # amplitude (0..255 units) of the blotchy colour variation in each scene, at two scales
-_DX = 0.15  # per-image horizontal box jitter (fraction of the box width): colour stripes ignore it, pixel layout does not
+_DX = 0.18  # per-image horizontal box jitter (fraction of the box width): colour stripes ignore it, pixel layout does not
 _COARSE = 1.0  # relative amplitude of the coarsest blotches (patches about a third of the box wide)
 _HORIZON = 0.15  # the wall/floor boundary moves by up to this fraction of the height between stretches of a scene
+_CHROMA = 0.4  # tint of the blotches relative to their brightness part
 _BOX_WIDTH = 0.8  # detector boxes are tight: the nominal box is this fraction of the canvas' box width
 # Folders the generator owns (the only things ``overwrite=True`` ever deletes).
 _OWNED = ("bounding_box_train", "bounding_box_test", "query", "bbox_train", "bbox_test", "info", MANIFEST)
@@ -217,7 +218,7 @@ def camera_styles(seed: int, num_cameras: int, strength: float = 1.0) -> list[Ca
             gain=float(gain * rng.uniform(0.96, 1.04)), cast=tuple(float(v * rng.uniform(0.98, 1.02)) for v in cast),
             contrast=float(contrast), saturation=float(sat), gamma=float(gamma),
             blur=strength * float(rng.choice([0.0, 0.3, 0.6, 0.9])), noise=strength * float(rng.uniform(1.0, 6.0)),
-            lowres=toward(float(rng.choice([1.0, 1.0, 0.7, 0.55]))), scale=float(rng.uniform(0.88, 0.97)),
+            lowres=toward(float(rng.choice([1.0, 1.0, 0.7, 0.55]))), scale=float(rng.uniform(0.9, 0.99)),
             view_p=_VIEWS[view_perm[c % len(_VIEWS)]], light_dir=float(rng.uniform(-1, 1)),
             tilt=float(rng.uniform(-0.03, 0.03)),
         ))
@@ -314,10 +315,13 @@ def _background(style: CameraStyle, seed: int, cam: int, H: int, W: int) -> np.n
     tint = np.stack([np.interp(xx[0], knots, 1 + rng.normal(0, 0.08, len(knots))) for _ in range(3)], axis=-1)
     tint *= np.interp(xx[0], knots, np.exp(rng.normal(0, 0.15, len(knots))))[:, None]
     img *= tint[None]
-    # dirt, stains, posters, reflections: blotchy colour at every scale (real backgrounds spread over many colours)
+    # dirt, stains, shadows, reflections: blotches at three scales, mostly in brightness with a weaker
+    # tint (real backgrounds spread over many shades; a flat wall would put a camera's whole background
+    # into a few colour bins)
     for cell, amp in ((6, _BLOTCH), (24, _BLOTCH), (64, _BLOTCH * _COARSE)):
         small = rng.normal(0, 1, (h // (cell * _SS) + 2, w // (cell * _SS) + 2, 3))
-        small = np.clip(128 + 40 * small, 0, 255).astype(np.uint8)
+        small[..., :] = small[..., :1] + _CHROMA * small  # a shared brightness part plus a per-channel tint
+        small = np.clip(128 + 40 * small / math.sqrt(1 + _CHROMA**2), 0, 255).astype(np.uint8)
         field = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32) - 128
         img += field * (amp / 40)
     # a few fixed objects (poles, bins, benches) that belong to this camera's scene
