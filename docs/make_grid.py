@@ -1,9 +1,11 @@
-"""Render docs/synthetic_grid.png: six synthetic identities (rows) seen by the different cameras.
+"""Render docs/synthetic_grid.png: synthetic identities (rows) across cameras and within one camera.
 
 Run: ``.venv/bin/python docs/make_grid.py [--seed 0] [--out docs/synthetic_grid.png]``.
-It generates a small dataset with :func:`ureid.data.synthetic.generate`, reads it back with the
-Market-1501 loader (so the picture shows exactly what training sees) and lays out, for the six
-identities seen by the most cameras, one row of images sorted by camera, labelled ``c1``..``c6``.
+It generates a small dataset with :func:`ureid.data.synthetic.generate` (default nuisances and camera
+looks), reads it back with the Market-1501 loader (so the picture shows exactly what training sees) and
+lays out, for six identities seen by several cameras, one row: on the left one image per camera
+(up to four cameras: the cross-camera change), on the right several images from the identity's busiest camera
+(the within-camera change: other walks, framing, posture, occluders, blur).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from PIL import Image, ImageDraw
 from ureid.data import load_dataset
 from ureid.data.synthetic import generate
 
-ROWS, COLS, LABEL_H, PAD = 6, 10, 12, 2
+ROWS, ACROSS, WITHIN, LABEL_H, PAD, GAP = 6, 4, 6, 12, 2, 14
 
 
 def main() -> None:
@@ -27,29 +29,33 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).with_name("synthetic_grid.png")))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate(Path(tmp) / "synth", seed=args.seed, num_train_ids=24, num_test_ids=2, num_distractors=0, num_junk=0)
+        root = generate(Path(tmp) / "synth", seed=args.seed, num_train_ids=40, num_test_ids=2, num_distractors=0, num_junk=0)
         ds = load_dataset("market1501", root)
-        by_pid = defaultdict(list)
-        for r in ds.train:
-            by_pid[r.pid].append(r)
-        # identities seen by the most cameras first, so the rows show the cross-camera change
-        pids = sorted(by_pid, key=lambda p: (-len({r.camid for r in by_pid[p]}), p))[:ROWS]
+        by_pid = defaultdict(lambda: defaultdict(list))
+        for r in sorted(ds.train, key=lambda r: r.path):
+            by_pid[r.pid][r.camid].append(r)
+
+        def busiest(pid):
+            return max(by_pid[pid].values(), key=len)
+
+        # several cameras and a busy camera first, so both halves of a row have something to show
+        pids = sorted(by_pid, key=lambda p: (-min(len(by_pid[p]), ACROSS), -min(len(busiest(p)), WITHIN), p))[:ROWS]
         w, h = Image.open(ds.train[0].path).size
-        grid = Image.new("RGB", (COLS * (w + PAD) + PAD, ROWS * (h + LABEL_H + PAD) + PAD), (255, 255, 255))
+        cols = ACROSS + WITHIN
+        grid = Image.new("RGB", (cols * (w + PAD) + PAD + GAP, LABEL_H + ROWS * (h + LABEL_H + PAD) + PAD), (255, 255, 255))
         draw = ImageDraw.Draw(grid)
+        draw.text((PAD + 2, 1), "across cameras", fill=(0, 0, 0))
+        draw.text((PAD + GAP + ACROSS * (w + PAD) + 2, 1), "within one camera (walks, frames)", fill=(0, 0, 0))
         for row, pid in enumerate(pids):
-            recs = by_pid[pid]
-            # round-robin over cameras so every camera of the identity shows up in the row
-            per_cam = defaultdict(list)
-            for r in sorted(recs, key=lambda r: r.path):
-                per_cam[r.camid].append(r)
-            chosen = []
-            while len(chosen) < min(COLS, len(recs)):
-                for cam in sorted(per_cam):
-                    if per_cam[cam] and len(chosen) < COLS:
-                        chosen.append(per_cam[cam].pop(0))
-            for col, r in enumerate(sorted(chosen, key=lambda r: (r.camid, r.path))):
-                x, y = PAD + col * (w + PAD), PAD + row * (h + LABEL_H + PAD)
+            y = LABEL_H + PAD + row * (h + LABEL_H + PAD)
+            across = [recs[len(recs) // 2] for cam, recs in sorted(by_pid[pid].items())][:ACROSS]
+            within = busiest(pid)[:WITHIN]
+            for col, r in enumerate(across):
+                x = PAD + col * (w + PAD)
+                grid.paste(Image.open(r.path).convert("RGB"), (x, y + LABEL_H))
+                draw.text((x + 2, y), f"id{pid} c{r.camid + 1}", fill=(0, 0, 0))
+            for col, r in enumerate(within):
+                x = PAD + GAP + (ACROSS + col) * (w + PAD)
                 grid.paste(Image.open(r.path).convert("RGB"), (x, y + LABEL_H))
                 draw.text((x + 2, y), f"id{pid} c{r.camid + 1}", fill=(0, 0, 0))
         # a 256-colour palette keeps the PNG small (the JPEG noise makes full-colour PNGs large)
