@@ -7,14 +7,21 @@ It writes the **Market-1501** layout and file naming (``video=False``) or the **
 What makes it a re-ID problem rather than a toy:
 
 * an identity keeps its appearance (clothing colours and pattern, skin and hair, build, bag, shoes)
-  but is seen from the camera's usual viewpoint (front / back / side: a logo or a backpack is only
-  visible from one side), at a camera-specific scale, position and walking phase;
-* each camera has a fixed background scene and its own illumination, colour cast, contrast,
-  saturation, blur, sensor noise and resolution, so the same clothes change colour between
-  cameras: cross-camera matching is the hard part, as in the real sets;
+  but is seen from the camera's usual viewpoints (front / back / side: a logo or a backpack is only
+  visible from one side), at a camera-specific scale and elevation;
+* clothing colour carries identity across cameras, body layout does not (version 2, calibrated
+  against real reference points by ``experiments/calibrate_synthetic.py``): each camera has its own
+  illumination, colour cast, contrast, saturation, blur, sensor noise and resolution at the strength
+  of real surveillance cameras, and a wide scene made of stretches of materials that all cameras
+  share (so the background varies within a camera and overlaps between cameras);
+* the nuisances of real detections: a camera's images of one identity come from up to
+  ``max_tracks_per_camera`` walks (each with its own place in the scene, light, facing and framing);
+  posture, stride, arm swing and body width change (``pose_variation``); the detector's box shifts,
+  scales and changes aspect, sometimes cutting off the head, the feet or a side (``box_jitter``);
+  scene objects or passers-by cover part of the body (``occlusion``); passers-by and objects in the
+  background (``clutter``); motion blur and resolution loss (``degradation``);
 * images per identity are long-tailed (shifted geometric, ``min_images``..``max_images``), every
-  identity appears in at least two cameras, and images from one camera come from one track
-  (consecutive frames), so same-camera neighbours are easy and uninformative;
+  identity appears in at least two cameras;
 * the test split follows the Market protocol: one query per (identity, camera) for up to
   ``queries_per_id`` of its cameras, a gallery holding every camera of the identity (same-camera
   images are junk for that query), distractors (pid 0: background crops, partial people) and
@@ -44,13 +51,15 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2  # 2: realistic nuisances and camera strength (issue 13); folders of another version are regenerated
 MANIFEST = "manifest.json"
+# Calibrated constants of version 2 (experiments/calibrate_synthetic.py; CALIBRATION.md says why each):
+# they are part of GENERATOR_VERSION, the per-dataset knobs are the parameters of generate().
 _SS = 2  # supersampling factor: shapes are drawn at 2x and downsampled for anti-aliasing
 _MX, _MY = 0.3, 0.2  # canvas margin around the nominal detector box: fraction of its width / height per side
 _PANO = 16  # a camera's scene is this many canvases wide
 _OWN_LOOK = 0.1  # share of a camera's background stretches in its own look (the rest: materials all cameras share)
 _MUTE = 0.35  # saturation kept by scene colours
 _RESPONSE = 0.4  # camera_strength=1 applies this fraction of the looks in _LIGHTS (calibrated: colour must survive)
-_BLOTCH = 40.0  # amplitude (0..255 units) of the blotchy colour variation in each scene, at two scales
+_BLOTCH = 40.0  # amplitude (0..255 units) of the blotchy variation of each scene, at three scales
 _DX = 0.18  # per-image horizontal box jitter (fraction of the box width): colour stripes ignore it, pixel layout does not
 _COARSE = 1.0  # relative amplitude of the coarsest blotches (patches about a third of the box wide)
 _HORIZON = 0.15  # the wall/floor boundary moves by up to this fraction of the height between stretches of a scene
