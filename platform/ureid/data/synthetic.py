@@ -727,8 +727,8 @@ class _Renderer:
         return self.apps[pid]
 
     # ---------------------------------------------------------------- pieces
-    def crowd(self, cam: int) -> list[tuple[Image.Image, float, float]]:
-        """Passers-by of one camera, rendered once: (sprite cropped to the body, feet offset, height) in 2x pixels."""
+    def crowd(self, cam: int) -> list[Image.Image]:
+        """Passers-by of one camera, rendered once (built on first use): RGBA sprites cropped to the body, 2x pixels."""
         if cam not in self._crowds:
             rng, st = _rng(self.p.seed, _CROWD, cam), self.styles[cam]
             out = []
@@ -739,12 +739,12 @@ class _Renderer:
                             pose.width, pose.stride, pose.legs, pose.arms)
                 win, x, y = _person_window(app, pose, self.Hc, self.Wc, st.light_dir)
                 bb = win.getbbox() or (0, 0, 1, 1)
-                out.append((win.crop(bb), 0.97 * self.Hc * _SS - (y + bb[1]), float(bb[3] - bb[1])))
+                out.append(win.crop(bb))
             self._crowds[cam] = out
         return self._crowds[cam]
 
     def _paste_sprite(self, img: Image.Image, cam: int, k: int, x: float, feet: float, f: float) -> None:
-        sprite, _, sh = self.crowd(cam)[k]
+        sprite = self.crowd(cam)[k]  # pasted with its bottom (the feet) at ``feet``, centred on ``x``, scaled by ``f``
         if f != 1.0:
             sprite = sprite.resize((max(1, int(sprite.width * f)), max(1, int(sprite.height * f))), Image.BILINEAR)
         img.paste(sprite, (int(x - sprite.width / 2), int(feet - sprite.height)), sprite)
