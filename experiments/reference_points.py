@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Floor and ceiling of a dataset for a backbone: the mAP of the untrained backbone, and of the same
-backbone trained *with* identity labels (softmax classifier). Unsupervised results sit between them.
+"""Reference points of a dataset for a backbone and budget: the floor (the backbone from random
+initialisation, no training), the start (the configured weights, e.g. ImageNet, no training; the same as
+the floor when ``model.weights`` is ``none``) and the ceiling (the configured start trained *with* identity
+labels, softmax classifier, for the given epochs). Unsupervised results sit between start and ceiling.
 
     python experiments/reference_points.py                     # CPU preset, synthetic default
     python experiments/reference_points.py --config experiments/configs/buc.yaml --epochs 60
@@ -49,18 +51,35 @@ def main(argv=None) -> int:
         cfg.data.color_jitter = args.color_jitter
     torch.set_num_threads(args.threads)
     ds = load_split_dataset(cfg.data)
+    t0 = time.perf_counter()
+    if cfg.model.weights != "none":
+        seed_everything(cfg.seed)
+        random_init = ReidNet.from_config(cfg.model.model_copy(update={"weights": "none"}), embedding_dim=0)
+        floor = evaluate_model(random_init, ds.query, ds.gallery, "cpu", **cfg.extract_options())
+        del random_init
+        print(f"floor   (untrained {cfg.model.arch}, random initialisation): mAP {floor['mAP']:.1%} "
+              f"rank-1 {floor['rank1']:.1%}", flush=True)
     seed_everything(cfg.seed)
     model = ReidNet.from_config(cfg.model, embedding_dim=0)
-    t0 = time.perf_counter()
-    floor = evaluate_model(model, ds.query, ds.gallery, "cpu", **cfg.extract_options())
-    print(f"floor   (untrained {cfg.model.arch}, weights={cfg.model.weights}): mAP {floor['mAP']:.1%} "
-          f"rank-1 {floor['rank1']:.1%}", flush=True)
+    start = evaluate_model(model, ds.query, ds.gallery, "cpu", **cfg.extract_options())
+    if cfg.model.weights == "none":
+        floor = start
+        print(f"floor   (untrained {cfg.model.arch}, random initialisation): mAP {floor['mAP']:.1%} "
+              f"rank-1 {floor['rank1']:.1%}", flush=True)
+    else:
+        print(f"start   ({cfg.model.arch}, weights={cfg.model.weights}, no training): mAP {start['mAP']:.1%} "
+              f"rank-1 {start['rank1']:.1%}", flush=True)
 
-    if args.epochs == 0:  # nothing trained: the floor is the reference (e.g. ImageNet-only features)
+    def dump(ceiling):
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"floor": floor, "ceiling": None, "epochs": 0, "config": args.config,
+                json.dump({"floor": floor, "start": start, "ceiling": ceiling, "epochs": args.epochs,
+                           "arch": cfg.model.arch, "weights": cfg.model.weights,
+                           "size": [cfg.data.height, cfg.data.width], "config": args.config,
                            "overrides": args.overrides}, f, indent=1)
+
+    if args.epochs == 0:  # nothing trained: floor and start are the references
+        dump(None)
         return 0
 
     train = [r for r in ds.train if r.pid >= 0]
@@ -88,10 +107,7 @@ def main(argv=None) -> int:
     print(f"train accuracy {hits / len(plain):.1%} (last epoch loss {out['loss']:.3f})")
     print(f"ceiling (supervised, {args.epochs} epochs): mAP {ceil['mAP']:.1%} rank-1 {ceil['rank1']:.1%} "
           f"({time.perf_counter() - t0:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"floor": floor, "ceiling": ceil, "epochs": args.epochs, "config": args.config,
-                       "overrides": args.overrides}, f, indent=1)
+    dump(ceil)
     return 0
 
 

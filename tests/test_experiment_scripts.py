@@ -55,5 +55,7 @@ def test_reference_points_with_no_epochs_reports_the_floor_only(tmp_path):
                      "--json", str(out)]) == 0
     ref = json.loads(out.read_text())
     assert 0.0 <= ref["floor"]["mAP"] <= 1.0 and ref["ceiling"] is None and ref["epochs"] == 0
+    # the CPU preset starts from ImageNet: the random-init floor and the ImageNet-only start are both reported
+    assert ref["weights"] == "imagenet" and 0.0 <= ref["start"]["mAP"] <= 1.0
     with pytest.raises(SystemExit):
         mod.main(["--config", str(CONFIG_DIR / "buc_cpu.yaml"), *sets, "--epochs", "-1"])

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 2  # 2: realistic nuisances and camera strength (issue 13); folders of another version are regenerated
 MANIFEST = "manifest.json"
-# Calibrated constants of version 2 (experiments/calibrate_synthetic.py; CALIBRATION.md says why each):
+# Calibrated constants of version 2 (experiments/calibrate_synthetic.py; docs/synthetic_calibration.md says why each):
 # they are part of GENERATOR_VERSION, the per-dataset knobs are the parameters of generate().
 _SS = 2  # supersampling factor: shapes are drawn at 2x and downsampled for anti-aliasing
 _MX, _MY = 0.3, 0.2  # canvas margin around the nominal detector box: fraction of its width / height per side
