@@ -95,9 +95,14 @@ class TrainConfig(_Strict):
     stage_lr: Annotated[float, Field(gt=0)] = 0.01
     max_batches_per_epoch: PosInt | None = None
     eval_batch_size: PosInt = 64
-    # BatchNorm statistics over the global batch instead of each worker's share (torch's SyncBatchNorm, which
-    # runs on GPUs only): with it, N workers at batch_size B/N train as one worker at B up to float order.
+    # BatchNorm statistics over the global batch instead of each worker's share (torch's SyncBatchNorm on
+    # GPUs, ureid.models.invariance.GlobalBatchNorm elsewhere). With per_sample_dropout too, N workers at
+    # batch_size B train as one worker at N*B up to float summation order (README, "Train workers at equal
+    # global batch"). Off by default: two all-reduces per BatchNorm layer and step.
     sync_batchnorm: bool = False
+    # Dropout masks drawn per sample from (stage seed, epoch, step, sample index) instead of each rank's
+    # generator: the mask a sample gets no longer depends on which worker processed it.
+    per_sample_dropout: bool = False
 
 
 class LossConfig(_Strict):
@@ -228,13 +233,6 @@ class Config(_Strict):
         if not isinstance(self.clustering, schema):
             raise ValueError(f"clustering: expected {schema.__name__} for method {self.method!r}, "
                              f"got {type(self.clustering).__name__}")
-        return self
-
-    @model_validator(mode="after")
-    def _sync_batchnorm_needs_gpus(self):
-        if self.train.sync_batchnorm and not self.ray.use_gpu:
-            raise ValueError("train.sync_batchnorm: true needs ray.use_gpu: true (torch's SyncBatchNorm runs on "
-                             "GPUs only); on CPU each worker normalises its own share of the batch")
         return self
 
     def to_dict(self) -> dict[str, Any]:

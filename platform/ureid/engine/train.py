@@ -10,9 +10,12 @@ import logging
 import time
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..models.invariance import sample_keys, set_sample_keys
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,14 @@ def _allreduce_grads(module: nn.Module) -> None:
 
 def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                 device="cpu", epoch: int = 0, log_every: int = 50, progress: Callable[[dict], None] | None = None,
-                max_batches: int | None = None) -> dict:
+                max_batches: int | None = None, sample_seed: int | None = None) -> dict:
     """Train for one pass over ``loader`` (batches ``(images, targets, indices, camids)``).
 
     Each step: forward (:func:`forward_batch`), ``loss_fn(outputs, targets, indices)``, backward (which also
     updates memory tables), step. ``progress`` (if given) receives ``dict(epoch, batch, loss, mean_loss)``
     every ``log_every`` batches and after the last one. Returns ``dict(loss=mean loss, batches, time_s)``.
+    ``sample_seed`` (not None): dropout masks drawn per sample from ``(sample_seed, epoch, step, index)``
+    (``ureid.models.invariance.SampleDropout``), the same for any number of workers.
     """
     if max_batches is not None and max_batches <= 0:
         raise ValueError(f"max_batches must be > 0 or None, got {max_batches}")
@@ -79,6 +84,14 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
         images = images.to(device, non_blocking=True)
         targets = torch.as_tensor(targets).to(device, non_blocking=True)
         indices = torch.as_tensor(indices).to(device, non_blocking=True)
+        if sample_seed is not None:
+            keys = sample_keys(sample_seed, epoch, n, indices)
+            frame_keys = keys
+            if images.dim() == 5:  # tracklets: forward_batch flattens B x T frames, each with its own mask
+                t = images.shape[1]
+                frame_keys = sample_keys(sample_seed, epoch, n, indices.cpu().numpy()[:, None] * t + np.arange(t))
+            set_sample_keys((model,), frame_keys)
+            set_sample_keys((loss_fn,), keys)
         outputs = forward_batch(model, images)
         loss = loss_fn(outputs, targets, indices)
         if not torch.isfinite(loss):
@@ -95,6 +108,8 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
                 progress(info)
             else:  # one report per step: the progress callback or the log, never both
                 log.info("epoch %d batch %d loss %.4f (mean %.4f)", epoch, n, info["loss"], info["mean_loss"])
+    if sample_seed is not None:
+        set_sample_keys((model, loss_fn), None)
     if progress is not None and info is not None and not (log_every and n % log_every == 0):
         progress(info)
     return {"loss": total / max(n, 1), "batches": n, "time_s": time.perf_counter() - start}

@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .invariance import SampleDropout
+
 
 def gather_batch(x: torch.Tensor, y: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather ``(x, y)`` across ranks in rank order; identity when not distributed.
@@ -348,7 +350,7 @@ class ClassifierHead(nn.Module):
         if feature not in ("pooled", "embedding"):
             raise ValueError(f"feature must be 'pooled' or 'embedding', got {feature!r}")
         self.feature = feature
-        self.drop = nn.Dropout(dropout)
+        self.drop = SampleDropout(dropout)
         self.fc = nn.Linear(in_dim, num_classes)
         nn.init.normal_(self.fc.weight, std=0.001)
         nn.init.zeros_(self.fc.bias)

@@ -77,6 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ..engine.evaluate import evaluate_model
     from ..engine.extract import extract_features
     from ..engine.train import step_lr, train_epoch
+    from ..models.invariance import convert_batchnorm
 
     cfg, method, data = config["cfg"], config["method"], config["data"]
     if not config.get("verbose"):
@@ -91,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(cfg.seed)
     model = method.build_model(cfg)
     if cfg.train.sync_batchnorm and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_batchnorm(model, device)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     # With a relay (runtime/progress.py) rank 0 sends its lines and batch events to the driver's progress
     # display instead of printing them; a bar wants every batch, a log every 20th.
@@ -171,7 +172,8 @@ def train_loop_per_worker(config: dict) -> None:
                 batches = min(len(loader), cfg.train.max_batches_per_epoch or len(loader))
                 relay.push.remote(("start", stage, num_stages, recipe.epochs, batches))
             out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
-                              log_every=log_every, max_batches=cfg.train.max_batches_per_epoch)
+                              log_every=log_every, max_batches=cfg.train.max_batches_per_epoch,
+                              sample_seed=cfg.seed * 1000 + stage if cfg.train.per_sample_dropout else None)
             losses.append(out["loss"])
         train_time = time.perf_counter() - t0
         if method.persistent_optimizer:
