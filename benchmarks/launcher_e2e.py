@@ -19,8 +19,9 @@ head at 127.0.0.1 and no workers. Steps, each timed:
 5. ``ray submit`` ``experiments/buc.py`` with the BUC CPU preset cut to one short stage on a tiny
                  synthetic set, ``ray.address=auto``, MLflow in a SQLite file of the temp folder;
 6. ``mlflow``    the run read back with MLflow's client: FINISHED, with the stage metrics at step 0;
-7. ``stop``      the head stopped by PID: every Ray process of the node user (gcs_server, raylet, the
-                 dashboard, the monitor, workers), SIGTERM then SIGKILL; then the private sshd by its PID.
+7. ``stop``      the head stopped by PID: every Ray process of the node user, in ``ray stop``'s order
+                 and grace (the raylet; the dashboard, agents, monitor and workers; the gcs_server last;
+                 SIGTERM, then SIGKILL after 16/3 s); then the private sshd by its PID.
                  Never ``ray down`` (it runs ``ray stop``, which kills every Ray process of the machine)
                  and never ``ray stop``: the node user owns only this check's processes, so no other Ray
                  on the machine is touched.
@@ -413,9 +414,14 @@ MaxStartups 20:30:60
             heads = sorted(p for p, c in pids.items() if "gcs_server" in c or "raylet" in c)
             print(f"head processes (gcs_server, raylet): {heads}; all Ray processes of {USER}: {sorted(pids)}",
                   flush=True)
-            killed = kill_pids(list(pids))
+            # `ray stop`'s order and grace (16 s over three groups): the raylet, then the rest (dashboard,
+            # agents, monitor, workers), the GCS last; each group SIGTERM, then SIGKILL what is left.
+            raylet = [p for p in pids if "/raylet" in pids[p].split(" ")[0]]
+            gcs = [p for p in pids if "gcs_server" in pids[p].split(" ")[0]]
+            rest = [p for p in pids if p not in raylet + gcs]
+            killed = [k for group in (raylet, rest, gcs) for k in kill_pids(group, timeout=16 / 3)]
             notes.append(f"{len(pids)} Ray processes of {USER} stopped by PID (gcs/raylet {heads})" + (
-                f", SIGKILL after 30 s for {', '.join(Path(pids[p].split(' ')[0]).name for p in killed)}"
+                f", SIGKILL after the grace for {', '.join(Path(pids[p].split(' ')[0]).name for p in killed)}"
                 if killed else ""))
         if self.sshd is not None and self.sshd.poll() is None:
             self.sshd.terminate()
@@ -437,7 +443,12 @@ MaxStartups 20:30:60
         if ours:
             kill_pids(list(ours), timeout=10)
             notes.append(f"{len(ours)} launcher-side ssh processes stopped")
-        for d in Path("/tmp").glob("ray_ssh_*/*"):  # the launcher's ssh control folders, once empty
+        # The launcher's ssh control folders (/tmp/ray_ssh_<user>/<cluster>) of this run, once their masters
+        # have removed their sockets.
+        for d in Path("/tmp").glob("ray_ssh_*/*"):
+            deadline = time.time() + 10
+            while d.is_dir() and any(d.iterdir()) and time.time() < deadline:
+                time.sleep(0.2)
             if d.is_dir() and not any(d.iterdir()) and d.stat().st_mtime >= self.started:
                 d.rmdir()
                 if not any(d.parent.iterdir()):
