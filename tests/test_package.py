@@ -1,5 +1,6 @@
 """Packaging: the stdlib `platform` module is never shadowed, and the `ureid` command is installed."""
 
+import fnmatch
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,14 @@ def test_cluster_yamls_are_valid_launcher_configs(name):
     assert all("RAY_AUTH_MODE=token" in c for c in starts), "every node must start with token auth"
     assert all("--dashboard-host=127.0.0.1" in c for c in starts if "--head" in c), "dashboard on the private address"
     assert not any("0.0.0.0" in c for c in starts), "the dashboard must not listen on every interface"
+    # The launcher runs commands after `export OMP_NUM_THREADS=1`, which a plain `nproc` obeys (1 slot a node).
+    assert not any("$(nproc)" in c for c in starts), "count cores with `env -u OMP_NUM_THREADS nproc`"
+    # rsync matches an unanchored pattern against every folder: a bare "data" also drops platform/ureid/data.
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    parts = {part for f in tracked for part in Path(f).parts}
+    for pattern in cfg.get("rsync_exclude", []):
+        if not pattern.startswith("/"):
+            assert not fnmatch.filter(parts, pattern.split("/")[-1]), f"rsync_exclude {pattern!r} drops tracked files"
     if cfg["provider"]["type"] == "local":
         assert all(f'\\"{SLOT}\\"' in c for c in starts), "every node must declare clustering slots"
     else:  # the autoscaler starts each node type with its declared resources
