@@ -11,8 +11,11 @@ def _schedule(*sets):
 
 
 def test_criteria_and_their_direction():
-    assert _schedule().select == "label_free:lf_silhouette" and _schedule().criterion() == ("lf_silhouette", True)
-    assert _schedule("schedule.select=last").criterion() is None
+    assert _schedule().select == "last" and _schedule().criterion() is None
+    assert _schedule().objective == "label_free:lf_silhouette"
+    assert load_config(CONFIG_DIR / "ssl_cpu.yaml").schedule.objective == "label_free:lf_snd"
+    with pytest.raises(ConfigError, match="schedule.objective: 'last' cannot compare trials; allowed: validation, oracle_map, label_free"):
+        _schedule("schedule.objective=last")
     assert _schedule("schedule.select=label_free:lf_davies_bouldin").criterion() == ("lf_davies_bouldin", False)
     assert _schedule("schedule.select=label_free:lf_silhouette").criterion() == ("lf_silhouette", True)
     assert _schedule("schedule.select=oracle_map").criterion() == ("mAP", True)

@@ -117,9 +117,12 @@ class MethodSettings(_Strict):
 
 
 #: Label-free stage scores (logged as ``lf_*`` by every update) and whether higher is better.
-#: The default of ``schedule.select`` and of a sweep's objective (README, "which label-free score to trust").
-DEFAULT_SELECT = "label_free:lf_silhouette"
-DEFAULT_SCORE = DEFAULT_SELECT.split(":", 1)[1]
+#: Runs keep their last stage by default: on the calibrated synthetic default no score picked better stages
+#: than that (README, "which label-free score to trust"); a sweep still needs a score to compare trials on,
+#: ``schedule.objective``, the silhouette by default (the best pooled ranking of stages across runs).
+DEFAULT_SELECT = "last"
+DEFAULT_OBJECTIVE = "label_free:lf_silhouette"
+DEFAULT_SCORE = DEFAULT_OBJECTIVE.split(":", 1)[1]
 LABEL_FREE_SCORES = {"lf_silhouette": True, "lf_davies_bouldin": False, "lf_snd": True,
                      "lf_nmi_previous": True, "lf_ari_previous": True}
 
@@ -132,6 +135,8 @@ class ScheduleConfig(_Strict):
     # target: the TIP paper's protocol); ``oracle_map`` (test-set mAP: labels an unsupervised user does not
     # have; for analysis, always reported beside the others as ``oracle_stage``).
     select: str = DEFAULT_SELECT
+    # What a sweep compares trials on when ``select`` is ``last`` (a label-free score, or validation/oracle_map).
+    objective: str = DEFAULT_OBJECTIVE
     validation: DataConfig | None = None
 
     @model_validator(mode="before")
@@ -154,7 +159,10 @@ class ScheduleConfig(_Strict):
         if self.select not in allowed:
             raise ValueError(f"schedule.select: {self.select!r} is not a selection criterion; allowed: "
                              f"{', '.join(allowed)}")
-        if self.select == "validation" and self.validation is None:
+        if self.objective not in allowed[1:]:
+            raise ValueError(f"schedule.objective: {self.objective!r} cannot compare trials; allowed: "
+                             f"{', '.join(allowed[1:])}")
+        if "validation" in (self.select, self.objective) and self.validation is None:
             raise ValueError("schedule.select: 'validation' needs schedule.validation, a labeled dataset other "
                              "than the target (e.g. {name: dukemtmc, root: /data/DukeMTMC-reID})")
         return self

@@ -29,10 +29,9 @@ from typing import Any
 
 import yaml
 
-from ..config import DEFAULT_SELECT, ConfigError, apply_overrides, read_yaml, validate
+from ..config import ConfigError, apply_overrides, read_yaml, validate
 from .. import tracking
 
-DEFAULT_OBJECTIVE = DEFAULT_SELECT
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 
 
@@ -225,9 +224,10 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
     else:
         base = apply_overrides(read_yaml(config), overrides)
-        if "select" not in base.get("schedule", {}) or base["schedule"]["select"] == "last":
-            base = _set(base, "schedule.select", DEFAULT_OBJECTIVE)  # a sweep needs a score to compare trials on
         cfg = validate(copy.deepcopy(base), source=str(config))
+        if cfg.schedule.select == "last":  # a sweep needs a score to compare trials on
+            base = _set(base, "schedule.select", cfg.schedule.objective)
+            cfg = validate(copy.deepcopy(base), source=str(config))
         if cfg.method != method_name:
             raise ConfigError(f"config method is {cfg.method!r} but the sweep is over {method_name!r}")
         cfg.check_paths()
