@@ -170,7 +170,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         job.finish()
     if not quiet:
         print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stages in {summary['wall_time_s']:.0f}s")
-        print(f"[ureid] selected stage {selected} by {cfg.schedule.select}; the oracle (test-set mAP, labels an "
+        how = "the last stage" if cfg.schedule.select == "last" else f"by {cfg.schedule.select}"
+        print(f"[ureid] kept stage {selected} ({how}); the oracle (test-set mAP, labels an "
               f"unsupervised user does not have) would pick stage {oracle}")
         _print_table(history, selected, oracle)
     return summary
