@@ -59,3 +59,17 @@ def test_reference_points_with_no_epochs_reports_the_floor_only(tmp_path):
     assert ref["weights"] == "imagenet" and 0.0 <= ref["start"]["mAP"] <= 1.0
     with pytest.raises(SystemExit):
         mod.main(["--config", str(CONFIG_DIR / "buc_cpu.yaml"), *sets, "--epochs", "-1"])
+
+
+def test_cluster_contrast_grid_scores_every_setting_without_labels(tmp_path, capsys):
+    mod = _script("cluster_contrast_grid")
+    sets = sum((["--set", s] for s in [*_tiny(tmp_path / "d"), "clustering.k2=2"]), [])
+    assert mod.main(["--config", str(CONFIG_DIR / "cluster_contrast_cpu.yaml"), *sets,
+                     "--k1", "6", "--eps", "0.6", "0.9"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 6 |")]
+    assert [r[1] for r in rows] == ["0.6", "0.9"]
+    for _, _, clusters, outliers, sil, sil0 in rows:
+        kept = 1 - float(outliers.rstrip("%")) / 100
+        assert int(clusters) >= 0 and -1 <= float(sil) <= 1
+        assert float(sil0) == pytest.approx(float(sil) * kept, abs=0.006)  # outliers' share printed to 1%
