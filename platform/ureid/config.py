@@ -162,9 +162,10 @@ class ScheduleConfig(_Strict):
         if self.objective not in allowed[1:]:
             raise ValueError(f"schedule.objective: {self.objective!r} cannot compare trials; allowed: "
                              f"{', '.join(allowed[1:])}")
-        if "validation" in (self.select, self.objective) and self.validation is None:
-            raise ValueError("schedule.select: 'validation' needs schedule.validation, a labeled dataset other "
-                             "than the target (e.g. {name: dukemtmc, root: /data/DukeMTMC-reID})")
+        for key in ("select", "objective"):
+            if getattr(self, key) == "validation" and self.validation is None:
+                raise ValueError(f"schedule.{key}: 'validation' needs schedule.validation, a labeled dataset "
+                                 "other than the target (e.g. {name: dukemtmc, root: /data/DukeMTMC-reID})")
         return self
 
     def criterion(self) -> tuple[str, bool] | None:

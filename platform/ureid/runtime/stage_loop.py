@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     for stage in range(start_stage, num_stages):
         t0 = time.perf_counter()
-        seed_everything(cfg.seed * 1000 + stage)
+        stage_seed = cfg.seed * 1000 + stage
+        seed_everything(stage_seed)
         method.start_stage(worker, stage, method_state)
         loss_fn = method.build_loss(cfg, targets, n, net.feature_dim).to(device)
         dataset = method.train_dataset(cfg, data, targets)
@@ -173,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
                 relay.push.remote(("start", stage, num_stages, recipe.epochs, batches))
             out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
                               log_every=log_every, max_batches=cfg.train.max_batches_per_epoch,
-                              sample_seed=cfg.seed * 1000 + stage if cfg.train.per_sample_dropout else None)
+                              sample_seed=stage_seed if cfg.train.per_sample_dropout else None)
             losses.append(out["loss"])
         train_time = time.perf_counter() - t0
         if method.persistent_optimizer:
