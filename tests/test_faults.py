@@ -6,6 +6,7 @@ labels and per-stage numbers of an uninterrupted run of the same config. The uni
 real local ``mlflow server`` (the multi-node recipe of the README: a tracking server every node reaches, its
 artifacts served by it), so the Train controller's per-stage callbacks and the driver's artifacts go over HTTP."""
 
+import json
 import os
 import signal
 import subprocess
@@ -219,3 +220,10 @@ def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_clu
     resumed = run_experiment(load_run_config(run_dir), resume=run_dir, quiet=True)
     _same_run(resumed, want)
     assert resumed["history"][0] == first[0]  # stage 1 kept, not recomputed
+    # the same run continued, not a second one: the killed attempt's MLflow run, each stage's metrics once
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["attempts"] == 2 and resumed["run_id"] == info["run_id"] and resumed["run_dir"] == str(run_dir)
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(resumed["tracking_uri"]).get_metric_history(resumed["run_id"], "mAP")]
+    assert sorted(steps) == [0, 1, 2]
