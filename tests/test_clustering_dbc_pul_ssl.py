@@ -377,6 +377,40 @@ def test_reliable_neighbors_matches_reference(seed, part_weight, camera_penalty,
     assert np.array_equal(torch_out, ours)
 
 
+def test_dbc_stage_scores_exactly_only_the_pairs_before_the_stop(monkeypatch):
+    """Exact (float64) scores are computed for the known pairs whose search score can come before the
+    stage's last merge, raising the cut until the simulation stops below it: fewer than all known pairs,
+    with the labels of the full-matrix procedure, over merge counts from one to most clusters."""
+    scored, known = [], []
+    original_exact, original_sim = dbc._exact_scores, dbc._simulate_scored
+    monkeypatch.setattr(dbc, "_exact_scores", lambda mu, h, keys: scored.append(keys.size) or original_exact(mu, h, keys))
+    monkeypatch.setattr(dbc, "_simulate_scored", lambda *a: known.append(a[2].size) or original_sim(*a))
+    x = features(7, n=300, d=5)
+    for num_merges in (1, 10, 30, 150, 280):
+        for w in (0.0, 0.5):
+            scored.clear(), known.clear()
+            out = dispersion_merge(x, np.arange(300), num_merges, w)
+            assert np.array_equal(out, reference_dbc_stage(x, np.arange(300), num_merges, w)), (num_merges, w)
+            assert sum(scored) <= known[-1]  # each known pair scored at most once
+            if num_merges <= 30:
+                assert sum(scored) < known[-1] / 2, (num_merges, sum(scored), known[-1])
+
+
+def test_reliable_neighbors_ties_at_the_cut_equal_a_full_stable_sort():
+    """Rows whose k-th and (k+1)-th smallest D tie (coarse features, many exact ties) take the smallest
+    indices among the tied, as a stable sort of the whole row does; every k from 1 to N-1."""
+    rng = np.random.default_rng(4)
+    g = np.round(rng.standard_normal((40, 3)))  # integer coordinates: many equal distances
+    cams = rng.integers(0, 3, 40)
+    for penalty in (0.0, 1.0):
+        d = np.sqrt(((g[:, None] - g[None]) ** 2).sum(-1)) + penalty * (cams[:, None] == cams[None])
+        np.fill_diagonal(d, np.inf)
+        full = np.argsort(d, axis=1, kind="stable")
+        for k in (1, 3, 10, 39):
+            out = reliable_neighbors(g, None, cams, k, 0.0, penalty)
+            assert np.array_equal(out, full[:, :k]), (penalty, k)
+
+
 def test_reliable_neighbors_ties_by_index_and_self_excluded():
     g = np.zeros((6, 3))
     g[5] = 1.0  # samples 0..4 are identical: all at distance 0 from each other

@@ -109,3 +109,43 @@ def as_torch_features(features, device, name: str = "features", ndim: int = 2):
     if not bool(finite.all()):
         raise ValueError(f"{name} contains NaN or infinite values in {int((~finite).sum())} row(s)")
     return x.contiguous()
+
+
+def group_sums(x: np.ndarray, groups: np.ndarray, num_groups: int, chunk_rows: int = 8192) -> np.ndarray:
+    """float64 sum of the rows of each group 0..num_groups-1 (a negative group is left out): (G, d).
+
+    Each group's rows are added one after another in ascending row order, starting from 0.0: bitwise the
+    sums of ``np.add.at(sums, groups, x)`` (which is an unbuffered Python-speed loop, 2 s at N = 12,936,
+    d = 2048), here a stable sort by group and ``np.add.reduceat`` (a sequential reduction over rows, not
+    pairwise) over chunks of at most ``chunk_rows`` sorted rows; a group that spans two chunks carries its
+    running sum into the next chunk as its first row, so the order of additions never changes. Memory:
+    one chunk's rows in float64 beside the (G, d) result.
+    """
+    groups = np.asarray(groups)
+    sums = np.zeros((num_groups, x.shape[1]), dtype=np.float64)
+    order = np.flatnonzero(groups >= 0)
+    order = order[np.argsort(groups[order], kind="stable")]
+    g_sorted = groups[order]
+    carry_group, carry = -1, None
+    for s in range(0, order.size, chunk_rows):
+        g = g_sorted[s:s + chunk_rows]
+        rows = x[order[s:s + chunk_rows]].astype(np.float64)
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        rows[starts] += 0.0  # 0.0 + x as np.add.at starts (turns a -0.0 into 0.0)
+        if carry is not None and g[0] == carry_group:
+            rows[0] += carry  # carry + x_first: the very next addition of the sequential sum
+        part = np.add.reduceat(rows, starts, axis=0)
+        sums[g[starts]] = part
+        carry_group, carry = int(g[-1]), part[-1]
+    return sums
+
+
+def matmul_t(a, b):
+    """``a @ b.T`` for 2-D torch tensors. On CPU through NumPy's BLAS (OpenBLAS in the NumPy wheel): at the
+    row blocks the label updates use, torch's CPU matmul (MKL) took 1.4x as long here (5.2 s against 3.7 s
+    for every product of N = 12,936, d = 2048 in blocks of 1,729 rows, 2 threads). On CUDA, torch's."""
+    import torch
+
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.requires_grad or b.requires_grad:
+        return a @ b.T
+    return torch.from_numpy(np.matmul(a.contiguous().numpy(), b.contiguous().numpy().T))
