@@ -110,13 +110,14 @@ def _vmhwm_mb(pid: int) -> float:
     return float("nan")
 
 
-def _method_cfg(method: str, tasks: bool):
+def _method_cfg(method: str, tasks: bool, threads: int | None = None):
     from ureid.config import CONFIG_DIR, load_config
 
-    return load_config(CONFIG_DIR / f"{method}_cpu.yaml", [f"ray.clustering_tasks={str(tasks).lower()}"])
+    return load_config(CONFIG_DIR / f"{method}_cpu.yaml", [f"ray.clustering_tasks={str(tasks).lower()}",
+                                                          f"ray.store_threads={threads or 'null'}"])
 
 
-def store_update(method: str, x: np.ndarray, tasks: bool) -> dict:
+def store_update(method: str, x: np.ndarray, tasks: bool, threads: int | None = None) -> dict:
     """One stage-0 update through a fresh feature store on the connected cluster."""
     import ray
 
@@ -128,7 +129,7 @@ def store_update(method: str, x: np.ndarray, tasks: bool) -> dict:
     inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.arange(n) % 6, is_fake=None, truth=None,
                          initial=initial, seed=0)
     with tempfile.TemporaryDirectory(prefix="ureid-store-") as state:
-        store = FeatureStore.remote(METHODS[method], _method_cfg(method, tasks), save_inputs(inputs, state), 1, state,
+        store = FeatureStore.remote(METHODS[method], _method_cfg(method, tasks, threads), save_inputs(inputs, state), 1, state,
                                     None)
         try:
             pid = ray.get(store.pid.remote())
@@ -144,12 +145,16 @@ def store_update(method: str, x: np.ndarray, tasks: bool) -> dict:
             "nodes": int(info.get("cluster_nodes", 0)), "peak_mb": peak, "targets": targets}
 
 
-def gemm_floor_s(x: np.ndarray, block: int = 4096) -> float:
-    """Blockwise ``x @ x.T`` with a row max: every pairwise product once, nothing else."""
-    start = time.perf_counter()
-    for s in range(0, len(x), block):
-        (x[s:s + block] @ x.T).max(1)
-    return time.perf_counter() - start
+def gemm_floor_s(x: np.ndarray, block: int = 4096, threads: int | None = None) -> float:
+    """Blockwise ``x @ x.T`` with a row max: every pairwise product once, nothing else (on ``threads`` BLAS
+    threads; None: NumPy's default, every core)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        start = time.perf_counter()
+        for s in range(0, len(x), block):
+            (x[s:s + block] @ x.T).max(1)
+        return time.perf_counter() - start
 
 
 def _same(a, b) -> bool:
@@ -158,20 +163,29 @@ def _same(a, b) -> bool:
                for f in ("labels", "selected", "neighbors", "centroids"))
 
 
-def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4)) -> list[dict]:
+def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), store_threads=(None,)) -> list[dict]:
+    """In-process rows once per ``store_threads`` value (None: the default, Ray's one thread in the store),
+    each against the GEMM floor on as many threads; fanned-out rows against the floor on every core."""
     rows = []
+    cores = os.cpu_count() or 1
     for n in sizes:
         x, _ = make_features(n)
-        floor = gemm_floor_s(x)
-        print(f"[scaling] N = {n:,}: blockwise GEMM floor {floor:.1f} s", flush=True)
+        floors = {t: gemm_floor_s(x, threads=t or 1) for t in {*store_threads, cores}}
+        floor = floors[cores]
+        print(f"[scaling] N = {n:,}: blockwise GEMM floor " +
+              ", ".join(f"{v:.1f} s on {t or 1} thread(s)" for t, v in sorted(floors.items(), key=lambda kv: kv[0] or 1)),
+              flush=True)
         baseline = {}
         cluster = LocalCluster(1)
         try:
-            for m in methods:
-                r = store_update(m, x, tasks=False)
-                baseline[m] = r["targets"]
-                rows.append({"n": n, "method": m, "where": "in-process (store actor)", **r, "same": True, "floor": floor})
-                print(f"[scaling]   {m} in-process {r['time_s']:.1f} s", flush=True)
+            for threads in store_threads:
+                for m in methods:
+                    r = store_update(m, x, tasks=False, threads=threads)
+                    same = True if m not in baseline else _same(r["targets"], baseline[m])
+                    baseline.setdefault(m, r["targets"])
+                    where = f"in-process, {threads or 1} thread(s)" + ("" if threads else " (default)")
+                    rows.append({"n": n, "method": m, "where": where, **r, "same": same, "floor": floors[threads]})
+                    print(f"[scaling]   {m} {where} {r['time_s']:.1f} s", flush=True)
         finally:
             cluster.close()
         for slots in slot_counts:
@@ -225,20 +239,25 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="also N = 77,616 (BUC only)")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-updates", action="store_true")
+    ap.add_argument("--store-threads", default="default",
+                    help="comma-separated thread counts for the in-process rows ('default': Ray's one thread)")
+    ap.add_argument("--slots", default="1,2,4", help="clustering slots (simulated nodes) of the fanned-out rows")
     args = ap.parse_args()
     methods = args.methods.split(",")
-    rows = [] if args.skip_updates else part_updates(methods, [12936])
+    threads = tuple(None if t == "default" else int(t) for t in args.store_threads.split(","))
+    slots = tuple(int(v) for v in args.slots.split(",") if v)
+    rows = [] if args.skip_updates else part_updates(methods, [12936], slots, threads)
     if args.large and not args.skip_updates:
-        rows += part_updates(["buc"], [77616])
+        rows += part_updates(["buc"], [77616], slots, threads)
     workers = [] if args.skip_train else part_workers()
 
     if rows:
         print("\n## The store's label update, d = 2048 (2 cores)\n")
-        print("| N | method | where | update s | tasks / nodes | store peak MB | same targets | GEMM floor s | update / floor |")
+        print("| N | method | where | update s | tasks / nodes | store peak MB | same targets | GEMM floor s (same threads) | update / floor |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['n']:,} | {r['method']} | {r['where']} | {r['time_s']:.1f} | {r['tasks']} / {r['nodes']} | "
-                  f"{r['peak_mb']:.0f} | {'yes' if r['same'] else 'NO'} | {r['floor']:.1f} | {r['time_s'] / r['floor']:.1f}x |")
+                  f"{r['peak_mb']:.0f} | {'yes' if r['same'] else 'NO'} | {r['floor']:.1f} | {r['time_s'] / r['floor']:.2f}x |")
     if workers:
         from sklearn.metrics import adjusted_rand_score
 
