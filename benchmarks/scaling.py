@@ -12,6 +12,8 @@
 
     python benchmarks/scaling.py                     # N = 12,936, d = 2048; both parts
     python benchmarks/scaling.py --large             # also N = 77,616 (BUC only; about half an hour)
+    python benchmarks/scaling.py --large --skip-small --skip-train --slots '' \
+        --large-methods buc,dbc,ssl,pul,cluster_contrast   # every method in-process at N = 77,616
     python benchmarks/scaling.py --methods buc,pul --skip-train
 
 Features: clustered unit vectors (``clustering_buc.make_features``: N/10 identities, d = 2048). A 2-core
@@ -236,7 +238,9 @@ def part_workers() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="buc,dbc,ssl,pul,cluster_contrast")
-    ap.add_argument("--large", action="store_true", help="also N = 77,616 (BUC only)")
+    ap.add_argument("--large", action="store_true", help="also N = 77,616 (--large-methods; BUC by default)")
+    ap.add_argument("--large-methods", default="buc", help="methods measured at N = 77,616 with --large")
+    ap.add_argument("--skip-small", action="store_true", help="with --large: only N = 77,616")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-updates", action="store_true")
     ap.add_argument("--store-threads", default="default",
@@ -246,9 +250,9 @@ def main() -> None:
     methods = args.methods.split(",")
     threads = tuple(None if t == "default" else int(t) for t in args.store_threads.split(","))
     slots = tuple(int(v) for v in args.slots.split(",") if v)
-    rows = [] if args.skip_updates else part_updates(methods, [12936], slots, threads)
+    rows = [] if args.skip_updates or (args.large and args.skip_small) else part_updates(methods, [12936], slots, threads)
     if args.large and not args.skip_updates:
-        rows += part_updates(["buc"], [77616], slots, threads)
+        rows += part_updates(args.large_methods.split(","), [77616], slots, threads)
     workers = [] if args.skip_train else part_workers()
 
     if rows:

@@ -97,12 +97,13 @@ def ray_cluster():
         yield
     finally:
         ray.shutdown()
-        # Both nodes at once (each node's own process group only), SIGKILL after 5 s: a node's graceful stop
-        # took 30 s here, and nothing of a throw-away test cluster needs saving.
+        # Both nodes at once, each node's own process group only, and gracefully (about 35 s): the raylet ends
+        # its workers, which live in process groups of their own; nodes SIGKILLed after 5 s left an orphaned
+        # TrainController behind.
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGTERM)
-        deadline = time.time() + 5
+        deadline = time.time() + 60
         for node in nodes:
             try:
                 node.wait(timeout=max(0.1, deadline - time.time()))
