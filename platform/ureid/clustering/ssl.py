@@ -83,7 +83,11 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
     layers = 3 * (1 + (0 if parts is None else parts.shape[0]))  # block x N tensors alive at once, temporaries included
     step = max(1, _BLOCK_BYTES // (layers * n * g.element_size()))
     spans = [(s, min(n, s + step)) for s in range(0, n, step)]
-    state = (g, g_sq, parts, p_sq if parts is not None else None, cam, part_weight, camera_penalty)
+    penalty = None  # camera_penalty where the cameras match, else 0: one row per camera, gathered per block row
+    if camera_penalty != 0:
+        cams, cam = torch.unique(cam, return_inverse=True)  # cam: each sample's row of the table
+        penalty = camera_penalty * (torch.arange(cams.numel(), device=dev)[:, None] == cam[None, :]).to(dtype)
+    state = (g, g_sq, parts, p_sq if parts is not None else None, cam, penalty, part_weight)
     if map_blocks is not None and dev.type == "cpu" and len(spans) > 1:
         shared = tuple(t.numpy() if isinstance(t, torch.Tensor) else t for t in state)
         out = map_blocks(neighbor_block, shared, [(s, e, num_neighbors) for s, e in spans])
@@ -99,7 +103,7 @@ def _block(state, start: int, stop: int, k: int) -> np.ndarray:
     The block is formed in place, a pass per term, with the arithmetic of the module docstring's D term by
     term (``|a|^2 + |b|^2 - 2 a.b`` rounded once, as ``a_sq + b_sq - 2 * dot`` is, since 2 * dot is exact).
     """
-    g, g_sq, parts, p_sq, cam, part_weight, camera_penalty = state
+    g, g_sq, parts, p_sq, cam, penalty, part_weight = state
     rows = torch.arange(start, stop, device=g.device)
     dist = _euclid_(g_sq[start:stop, None] + g_sq[None, :], g[start:stop] @ g.T)
     if part_weight != 0:
@@ -107,11 +111,8 @@ def _block(state, start: int, stop: int, k: int) -> np.ndarray:
     if parts is not None:
         prod = torch.bmm(parts[:, rows], parts.transpose(1, 2))  # (P, block, N)
         dist += part_weight * _euclid(p_sq[:, rows, None], p_sq[:, None, :], prod).mean(0)
-    if camera_penalty != 0:
-        # camera_penalty where the cameras match, else 0: one row of this table per camera, gathered per row
-        cams, cam_idx = torch.unique(cam, return_inverse=True)
-        table = camera_penalty * (cams[:, None] == cam[None, :]).to(g.dtype)
-        dist += table[cam_idx[start:stop]]
+    if penalty is not None:
+        dist += penalty[cam[start:stop]]
     dist[torch.arange(rows.numel(), device=g.device), rows] = torch.inf
     return _smallest_by_value_then_index(dist, k).cpu().numpy().astype(np.int64)
 
