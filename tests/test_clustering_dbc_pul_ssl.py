@@ -462,3 +462,25 @@ def test_reliable_neighbors_through_map_blocks_give_the_same_neighbours(monkeypa
         assert np.array_equal(ours, reliable_neighbors(g, p, cams, 4, w, 0.02))
         assert np.array_equal(ours, reference_neighbors(g, p, cams, 4, w, 0.02))
         assert stats["mapped_blocks"] == calls[-1] > 1
+
+
+def test_dbc_stage_means_are_bitwise_the_dense_float64_moments(monkeypatch):
+    """The stage mode keeps float64 means only for clusters with two or more members (a singleton's is its
+    feature row): the search matrix, every float64 mean, |mu|^2 and h equal the dense moments bitwise,
+    in float32 and float64, over several row chunks."""
+    monkeypatch.setattr(dbc, "_CHUNK_BYTES", 8 * 24 * 37)
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float64):
+        x = rng.normal(size=(400, 24)).astype(dtype)
+        x[3, 5] = -0.0
+        lab = np.where(rng.random(400) < 0.5, np.arange(400) + 400, rng.integers(0, 60, 400))
+        lab = np.unique(lab, return_inverse=True)[1]
+        c = int(lab.max()) + 1
+        xt = torch.from_numpy(x)
+        mu, q, sizes = dbc._cluster_moments(xt, lab, c)
+        assert 0 < int((sizes == 1).sum()) < c
+        for w in (0.0, 0.7):
+            means = dbc._StageMeans(xt, lab, c, w)
+            assert torch.equal(means.search, mu.to(xt.dtype))
+            assert torch.equal(means[torch.arange(c)], mu) and torch.equal(means[torch.tensor([5, 5, 0])], mu[[5, 5, 0]])
+            assert torch.equal(means.sq, (mu * mu).sum(1)) and torch.equal(means.h, dbc._h(mu, q, w))

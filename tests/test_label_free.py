@@ -78,3 +78,28 @@ def test_rank_correlations_equal_scipy_with_ties():
         assert kendall(x, y) == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1) and kendall([1, 2, 3], [1, 2, 3]) == pytest.approx(1)
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_memory_bounded_pieces_give_the_scores_of_one_block_and_overwrite_scales_in_place(monkeypatch):
+    """At large N the float64 work is cut into pieces of rows (and the cluster means into bands of columns),
+    so that no (1,024, N) float64 block is formed: the scores are bitwise those of one block. With
+    ``overwrite`` the caller's float32 matrix is scaled to unit length in place, with the same scores."""
+    from ureid.evaluation import label_free as lf
+
+    rng = np.random.default_rng(0)
+    n, d = 5000, 128
+    x = ((rng.normal(size=(250, d))[np.arange(n) % 250] + 0.5 * rng.normal(size=(n, d))) * 3).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.8, np.arange(n) + 1000, np.arange(n) % 250)  # ~4,250 clusters
+    labels[:50] = -1
+    monkeypatch.setattr(lf, "_BLOCK_BYTES", 1 << 40)
+    whole = lf.label_free_scores(x, labels, labels // 2, seed=1)
+    monkeypatch.setattr(lf, "_BLOCK_BYTES", 8 * n * 100)
+    sizes = [r.size for _, r in lf._pieces(np.arange(2048), n, 1024)]
+    assert sum(sizes) == 2048 and 1 < min(sizes) and max(sizes) <= 100
+    assert lf.label_free_scores(x, labels, labels // 2, seed=1) == whole
+    y = x.copy()
+    assert lf.label_free_scores(y, labels, labels // 2, seed=1, overwrite=True) == whole
+    np.testing.assert_array_equal(y, x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    z = x.copy()
+    lf.label_free_scores(z, labels, seed=1)  # without overwrite the caller's matrix is left alone
+    np.testing.assert_array_equal(z, x)

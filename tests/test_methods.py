@@ -83,3 +83,18 @@ def test_registry_names_and_refuses_duplicates():
         for key in method.search_space:
             section, name = key.split(".", 1)
             assert name in type(getattr(cfg, section)).model_fields, (method.name, key)
+
+
+def test_l2_normalise_overwrites_only_when_allowed_and_gives_the_same_values():
+    """A store's update may scale its gathered features in place (``ctx.features_writable``); anything
+    else gets a copy, and both hold x / |x| exactly."""
+    from ureid.methods import l2_normalise
+
+    x = np.random.default_rng(0).normal(size=(300, 3, 40)).astype(np.float32) * 5
+    want = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    y = x.copy()
+    copy = l2_normalise(y)
+    assert copy is not y and np.array_equal(y, x) and np.array_equal(copy, want)
+    assert l2_normalise(y, overwrite=True) is y and np.array_equal(y, want)
+    z = x.astype(np.float64)
+    assert l2_normalise(z, overwrite=True) is not z and np.array_equal(z, x.astype(np.float64))  # a converted copy

@@ -10,6 +10,7 @@ import ray
 
 from ureid.clustering import bottom_up_merge
 from ureid.config import CONFIG_DIR, load_config
+from ureid.evaluation.label_free import label_free_scores
 from ureid.methods import METHODS, Targets, UpdateContext
 from ureid.runtime.feature_store import FeatureStore, StoreInputs
 from ureid.runtime.tasks import SLOT, RayBlockMap, check_cluster_slots
@@ -187,6 +188,9 @@ def test_each_methods_update_through_the_store_spreads_over_both_nodes(method, r
         assert (a is None) == (b is None), field
         if a is not None:
             assert np.array_equal(a, b), field
+    # the update scaled the store's gathered matrix in place; the scores read the shards again
+    for key, value in label_free_scores(feats, want.labels, initial.labels, seed=0).items():
+        assert info[key] == value, key
 
 
 def test_the_tracking_uri_and_mlflow_credentials_reach_both_nodes_through_runtime_env(ray_cluster):

@@ -39,6 +39,8 @@ _MAP_MIN_CLUSTERS = 2048
 # Side of the square blocks of the symmetric search: blocks on and above the diagonal are computed, so the
 # narrower, the closer to half the products (2,048 at C = 12,936: 58%; 8,192: 77%), at more top-k merges.
 _SYMMETRIC_WIDTH = 2048
+# Bytes of one row chunk of the float64 passes over the samples (the chunk, its squares, the gathered rows).
+_CHUNK_BYTES = 32 * 2**20
 
 
 def dispersion_merge(features, labels, num_merges, intra_weight, update="stage", device=None,
@@ -89,15 +91,15 @@ def dispersion_merge(features, labels, num_merges, intra_weight, update="stage",
     if not (isinstance(intra_weight, numbers.Real) and math.isfinite(intra_weight) and intra_weight >= 0):
         raise ValueError(f"intra_weight must be a finite number >= 0, got {intra_weight!r}")
 
-    mu, q, sizes = _cluster_moments(x, lab, num_clusters)
     if num_merges == 0:
         merges = []
     elif update == "stage":
-        use = map_blocks if map_blocks is not None and mu.device.type == "cpu" and num_clusters >= _MAP_MIN_CLUSTERS \
+        means = _StageMeans(x, lab, num_clusters, float(intra_weight))
+        use = map_blocks if map_blocks is not None and x.device.type == "cpu" and num_clusters >= _MAP_MIN_CLUSTERS \
             else None
-        merges = _stage_merges(mu, _h(mu, q, intra_weight), int(num_merges), search_dtype=x.dtype,
-                               map_blocks=use, stats=stats)
+        merges = _stage_merges(means, means.h, int(num_merges), search_dtype=x.dtype, map_blocks=use, stats=stats)
     else:
+        mu, q, sizes = _cluster_moments(x, lab, num_clusters)
         merges = _agglomerate(mu, q, sizes, float(intra_weight), int(num_merges))
     uf = UnionFind(num_clusters)
     for a, b in merges:
@@ -112,7 +114,7 @@ def _cluster_moments(x: torch.Tensor, lab: np.ndarray, num_clusters: int):
     idx = torch.from_numpy(lab).to(dev)
     mu = torch.zeros(num_clusters, d, dtype=torch.float64, device=dev)
     q = torch.zeros(num_clusters, dtype=torch.float64, device=dev)
-    step = max(1, _BLOCK_BYTES // (8 * d))
+    step = max(1, _CHUNK_BYTES // (8 * d))
     for s in range(0, n, step):
         xb = x[s:s + step].double()
         mu.index_add_(0, idx[s:s + step], xb)
@@ -121,6 +123,63 @@ def _cluster_moments(x: torch.Tensor, lab: np.ndarray, num_clusters: int):
     mu /= sizes[:, None]
     q /= sizes
     return mu, q, sizes
+
+
+class _StageMeans:
+    """A stage's cluster means without a (C, d) float64 matrix (at stage 0, every cluster a singleton, that
+    matrix is twice the features): ``search``, the (C, d) means in the search dtype; the float64 means of
+    the clusters with two or more members; and, as ``means[ids]``, the float64 mean of any clusters. A
+    singleton's float64 mean is its feature row (0.0 + x, divided by 1), which the search dtype (the
+    features' own) holds exactly, so its search row *is* its float64 mean. ``sq`` = |mu|^2 and ``h``
+    (``_h``) per cluster, float64. Every value is bitwise that of the dense float64 moments: the sums of a
+    cluster add its rows in ascending order, as ``_cluster_moments``'s ``index_add_`` does."""
+
+    def __init__(self, x: torch.Tensor, lab: np.ndarray, num_clusters: int, w: float):
+        dev, (n, d) = x.device, x.shape
+        counts = np.bincount(lab, minlength=num_clusters)
+        big = np.flatnonzero(counts > 1)
+        pos = np.full(num_clusters, -1, dtype=np.int64)
+        pos[big] = np.arange(big.size)
+        self.shape, self.device = (num_clusters, d), dev
+        self.pos = torch.from_numpy(pos).to(dev)
+        idx = torch.from_numpy(lab).to(dev)
+        row_pos = self.pos[idx]
+        self.big = torch.zeros(big.size, d, dtype=torch.float64, device=dev)
+        q = torch.zeros(num_clusters, dtype=torch.float64, device=dev)
+        step = max(1, _CHUNK_BYTES // (8 * d))
+        for s in range(0, n, step):
+            xb = x[s:s + step].double()
+            q.index_add_(0, idx[s:s + step], (xb * xb).sum(1))
+            keep = row_pos[s:s + step] >= 0
+            self.big.index_add_(0, row_pos[s:s + step][keep], xb[keep])
+        sizes = torch.from_numpy(counts).to(dev).double()
+        self.big /= sizes[torch.from_numpy(big).to(dev)][:, None]
+        q /= sizes
+        self.search = torch.empty(num_clusters, d, dtype=x.dtype, device=dev)
+        self.sq = torch.empty(num_clusters, dtype=torch.float64, device=dev)
+        single_rows = torch.from_numpy(np.flatnonzero(counts[lab] == 1)).to(dev)
+        for s in range(0, single_rows.numel(), step):
+            r = single_rows[s:s + step]
+            xb = x[r].double() + 0.0  # as the float64 sum starts from 0.0 (a -0.0 becomes 0.0)
+            self.search[idx[r]] = xb.to(x.dtype)
+            self.sq[idx[r]] = (xb * xb).sum(1)
+        big_ids = torch.from_numpy(big).to(dev)
+        for s in range(0, big.size, step):
+            m = self.big[s:s + step]
+            self.search[big_ids[s:s + step]] = m.to(x.dtype)
+            self.sq[big_ids[s:s + step]] = (m * m).sum(1)
+        self.h = (1 + 2 * w) * q - 2 * w * self.sq
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """float64 means of clusters ``ids``, (len(ids), d)."""
+        p = self.pos[ids]
+        if self.big.shape[0] == self.shape[0]:  # no singleton left
+            return self.big[p]
+        rows = self.search[ids].double()
+        keep = p >= 0
+        if bool(keep.any()):
+            rows[keep] = self.big[p[keep]]
+        return rows
 
 
 def _h(mu: torch.Tensor, q: torch.Tensor, w: float) -> torch.Tensor:
@@ -139,7 +198,7 @@ def _full_fp32_matmul():
         torch.set_float32_matmul_precision(old)
 
 
-def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dtype, map_blocks=None,
+def _stage_merges(mu: _StageMeans, h: torch.Tensor, num_merges: int, search_dtype, map_blocks=None,
                   stats=None) -> list[tuple[int, int]]:
     """The public DBC stage (frozen scores, skip pairs with an absorbed cluster) without the C x C matrix.
 
@@ -159,9 +218,9 @@ def _stage_merges(mu: torch.Tensor, h: torch.Tensor, num_merges: int, search_dty
     public code (only the absorbed one is skipped later), which is why ``e_c`` is per cluster.
     """
     num_clusters, d = mu.shape
-    m_s = mu.to(search_dtype)
+    m_s = mu.search
     h_s = h.to(search_dtype)
-    delta = _search_error_bound(d, float((mu * mu).sum(1).max()), float(h.abs().max()), search_dtype)
+    delta = _search_error_bound(d, float(mu.sq.max()), float(h.abs().max()), search_dtype)
     bound = np.full(num_clusters, np.inf)  # b_c
     complete = np.zeros(num_clusters, dtype=bool)
     keys = np.empty(0, dtype=np.int64)  # known pairs as i * C + j with i < j
@@ -321,7 +380,7 @@ def _candidates_mapped(map_blocks, shared, rows: np.ndarray, k: int, stats=None)
     return keys, vals, np.concatenate([o[2] for o in out])
 
 
-def _exact_scores(mu: torch.Tensor, h: torch.Tensor, keys: np.ndarray) -> np.ndarray:
+def _exact_scores(mu: _StageMeans, h: torch.Tensor, keys: np.ndarray) -> np.ndarray:
     """float64 score h_i + h_j - 2 mu_i . mu_j of each pair key, in chunks (gathered rows, no C x C)."""
     num_clusters, d = mu.shape
     out = np.empty(keys.size, dtype=np.float64)

@@ -20,6 +20,8 @@ MATCH_MODES = ("any", "own")
 
 # Bytes of one block of distances held at once.
 _BLOCK_BYTES = 256 * 2**20
+# Bytes of one row chunk of the float64 passes over the samples (each makes a few temporaries of its size).
+_CHUNK_BYTES = 32 * 2**20
 
 
 def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None, map_blocks=None,
@@ -107,7 +109,7 @@ def inertia(features, labels) -> float:
     idx = torch.from_numpy(lab.reshape(-1)).to(x.device)
     c = int(lab.max()) + 1
     sums = torch.zeros(c, x.shape[1], dtype=torch.float64, device=x.device)
-    step = max(1, _BLOCK_BYTES // (8 * x.shape[1]))
+    step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
     for s in range(0, x.shape[0], step):
         sums.index_add_(0, idx[s:s + step], x[s:s + step].double())
     means = sums / torch.bincount(idx, minlength=c).double()[:, None]
@@ -220,7 +222,7 @@ def select_reliable(features, labels, threshold, match="any") -> np.ndarray:
     n, d = x.shape
     c = int(lab.max()) + 1
     idx = torch.from_numpy(lab).to(dev)
-    step = max(1, _BLOCK_BYTES // (8 * max(d, c)))
+    step = max(1, _CHUNK_BYTES // (8 * max(d, c)))
     sums = torch.zeros(c, d, dtype=torch.float64, device=dev)
     for s in range(0, n, step):
         sums.index_add_(0, idx[s:s + step], x[s:s + step].double())

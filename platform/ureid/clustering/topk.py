@@ -74,10 +74,9 @@ class ExactKnn:
         self.backend, self.block_size, self.num_threads = backend, int(block_size), num_threads
         self.n, self.dim = int(database.shape[0]), int(database.shape[1])
         if backend == "faiss":
-            import faiss
-
-            self.index = faiss.IndexFlatL2(self.dim)
-            self.index.add(np.ascontiguousarray(np.asarray(database), dtype=np.float32))
+            # searched in place with faiss.knn (IndexFlatL2's own search routine, knn_L2sqr, on the caller's
+            # array): an IndexFlatL2 would hold a second copy of the database
+            self.database = np.ascontiguousarray(np.asarray(database), dtype=np.float32)
             self.float64_matmul = False
         else:
             import torch
@@ -98,9 +97,11 @@ class ExactKnn:
         if self.backend == "faiss":
             q = np.ascontiguousarray(np.asarray(queries), dtype=np.float32)
             with faiss_threads(self.num_threads):
+                import faiss
+
                 for s in range(0, nq, self.block_size):
-                    dist[s:s + self.block_size], ids[s:s + self.block_size] = self.index.search(
-                        q[s:s + self.block_size], k)
+                    dist[s:s + self.block_size], ids[s:s + self.block_size] = faiss.knn(
+                        q[s:s + self.block_size], self.database, k)
             return dist, ids
         import torch
 

@@ -21,9 +21,25 @@ from __future__ import annotations
 import numpy as np
 
 
-def _unit(x) -> np.ndarray:
+#: The float64 working block of a score (rows x width) stays within this many bytes: at N = 77,616 a
+#: block of 1,024 sample rows against every sample is 636 MB in float64, and the softmax of SND makes four.
+_BLOCK_BYTES = 32 << 20
+
+
+def _unit(x, overwrite: bool = False) -> np.ndarray:
+    """Rows scaled to unit length, in row blocks (the same values as one ``x / norm(x)``); in ``x`` itself
+    when ``overwrite`` and ``x`` is a writable C-contiguous float32 array (the store's gathered matrix)."""
+    given = x
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if x is given and not (overwrite and x.flags.c_contiguous and x.flags.writeable):
+        x = x.copy(order="C")
+    elif not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    step = max(1, _BLOCK_BYTES // (4 * max(x.shape[1], 1)))
+    for s in range(0, len(x), step):
+        block = x[s:s + step]
+        np.divide(block, np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12), out=block)
+    return x
 
 
 def _rows(n: int, sample: int | None, seed: int) -> np.ndarray:
@@ -32,28 +48,59 @@ def _rows(n: int, sample: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
 
 
+def _pieces(rows: np.ndarray, width: int, block: int):
+    """``(offset, rows)`` pieces: the ``block``-row blocks the products are computed in, each cut again so
+    that a (piece, width) float64 array stays within ``_BLOCK_BYTES`` (pieces of at least 64 rows, never a
+    lone row: BLAS computes a one-row product as a matrix-vector product, which rounds differently; from
+    64 rows on, each row of ``a @ b.T`` is bitwise the same whatever the block, checked in the tests)."""
+    step = max(64, _BLOCK_BYTES // (8 * max(width, 1)))
+    for start in range(0, rows.size, block):
+        outer = rows[start:start + block]
+        if step >= outer.size:
+            yield start, outer
+            continue
+        cuts = list(range(0, outer.size, step))
+        if outer.size - cuts[-1] == 1:
+            cuts.pop()
+        for a, b in zip(cuts, cuts[1:] + [outer.size]):
+            yield start + a, outer[a:b]
+
+
 def _means(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contiguous labels, cluster sizes and cluster means (float64 sums, one pass)."""
+    """Contiguous labels, cluster sizes and cluster means (float64 sums in ascending row order, the float32
+    means filled a band of columns at a time: never a (C, d) float64 array)."""
+    from ..clustering._common import group_sums
+
     uniq, inv = np.unique(labels, return_inverse=True)
     sizes = np.bincount(inv, minlength=uniq.size)
-    sums = np.zeros((uniq.size, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, inv, x)
-    return inv, sizes, (sums / sizes[:, None]).astype(np.float32)
+    mu = np.empty((uniq.size, x.shape[1]), dtype=np.float32)
+    band = max(1, min(x.shape[1], _BLOCK_BYTES // (8 * max(uniq.size, 1))))
+    for j in range(0, x.shape[1], band):
+        mu[:, j:j + band] = group_sums(x[:, j:j + band], inv, uniq.size) / sizes[:, None]
+    return inv, sizes, mu
+
+
+def _kept(features, labels, overwrite: bool = False):
+    """Unit features and labels of the samples with a label >= 0 (outliers left out)."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    x = _unit(features, overwrite)
+    return (x, labels) if keep.all() else (x[keep], labels[keep])
 
 
 def silhouette(features, labels, sample: int | None = 2048, seed: int = 0, block: int = 1024) -> float:
     """Mean silhouette (squared Euclidean on unit features) over a seeded sample of rows; labels < 0 are
     outliers and left out. 0 when there are fewer than 2 clusters."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    x, labels = _unit(features)[keep], labels[keep]
-    inv, sizes, mu = _means(x, labels)
+    x, labels = _kept(features, labels)
+    return _silhouette(x, *_means(x, labels), sample, seed, block)
+
+
+def _silhouette(x, inv, sizes, mu, sample, seed, block) -> float:
     if sizes.size < 2:
         return 0.0
     rows = _rows(len(x), sample, seed)
     scores = np.zeros(rows.size, dtype=np.float64)
-    for start in range(0, rows.size, block):
-        r = rows[start:start + block]
+    for start, r in _pieces(rows, sizes.size, block):
         d = 2.0 - 2.0 * (x[r] @ mu.T).astype(np.float64)  # (b, C): mean distance to every cluster
         own = inv[r]
         size = sizes[own]
@@ -68,23 +115,31 @@ def silhouette(features, labels, sample: int | None = 2048, seed: int = 0, block
 def davies_bouldin(features, labels, sample: int | None = 2048, seed: int = 0, block: int = 1024) -> float:
     """Davies-Bouldin index of the non-singleton clusters (lower is better), the max over every other
     cluster computed exactly for a seeded sample of clusters. ``inf`` with fewer than 2 such clusters."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    x, labels = _unit(features)[keep], labels[keep]
-    inv, sizes, mu = _means(x, labels)
+    x, labels = _kept(features, labels)
+    return _davies_bouldin(x, *_means(x, labels), sample, seed, block)
+
+
+def _davies_bouldin(x, inv, sizes, mu, sample, seed, block) -> float:
     # S_i: mean distance of the cluster's samples to its centroid, |x - mu|^2 = 1 + |mu|^2 - 2 x.mu
-    sq_all = (mu.astype(np.float64) ** 2).sum(1)
-    own = np.einsum("ij,ij->i", x, mu[inv]).astype(np.float64)
+    step = max(1, _BLOCK_BYTES // (8 * max(x.shape[1], 1)))
+    sq_all = np.empty(len(mu), dtype=np.float64)
+    for s in range(0, len(mu), step):  # in row blocks: no (C, d) float64 copy of the means
+        sq_all[s:s + step] = (mu[s:s + step].astype(np.float64) ** 2).sum(1)
+    own = np.empty(len(x), dtype=np.float32)
+    for s in range(0, len(x), step):  # a row's dot product with its own mean, without an (N, d) mu[inv]
+        own[s:s + step] = np.einsum("ij,ij->i", x[s:s + step], mu[inv[s:s + step]])
+    own = own.astype(np.float64)
     dist_own = np.sqrt(np.maximum(1.0 + sq_all[inv] - 2.0 * own, 0.0))
     scatter = np.bincount(inv, weights=dist_own, minlength=sizes.size) / sizes
     big = sizes > 1
-    mu, scatter, sq = mu[big], scatter[big], sq_all[big]
+    if not big.all():  # (when every cluster is, mu itself: no copy)
+        mu, scatter, sq_all = mu[big], scatter[big], sq_all[big]
+    sq = sq_all
     if mu.shape[0] < 2:
         return float("inf")
     rows = _rows(mu.shape[0], sample, seed)
     worst = np.zeros(rows.size)
-    for start in range(0, rows.size, block):
-        r = rows[start:start + block]
+    for start, r in _pieces(rows, mu.shape[0], block):
         dist = np.sqrt(np.maximum(sq[r, None] + sq[None, :] - 2.0 * (mu[r] @ mu.T).astype(np.float64), 1e-24))
         ratio = (scatter[r, None] + scatter[None, :]) / dist
         ratio[np.arange(r.size), r] = -np.inf
@@ -127,28 +182,40 @@ def agreement(previous, labels) -> dict[str, float]:
 def soft_neighborhood_density(features, sample: int | None = 2048, seed: int = 0, temperature: float = 0.05,
                               block: int = 1024) -> float:
     """SND: mean entropy of softmax(cos(x_i, x_j) / temperature) over j != i, for a seeded sample of rows."""
-    x = _unit(features)
+    return _snd(_unit(features), sample, seed, temperature, block)
+
+
+def _snd(x, sample, seed, temperature, block) -> float:
     n = len(x)
     if n < 2:
         return 0.0
     rows = _rows(n, sample, seed)
     ent = np.zeros(rows.size)
-    for start in range(0, rows.size, block):
-        r = rows[start:start + block]
-        logits = (x[r] @ x.T).astype(np.float64) / temperature
+    for start, r in _pieces(rows, n, block):
+        logits = (x[r] @ x.T).astype(np.float64)
+        logits /= temperature
         logits[np.arange(r.size), r] = -np.inf
         logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
+        p = np.exp(logits, out=logits)
         p /= p.sum(axis=1, keepdims=True)
         ent[start:start + r.size] = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
     return float(ent.mean())
 
 
-def label_free_scores(features, labels, previous=None, sample: int | None = 2048, seed: int = 0) -> dict[str, float]:
-    """Every label-free score of one stage, keyed as logged (``lf_*``)."""
-    out = {"lf_silhouette": silhouette(features, labels, sample, seed),
-           "lf_davies_bouldin": davies_bouldin(features, labels, sample, seed),
-           "lf_snd": soft_neighborhood_density(features, sample, seed)}
+def label_free_scores(features, labels, previous=None, sample: int | None = 2048, seed: int = 0,
+                      overwrite: bool = False) -> dict[str, float]:
+    """Every label-free score of one stage, keyed as logged (``lf_*``). The unit features and the cluster
+    means are computed once for all scores; ``overwrite`` lets the unit features replace ``features`` (a
+    float32 matrix the caller no longer needs), so the scores add only the means and O(block x N) to it."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    unit = _unit(features, overwrite)
+    x = unit if keep.all() else unit[keep]
+    inv, sizes, mu = _means(x, labels[keep])
+    out = {"lf_silhouette": _silhouette(x, inv, sizes, mu, sample, seed, 1024),
+           "lf_davies_bouldin": _davies_bouldin(x, inv, sizes, mu, sample, seed, 1024)}
+    del x, mu
+    out["lf_snd"] = _snd(unit, sample, seed, 0.05, 1024)
     if previous is not None:
         agree = agreement(previous, labels)
         out["lf_nmi_previous"], out["lf_ari_previous"] = agree["nmi"], agree["ari"]

@@ -62,7 +62,8 @@ class BUC(Method):
         """Eqs. (5)-(6): merge ``int(mp * N0)`` pairs by minimum distance + diversity penalty."""
         c = cfg.clustering
         labels = clustering.bottom_up_merge(
-            l2_normalise(features), targets.labels, num_merges(c.merge_percent, ctx.num_real), c.merge_penalty,
+            l2_normalise(features, ctx.features_writable), targets.labels, num_merges(c.merge_percent, ctx.num_real),
+            c.merge_penalty,
             is_fake=ctx.is_fake if c.ignore_fake_pairs else None, metric=c.metric, map_blocks=ctx.map_blocks,
         )
         return Targets(labels=np.asarray(labels))

@@ -133,7 +133,7 @@ class ClusterContrast(Method):
         """Jaccard distance (sparse, pairs within ``eps``) -> DBSCAN -> centroids. Outliers get a singleton
         class each after the clusters (so every sample has a label) and are not ``selected``."""
         c = cfg.clustering
-        feats = l2_normalise(features)
+        feats = l2_normalise(features, ctx.features_writable)
         n = len(feats)
         if c.k1 > n:
             raise ValueError(f"clustering.k1={c.k1} exceeds the {n} training samples")

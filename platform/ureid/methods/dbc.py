@@ -38,7 +38,8 @@ class DBC(BUC):
     def update(self, cfg, features, targets: Targets, ctx: UpdateContext) -> Targets:
         c = cfg.clustering
         labels = clustering.dispersion_merge(
-            l2_normalise(features), targets.labels, num_merges(c.merge_percent, ctx.num_real), c.intra_weight,
+            l2_normalise(features, ctx.features_writable), targets.labels, num_merges(c.merge_percent, ctx.num_real),
+            c.intra_weight,
             update=c.update, map_blocks=ctx.map_blocks,
         )
         return Targets(labels=np.asarray(labels))

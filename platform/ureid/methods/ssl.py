@@ -58,9 +58,9 @@ class SSL(Method):
         c = cfg.clustering
         part_feats = None
         if ctx.parts is not None and c.part_weight > 0:
-            part_feats = ctx.parts / np.maximum(np.linalg.norm(ctx.parts, axis=2, keepdims=True), 1e-12)
+            part_feats = l2_normalise(ctx.parts, ctx.features_writable)  # each stripe to unit length
         neighbors = clustering.reliable_neighbors(
-            l2_normalise(features), part_feats, ctx.cameras, c.num_neighbors,
+            l2_normalise(features, ctx.features_writable), part_feats, ctx.cameras, c.num_neighbors,
             c.part_weight if part_feats is not None else 0.0, c.camera_penalty, map_blocks=ctx.map_blocks,
         )
         return Targets(labels=targets.labels, neighbors=neighbors)

@@ -14,6 +14,11 @@ The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold ev
 machine, and an actor waiting for a slot would deadlock the stage. The update fans its row blocks out as
 Ray tasks on reserved clustering slots (:mod:`.tasks`; inside a sweep trial, on the trial's own).
 
+Memory: a put shard is kept as its file only, and an update reads the shards back into one (N, d) matrix in
+row chunks, which the method may scale to unit length in place (``UpdateContext.features_writable``); the
+label-free scores then read it once more. So the store holds one copy of a stage's features at a time,
+beside the method's own working arrays (measured per method in the README's scaling section).
+
 Every update also gets the label-free scores of :mod:`ureid.evaluation.label_free` (``lf_*``: computed
 from the features and pseudo-labels only, what an unsupervised user can select stages by).
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +78,23 @@ def _threads(count: int | None):
         torch.set_num_threads(old_torch)
 
 
+def _read_rows(f, idx: np.ndarray, out: dict, name: str, n: int, chunk_bytes: int = 32 << 20) -> None:
+    """Read a ``.npy`` stream's rows in chunks into ``out[name][idx]`` (allocated (n, ...) on first use)."""
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or shape[0] != idx.size:
+        raise RuntimeError(f"feature store: a shard's {name} has shape {shape} (fortran={fortran}) for {idx.size} indices")
+    if name not in out:
+        out[name] = np.zeros((n,) + tuple(shape[1:]), dtype=np.float32)
+    row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    step = max(1, chunk_bytes // row_bytes)
+    for s in range(0, idx.size, step):
+        rows = idx[s:s + step]
+        data = f.read(rows.size * row_bytes)
+        out[name][rows] = np.frombuffer(data, dtype=dtype).reshape((rows.size,) + tuple(shape[1:]))
+
+
 def save_inputs(inputs: StoreInputs, state_dir: str | Path) -> str:
     """Write a store's inputs beside its state; the path is what :class:`FeatureStore` is created with."""
     path = Path(state_dir) / "inputs.pkl"
@@ -91,14 +114,13 @@ class FeatureStore:
         self.placement_group = placement_group  # a sweep trial's reservation for the clustering tasks
         self.state_path = Path(state_dir) / "feature_store.pkl"
         self.shard_dir = Path(state_dir) / "shards"
-        self.shards: dict[int, dict[int, tuple]] = {}
+        self.shards: dict[int, dict[int, Path]] = {}  # stage -> rank -> its shard file
         self.results: dict[int, dict] = {}
         if self.state_path.exists():  # restarted after a crash, or a resumed run: keep the finished updates
             self.results = pickle.loads(self.state_path.read_bytes())
         for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
             if stage not in self.results:
-                with np.load(path) as f:
-                    self.shards.setdefault(stage, {})[rank] = (f["indices"], f["pooled"], f["parts"] if "parts" in f else None)
+                self.shards.setdefault(stage, {})[rank] = path
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it)."""
@@ -110,8 +132,9 @@ class FeatureStore:
         return self.shard_dir / f"stage_{stage:+04d}_rank_{rank:03d}.npz"
 
     def put(self, stage: int, rank: int, indices: np.ndarray, pooled: np.ndarray, parts=None) -> int:
-        """Keep rank ``rank``'s features of stage ``stage`` (again: they replace the first ones), on disk too,
-        before answering: a put that returned survives a restart."""
+        """Keep rank ``rank``'s features of stage ``stage`` (again: they replace the first ones) on disk, before
+        answering: a put that returned survives a restart. Only the file is kept, not the arrays: the update
+        reads the shards back into one matrix, so the store holds one copy of a stage's features, not two."""
         indices = np.asarray(indices)
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         path = self._shard_path(stage, rank)
@@ -119,7 +142,7 @@ class FeatureStore:
         arrays = {"indices": indices, "pooled": pooled, **({"parts": parts} if parts is not None else {})}
         np.savez(tmp, **arrays)
         tmp.replace(path)
-        self.shards.setdefault(stage, {})[rank] = (indices, pooled, parts)
+        self.shards.setdefault(stage, {})[rank] = path
         return len(self.shards[stage])
 
     def targets_for(self, stage: int) -> Targets | None:
@@ -133,27 +156,29 @@ class FeatureStore:
     def latest_targets(self) -> Targets | None:
         return self.results[max(self.results)]["targets"] if self.results else None
 
-    def _gather(self, stage: int):
+    def _gather(self, stage: int, parts: bool = True):
+        """The stage's (N, d) pooled features (and (N, ...) parts), read from the shard files in row chunks
+        straight into place: nothing but the gathered matrices and one chunk is ever in memory."""
         shards = self.shards.get(stage, {})
         if len(shards) != self.world_size:
             raise RuntimeError(
                 f"feature store: stage {stage} has features from {sorted(shards)} of {self.world_size} workers"
             )
         n = self.inputs.num_samples
-        dim = next(iter(shards.values()))[1].shape[1]
-        pooled = np.zeros((n, dim), dtype=np.float32)
-        parts = None
+        out: dict[str, np.ndarray] = {}
         seen = np.zeros(n, dtype=bool)
-        for idx, feats, part in shards.values():
-            pooled[idx] = feats
-            seen[idx] = True
-            if part is not None:
-                if parts is None:
-                    parts = np.zeros((n,) + part.shape[1:], dtype=np.float32)
-                parts[idx] = part
+        for path in shards.values():
+            with zipfile.ZipFile(path) as z:
+                with z.open("indices.npy") as f:
+                    idx = np.load(f)
+                seen[idx] = True
+                for name in ("pooled", "parts") if parts else ("pooled",):
+                    if f"{name}.npy" in z.namelist():
+                        with z.open(f"{name}.npy") as f:
+                            _read_rows(f, idx, out, name, n)
         if not seen.all():
             raise RuntimeError(f"feature store: stage {stage} is missing {int((~seen).sum())} samples")
-        return pooled, parts
+        return out["pooled"], out.get("parts")
 
     def _known_labels(self, stage: int) -> np.ndarray | None:
         truth = self.inputs.truth
@@ -177,7 +202,7 @@ class FeatureStore:
         blocks = RayBlockMap(self.placement_group) if self.cfg.ray.clustering_tasks else None
         ctx = UpdateContext(stage=stage, seed=inputs.seed, num_real=inputs.num_real, cameras=inputs.cameras,
                             is_fake=inputs.is_fake, parts=parts, known_labels=self._known_labels(stage),
-                            map_blocks=blocks)
+                            map_blocks=blocks, features_writable=True)
         with _threads(self.cfg.ray.store_threads):
             import faiss
 
@@ -187,8 +212,14 @@ class FeatureStore:
             raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
                 **(blocks.stats() if blocks is not None else {"cluster_tasks": 0})}
+        # The update may have overwritten the gathered features (features_writable): the scores read them
+        # again from the shard files, which stay until this update is saved; one copy is in memory at a time.
+        del pooled, parts, ctx
+        pooled, _ = self._gather(stage, parts=False)
         real = slice(0, inputs.num_real)  # scored on the real samples (camstyle fakes are augmentation)
-        info.update(label_free_scores(pooled[real], new.labels[real], previous.labels[real], seed=inputs.seed))
+        info.update(label_free_scores(pooled[real], new.labels[real], previous.labels[real], seed=inputs.seed,
+                                      overwrite=True))
+        del pooled
         if inputs.truth is not None:
             info.update(self.method.diagnostics(self.cfg, previous, new, inputs.truth))
         result = {"targets": new, "info": info}
