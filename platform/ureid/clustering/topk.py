@@ -1,9 +1,9 @@
 """Exact blockwise k-nearest-neighbour search by squared Euclidean distance.
 
 Two interchangeable backends return the same neighbour lists (up to the order of exactly tied
-distances): ``"faiss"`` (``IndexFlatL2``, CPU, BLAS-blocked internally) and ``"torch"`` (one
-``queries_block @ database.T`` matmul plus ``torch.topk`` per block of ``block_size`` queries, on
-CPU or CUDA). Memory is O(block_size * n_database + n_queries * k); no N x N matrix is built.
+distances): ``"faiss"`` (``faiss.knn``, the brute-force search behind ``IndexFlatL2``, on the caller's
+array; CPU, BLAS-blocked internally) and ``"torch"`` (one ``queries_block @ database.T`` matmul plus
+``torch.topk`` per block of ``block_size`` queries, on CPU or CUDA). Memory is O(block_size * n_database + n_queries * k); no N x N matrix is built.
 
 Distances are computed in float32 as ``|q|^2 + |x|^2 - 2 q.x``. :func:`sqdist_error_bound` gives a
 rigorous bound on that rounding error, so callers that need *exact* answers can turn a returned
