@@ -43,6 +43,25 @@ def check_labels(labels, n: int, name: str = "labels") -> np.ndarray:
     return lab
 
 
+def unit_rows(x, overwrite: bool = False, block_bytes: int = 32 << 20) -> np.ndarray:
+    """``x`` (float32) scaled to unit length along its last axis, in row blocks: the values of
+    ``x / max(norm(x), 1e-12)`` without the norm's temporary of squares beside the result. In ``x`` itself
+    when ``overwrite`` and ``x`` is a writable C-contiguous float32 array; otherwise in a C-contiguous copy
+    (a dtype conversion is that copy)."""
+    given = x
+    x = np.asarray(x, dtype=np.float32)
+    if x is given and not (overwrite and x.flags.c_contiguous and x.flags.writeable):
+        x = x.copy(order="C")
+    elif not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x
+    step = max(1, block_bytes // (4 * max(x.shape[-1], 1)))
+    for s in range(0, len(rows), step):
+        block = rows[s:s + step]
+        np.divide(block, np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), 1e-12), out=block)
+    return x
+
+
 def relabel_by_first_index(roots: np.ndarray) -> np.ndarray:
     """Map arbitrary cluster ids to 0..C-1 in ascending order of each cluster's smallest sample index."""
     _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)

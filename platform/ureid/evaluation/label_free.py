@@ -27,19 +27,10 @@ _BLOCK_BYTES = 32 << 20
 
 
 def _unit(x, overwrite: bool = False) -> np.ndarray:
-    """Rows scaled to unit length, in row blocks (the same values as one ``x / norm(x)``); in ``x`` itself
-    when ``overwrite`` and ``x`` is a writable C-contiguous float32 array (the store's gathered matrix)."""
-    given = x
-    x = np.asarray(x, dtype=np.float32)
-    if x is given and not (overwrite and x.flags.c_contiguous and x.flags.writeable):
-        x = x.copy(order="C")
-    elif not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
-    step = max(1, _BLOCK_BYTES // (4 * max(x.shape[1], 1)))
-    for s in range(0, len(x), step):
-        block = x[s:s + step]
-        np.divide(block, np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12), out=block)
-    return x
+    """Rows scaled to unit length (in ``x`` itself when ``overwrite`` allows: the store's gathered matrix)."""
+    from ..clustering._common import unit_rows
+
+    return unit_rows(x, overwrite, _BLOCK_BYTES)
 
 
 def _rows(n: int, sample: int | None, seed: int) -> np.ndarray:

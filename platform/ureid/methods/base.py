@@ -252,19 +252,11 @@ class Method:
 
 
 def l2_normalise(x: np.ndarray, overwrite: bool = False) -> np.ndarray:
-    """``x`` scaled to unit length along the last axis (float32), in row blocks: the values of ``x / norm(x)``
-    without the norm's temporary of squares beside the copy. ``overwrite`` (an update whose
-    ``ctx.features_writable``): in ``x`` itself when it is a writable C-contiguous float32 array."""
-    given = x
-    x = np.asarray(x, dtype=np.float32)
-    in_place = overwrite and x is given and x.flags.c_contiguous and x.flags.writeable
-    out = x if in_place else np.empty(x.shape, dtype=np.float32)
-    rows, flat = x.reshape(-1, x.shape[-1]), out.reshape(-1, x.shape[-1])
-    step = max(1, (32 << 20) // (4 * max(x.shape[-1], 1)))
-    for s in range(0, len(rows), step):
-        block = rows[s:s + step]
-        np.divide(block, np.maximum(np.linalg.norm(block, axis=-1, keepdims=True), 1e-12), out=flat[s:s + step])
-    return out
+    """``x`` scaled to unit length along the last axis (float32), in row blocks; ``overwrite`` (an update
+    whose ``ctx.features_writable``): in ``x`` itself when it is a writable C-contiguous float32 array."""
+    from ..clustering._common import unit_rows
+
+    return unit_rows(x, overwrite)
 
 
 def pair_precision(old: np.ndarray, new: np.ndarray, pids: np.ndarray) -> float | None:
