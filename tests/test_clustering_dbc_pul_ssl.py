@@ -411,6 +411,35 @@ def test_reliable_neighbors_ties_at_the_cut_equal_a_full_stable_sort():
             assert np.array_equal(out, full[:, :k]), (penalty, k)
 
 
+def test_reliable_neighbors_candidates_give_the_full_rows_neighbours_bitwise(monkeypatch):
+    """Without stripes a block forms D only at 2k + 16 candidates per row (and whole rows where the bound
+    cannot rule the rest out): the same neighbours as forming every row in full, on clustered float32 and
+    float64 features with exact duplicates (more tied at the cut than there are candidates)."""
+    rng = np.random.default_rng(9)
+    centres = rng.standard_normal((30, 16))
+    g = centres[rng.integers(0, 30, 300)] + 0.3 * rng.standard_normal((300, 16))
+    g[250:] = g[0]  # 51 identical rows
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    cams = rng.integers(0, 3, 300)
+    widths = []
+    original = ssl._euclid_
+    monkeypatch.setattr(ssl, "_euclid_", lambda sq, dot: widths.append(dot.shape) or original(sq, dot))
+    monkeypatch.setattr(ssl, "_BLOCK_BYTES", 3 * 300 * 8 * 64)  # several row blocks
+    for dtype in (np.float32, np.float64):
+        for penalty in (0.0, 0.02, 0.5):
+            for k in (1, 4, 9):
+                widths.clear()
+                fast = reliable_neighbors(g.astype(dtype), None, cams, k, 0.0, penalty)
+                in_full = sum(rows for rows, width in widths if width == 300)
+                assert ssl._candidates(k) in {w for _, w in widths} and 51 <= in_full < 100, in_full
+                with monkeypatch.context() as m:
+                    m.setattr(ssl, "_candidates", lambda k: 10 ** 9)  # every row in full
+                    full = reliable_neighbors(g.astype(dtype), None, cams, k, 0.0, penalty)
+                assert np.array_equal(fast, full), (dtype, penalty, k)
+    assert np.array_equal(reliable_neighbors(g[:100], None, cams[:100], 4, 0.0, 0.02),
+                          reference_neighbors(g[:100], None, cams[:100], 4, 0.0, 0.02))
+
+
 def test_reliable_neighbors_ties_by_index_and_self_excluded():
     g = np.zeros((6, 3))
     g[5] = 1.0  # samples 0..4 are identical: all at distance 0 from each other

@@ -226,7 +226,7 @@ print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulin
 
 def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_cluster, tmp_path):
     """Ray runs a zero-CPU actor with OMP_NUM_THREADS=1; ``ray.store_threads`` lets the store's own work use
-    more (the train workers wait meanwhile), with the same labels."""
+    more (faiss, torch and NumPy's BLAS; the train workers wait meanwhile), with the same labels."""
     n = 3000
     x = _features(n, d=32, seed=5)
     want = bottom_up_merge(x, np.arange(n), int(0.1 * n), 0.005)
@@ -247,5 +247,6 @@ def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_clus
             result = ray.get(store.update.remote(0), timeout=120)
             assert np.array_equal(result["targets"].labels, want)
             assert result["info"]["store_threads"] == (threads or 1)
+            assert result["info"]["store_blas_threads"] == (threads or 1)  # NumPy's BLAS (DBC's, SSL's products)
         finally:
             ray.kill(store)

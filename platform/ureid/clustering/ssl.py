@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import as_torch_features, resolve_device
+from ._common import as_torch_features, matmul_t, resolve_device
 
 # Bytes of the per-block distance tensors held at once.
 _BLOCK_BYTES = 256 * 2**20
@@ -100,12 +100,15 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
 def _block(state, start: int, stop: int, k: int) -> np.ndarray:
     """The k reliable neighbours of rows start..stop-1 (one block x N slice of D).
 
-    The block is formed in place, a pass per term, with the arithmetic of the module docstring's D term by
-    term (``|a|^2 + |b|^2 - 2 a.b`` rounded once, as ``a_sq + b_sq - 2 * dot`` is, since 2 * dot is exact).
+    D is formed with the arithmetic of the module docstring term by term (``|a|^2 + |b|^2 - 2 a.b`` rounded
+    once, as ``a_sq + b_sq - 2 * dot`` is, since 2 * dot is exact). Without stripes the block takes
+    :func:`_global_block`, which forms D only at a few candidates per row and gives the same neighbours.
     """
     g, g_sq, parts, p_sq, cam, penalty, part_weight = state
+    if parts is None and _candidates(k) < g.shape[0] - 1:
+        return _global_block(state, start, stop, k)
     rows = torch.arange(start, stop, device=g.device)
-    dist = _euclid_(g_sq[start:stop, None] + g_sq[None, :], g[start:stop] @ g.T)
+    dist = _euclid_(g_sq[start:stop, None] + g_sq[None, :], matmul_t(g[start:stop], g))
     if part_weight != 0:
         dist.mul_(1 - part_weight)
     if parts is not None:
@@ -115,6 +118,54 @@ def _block(state, start: int, stop: int, k: int) -> np.ndarray:
         dist += penalty[cam[start:stop]]
     dist[torch.arange(rows.numel(), device=g.device), rows] = torch.inf
     return _smallest_by_value_then_index(dist, k).cpu().numpy().astype(np.int64)
+
+
+def _candidates(k: int) -> int:
+    """Candidates per row in :func:`_global_block`: the k neighbours, a tie at the cut and some slack for
+    same-camera images that the penalty pushes back."""
+    return 2 * k + 16
+
+
+def _global_block(state, start: int, stop: int, k: int) -> np.ndarray:
+    """:func:`_block` without stripes: the same D at a few candidates per row, the neighbours it gives.
+
+    Past the product every pass over a block x N tensor costs a few percent of it, and the full D takes six
+    (|a|^2 + |b|^2, - 2 a.b, clamp, sqrt, the camera table's rows, + penalty). Here a top-k of the products
+    picks the m = :func:`_candidates` largest per row, and D is formed exactly as in :func:`_block` (the same
+    rounded operations on the same products) at those m only. Exactness: with u the unit roundoff and delta
+    the m-th largest product, every column left out has ``s = fl(fl(|a|^2 + |b|^2) - 2 a.b) >= |a|^2 +
+    min|b|^2 - 2 delta - eps``, eps = 6 u (|a|^2 + max|b|^2) doubled, and, as the rounded sqrt and the penalty
+    (>= 0) never go below it, ``D >= sqrt(that) (1 - 4 u)`` = L. A row whose k-th D is below L has its k
+    neighbours, ties included, among the candidates; the others (many equal or near-equal distances, or rows
+    far from unit length, where ranking by a.b alone is loose) take the full row from the same products.
+    """
+    g, g_sq, _, _, cam, penalty, _ = state
+    n, m, dev = g.shape[0], _candidates(k), g.device
+    rows = torch.arange(start, stop, device=dev)
+    here = torch.arange(rows.numel(), device=dev)
+    dot = matmul_t(g[start:stop], g)
+    own = dot[here, rows].clone()
+    dot[here, rows] = -torch.inf  # never its own neighbour (finite elsewhere: finite features)
+    delta, cols = torch.topk(dot, m, dim=1, largest=True, sorted=True)
+    dot[here, rows] = own
+    cols = cols.sort(dim=1).values  # candidate order = column order, so ties go to the smaller index
+    dist = _euclid_(g_sq[start:stop, None] + g_sq[cols], dot.gather(1, cols))
+    if penalty is not None:
+        dist += penalty[cam[start:stop, None], cols]
+    pick = _smallest_by_value_then_index(dist, k)
+    out = cols.gather(1, pick)
+    u = 2.0 ** -53 if g.dtype == torch.float64 else 2.0 ** -24
+    a_sq = g_sq[start:stop].double()
+    eps = 12 * u * (a_sq + g_sq.max().double())
+    bound = (a_sq + g_sq.min().double() - 2 * delta[:, m - 1].double() - eps).clamp_min(0).sqrt() * (1 - 4 * u)
+    redo = (dist.gather(1, pick[:, k - 1:]).squeeze(1).double() >= bound).nonzero().reshape(-1)
+    if redo.numel():
+        full = _euclid_(g_sq[start + redo, None] + g_sq[None, :], dot[redo])
+        if penalty is not None:
+            full += penalty[cam[start + redo]]
+        full[torch.arange(redo.numel(), device=dev), start + redo] = torch.inf
+        out[redo] = _smallest_by_value_then_index(full, k)
+    return out.cpu().numpy().astype(np.int64)
 
 
 def neighbor_block(shared, job) -> np.ndarray:

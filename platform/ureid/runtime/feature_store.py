@@ -61,18 +61,21 @@ class StoreInputs:
 
 @contextmanager
 def _threads(count: int | None):
-    """faiss's and torch's thread counts set to ``count`` for the block, then restored (None: unchanged)."""
+    """faiss's, torch's and NumPy's BLAS thread counts set to ``count`` for the block, then restored (None:
+    unchanged). NumPy's BLAS does the CPU products of DBC and SSL (``clustering._common.matmul_t``)."""
     if count is None:
         yield
         return
     import faiss
     import torch
+    from threadpoolctl import threadpool_limits
 
     old_faiss, old_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(count)
     torch.set_num_threads(count)
     try:
-        yield
+        with threadpool_limits(limits=count, user_api="blas"):
+            yield
     finally:
         faiss.omp_set_num_threads(old_faiss)
         torch.set_num_threads(old_torch)
@@ -205,13 +208,15 @@ class FeatureStore:
                             map_blocks=blocks, features_writable=True)
         with _threads(self.cfg.ray.store_threads):
             import faiss
+            from threadpoolctl import threadpool_info
 
             threads = faiss.omp_get_max_threads()
+            blas = min((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=threads)
             new = self.method.update(self.cfg, pooled, previous, ctx)
         if not isinstance(new, Targets):
             raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
-                **(blocks.stats() if blocks is not None else {"cluster_tasks": 0})}
+                "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0})}
         # The update may have overwritten the gathered features (features_writable): the scores read them
         # again from the shard files, which stay until this update is saved; one copy is in memory at a time.
         del pooled, parts, ctx
