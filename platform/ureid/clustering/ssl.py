@@ -134,7 +134,8 @@ def _global_block(state, start: int, stop: int, k: int) -> np.ndarray:
     picks the m = :func:`_candidates` largest per row, and D is formed exactly as in :func:`_block` (the same
     rounded operations on the same products) at those m only. Exactness: with u the unit roundoff and delta
     the m-th largest product, every column left out has ``s = fl(fl(|a|^2 + |b|^2) - 2 a.b) >= |a|^2 +
-    min|b|^2 - 2 delta - eps``, eps = 6 u (|a|^2 + max|b|^2) doubled, and, as the rounded sqrt and the penalty
+    min|b|^2 - 2 delta - eps`` (two roundings, at most 3 u (|a|^2 + max|b|^2); eps is four times that, a
+    margin that also covers the float64 arithmetic of the bound), and, as the rounded sqrt and the penalty
     (>= 0) never go below it, ``D >= sqrt(that) (1 - 4 u)`` = L. A row whose k-th D is below L has its k
     neighbours, ties included, among the candidates; the others (many equal or near-equal distances, or rows
     far from unit length, where ranking by a.b alone is loose) take the full row from the same products.
