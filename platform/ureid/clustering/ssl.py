@@ -114,10 +114,16 @@ def _block(state, start: int, stop: int, k: int) -> np.ndarray:
     if parts is not None:
         prod = torch.bmm(parts[:, rows], parts.transpose(1, 2))  # (P, block, N)
         dist += part_weight * _euclid(p_sq[:, rows, None], p_sq[:, None, :], prod).mean(0)
+    return _full_rows(dist, rows, cam, penalty, k).cpu().numpy().astype(np.int64)
+
+
+def _full_rows(dist: torch.Tensor, rows: torch.Tensor, cam, penalty, k: int) -> torch.Tensor:
+    """The k neighbours of ``rows`` from their whole (len(rows), N) block of D before the camera term:
+    the penalty added, each row's own column set to inf (never its own neighbour), in place."""
     if penalty is not None:
-        dist += penalty[cam[start:stop]]
-    dist[torch.arange(rows.numel(), device=g.device), rows] = torch.inf
-    return _smallest_by_value_then_index(dist, k).cpu().numpy().astype(np.int64)
+        dist += penalty[cam[rows]]
+    dist[torch.arange(rows.numel(), device=dist.device), rows] = torch.inf
+    return _smallest_by_value_then_index(dist, k)
 
 
 def _candidates(k: int) -> int:
@@ -145,10 +151,9 @@ def _global_block(state, start: int, stop: int, k: int) -> np.ndarray:
     rows = torch.arange(start, stop, device=dev)
     here = torch.arange(rows.numel(), device=dev)
     dot = matmul_t(g[start:stop], g)
-    own = dot[here, rows].clone()
-    dot[here, rows] = -torch.inf  # never its own neighbour (finite elsewhere: finite features)
+    # never its own neighbour (finite elsewhere: finite features); a row redone in full gets D = inf there
+    dot[here, rows] = -torch.inf
     delta, cols = torch.topk(dot, m, dim=1, largest=True, sorted=True)
-    dot[here, rows] = own
     cols = cols.sort(dim=1).values  # candidate order = column order, so ties go to the smaller index
     dist = _euclid_(g_sq[start:stop, None] + g_sq[cols], dot.gather(1, cols))
     if penalty is not None:
@@ -161,11 +166,8 @@ def _global_block(state, start: int, stop: int, k: int) -> np.ndarray:
     bound = (a_sq + g_sq.min().double() - 2 * delta[:, m - 1].double() - eps).clamp_min(0).sqrt() * (1 - 4 * u)
     redo = (dist.gather(1, pick[:, k - 1:]).squeeze(1).double() >= bound).nonzero().reshape(-1)
     if redo.numel():
-        full = _euclid_(g_sq[start + redo, None] + g_sq[None, :], dot[redo])
-        if penalty is not None:
-            full += penalty[cam[start + redo]]
-        full[torch.arange(redo.numel(), device=dev), start + redo] = torch.inf
-        out[redo] = _smallest_by_value_then_index(full, k)
+        out[redo] = _full_rows(_euclid_(g_sq[start + redo, None] + g_sq[None, :], dot[redo]), start + redo, cam,
+                               penalty, k)
     return out.cpu().numpy().astype(np.int64)
 
 
