@@ -2,6 +2,7 @@
 when the train workers hold every CPU (the tasks run on reserved clustering slots, not on CPUs); inside a
 placement group that holds slots (a sweep trial's reservation) they run there."""
 
+import os
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ from ureid.config import CONFIG_DIR, load_config
 from ureid.evaluation.label_free import label_free_scores
 from ureid.methods import METHODS, Targets, UpdateContext
 from ureid.runtime.feature_store import FeatureStore, StoreInputs
-from ureid.runtime.tasks import SLOT, RayBlockMap, check_cluster_slots
+from ureid.runtime.tasks import SLOT, UPDATE_ENV, RayBlockMap, check_cluster_slots
 
 
 def _features(n, d=16, seed=0):
@@ -248,5 +249,9 @@ def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_clus
             assert np.array_equal(result["targets"].labels, want)
             assert result["info"]["store_threads"] == (threads or 1)
             assert result["info"]["store_blas_threads"] == (threads or 1)  # NumPy's BLAS (DBC's, SSL's products)
+            # OpenBLAS's threads sleep right after a product (UPDATE_ENV), in the store and in its block tasks
+            env = ray.get(store.__ray_call__.remote(lambda _self: os.environ.get("OPENBLAS_THREAD_TIMEOUT")))
+            assert env == UPDATE_ENV["OPENBLAS_THREAD_TIMEOUT"] == "4"
         finally:
             ray.kill(store)
+    assert RayBlockMap()(lambda name, _item: os.environ.get(name), "OPENBLAS_THREAD_TIMEOUT", range(2)) == ["4", "4"]

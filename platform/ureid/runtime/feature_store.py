@@ -40,7 +40,7 @@ import ray
 
 from ..evaluation.label_free import label_free_scores
 from ..methods.base import Targets, UpdateContext
-from .tasks import RayBlockMap
+from .tasks import UPDATE_ENV, RayBlockMap
 
 #: The update that runs before stage 0 for a method without initial targets (on the prepared model).
 PRE_STAGE = -1
@@ -106,7 +106,7 @@ def save_inputs(inputs: StoreInputs, state_dir: str | Path) -> str:
     return str(path)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": UPDATE_ENV})
 class FeatureStore:
     def __init__(self, method, cfg, inputs: StoreInputs | str, world_size: int, state_dir: str, placement_group=None):
         # ``inputs`` as a file in the run folder (see save_inputs) keeps the creation arguments small: Ray

@@ -21,13 +21,22 @@ import ray
 
 SLOT = "ureid_cluster_slot"
 
+#: The environment of every process that runs a label update: the feature store and its block tasks
+#: (merged with the job's ``runtime_env``). OpenBLAS (NumPy's BLAS, which does DBC's and SSL's products)
+#: keeps its threads spinning for about 2^28 cycles after each call before they sleep, set when the library
+#: loads; with ``ray.store_threads`` > 1 they held the cores that torch's top-k and the next product needed
+#: (measured here: SSL's top-k took 0.50 s after NumPy's 2-thread products against 0.25 s with this set;
+#: DBC's update at N = 12,936 on 2 threads 4.3 s -> 3.5 s, the same labels). 2^4 cycles, OpenBLAS's minimum,
+#: puts them to sleep at once; waking them costs microseconds against a block product's milliseconds.
+UPDATE_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
+
 
 def local_resources() -> dict[str, float]:
     """What a local start (``ray.init()`` without an address, or the tests' cluster) declares."""
     return {SLOT: float(os.cpu_count() or 1)}
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, runtime_env={"env_vars": UPDATE_ENV})
 def _run_block(fn, shared, item):
     ctx = ray.get_runtime_context()
     pg = ray.util.get_current_placement_group()
