@@ -263,5 +263,29 @@ def test_group_sums_are_bitwise_those_of_np_add_at():
         labels = rng.integers(-1, groups, n)  # -1: outliers, left out
         ref = np.zeros((groups, d))
         np.add.at(ref, labels[labels >= 0], x[labels >= 0])
-        got = group_sums(x, labels, groups, chunk_rows=chunk)
-        assert np.array_equal(ref.view(np.int64), got.view(np.int64)), (n, d, groups, chunk)
+        for threads in (1, 2, 3):  # column ranges summed on threads: each as the whole
+            got = group_sums(x, labels, groups, chunk_rows=chunk, threads=threads)
+            assert np.array_equal(ref.view(np.int64), got.view(np.int64)), (n, d, groups, chunk, threads)
+
+
+def test_jaccard_on_more_threads_is_bitwise_the_one_thread_matrix():
+    """The softmax weights' dot products run in chunks on torch's thread count (``ray.store_threads`` in the
+    store): the distances are bitwise those of one thread."""
+    import torch
+
+    from ureid.clustering import kreciprocal_jaccard
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((70, 1024))[rng.integers(0, 70, 700)] + rng.standard_normal((700, 1024))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # d = 1024: the pairs' dots take several 4,096-pair chunks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kreciprocal_jaccard(x, k1=12, k2=4)
+        torch.set_num_threads(3)
+        many = kreciprocal_jaccard(x, k1=12, k2=4)
+    finally:
+        torch.set_num_threads(before)
+    assert one.nnz > 10 * len(x)
+    assert np.array_equal(one.indptr, many.indptr) and np.array_equal(one.indices, many.indices)
+    assert np.array_equal(one.data.view(np.int32), many.data.view(np.int32))
