@@ -315,9 +315,9 @@ def _expand(n, r_ptr, r_idx, h_ptr, h_idx):
     return _indptr(keys // n, n), keys % n
 
 
-def _softmax_weights(X, ptr, idx, chunk_floats=1 << 22, threads=None):
+def _softmax_weights(X, ptr, idx, chunk_floats=1 << 22):
     """Step 4 in float64: per row, softmax of ``-(2 - 2 x_i . x_j)`` over the row's columns. The dot products
-    run in chunks of pairs over ``threads`` threads (``_common.map_threads``; each chunk as in a loop)."""
+    run in chunks of pairs on torch's thread count (``_common.map_threads``; each chunk as in a loop)."""
     n = ptr.size - 1
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(ptr))
     logits = np.empty(idx.size, dtype=np.float64)
@@ -327,7 +327,7 @@ def _softmax_weights(X, ptr, idx, chunk_floats=1 << 22, threads=None):
         dots = np.einsum("ij,ij->i", X[rows[s:s + step]], X[idx[s:s + step]], dtype=np.float64)
         logits[s:s + step] = -(2.0 - 2.0 * dots)
 
-    map_threads(chunk, range(0, idx.size, step), threads)
+    map_threads(chunk, range(0, idx.size, step))
     starts = ptr[:-1][np.diff(ptr) > 0]  # reduceat over non-empty rows only (empty rows stay empty)
     if starts.size == 0:
         return logits
