@@ -110,9 +110,11 @@ def _peak_mb():
 
 def _child(which, n, d, fake_ratio, seed, stages, queue):
     try:
-        import faiss
         import torch
 
+        from ureid.clustering._common import import_faiss
+
+        faiss = import_faiss()
         torch.set_num_threads(THREADS)
         faiss.omp_set_num_threads(THREADS)
         from ureid.clustering.buc import bottom_up_merge

@@ -41,9 +41,12 @@ K1, K2, EPS, MIN_SAMPLES = 30, 6, 0.6, 4
 
 def reference_jaccard(features, k1=K1, k2=K2):
     """The public code's ``compute_jaccard_distance`` (CPU search), its dense matrices and loops kept."""
-    import faiss
     import torch
     import torch.nn.functional as F
+
+    from ureid.clustering._common import import_faiss
+
+    faiss = import_faiss()
 
     feats = torch.from_numpy(features)
     n = feats.size(0)
@@ -96,9 +99,11 @@ def dense_bytes(n: int) -> int:
 
 def _child(which, n, queue):
     try:
-        import faiss
         import torch
 
+        from ureid.clustering._common import import_faiss
+
+        faiss = import_faiss()
         torch.set_num_threads(THREADS)
         faiss.omp_set_num_threads(THREADS)
         from sklearn.cluster import DBSCAN

@@ -149,9 +149,11 @@ def _worker(task: str, n: int, d: int, seed: int, threads: int, kwargs: dict) ->
     from threadpoolctl import threadpool_limits
 
     if task != "kmeans_ref":  # the scikit-learn process loads neither torch nor faiss
-        import faiss
         import torch
 
+        from ureid.clustering._common import import_faiss
+
+        faiss = import_faiss()
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
     x = clustered_unit_features(n, d, seed)

@@ -184,7 +184,6 @@ def store_update(method: str, x: np.ndarray, tasks: bool, threads: int | None = 
 
 def _warm(_shared, _item) -> int:
     """A block task's imports: what a task pays once per worker process (a run's later stages find it)."""
-    import faiss  # noqa: F401
     import scipy.sparse  # noqa: F401
     import torch  # noqa: F401
 

@@ -268,12 +268,13 @@ def test_group_sums_are_bitwise_those_of_np_add_at():
             assert np.array_equal(ref.view(np.int64), got.view(np.int64)), (n, d, groups, chunk, threads)
 
 
-def test_jaccard_on_more_threads_is_bitwise_the_one_thread_matrix():
-    """The softmax weights' dot products run in chunks on torch's thread count (``ray.store_threads`` in the
-    store): the distances are bitwise those of one thread."""
+def test_jaccard_on_more_threads_is_bitwise_the_one_thread_matrix(monkeypatch):
+    """The softmax weights' dot products and rows, the expansion's and the Jaccard sums' row blocks run on
+    torch's thread count (``ray.store_threads`` in the store): the distances are bitwise those of one thread,
+    and of one row block."""
     import torch
 
-    from ureid.clustering import kreciprocal_jaccard
+    from ureid.clustering import jaccard, kreciprocal_jaccard
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((70, 1024))[rng.integers(0, 70, 700)] + rng.standard_normal((700, 1024))).astype(np.float32)
@@ -281,11 +282,13 @@ def test_jaccard_on_more_threads_is_bitwise_the_one_thread_matrix():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kreciprocal_jaccard(x, k1=12, k2=4)
+        one = kreciprocal_jaccard(x, k1=12, k2=4)  # every pass in one row block (700 rows)
+        stats = {}
+        monkeypatch.setattr(jaccard, "_TRIPLE_BUDGET", 3000)  # dozens of row blocks per pass
         torch.set_num_threads(3)
-        many = kreciprocal_jaccard(x, k1=12, k2=4)
+        many = kreciprocal_jaccard(x, k1=12, k2=4, stats=stats)
     finally:
         torch.set_num_threads(before)
-    assert one.nnz > 10 * len(x)
+    assert one.nnz > 10 * len(x) and stats["triples"] > 20 * 3000
     assert np.array_equal(one.indptr, many.indptr) and np.array_equal(one.indices, many.indices)
     assert np.array_equal(one.data.view(np.int32), many.data.view(np.int32))

@@ -2,13 +2,13 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
-import faiss
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.cluster import DBSCAN
 
 from ureid.clustering import dbscan, kreciprocal_jaccard
+from ureid.clustering._common import import_faiss, openblas_core_for_cpu
 
 
 def reference_jaccard(features, k1, k2):
@@ -21,7 +21,7 @@ def reference_jaccard(features, k1, k2):
     """
     x = np.ascontiguousarray(features, dtype=np.float32)
     n = len(x)
-    index = faiss.IndexFlatL2(x.shape[1])
+    index = import_faiss().IndexFlatL2(x.shape[1])
     index.add(x)
     _, initial_rank = index.search(x, k1)
 
@@ -390,3 +390,63 @@ def test_dbscan_argument_errors():
         dbscan(sp.csr_matrix(np.array([[np.nan, 0.1], [0.1, 0.3]])), 0.5, 1)
     with pytest.raises(ValueError, match="distances must hold floating"):
         dbscan(sp.csr_matrix(np.eye(3, dtype=np.int64)), 0.5, 1)
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model\t\t: 207
+flags\t\t: fpu sse2 {flags}
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+flags\t\t: avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl
+"""
+
+
+@pytest.mark.parametrize("vendor, flags, core", [
+    ("GenuineIntel", "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl avx512_bf16", "SkylakeX"),
+    ("GenuineIntel", "avx avx2 fma avx512f avx512cd", "Haswell"),  # Knights Landing's subset: no bw/dq/vl
+    ("GenuineIntel", "avx avx2 fma", "Haswell"),
+    ("GenuineIntel", "avx", None),
+    ("AuthenticAMD", "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", None),  # its own detection
+])
+def test_openblas_core_follows_the_first_processors_vector_unit(vendor, flags, core):
+    assert openblas_core_for_cpu(CPUINFO.format(vendor=vendor, flags=flags)) == core
+    assert openblas_core_for_cpu("") is None
+
+
+def _blas_cores(env_core=None):
+    """faiss's and NumPy's OpenBLAS kernels in a fresh interpreter that loads faiss through import_faiss."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if env_core:
+        env["OPENBLAS_CORETYPE"] = env_core
+    code = ("import json, os, numpy\n"
+            "from threadpoolctl import threadpool_info\n"
+            "numpy_core = [p['architecture'] for p in threadpool_info() if p.get('internal_api') == 'openblas'"
+            " and 'numpy' in p['filepath']]\n"
+            "from ureid.clustering._common import faiss_blas_core, import_faiss\n"
+            "import_faiss()\n"
+            "print(json.dumps({'faiss': faiss_blas_core(), 'numpy_before': numpy_core,"
+            " 'numpy_after': [p['architecture'] for p in threadpool_info() if p.get('internal_api') == 'openblas'"
+            " and 'numpy' in p['filepath']], 'env': os.environ.get('OPENBLAS_CORETYPE')}))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_faiss_loads_its_openblas_on_the_cpus_kernels():
+    """faiss-cpu 1.15.1's OpenBLAS 0.3.15 does not know recent Xeons and falls back to generic kernels (4.5x
+    slower k-NN); import_faiss sets its kernel family for the load only, and a user's choice wins."""
+    expected = openblas_core_for_cpu()
+    seen = _blas_cores()
+    assert seen["faiss"] is not None  # faiss's own OpenBLAS, found
+    if expected is not None:
+        assert seen["faiss"] == expected
+    assert seen["env"] is None  # removed again: child processes keep their own detection
+    assert seen["numpy_after"] == seen["numpy_before"]  # NumPy's OpenBLAS untouched
+    forced = _blas_cores("Prescott")
+    assert forced["faiss"] == "Prescott" and forced["env"] == "Prescott"

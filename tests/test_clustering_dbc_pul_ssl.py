@@ -11,6 +11,7 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from ureid.clustering import dbc, ssl
+from ureid.clustering._common import import_faiss
 from ureid.clustering.dbc import dispersion_merge
 from ureid.clustering.pul import inertia, kmeans, select_reliable
 from ureid.clustering.ssl import reliable_neighbors
@@ -20,8 +21,7 @@ from ureid.clustering.ssl import reliable_neighbors
 def one_thread():
     """The arrays here are tiny: threads gain nothing, and on a busy machine spinning OpenMP workers turn a
     0.3 s k-means into 30 s. Limit torch, faiss, BLAS and scikit-learn to one thread per test."""
-    import faiss
-
+    faiss = import_faiss()
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)

@@ -234,8 +234,9 @@ def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_clus
 
     @ray.remote(num_cpus=0)
     def seen():
-        import faiss
-        return faiss.omp_get_max_threads()
+        from ureid.clustering._common import import_faiss
+
+        return import_faiss().omp_get_max_threads()
 
     assert ray.get(seen.remote()) == 1  # what the store gets by default
     for threads in (None, 2):

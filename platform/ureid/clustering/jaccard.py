@@ -19,12 +19,17 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from ._common import as_numpy_features, map_threads, relabel_by_first_index
+from ._common import as_numpy_features, map_threads, relabel_by_first_index, resolve_threads
 from .topk import ExactKnn, knn_search_block
 
 # Candidate (row, column, row') triples held at once in the expansion and Jaccard passes (~60 bytes
 # each in temporaries): bounds the working memory independently of N and of how clustered the data is.
 _TRIPLE_BUDGET = 1 << 21
+
+
+def _threaded_budget() -> int:
+    """Triples per row block when blocks run on the caller's threads: the same total in flight."""
+    return max(1, _TRIPLE_BUDGET // resolve_threads())
 
 
 def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, max_distance=None, map_blocks=None,
@@ -300,8 +305,9 @@ def _expand(n, r_ptr, r_idx, h_ptr, h_idx):
     pair_rows = np.repeat(np.arange(n, dtype=np.int64), r_len)
     r_keys = np.sort(pair_rows * n + r_idx)
     row_triples = np.bincount(pair_rows, weights=h_len[r_idx], minlength=n).astype(np.int64)
-    out = []
-    for s, e in _row_blocks(row_triples + r_len, _TRIPLE_BUDGET):
+
+    def block(span):
+        s, e = span
         pair_i = np.repeat(np.arange(s, e, dtype=np.int64), r_len[s:e])
         pair_c = r_idx[r_ptr[s]:r_ptr[e]]
         which, pos = _spans(h_ptr[pair_c], h_len[pair_c])
@@ -310,14 +316,18 @@ def _expand(n, r_ptr, r_idx, h_ptr, h_idx):
         pos = np.minimum(np.searchsorted(r_keys, t_keys), r_keys.size - 1)
         hits = np.bincount(which[r_keys[pos] == t_keys], minlength=pair_c.size)
         accept = hits > (2 / 3) * h_len[pair_c]
-        out.append(np.unique(np.concatenate((pair_i * n + pair_c, t_keys[accept[which]]))))
+        return np.unique(np.concatenate((pair_i * n + pair_c, t_keys[accept[which]])))
+
+    # Row blocks are independent: on the caller's threads (see _common.map_threads), each as in the loop.
+    out = map_threads(block, _row_blocks(row_triples + r_len, _threaded_budget()))
     keys = np.concatenate(out) if out else np.empty(0, dtype=np.int64)
     return _indptr(keys // n, n), keys % n
 
 
 def _softmax_weights(X, ptr, idx, chunk_floats=1 << 22):
     """Step 4 in float64: per row, softmax of ``-(2 - 2 x_i . x_j)`` over the row's columns. The dot products
-    run in chunks of pairs on torch's thread count (``_common.map_threads``; each chunk as in a loop)."""
+    (in chunks of pairs) and the softmax (in ranges of whole rows) run on torch's thread count
+    (``_common.map_threads``; each piece as in a loop, so the weights are bitwise the one-thread ones)."""
     n = ptr.size - 1
     rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(ptr))
     logits = np.empty(idx.size, dtype=np.float64)
@@ -332,8 +342,20 @@ def _softmax_weights(X, ptr, idx, chunk_floats=1 << 22):
     if starts.size == 0:
         return logits
     counts = np.diff(np.append(starts, idx.size))
-    ex = np.exp(logits - np.repeat(np.maximum.reduceat(logits, starts), counts))
-    return ex / np.repeat(np.add.reduceat(ex, starts), counts)
+    weights = np.empty_like(logits)
+
+    def rows_softmax(span):  # whole rows: each row's max, exp and sum as over the full array
+        a, b = span
+        lo, hi = starts[a], starts[a] + counts[a:b].sum()
+        z = logits[lo:hi]
+        ex = np.exp(z - np.repeat(np.maximum.reduceat(z, starts[a:b] - lo), counts[a:b]))
+        weights[lo:hi] = ex / np.repeat(np.add.reduceat(ex, starts[a:b] - lo), counts[a:b])
+
+    pieces = 1 if resolve_threads() == 1 else 4 * resolve_threads()  # row ranges of about equal pairs
+    cuts = np.searchsorted(np.cumsum(counts), np.arange(1, pieces) * (idx.size / pieces), side="right")
+    bounds = np.unique(np.concatenate(([0], cuts, [starts.size])))
+    map_threads(rows_softmax, list(zip(bounds[:-1], bounds[1:])))
+    return weights
 
 
 def _jaccard(V, cut, info):
@@ -351,8 +373,9 @@ def _jaccard(V, cut, info):
     per_row = np.bincount(v_rows, weights=length, minlength=n).astype(np.int64)
     has_diag = np.zeros(n, dtype=bool)
     up_count = np.zeros(n, dtype=np.int64)
-    up_j, up_d = [], []  # strictly upper pairs, row-major; the diagonal is recorded in has_diag
-    for s, e in _row_blocks(per_row, _TRIPLE_BUDGET):
+
+    def rows(span):  # strictly upper pairs of rows s..e-1, row-major; the diagonal goes to has_diag
+        s, e = span
         lo, hi = V.indptr[s], V.indptr[e]
         which, pos = _spans(first[lo:hi], length[lo:hi])
         vmin = np.minimum(V.data[lo:hi][which], C.data[pos])
@@ -369,9 +392,12 @@ def _jaccard(V, cut, info):
         d[d < 0] = 0.0
         keep = ~diag if cut is None else ~diag & (d.astype(np.float64) <= cut)
         up_count[s:e] = np.bincount(bi[keep] - s, minlength=e - s)
-        up_j.append(bj[keep].astype(np.int32 if n < 2**31 else np.int64))
-        up_d.append(d[keep])
-    del C, first, length, v_rows
+        return bj[keep].astype(np.int32 if n < 2**31 else np.int64), d[keep]
+
+    # Row blocks are independent: on the caller's threads (see _common.map_threads), each as in the loop.
+    parts = map_threads(rows, _row_blocks(per_row, _threaded_budget()))
+    up_j, up_d = [p[0] for p in parts], [p[1] for p in parts]
+    del C, first, length, v_rows, parts
     upper = sp.csr_matrix((_concat(up_d, np.float32), _concat(up_j, np.int32), _indptr_from_counts(up_count)),
                           shape=(n, n))
     del up_j, up_d

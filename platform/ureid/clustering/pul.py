@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import as_torch_features, check_labels, relabel_by_first_index, resolve_device
+from ._common import as_torch_features, check_labels, import_faiss, relabel_by_first_index, resolve_device
 
 MATCH_MODES = ("any", "own")
 
@@ -158,7 +158,7 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator) -> t
 
 
 def _lloyd_faiss(x: torch.Tensor, centres: torch.Tensor, max_iter: int, seed: int) -> np.ndarray:
-    import faiss
+    faiss = import_faiss()
 
     xn = np.ascontiguousarray(x.cpu().numpy())
     n, d = xn.shape

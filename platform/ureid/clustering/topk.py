@@ -16,6 +16,8 @@ import contextlib
 
 import numpy as np
 
+from ._common import import_faiss
+
 BACKENDS = ("faiss", "torch")
 
 
@@ -38,8 +40,7 @@ def faiss_threads(num_threads: int | None):
     if num_threads is None:
         yield
         return
-    import faiss
-
+    faiss = import_faiss()
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(int(num_threads))
     try:
@@ -96,9 +97,8 @@ class ExactKnn:
         ids = np.empty((nq, k), dtype=np.int64)
         if self.backend == "faiss":
             q = np.ascontiguousarray(np.asarray(queries), dtype=np.float32)
+            faiss = import_faiss()
             with faiss_threads(self.num_threads):
-                import faiss
-
                 for s in range(0, nq, self.block_size):
                     dist[s:s + self.block_size], ids[s:s + self.block_size] = faiss.knn(
                         q[s:s + self.block_size], self.database, k)

@@ -66,9 +66,12 @@ def _threads(count: int | None):
     if count is None:
         yield
         return
-    import faiss
     import torch
     from threadpoolctl import threadpool_limits
+
+    from ..clustering._common import import_faiss
+
+    faiss = import_faiss()
 
     old_faiss, old_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(count)
@@ -207,9 +210,11 @@ class FeatureStore:
                             is_fake=inputs.is_fake, parts=parts, known_labels=self._known_labels(stage),
                             map_blocks=blocks, features_writable=True)
         with _threads(self.cfg.ray.store_threads):
-            import faiss
             from threadpoolctl import threadpool_info
 
+            from ..clustering._common import import_faiss
+
+            faiss = import_faiss()
             threads = faiss.omp_get_max_threads()
             blas = min((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=threads)
             new = self.method.update(self.cfg, pooled, previous, ctx)
