@@ -427,13 +427,14 @@ def _blas_cores(env_core=None):
         env["OPENBLAS_CORETYPE"] = env_core
     code = ("import json, os, numpy\n"
             "from threadpoolctl import threadpool_info\n"
-            "numpy_core = [p['architecture'] for p in threadpool_info() if p.get('internal_api') == 'openblas'"
-            " and 'numpy' in p['filepath']]\n"
+            "def numpy_core():\n"
+            "    return [p['architecture'] for p in threadpool_info()"
+            " if p.get('internal_api') == 'openblas' and 'numpy' in p['filepath']]\n"
+            "before = numpy_core()\n"
             "from ureid.clustering._common import faiss_blas_core, import_faiss\n"
             "import_faiss()\n"
-            "print(json.dumps({'faiss': faiss_blas_core(), 'numpy_before': numpy_core,"
-            " 'numpy_after': [p['architecture'] for p in threadpool_info() if p.get('internal_api') == 'openblas'"
-            " and 'numpy' in p['filepath']], 'env': os.environ.get('OPENBLAS_CORETYPE')}))\n")
+            "print(json.dumps({'faiss': faiss_blas_core(), 'numpy_before': before, 'numpy_after': numpy_core(),"
+            " 'env': os.environ.get('OPENBLAS_CORETYPE')}))\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -54,11 +54,8 @@ def import_faiss():
     process that imported faiss before this keeps the faiss it loaded; ``OPENBLAS_CORETYPE`` set by the user
     wins.
     """
-    if "faiss" in sys.modules:
-        import faiss
-
-        return faiss
-    core = None if "OPENBLAS_CORETYPE" in os.environ else openblas_core_for_cpu()
+    loaded = "faiss" in sys.modules  # then its OpenBLAS has chosen already
+    core = None if loaded or "OPENBLAS_CORETYPE" in os.environ else openblas_core_for_cpu()
     if core is not None:
         os.environ["OPENBLAS_CORETYPE"] = core
     try:

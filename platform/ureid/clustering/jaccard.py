@@ -351,7 +351,8 @@ def _softmax_weights(X, ptr, idx, chunk_floats=1 << 22):
         ex = np.exp(z - np.repeat(np.maximum.reduceat(z, starts[a:b] - lo), counts[a:b]))
         weights[lo:hi] = ex / np.repeat(np.add.reduceat(ex, starts[a:b] - lo), counts[a:b])
 
-    pieces = 1 if resolve_threads() == 1 else 4 * resolve_threads()  # row ranges of about equal pairs
+    threads = resolve_threads()
+    pieces = 1 if threads == 1 else 4 * threads  # row ranges of about equal pairs
     cuts = np.searchsorted(np.cumsum(counts), np.arange(1, pieces) * (idx.size / pieces), side="right")
     bounds = np.unique(np.concatenate(([0], cuts, [starts.size])))
     map_threads(rows_softmax, list(zip(bounds[:-1], bounds[1:])))
