@@ -8,6 +8,10 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 2 s, so a run's end (and each report) waits up to 2 s more
+# for the next poll: seconds per fit(), of which the suite runs dozens. A poll that takes longer is awaited at
+# the next one (a worker is declared dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import pytest  # noqa: E402
 
@@ -28,6 +32,34 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stat(pid) -> tuple[str, str, int, int] | None:
+    """(name, state, parent pid, process group) of a process, from /proc (None when it is gone)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+    return name, state, int(ppid), int(pgrp)
+
+
+def _alive(pid) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def _processes():
+    return [(int(d), st) for d in os.listdir("/proc") if d.isdigit() and (st := _stat(d)) is not None]
+
+
+def _group_processes(pgid: int, name: str) -> list[int]:
+    return [pid for pid, (n, state, _, pgrp) in _processes() if pgrp == pgid and n == name and state != "Z"]
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, (_, state, ppid, _) in _processes() if ppid == pid and state != "Z"]
 
 
 @pytest.fixture(scope="session")
@@ -97,19 +129,24 @@ def ray_cluster():
         yield
     finally:
         ray.shutdown()
-        # Both nodes at once, each node's own process group only, and gracefully (about 35 s): the raylet ends
-        # its workers, which live in process groups of their own; nodes SIGKILLed after 5 s left an orphaned
-        # TrainController behind.
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, signal.SIGTERM)
+        # The raylets first and alone, gracefully: a raylet ends its workers (nodes SIGKILLed after 5 s left an
+        # orphaned TrainController behind) and tells the GCS, which must still be up (with the whole process
+        # group SIGTERMed at once the raylets waited 10-30 s for the stopping GCS; alone they take a fraction of
+        # a second). Then what is left (GCS, dashboard, monitor, `ray start`, the watchdog) holds no one's work
+        # and each node's own process group is SIGKILLed.
+        raylets = [pid for node in nodes for pid in _group_processes(node.pid, "raylet")]
+        workers = [pid for raylet in raylets for pid in _children(raylet)]
+        for pid in raylets:
+            os.kill(pid, signal.SIGTERM)
         deadline = time.time() + 60
+        while any(_alive(pid) for pid in raylets + workers) and time.time() < deadline:
+            time.sleep(0.2)
         for node in nodes:
             try:
-                node.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
-                node.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+            node.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
