@@ -122,7 +122,9 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
     space = tmp_path / "space.yaml"
     space.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
     out = tmp_path / "out"
-    sets = [*_overrides(tiny_root, out), f"ray.address={ray.get_runtime_context().gcs_address}"]
+    # A second stage of 15 epochs (seconds, against a fraction of one): the kill lands while it trains,
+    # whatever the timing of the reports.
+    sets = [*_overrides(tiny_root, out), "train.stage_epochs=15", f"ray.address={ray.get_runtime_context().gcs_address}"]
     cmd = [sys.executable, "-m", "ureid.cli", "tune", "buc", "--config", str(CONFIG_DIR / "buc_cpu.yaml"),
            "--space", str(space), "--search", "grid", "--scheduler", "none", "--max-concurrent", "1",
            "--name", "killed", *[a for s in sets for a in ("--set", s)]]
@@ -139,7 +141,7 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
         runs = histories()
         if len(runs) == 2 and any(len(h) == 1 for h in runs.values()):
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert driver.poll() is None, f"the driver ended before it could be killed:\n{(tmp_path / 'driver.log').read_text()}"
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
