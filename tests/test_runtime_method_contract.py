@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import ray
 import ray.cloudpickle
 import numpy as np
 import pytest
@@ -99,6 +100,44 @@ def test_a_method_defined_outside_the_package_runs_through_the_runtime(ray_clust
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     logged = client.get_metric_history(summary["run_id"], "toy_truth_checksum")
     assert [m.value for m in logged] == [float(truth.sum())] * 2
+
+
+class _Unreadable:
+    """Pickles, but cannot be unpickled (ValueError): the feature store meets it when it reads its inputs."""
+
+    def __reduce__(self):
+        return int, ("the store cannot read its inputs",)
+
+
+class StoreCannotStart(PairUp):
+    name = "toy_store_cannot_start"
+
+    def initial_targets(self, cfg, data):
+        # only the store unpickles the initial targets
+        return Targets(labels=super().initial_targets(cfg, data).labels, centroids=_Unreadable())
+
+
+def test_a_store_that_cannot_start_fails_the_run_with_its_own_error(ray_cluster, tiny_root, tmp_path):
+    """The driver no longer waits for the store's start before the trainer's; a store whose creation fails
+    must still end the run with the store's error (not Ray Train's wrapper), the MLflow run FAILED with it."""
+    method = register(StoreCannotStart(), replace=True)
+    try:
+        out = tmp_path / "out"
+        config = tmp_path / "toy.yaml"
+        config.write_text(f"base: {CONFIG_DIR / 'cpu_base.yaml'}\nmethod: toy_store_cannot_start\n")
+        cfg = load_config(config, [
+            f"data.root={tiny_root}", "data.height=32", "data.width=16", "model.embedding_dim=32",
+            "train.batch_size=8", "train.eval_batch_size=32", "train.max_batches_per_epoch=1", "ray.num_workers=2",
+            "ray.cpus_per_worker=1", "ray.max_failures=0", f"output_dir={out}",
+            f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-toy-store",
+            *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]])
+        with pytest.raises(ray.exceptions.RayActorError, match="the store cannot read its inputs"):
+            run_experiment(cfg, quiet=True)
+    finally:
+        METHODS.pop(method.name, None)
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("test-toy-store").experiment_id])
+    assert run.info.status == "FAILED" and "the store cannot read its inputs" in run.data.tags["error"]
 
 
 RUNTIME_PACKAGES = ("runtime", "tracking", "engine")

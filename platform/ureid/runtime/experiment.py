@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +70,24 @@ def _resume_point(job: Job) -> tuple[int, str | None]:
     return stage, str(checkpoints[stage - 1]) if stage else None
 
 
+@contextmanager
+def _store_errors_first(store):
+    """A store that failed to start fails the workers that call it, after Ray Train's retries; then its own
+    error is the one raised (chained to the trainer's), not the trainer's wrapper of it."""
+    import ray
+
+    try:
+        yield
+    except Exception as exc:
+        try:
+            ray.get(store.pid.remote(), timeout=60)
+        except ray.exceptions.RayActorError as store_error:
+            raise store_error from exc
+        except Exception:
+            pass
+        raise
+
+
 def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
                    parent_run_id: str | None = None, callbacks: Sequence = (),
                    cluster_placement_group=None, verbose: bool = False) -> dict:
@@ -121,11 +139,11 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                              initial=method.initial_targets(cfg, data), seed=cfg.seed)
         state_dir = job.run_dir / "feature_store"
         store = FeatureStore.options(name="feature_store", namespace=namespace).remote(
-            method, cfg, save_inputs(inputs, state_dir), cfg.ray.num_workers, str(state_dir), cluster_placement_group)
-        ray.get(store.forget_from.remote(start_stage))
+            method, cfg, save_inputs(inputs, state_dir), cfg.ray.num_workers, str(state_dir), cluster_placement_group,
+            first_stage=start_stage)
         relay = None if quiet or verbose else ProgressRelay.options(namespace=namespace).remote()
         try:
-            with DriverProgress(relay) if relay is not None else nullcontext():
+            with DriverProgress(relay) if relay is not None else nullcontext(), _store_errors_first(store):
                 job.fit(train_loop_per_worker, {
                     "cfg": cfg, "method": method, "data": data, "num_stages": num_stages,
                     "store_name": "feature_store", "namespace": namespace, "resume_from": resume_from,

@@ -111,7 +111,12 @@ def save_inputs(inputs: StoreInputs, state_dir: str | Path) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": UPDATE_ENV})
 class FeatureStore:
-    def __init__(self, method, cfg, inputs: StoreInputs | str, world_size: int, state_dir: str, placement_group=None):
+    def __init__(self, method, cfg, inputs: StoreInputs | str, world_size: int, state_dir: str, placement_group=None,
+                 first_stage: int | None = None):
+        """``first_stage``: the stage this attempt of the run starts at. The updates and shards from it on are
+        dropped when the store is created (see :meth:`forget_from`), but not when Ray restarts it: a restart
+        keeps what this attempt finished. Given here rather than as a first call, the driver need not wait for
+        the store's start (imports, seconds) before launching the trainer, whose start overlaps it."""
         # ``inputs`` as a file in the run folder (see save_inputs) keeps the creation arguments small: Ray
         # inlines them, and a restart never depends on objects the driver owns.
         if isinstance(inputs, str):
@@ -127,6 +132,8 @@ class FeatureStore:
         for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
             if stage not in self.results:
                 self.shards.setdefault(stage, {})[rank] = path
+        if first_stage is not None and not ray.get_runtime_context().was_current_actor_reconstructed:
+            self.forget_from(first_stage)
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it)."""
