@@ -225,29 +225,32 @@ def test_two_stages_on_ray_train_with_identical_memories_and_one_adam(ray_cluste
 
 def test_a_sweep_over_its_own_keys_runs_through_tune(ray_cluster, tiny_root, tmp_path):
     """Cluster Contrast's search keys (eps, k1, temperature) through the same ``ureid tune`` as the seed methods:
-    two grid trials, each a 2-worker Train run with its clustering slots reserved, each child run carrying its
-    setting, and the label-free objective reported per stage."""
+    a grid trial (one: each costs a 2-worker Train run, and every value differs from the base config's), a
+    2-worker Train run with its clustering slots reserved, its child run carrying its setting, and the
+    label-free objective reported per stage. The seed methods' sweeps (several trials, ASHA, Optuna, a killed
+    driver): tests/test_tune.py."""
     from mlflow.tracking import MlflowClient
 
-    from ureid.config import save_config
+    from ureid.config import load_config, save_config
     from ureid.runtime.tune import run_sweep
 
     base = save_config(_cc_cfg(tiny_root, tmp_path / "out", "schedule.max_stages=1"), tmp_path / "base.yaml")
     space = tmp_path / "space.yaml"
-    space.write_text("space:\n  clustering.eps: {grid: [0.6, 0.7]}\n  clustering.k1: {grid: [6]}\n"
+    space.write_text("space:\n  clustering.eps: {grid: [0.7]}\n  clustering.k1: {grid: [8]}\n"
                      "  loss.temperature: {grid: [0.1]}\n")
     summary = run_sweep(base, "cluster_contrast", [], space_file=str(space), search="grid", scheduler="none",
                         max_concurrent=1, quiet=True)
+    base_cfg = load_config(base)
+    assert base_cfg.clustering.eps != 0.7 and base_cfg.clustering.k1 != 8 and base_cfg.loss.temperature != 0.1
     trials = summary["trials"]
-    assert [t["status"] for t in trials] == ["finished", "finished"]
-    assert sorted(t["clustering.eps"] for t in trials) == [0.6, 0.7]
+    assert [t["status"] for t in trials] == ["finished"] and trials[0]["clustering.eps"] == 0.7
     client = MlflowClient(summary["tracking_uri"])
     for t in trials:
         run = client.get_run(client.search_runs(
             [client.get_run(summary["parent_run_id"]).info.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}' and attributes.run_name = '{t['trial']}'")[0].info.run_id)
         assert float(run.data.params["clustering.eps"]) == t["clustering.eps"]
-        assert float(run.data.params["loss.temperature"]) == 0.1 and run.data.params["clustering.k1"] == "6"
+        assert float(run.data.params["loss.temperature"]) == 0.1 and run.data.params["clustering.k1"] == "8"
         assert [m.step for m in client.get_metric_history(run.info.run_id, summary["objective"])] == [0]
 
 
