@@ -54,12 +54,11 @@ def _processes():
     return [(int(d), st) for d in os.listdir("/proc") if d.isdigit() and (st := _stat(d)) is not None]
 
 
-def _group_processes(pgid: int, name: str) -> list[int]:
-    return [pid for pid, (n, state, _, pgrp) in _processes() if pgrp == pgid and n == name and state != "Z"]
-
-
-def _children(pid: int) -> list[int]:
-    return [child for child, (_, state, ppid, _) in _processes() if ppid == pid and state != "Z"]
+def _raylets_and_their_workers(pgids) -> tuple[list[int], list[int]]:
+    """The live raylets of these process groups and the live children of those raylets, from one /proc scan."""
+    live = [(pid, st) for pid, st in _processes() if st[1] != "Z"]
+    raylets = [pid for pid, (name, _, _, pgrp) in live if pgrp in pgids and name == "raylet"]
+    return raylets, [pid for pid, (_, _, ppid, _) in live if ppid in raylets]
 
 
 @pytest.fixture(scope="session")
@@ -134,8 +133,7 @@ def ray_cluster():
         # group SIGTERMed at once the raylets waited 10-30 s for the stopping GCS; alone they take a fraction of
         # a second). Then what is left (GCS, dashboard, monitor, `ray start`, the watchdog) holds no one's work
         # and each node's own process group is SIGKILLed.
-        raylets = [pid for node in nodes for pid in _group_processes(node.pid, "raylet")]
-        workers = [pid for raylet in raylets for pid in _children(raylet)]
+        raylets, workers = _raylets_and_their_workers({node.pid for node in nodes})
         for pid in raylets:
             os.kill(pid, signal.SIGTERM)
         deadline = time.time() + 60

@@ -83,7 +83,7 @@ def _store_errors_first(store):
             ray.get(store.pid.remote(), timeout=60)
         except ray.exceptions.RayActorError as store_error:
             raise store_error from exc
-        except Exception:
+        except Exception:  # the store answered late or oddly: it did not fail to start, the trainer's error stands
             pass
         raise
 
