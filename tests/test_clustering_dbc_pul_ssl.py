@@ -301,6 +301,20 @@ def test_inertia_matches_loop():
     assert inertia(x, labels) == pytest.approx(expected, rel=1e-12)
 
 
+def test_restart_scores_are_the_inertias_and_the_same_together_or_one_by_one():
+    """The closed form that picks the restart agrees with the two-pass inertia, including raw features far from
+    the origin (the cancellation case), and a restart scores the same alone (one per task) as with the others."""
+    from ureid.clustering.pul import _restart_inertias
+
+    rng = np.random.default_rng(1)
+    x = (clustered(5, n=3000, d=64, k=30, noise=0.3) + 20.0).astype(np.float32)
+    runs = [rng.integers(0, 30, len(x)) for _ in range(3)] + [np.zeros(len(x), dtype=np.int64)]
+    together = _restart_inertias(x, runs)
+    for labels, value in zip(runs, together):
+        assert value == pytest.approx(inertia(x, labels), rel=1e-9)
+        assert _restart_inertias(x, [labels]) == [value]
+
+
 @pytest.mark.parametrize("device", [None, "cpu"])  # faiss Lloyd, torch Lloyd
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kmeans_inertia_within_one_percent_of_sklearn(device, seed):

@@ -75,7 +75,8 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
             stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + n_init
     else:
         xn = x.cpu().numpy()
-        runs = [lloyd_restart(xn, job) for job in jobs]
+        labels = [_lloyd_faiss(x, x[seeds[r]], int(max_iter), seed=job[1]) for r, job in enumerate(jobs)]
+        runs = zip(labels, _restart_inertias(xn, labels))
     return relabel_by_first_index(_lowest_inertia(runs))
 
 
@@ -94,7 +95,29 @@ def lloyd_restart(features: np.ndarray, job) -> tuple[np.ndarray, float]:
     seed_idx, faiss_seed, max_iter = job
     x = torch.from_numpy(np.asarray(features))
     labels = _lloyd_faiss(x, x[torch.from_numpy(np.asarray(seed_idx))], int(max_iter), seed=int(faiss_seed))
-    return labels, inertia(x, labels)
+    return labels, _restart_inertias(features, [labels])[0]
+
+
+def _restart_inertias(features: np.ndarray, runs: list[np.ndarray]) -> list[float]:
+    """The inertia of each restart's labels, in float64, by the closed form
+    sum_i |x_i|^2 - sum_c |S_c|^2 / n_c (S_c the sum of cluster c's samples): one pass over the samples for
+    all restarts, each float64 row chunk shared by them, instead of :func:`inertia`'s two passes per restart
+    with a gather of every sample's mean (0.57 s a restart at N = 12,936, d = 2048). Only the choice of the
+    restart rests on it. A restart's value depends on nothing but its labels and the fixed row chunks, so it is
+    the same whether the restarts are scored together (in-process) or one per task (``map_blocks``)."""
+    x = torch.from_numpy(np.asarray(features))
+    n, d = x.shape
+    idx = [torch.from_numpy(np.asarray(labels, dtype=np.int64).reshape(-1)) for labels in runs]
+    sums = [torch.zeros(int(i.max()) + 1, d, dtype=torch.float64) for i in idx]
+    total = 0.0
+    step = max(1, _CHUNK_BYTES // (8 * d))
+    for s in range(0, n, step):
+        chunk = x[s:s + step].double()
+        total += float((chunk * chunk).sum())
+        for i, acc in zip(idx, sums):
+            acc.index_add_(0, i[s:s + step], chunk)
+    return [total - float(((acc * acc).sum(1) / torch.bincount(i, minlength=acc.shape[0]).clamp_min(1).double()).sum())
+            for i, acc in zip(idx, sums)]
 
 
 def inertia(features, labels) -> float:
