@@ -315,7 +315,67 @@ def test_restart_scores_are_the_inertias_and_the_same_together_or_one_by_one():
         assert _restart_inertias(x, [labels]) == [value]
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])  # faiss Lloyd, torch Lloyd
+def test_nearest_centres_are_decided_exactly_where_float32_rounding_misleads():
+    """Samples far from the origin, almost equidistant from two centres: float32 products pick the wrong centre
+    for some of them; the lockstep assignment gives the float64 answer, and exact ties go to the lower index."""
+    from ureid.clustering.pul import _UNIT, _nearest_exact, _row_sq64
+
+    rng = np.random.default_rng(0)
+    d = 64
+    base = rng.standard_normal(d) * 300
+    centres = np.stack([base + rng.standard_normal(d), base + rng.standard_normal(d), base + 5 * rng.standard_normal(d)])
+    mid = (centres[0] + centres[1]) / 2
+    axis = (centres[1] - centres[0]) / np.linalg.norm(centres[1] - centres[0])
+    x = mid + rng.standard_normal((4000, d)) * 0.5
+    x -= np.outer((x - mid) @ axis, axis)  # on the bisector of centres 0 and 1 ...
+    x += np.outer(rng.uniform(-1e-4, 1e-4, len(x)), axis)  # ... give or take a hair
+    x, centres = x.astype(np.float32), centres.astype(np.float32)
+    x64, c64 = x.astype(np.float64), centres.astype(np.float64)
+    want = np.argmin((c64 * c64).sum(1) - 2 * x64 @ c64.T, axis=1)
+    f32 = np.argmin((centres * centres).sum(1) - 2 * x @ centres.T, axis=1)
+    assert (f32 != want).sum() > 10, "the case must defeat float32"
+    gamma = d * _UNIT / (1 - d * _UNIT)
+    got = _nearest_exact(x, np.sqrt(_row_sq64(x)), centres[None], gamma)[0]
+    assert np.array_equal(got, want)
+    # exact ties (every product exact): the lower index, as argmin
+    ties = np.array([[0, 0, 0, 0], [2, 2, 2, 2]], dtype=np.float32)
+    twins = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [3, 3, 3, 3], [1, 1, 1, 1]], dtype=np.float32)
+    assert _nearest_exact(ties, np.sqrt(_row_sq64(ties)), twins[None], gamma)[0].tolist() == [0, 0]
+
+
+def test_lockstep_restarts_give_each_restart_the_labels_it_gets_alone():
+    from ureid.clustering.pul import _kmeanspp, _lloyd_lockstep
+
+    x = clustered(6, n=1500, d=48, k=25, noise=1.2)
+    seeds = _kmeanspp(torch.from_numpy(x), 25, 4, torch.Generator().manual_seed(3)).numpy()
+    together = _lloyd_lockstep(x, seeds, 300)
+    for r in range(4):
+        assert np.array_equal(_lloyd_lockstep(x, seeds[r:r + 1], 300)[0], together[r])
+    assert np.array_equal(_lloyd_lockstep(x, seeds[:1], 300)[0], together[0])
+    # a fixed point: one more Lloyd step from the final means keeps every label
+    means = np.stack([x[together[0] == c].mean(0) for c in range(25)])
+    assert np.array_equal(np.argmin(((x[:, None, :] - means[None]) ** 2).sum(2), 1), together[0])
+
+
+def test_kmeans_through_map_blocks_gives_the_in_process_labels():
+    """The restarts go out in groups (one task each); the winner and its labels are the in-process ones."""
+    from ureid.clustering.pul import RESTARTS_PER_TASK
+
+    x = clustered(7, n=1200, d=24, k=30, noise=1.4)
+    calls = []
+
+    def executor(fn, shared, items):
+        calls.append(len(items))
+        return [fn(shared, item) for item in items]
+
+    for n_init in (10, 7):
+        stats = {}
+        got = kmeans(x, 30, seed=2, n_init=n_init, map_blocks=executor, stats=stats)
+        assert np.array_equal(got, kmeans(x, 30, seed=2, n_init=n_init))
+        assert stats["mapped_blocks"] == calls[-1] == -(-n_init // RESTARTS_PER_TASK) > 1
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])  # lockstep Lloyd, torch Lloyd
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kmeans_inertia_within_one_percent_of_sklearn(device, seed):
     x = clustered(seed)

@@ -3,7 +3,7 @@
 =======================  =========================================================================
 ``bottom_up_merge``      BUC (and camstyle with ``is_fake``): sample-pair score + diversity penalty
 ``dispersion_merge``     DBC: average linkage + intra-dispersion, per stage (code) or per merge (paper)
-``kmeans``               PUL: k-means on raw features (faiss)
+``kmeans``               PUL: k-means on raw features (lockstep Lloyd, exact assignments)
 ``select_reliable``      PUL: samples whose cosine to a cluster centre exceeds the threshold
 ``reliable_neighbors``   SSL: k most similar images by global + part distance + camera penalty
 ``kreciprocal_jaccard``  Cluster Contrast / SpCL: k-reciprocal Jaccard distance as a sparse matrix,
