@@ -188,3 +188,28 @@ def test_optuna_starts_from_the_paper_defaults(ray_cluster, tiny_root, tmp_path)
     with pytest.raises(ConfigError, match="grid; Optuna samples"):
         file.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", overrides, space_file=str(file), search="optuna")
+
+
+def test_a_trial_stopped_by_the_scheduler_leaves_its_status_to_the_sweep(tmp_path):
+    """A trial that Tune stops dies inside its run (its Train controller and store go with its actor); its
+    failure handler must not mark the child run FAILED, or a FAILED written after the sweep's KILLED wins
+    (seen when the stopped trial was the sweep's last). Any other failure is still FAILED with its reason."""
+    from types import SimpleNamespace
+
+    from ureid.runtime.job import Job
+
+    tracking_cfg = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="stop", run_name=None)
+    client = MlflowClient(tracking_cfg.tracking_uri)
+    cases = [(lambda: True, RuntimeError("owner died"), "RUNNING"),  # the sweep marks it KILLED afterwards
+             (lambda: False, SystemExit(0), "RUNNING"),  # Tune's graceful exit of the trial's thread
+             (lambda: False, RuntimeError("a real error"), "FAILED"),
+             (None, SystemExit(0), "FAILED")]  # outside a sweep, any exit through the run is a failure
+    for stopped, error, status in cases:
+        job = Job.start("buc", tmp_path / "out", tracking_cfg, params={}, tags={})
+        with pytest.raises(type(error)):
+            with job.failing_loudly(stopped):
+                raise error
+        run = client.get_run(job.run_id)
+        assert run.info.status == status, (error, status)
+        if status == "FAILED":
+            assert str(error.code if isinstance(error, SystemExit) else error) in run.data.tags.get("error", "")

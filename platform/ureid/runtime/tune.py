@@ -145,7 +145,7 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
     earlier = _latest_run(Path(sweep_dir) / "trials" / name)
     if earlier is None:
         run_experiment(cfg, quiet=True, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
-                       cluster_placement_group=reserved)
+                       cluster_placement_group=reserved, stopped=_stopped_by_tune)
     elif (earlier / "summary.json").is_file():
         # It finished before the sweep's driver died, after Tune last saved its state: report, do not re-train.
         from .callbacks import read_history
@@ -154,7 +154,19 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
             tune.report(row)
     else:  # a driver died mid-trial: continue its run (same folder and MLflow child) after its last stage
         run_experiment(cfg, resume=earlier, quiet=True, callbacks=[TuneReportCallback()],
-                       cluster_placement_group=reserved)
+                       cluster_placement_group=reserved, stopped=_stopped_by_tune)
+
+
+def _stopped_by_tune() -> bool:
+    """Whether Tune has asked this trial to stop (ASHA, or the sweep ending). Such a trial dies inside
+    ``run_experiment`` as Tune ends its actor, and its failure handler must not mark the run FAILED: written
+    after :func:`_finish` marked it KILLED, FAILED won (seen when the stopped trial was the sweep's last; the
+    dying process can still run after Ray reports the actor dead). Tune's stop sets the session's stop event
+    (``FunctionTrainable.cleanup`` -> ``session.finish``; ray 2.60, pinned)."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return session is not None and session.stop_event.is_set()
 
 
 def _latest_run(trial_dir: Path) -> Path | None:
