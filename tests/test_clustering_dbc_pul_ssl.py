@@ -335,12 +335,12 @@ def test_nearest_centres_are_decided_exactly_where_float32_rounding_misleads():
     f32 = np.argmin((centres * centres).sum(1) - 2 * x @ centres.T, axis=1)
     assert (f32 != want).sum() > 10, "the case must defeat float32"
     gamma = d * _UNIT / (1 - d * _UNIT)
-    got = _nearest_exact(x, np.sqrt(_row_sq64(x)), centres[None], gamma)[0]
+    got = _nearest_exact(x, _row_sq64(x), centres[None], gamma)[0][0]
     assert np.array_equal(got, want)
     # exact ties (every product exact): the lower index, as argmin
     ties = np.array([[0, 0, 0, 0], [2, 2, 2, 2]], dtype=np.float32)
     twins = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [3, 3, 3, 3], [1, 1, 1, 1]], dtype=np.float32)
-    assert _nearest_exact(ties, np.sqrt(_row_sq64(ties)), twins[None], gamma)[0].tolist() == [0, 0]
+    assert _nearest_exact(ties, _row_sq64(ties), twins[None], gamma)[0][0].tolist() == [0, 0]
 
 
 def test_lockstep_restarts_give_each_restart_the_labels_it_gets_alone():
@@ -355,6 +355,92 @@ def test_lockstep_restarts_give_each_restart_the_labels_it_gets_alone():
     # a fixed point: one more Lloyd step from the final means keeps every label
     means = np.stack([x[together[0] == c].mean(0) for c in range(25)])
     assert np.array_equal(np.argmin(((x[:, None, :] - means[None]) ** 2).sum(2), 1), together[0])
+
+
+def _plain_lloyd(x, seed_rows, max_iter=300):
+    """Lloyd as written down: float64 distances to every centre on every pass, float64 means stored as float32
+    centres, an emptied cluster's centre moved to the sample farthest from its own centre (the code's rule)."""
+    x64 = x.astype(np.float64)
+    centres = x[seed_rows].copy()
+    k = len(seed_rows)
+
+    def assign():
+        c64 = centres.astype(np.float64)
+        return np.argmin((c64 * c64).sum(1) - 2 * x64 @ c64.T, axis=1)
+
+    def move(labels, counts):
+        full = counts > 0
+        for c in np.flatnonzero(full):
+            centres[c] = (x64[labels == c].sum(0) / counts[c]).astype(np.float32)
+        empty = np.flatnonzero(~full)
+        if empty.size:
+            own = ((x64 - centres[labels].astype(np.float64)) ** 2).sum(1)
+            centres[empty] = x[np.argsort(-own, kind="stable")[:empty.size]]
+
+    labels = assign()
+    counts = np.bincount(labels, minlength=k)
+    move(labels, counts)
+    for _ in range(max_iter):
+        new = assign()
+        if np.array_equal(new, labels) and counts.all():
+            break
+        labels, counts = new, np.bincount(new, minlength=k)
+        move(labels, counts)
+    return labels
+
+
+def test_lloyd_skips_rows_whose_label_cannot_change_and_gives_plain_lloyds_labels(monkeypatch):
+    """The distance bounds leave most rows out of the later passes, and every restart still ends with the
+    labels of Lloyd computed in full (an emptied cluster included: the last restart seeds one sample twice,
+    and the tie goes to the lower index)."""
+    from ureid.clustering import pul
+
+    computed, full = [], []
+    inner = pul._nearest_exact
+
+    def counting(x, xsq, centres, gamma, rows=None):
+        computed.append(centres.shape[0] * (len(x) if rows is None else len(rows)))
+        full.append(centres.shape[0] * len(x))
+        return inner(x, xsq, centres, gamma, rows)
+
+    monkeypatch.setattr(pul, "_nearest_exact", counting)
+    for x, k in ((clustered(6, n=1500, d=48, k=25, noise=1.2), 25), (clustered(8, n=800, d=16, k=25, noise=0.05), 40)):
+        seeds = pul._kmeanspp(torch.from_numpy(x), k, 4, torch.Generator().manual_seed(3)).numpy()
+        seeds[3, 1] = seeds[3, 0]
+        computed.clear(), full.clear()
+        got = pul._lloyd_lockstep(x, seeds, 300)
+        assert sum(computed) < 0.8 * sum(full), "the bounds must spare rows"
+        for r in range(4):
+            assert np.array_equal(got[r], _plain_lloyd(x, seeds[r]))
+        for moves in range(1, 9):  # and after every move on the way (a wrong skip can heal by the end)
+            assert all(np.array_equal(a, _plain_lloyd(x, s, moves))
+                       for a, s in zip(pul._lloyd_lockstep(x, seeds, moves), seeds))
+
+
+def test_seeding_gives_the_same_seeds_on_any_thread_count_and_as_one_product():
+    """k-means++ seeding in fixed column blocks: the same seeds on 1 and 3 threads, and as the plain procedure
+    with one product over all samples per step."""
+    from ureid.clustering import pul
+
+    x = torch.from_numpy(clustered(9, n=5000, d=40, k=60, noise=1.0))  # three column blocks
+    one = pul._kmeanspp(x, 60, 5, torch.Generator().manual_seed(4), threads=1)
+    assert torch.equal(pul._kmeanspp(x, 60, 5, torch.Generator().manual_seed(4), threads=3), one)
+
+    gen = torch.Generator().manual_seed(4)
+    sq = (x * x).sum(1)
+    seeds = torch.empty(5, 60, dtype=torch.long)
+    seeds[:, 0] = torch.randint(len(x), (5,), generator=gen)
+    closest = (sq[seeds[:, :1]] + sq[None, :] - 2 * (x[seeds[:, 0]] @ x.T)).clamp_min_(0)
+    for c in range(1, 60):
+        cdf = torch.cumsum(closest.double(), 1)
+        r = torch.rand(5, 2 + int(np.log(60)), generator=gen, dtype=torch.float64) * cdf[:, -1:]
+        cand = torch.searchsorted(cdf, r).clamp_max_(len(x) - 1)
+        dist = sq[cand, None] + sq[None, None, :] - 2 * (x[cand.reshape(-1)] @ x.T).reshape(5, -1, len(x))
+        dist = torch.minimum(dist.clamp_min_(0), closest[:, None, :])
+        best = torch.argmin(dist.sum(2, dtype=torch.float64), dim=1)
+        seeds[:, c] = cand[torch.arange(5), best]
+        closest = dist[torch.arange(5), best]
+    assert torch.equal(one, seeds)
 
 
 def test_kmeans_through_map_blocks_gives_the_in_process_labels():

@@ -14,7 +14,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import as_torch_features, check_labels, relabel_by_first_index, resolve_device
+from ._common import (as_torch_features, check_labels, map_threads, relabel_by_first_index, resolve_device,
+                      resolve_threads)
 
 MATCH_MODES = ("any", "own")
 
@@ -36,12 +37,14 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
 
     * seeding: greedy k-means++ (Arthur & Vassilvitskii 2007; 2 + ln K candidates per step, as scikit-learn)
       in float32, all restarts advancing together so that each of the K steps reads the samples once for
-      all of them, on one CPU thread: the steps are thin products, and extra threads only added
-      synchronisation (15x slower with 2 threads on a busy 2-core machine). scikit-learn spends most of its
-      time here, upcasting every distance block to float64. (Seeding on a 256-d random projection was
-      cheaper still but left the final inertia ~0.8% worse at N = 12,936, d = 2048, K = 750.)
+      all of them, in fixed column blocks spread over the caller's threads, each block's thin product on one
+      thread (one MKL call on two threads only added synchronisation, 15x slower on a busy 2-core machine):
+      the same seeds on any thread count. scikit-learn spends most of its time here, upcasting every
+      distance block to float64. (Seeding on a 256-d random projection was cheaper still but left the final
+      inertia ~0.8% worse at N = 12,936, d = 2048, K = 750.)
     * Lloyd: on CPU every restart's iterations advance together, one wide product for all of them per row
-      block, with labels decided by exact distances (:func:`_lloyd_lockstep`); a torch implementation when
+      block, with labels decided by exact distances and rows whose label cannot change left out
+      (:func:`_lloyd_lockstep`); a torch implementation when
       ``device`` is given or the features are a CUDA tensor (empty clusters are re-seeded with the samples
       farthest from their centres in both).
 
@@ -66,8 +69,9 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     gen = torch.Generator(device=dev).manual_seed(int(seed))
+    threads = resolve_threads()
     with _one_cpu_thread(x.device):
-        seeds = _kmeanspp(x, int(num_clusters), int(n_init), gen)
+        seeds = _kmeanspp(x, int(num_clusters), int(n_init), gen, threads)
     if use_torch:
         runs = [(labels, inertia(x, labels)) for labels in
                 (_lloyd_torch(x, x[seeds[r]], int(max_iter)) for r in range(n_init))]
@@ -147,7 +151,8 @@ def inertia(features, labels) -> float:
 
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
-    """Run k-means++ seeding's K thin sequential steps on one CPU thread (see ``kmeans``), then restore."""
+    """One torch (MKL) thread per call while k-means++ seeding runs its column blocks on the caller's threads
+    (see ``_kmeanspp``), then restore."""
     if device.type != "cpu":
         yield
         return
@@ -159,27 +164,58 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(old)
 
 
-def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator) -> torch.Tensor:
+# Samples per column block of k-means++ seeding on CPU: a fixed size, so that the blocks, and with them every
+# value, are the same whatever the thread count.
+_SEED_COLUMNS = 2048
+
+
+def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, threads: int = 1) -> torch.Tensor:
     """(restarts, k) indices of greedy k-means++ seeds: each step draws 2 + ln k candidates with probability
     proportional to the squared distance to the nearest seed so far and keeps the one that lowers the
-    potential most. The restarts advance together, so each step reads the samples once for all of them."""
+    potential most. The restarts advance together, so each step reads the samples once for all of them.
+
+    On CPU the samples are cut into fixed column blocks (``_SEED_COLUMNS``), each block's (candidates x d) @
+    (d x block) product and distances computed on one thread and the blocks spread over ``threads`` (the steps
+    are thin products that one MKL call on two threads ran slower than on one), the potentials summed block by
+    block in block order: the same operations in the same order whatever ``threads`` is, so the same seeds."""
     n = x.shape[0]
     sq = (x * x).sum(1)
-    x_t = x.T.contiguous()  # (d, N): the per-step (candidates x d) @ (d x N) product is fastest on this layout
+    width = _SEED_COLUMNS if x.device.type == "cpu" else n
+    cols = [slice(s, min(s + width, n)) for s in range(0, n, width)]
+    # (d, block) layouts: the per-step product is fastest on them; together the size of one matrix
+    blocks = map_threads(lambda c: x[c].T.contiguous(), cols, threads)
     trials = 2 + int(math.log(k))
     rows = torch.arange(restarts, device=x.device)
     seeds = torch.empty(restarts, k, dtype=torch.long, device=x.device)
     seeds[:, 0] = torch.randint(n, (restarts,), generator=gen, device=x.device)
-    closest = (sq[seeds[:, :1]] + sq[None, :] - 2 * (x[seeds[:, 0]] @ x_t)).clamp_min_(0)  # (restarts, N)
+
+    def distances(idx: torch.Tensor, b: int) -> torch.Tensor:
+        """(len(idx), block b) squared distances |p|^2 + |x|^2 - 2 p.x in float32 of the samples idx to the
+        block's (x @ (-2 p) is exactly -2 (x @ p))."""
+        dist = (x[idx] * -2) @ blocks[b]
+        dist += sq[idx, None] + sq[None, cols[b]]
+        return dist.clamp_min_(0)
+
+    # the distance of every sample to its nearest seed so far, per block: (restarts, block) each
+    closest = map_threads(lambda b: distances(seeds[:, 0], b), range(len(cols)), threads)
     for c in range(1, k):
-        cdf = torch.cumsum(closest.double(), 1)
+        cdf = torch.cumsum(torch.cat(closest, 1).double(), 1)
         r = torch.rand(restarts, trials, generator=gen, device=x.device, dtype=torch.float64) * cdf[:, -1:]
         cand = torch.searchsorted(cdf, r).clamp_max_(n - 1)  # (restarts, trials)
-        dist = (sq[cand, None] + sq[None, None, :] - 2 * (x[cand.reshape(-1)] @ x_t).reshape(restarts, trials, n))
-        dist = torch.minimum(dist.clamp_min_(0), closest[:, None, :])
-        best = torch.argmin(dist.sum(2, dtype=torch.float64), dim=1)
+        flat = cand.reshape(-1)
+
+        def block(b: int):
+            dist = distances(flat, b).reshape(restarts, trials, -1)
+            torch.minimum(dist, closest[b][:, None, :], out=dist)
+            return dist, dist.sum(2, dtype=torch.float64)
+
+        parts = map_threads(block, range(len(cols)), threads)
+        potential = parts[0][1]
+        for _, part in parts[1:]:
+            potential = potential + part
+        best = torch.argmin(potential, dim=1)
         seeds[:, c] = cand[rows, best]
-        closest = dist[rows, best]
+        closest = [dist[rows, best] for dist, _ in parts]
     return seeds
 
 
@@ -187,6 +223,14 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator) -> t
 _UNIT = 2.0 ** -24
 # Above this share of samples moved, a restart's centre sums are summed afresh instead of patched.
 _REBUILD_MOVED = 0.25
+# Relative margin of the skip test (see _lloyd_lockstep) for the float64 rounding of the bounds themselves
+# (a square root and up to max_iter additions, each off by a relative 2^-53): far above it, far below any gap
+# that matters.
+_BOUND_SLACK = 1e-9
+# One restart's product (K columns) ran at about half the speed of ten restarts' side by side here, so the
+# rows of a pass are computed for every restart at once unless that costs more than this many times the rows
+# the restarts need one by one.
+_SHARED_PRODUCT_GAIN = 2.0
 
 
 def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.ndarray]:
@@ -194,16 +238,25 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
 
     Each iteration assigns every sample to its nearest centre (squared distance ``|c|^2 - 2 x.c``; ``|x|^2`` is
     the same for every centre) and moves each centre to the mean of its samples; a restart stops when no
-    label changes (scikit-learn's strict convergence) or after ``max_iter`` moves. Fast: the restarts share one
-    float32 product ``x @ C^T`` per row block, all their centres side by side (one restart's 80 columns ran at
-    half the speed of 800 on this machine's BLAS). Exact: a computed distance is within
-    ``E = 3 gamma_d (|x| + max|c|)^2`` of the true one, ``gamma_d = d u / (1 - d u)`` being the worst-case
-    error of a d-term float32 dot product in any order (Higham, *Accuracy and Stability of Numerical
-    Algorithms*, 3.1), with ``|c|^2`` and the subtraction inside it. Where the two smallest computed distances
-    are more than ``2E`` apart, the smallest is the true nearest centre; other rows (ties included) are decided
-    by float64 distances to the centres within ``2E`` of the smallest (products of float32 numbers are exact in
-    float64). So the labels do not depend on the BLAS, its threads, or which restarts share the product (a
-    restart alone in a fanned-out task gets the in-process labels), up to float64 rounding.
+    label changes (scikit-learn's strict convergence) or after ``max_iter`` moves.
+
+    Exact: a computed distance is within ``E = 3 gamma_d (|x| + max|c|)^2`` of the true one, ``gamma_d = d u /
+    (1 - d u)`` being the worst-case error of a d-term float32 dot product in any order (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, 3.1), with ``|c|^2`` and the subtraction inside it. Where the two
+    smallest computed distances are more than ``2E`` apart, the smallest is the true nearest centre; other rows
+    (ties included) are decided by float64 distances to the centres within ``2E`` of the smallest (products of
+    float32 numbers are exact in float64). So the labels do not depend on the BLAS, its threads, or which
+    restarts share a product (a restart alone in a fanned-out task gets the in-process labels), up to float64
+    rounding.
+
+    Fast: rows whose label cannot change are not recomputed (Hamerly, "Making k-means even faster", SDM 2010).
+    Each sample keeps, per restart, an upper bound on its true Euclidean distance to its own centre and a lower
+    bound on its distance to every other one, both from its last computed row widened by ``E``; when the
+    centres move by ``delta_c``, the upper bound grows by its own centre's ``delta`` and the lower one shrinks
+    by the largest (the triangle inequality). A row is recomputed only where upper >= lower: the skipped rows
+    keep labels that the full computation would give, so the result is that of plain Lloyd. The rows due are
+    computed for all restarts in one float32 product, their centres side by side, or restart by restart when
+    that is cheaper (``_SHARED_PRODUCT_GAIN``).
 
     A restart's centre sums are float64, patched with the samples that moved, or summed afresh when more than
     a quarter moved: both depend on that restart's labels alone. An emptied cluster's centre moves to the
@@ -213,60 +266,114 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
     n, d = x.shape
     restarts, k = seeds.shape
     gamma = d * _UNIT / (1 - d * _UNIT)
-    xnorm = np.sqrt(_row_sq64(x))
+    xsq = _row_sq64(x)
     centres = np.ascontiguousarray(x[seeds])  # (R, K, d) float32
-    labels: list = [None] * restarts
+    labels: list = [np.zeros(n, dtype=np.int64) for _ in range(restarts)]
     sums: list = [None] * restarts
     counts: list = [None] * restarts
+    upper = np.full((restarts, n), np.inf)  # bounds on true Euclidean distances (nothing known yet)
+    lower = np.zeros((restarts, n))
     active = list(range(restarts))
-    for _ in range(max_iter + 1):  # the first pass assigns the samples to the seeds
+    for iteration in range(max_iter + 1):  # the first pass assigns the samples to the seeds
         if not active:
             break
-        new = _nearest_exact(x, xnorm, centres[active], gamma)
+        due = [np.flatnonzero(~(upper[r] * (1 + _BOUND_SLACK) < lower[r] * (1 - _BOUND_SLACK))) for r in active]
         fresh, still = [], []
-        for j, r in enumerate(active):
+        for r, (rows, arg, up, low) in zip(active, _due_rows(x, xsq, centres, active, due, gamma)):
             old = labels[r]
-            if old is None:
+            changed = arg != old[rows]
+            moved = rows[changed]
+            upper[r, rows], lower[r, rows] = up, low
+            if iteration == 0:
+                labels[r] = arg if rows.size == n else _patched(old, rows, arg)
+                fresh.append(r)
+                still.append(r)
+                continue
+            if moved.size == 0 and counts[r].all():
+                continue  # converged: labels[r] are final
+            new = old.copy()
+            new[moved] = arg[changed]
+            if moved.size > _REBUILD_MOVED * n:
                 fresh.append(r)
             else:
-                moved = np.flatnonzero(new[j] != old)
-                if moved.size == 0 and counts[r].all():
-                    continue  # converged: labels[r] are final
-                if moved.size > _REBUILD_MOVED * n:
-                    fresh.append(r)
-                else:
-                    xm = torch.from_numpy(x[moved].astype(np.float64))
-                    sums[r].index_add_(0, torch.from_numpy(old[moved]), xm, alpha=-1)
-                    sums[r].index_add_(0, torch.from_numpy(new[j][moved]), xm)
-                    counts[r] += np.bincount(new[j][moved], minlength=k) - np.bincount(old[moved], minlength=k)
-            labels[r] = new[j]
+                xm = torch.from_numpy(x[moved].astype(np.float64))
+                sums[r].index_add_(0, torch.from_numpy(old[moved]), xm, alpha=-1)
+                sums[r].index_add_(0, torch.from_numpy(new[moved]), xm)
+                counts[r] += np.bincount(new[moved], minlength=k) - np.bincount(old[moved], minlength=k)
+            labels[r] = new
             still.append(r)
-        for r, total in zip(fresh, _cluster_sums(x, [labels[r] for r in fresh], k)):
-            sums[r], counts[r] = total, np.bincount(labels[r], minlength=k)
+        if fresh:
+            for r, total in zip(fresh, _cluster_sums(x, [labels[r] for r in fresh], k)):
+                sums[r], counts[r] = total, np.bincount(labels[r], minlength=k)
         for r in still:
+            before = centres[r].copy()
             full = counts[r] > 0
             centres[r][full] = (sums[r][full] / torch.from_numpy(counts[r][full]).double()[:, None]).float().numpy()
             empty = np.flatnonzero(~full)
             if empty.size:
                 far = np.argsort(-_own_distance64(x, centres[r], labels[r]), kind="stable")[:empty.size]
                 centres[r][empty] = x[far]
+            shift = np.sqrt(_row_sq64(centres[r] - before.astype(np.float64)))  # how far each centre moved
+            upper[r] += shift[labels[r]]
+            lower[r] -= shift.max()
         active = still
     return labels
 
 
-def _nearest_exact(x: np.ndarray, xnorm: np.ndarray, centres: np.ndarray, gamma: float) -> np.ndarray:
-    """(A, N) index of each sample's nearest centre in each of ``centres`` (A, K, d), decided exactly (see
-    :func:`_lloyd_lockstep`)."""
+def _patched(old: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = old.copy()
+    out[rows] = values
+    return out
+
+
+def _due_rows(x, xsq, centres, active, due, gamma):
+    """For each active restart, (rows, labels, upper, lower) of its due rows, by :func:`_nearest_exact`: one
+    product over the union of the rows for all restarts (each gets every row of the union: a row computed
+    without need gets its unchanged label and tighter bounds), or one per restart if that is cheaper."""
+    n = x.shape[0]
+    wanted = sum(rows.size for rows in due)
+    if wanted == 0:
+        return [(rows, rows, np.empty(0), np.empty(0)) for rows in due]
+    if all(rows.size == n for rows in due):
+        union = None
+    else:
+        mask = np.zeros(n, dtype=bool)
+        for rows in due:
+            mask[rows] = True
+        union = np.flatnonzero(mask)
+    size = n if union is None else union.size
+    if size * len(active) <= _SHARED_PRODUCT_GAIN * wanted:
+        arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union)
+        rows = np.arange(n) if union is None else union
+        return [(rows, arg[j], up[j], low[j]) for j in range(len(active))]
+    out = []
+    for r, rows in zip(active, due):
+        arg, up, low = _nearest_exact(x, xsq, centres[r:r + 1], gamma, rows)
+        out.append((rows, arg[0], up[0], low[0]))
+    return out
+
+
+def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: float,
+                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the samples ``rows`` of ``x`` (all when None) and each centre set of ``centres`` (A, K, d): the
+    nearest centre, decided exactly (see :func:`_lloyd_lockstep`), and bounds on the true Euclidean distances
+    to it (upper) and to every other centre (lower); three (A, rows) arrays. A row decided in float64 among
+    near ties gets the bounds (inf, 0): it is computed again next time. ``xsq``: the samples' float64
+    squared lengths."""
     a, k, d = centres.shape
     csq64 = np.stack([_row_sq64(c) for c in centres])  # (A, K)
     csq = csq64.astype(np.float32).reshape(-1)
     reach = np.sqrt(csq64.max(1))  # (A,)
-    flat = centres.reshape(-1, d)
-    out = np.empty((a, x.shape[0]), dtype=np.int64)
+    flat_m2 = centres.reshape(-1, d) * np.float32(-2)  # x @ (-2 C)^T is exactly -2 (x @ C^T)
+    count = x.shape[0] if rows is None else rows.size
+    arg_out = np.empty((a, count), dtype=np.int64)
+    up_out = np.empty((a, count))
+    low_out = np.empty((a, count))
     step = max(1, _BLOCK_BYTES // (4 * a * k))
-    for s in range(0, x.shape[0], step):
-        dist = np.matmul(x[s:s + step], flat.T)
-        dist *= -2
+    for s in range(0, count, step):
+        idx = slice(s, s + step) if rows is None else rows[s:s + step]
+        xb = x[idx]
+        dist = np.matmul(xb, flat_m2.T)
         dist += csq
         dist = dist.reshape(-1, a, k)
         arg = dist.argmin(2)  # (b, A)
@@ -275,15 +382,21 @@ def _nearest_exact(x: np.ndarray, xnorm: np.ndarray, centres: np.ndarray, gamma:
         second = dist.min(2)
         np.put_along_axis(dist, arg[..., None], low, 2)
         low = low[..., 0]
-        band = 6 * gamma * (xnorm[s:s + step, None] + reach[None, :]) ** 2  # 2E per (row, centre set)
+        sq = xsq[idx][:, None]
+        err = 3 * gamma * (np.sqrt(sq) + reach[None, :]) ** 2  # E per (row, centre set)
+        up = np.sqrt(np.maximum(sq + low + err, 0))
+        lo = np.sqrt(np.maximum(sq + second - err, 0))
         for j in range(a):
-            rows = np.flatnonzero(second[:, j] - low[:, j] <= band[:, j])
-            if rows.size:  # near ties: float64 distances to the centres in the band
-                exact = csq64[j] - 2 * (x[s + rows].astype(np.float64) @ centres[j].T.astype(np.float64))
-                exact[dist[rows, j] > (low[rows, j] + band[rows, j])[:, None]] = np.inf
-                arg[rows, j] = exact.argmin(1)
-        out[:, s:s + step] = arg.T
-    return out
+            near = np.flatnonzero(second[:, j] - low[:, j] <= 2 * err[:, j])
+            if near.size:  # near ties: float64 distances to the centres in the band
+                exact = csq64[j] - 2 * (xb[near].astype(np.float64) @ centres[j].T.astype(np.float64))
+                exact[dist[near, j] > (low[near, j] + 2 * err[near, j])[:, None]] = np.inf
+                arg[near, j] = exact.argmin(1)
+                up[near, j], lo[near, j] = np.inf, 0.0
+        arg_out[:, s:s + step] = arg.T
+        up_out[:, s:s + step] = up.T
+        low_out[:, s:s + step] = lo.T
+    return arg_out, up_out, low_out
 
 
 def _row_sq64(x: np.ndarray) -> np.ndarray:
