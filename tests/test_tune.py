@@ -200,9 +200,14 @@ def test_a_trial_stopped_by_the_scheduler_leaves_its_status_to_the_sweep(tmp_pat
 
     tracking_cfg = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="stop", run_name=None)
     client = MlflowClient(tracking_cfg.tracking_uri)
-    cases = [(lambda: True, RuntimeError("owner died"), "RUNNING"),  # the sweep marks it KILLED afterwards
-             (lambda: False, SystemExit(0), "RUNNING"),  # Tune's graceful exit of the trial's thread
-             (lambda: False, RuntimeError("a real error"), "FAILED"),
+    from ureid.runtime.tune import _stopped_by_tune
+
+    # Tune's graceful exit of a stopped trial's thread; outside a trial's session nothing else is a stop
+    assert _stopped_by_tune(SystemExit(0)) and _stopped_by_tune(SystemExit(None))
+    assert not _stopped_by_tune(SystemExit(1)) and not _stopped_by_tune(RuntimeError("owner died"))
+    cases = [(lambda exc: True, RuntimeError("owner died"), "RUNNING"),  # the sweep marks it KILLED afterwards
+             (_stopped_by_tune, SystemExit(0), "RUNNING"),
+             (_stopped_by_tune, RuntimeError("a real error"), "FAILED"),
              (None, SystemExit(0), "FAILED")]  # outside a sweep, any exit through the run is a failure
     for stopped, error, status in cases:
         job = Job.start("buc", tmp_path / "out", tracking_cfg, params={}, tags={})

@@ -94,9 +94,10 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     """Run (or resume) one method end to end; returns the summary written to summary.json. ``callbacks`` are
     extra Ray Train callbacks (a sweep trial's Tune reporter); ``parent_run_id`` nests the MLflow run;
     ``cluster_placement_group`` is a sweep trial's reservation, where its clustering tasks run; ``stopped``: a
-    sweep trial's "was I asked to stop?" (then a failure is not marked FAILED, see ``Job.failing_loudly``). Unless
-    ``quiet`` or ``verbose``, the driver draws the workers' progress (a bar per stage, a line per finished
-    stage, :mod:`.progress`); ``verbose`` shows the workers' own lines and Ray Train's INFO output instead."""
+    sweep trial's "does this error mean I was asked to stop?" (then the run is not marked FAILED, see
+    ``Job.failing_loudly``). Unless ``quiet`` or ``verbose``, the driver draws the workers' progress (a bar
+    per stage, a line per finished stage, :mod:`.progress`); ``verbose`` shows the workers' own lines and Ray
+    Train's INFO output instead."""
     import ray
 
     from .callbacks import HistoryCallback, MlflowStageCallback, read_history

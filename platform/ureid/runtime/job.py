@@ -127,15 +127,14 @@ class Job:
 
     # -- running ---------------------------------------------------------------------------------
     @contextmanager
-    def failing_loudly(self, stopped: Callable[[], bool] | None = None):
-        """Mark the MLflow run FAILED with the error when the block raises (checkpoints stay). When ``stopped()``
-        says the run was asked to stop (a sweep trial that the scheduler stopped, dying with its processes),
-        its status is left to whoever stopped it (the sweep marks it KILLED)."""
+    def failing_loudly(self, stopped: Callable[[BaseException], bool] | None = None):
+        """Mark the MLflow run FAILED with the error when the block raises (checkpoints stay). When
+        ``stopped(error)`` says the run was asked to stop (a sweep trial that the scheduler stopped, dying with
+        its processes), its status is left to whoever stopped it (the sweep marks it KILLED)."""
         try:
             yield self
         except BaseException as exc:
-            # Tune's own graceful exit of a stopped trial's thread is SystemExit(0), after clearing its stop flag
-            if stopped is not None and (stopped() or (isinstance(exc, SystemExit) and not exc.code)):
+            if stopped is not None and stopped(exc):
                 raise
             tracking.finish_run(self.tracking_uri, self.run_id, error=exc)
             print(f"[ureid] run failed: {type(exc).__name__}: {exc}\n[ureid] checkpoints kept in "

@@ -157,12 +157,15 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
                        cluster_placement_group=reserved, stopped=_stopped_by_tune)
 
 
-def _stopped_by_tune() -> bool:
-    """Whether Tune has asked this trial to stop (ASHA, or the sweep ending). Such a trial dies inside
-    ``run_experiment`` as Tune ends its actor, and its failure handler must not mark the run FAILED: written
-    after :func:`_finish` marked it KILLED, FAILED won (seen when the stopped trial was the sweep's last; the
-    dying process can still run after Ray reports the actor dead). Tune's stop sets the session's stop event
-    (``FunctionTrainable.cleanup`` -> ``session.finish``; ray 2.60, pinned)."""
+def _stopped_by_tune(error: BaseException) -> bool:
+    """Whether ``error`` ends this trial because Tune asked it to stop (ASHA, or the sweep ending). Such a
+    trial dies inside ``run_experiment`` as Tune ends its actor, and its failure handler must not mark the run
+    FAILED: written after :func:`_finish` marked it KILLED, FAILED won (seen when the stopped trial was the
+    sweep's last; the dying process can still run after Ray reports the actor dead). Tune's stop sets the
+    session's stop event (``FunctionTrainable.cleanup`` -> ``session.finish``; ray 2.60, pinned), and its
+    graceful exit of the trial's thread is SystemExit(0), raised after the flag was cleared."""
+    if isinstance(error, SystemExit) and not error.code:
+        return True
     from ray.train._internal.session import get_session
 
     session = get_session()
