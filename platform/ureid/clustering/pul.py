@@ -340,7 +340,7 @@ def _due_rows(x, xsq, centres, active, due, gamma):
         mask = np.zeros(n, dtype=bool)
         for rows in due:
             mask[rows] = True
-        union = np.flatnonzero(mask)
+        union = None if mask.all() else np.flatnonzero(mask)
     size = n if union is None else union.size
     if size * len(active) <= _SHARED_PRODUCT_GAIN * wanted:
         arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union)
@@ -370,6 +370,8 @@ def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: f
     up_out = np.empty((a, count))
     low_out = np.empty((a, count))
     step = max(1, _BLOCK_BYTES // (4 * a * k))
+    if rows is not None:  # gathered rows are a copy: a chunk of them at a time
+        step = min(step, max(1, _CHUNK_BYTES // (4 * d)))
     for s in range(0, count, step):
         idx = slice(s, s + step) if rows is None else rows[s:s + step]
         xb = x[idx]
