@@ -183,7 +183,7 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
     width = _SEED_COLUMNS if x.device.type == "cpu" else n
     cols = [slice(s, min(s + width, n)) for s in range(0, n, width)]
     # (d, block) layouts: the per-step product is fastest on them; together the size of one matrix
-    blocks = map_threads(lambda c: x[c].T.contiguous(), cols, threads)
+    blocks = [x[c].T.contiguous() for c in cols]
     trials = 2 + int(math.log(k))
     rows = torch.arange(restarts, device=x.device)
     seeds = torch.empty(restarts, k, dtype=torch.long, device=x.device)
