@@ -197,11 +197,10 @@ def test_a_trial_stopped_by_the_scheduler_leaves_its_status_to_the_sweep(tmp_pat
     from types import SimpleNamespace
 
     from ureid.runtime.job import Job
+    from ureid.runtime.tune import _stopped_by_tune
 
     tracking_cfg = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="stop", run_name=None)
     client = MlflowClient(tracking_cfg.tracking_uri)
-    from ureid.runtime.tune import _stopped_by_tune
-
     # Tune's graceful exit of a stopped trial's thread; outside a trial's session nothing else is a stop
     assert _stopped_by_tune(SystemExit(0)) and _stopped_by_tune(SystemExit(None))
     assert not _stopped_by_tune(SystemExit(1)) and not _stopped_by_tune(RuntimeError("owner died"))
