@@ -415,6 +415,15 @@ def test_lloyd_skips_rows_whose_label_cannot_change_and_gives_plain_lloyds_label
         for moves in range(1, 9):  # and after every move on the way (a wrong skip can heal by the end)
             assert all(np.array_equal(a, _plain_lloyd(x, s, moves))
                        for a, s in zip(pul._lloyd_lockstep(x, seeds, moves), seeds))
+    # small heavy-tailed sets, where centres jump far relative to the gaps: a wrong skip shows within a few
+    # moves (a search found one in the first set when the upper bound did not grow with its centre's shift)
+    for case in range(8):
+        rng = np.random.default_rng(case)
+        n, d, k = int(rng.integers(6, 40)), int(rng.integers(1, 4)), int(rng.integers(2, 5))
+        x = (rng.standard_normal((n, d)) * rng.uniform(0.5, 3, (n, 1))).astype(np.float32)
+        seeds = rng.choice(n, (1, k), replace=False)
+        for moves in range(1, 6):
+            assert np.array_equal(pul._lloyd_lockstep(x, seeds, moves)[0], _plain_lloyd(x, seeds[0], moves)), case
 
 
 def test_seeding_gives_the_same_seeds_on_any_thread_count_and_as_one_product():
