@@ -282,8 +282,8 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             changed = arg != old[rows]
             moved = rows[changed]
             upper[r, rows], lower[r, rows] = up, low
-            if iteration == 0:
-                labels[r] = arg if rows.size == n else _patched(old, rows, arg)
+            if iteration == 0:  # every row is due (no bounds yet)
+                labels[r] = arg
                 fresh.append(r)
                 still.append(r)
                 continue
@@ -316,12 +316,6 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             lower[r] -= shift.max()
         active = still
     return labels
-
-
-def _patched(old: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    out = old.copy()
-    out[rows] = values
-    return out
 
 
 def _due_rows(x, xsq, centres, active, due, gamma):
