@@ -187,23 +187,27 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
     seeds = torch.empty(restarts, k, dtype=torch.long, device=x.device)
     seeds[:, 0] = torch.randint(n, (restarts,), generator=gen, device=x.device)
 
-    def distances(idx: torch.Tensor, b: int) -> torch.Tensor:
-        """(len(idx), block b) squared distances |p|^2 + |x|^2 - 2 p.x in float32 of the samples idx to the
-        block's (x @ (-2 p) is exactly -2 (x @ p))."""
-        dist = (x[idx] * -2) @ x[cols[b]].T  # a transposed view: as fast as a (d, block) copy, and no copy
-        dist += sq[idx, None] + sq[None, cols[b]]
-        return dist.clamp_min_(0)
+    def distances(idx: torch.Tensor):
+        """A function of block b: the (len(idx), block) squared distances |p|^2 + |x|^2 - 2 p.x in float32 of
+        the samples idx to the block's (x @ (-2 p) is exactly -2 (x @ p)); the points gathered once."""
+        points, psq = x[idx] * -2, sq[idx, None]
+
+        def to_block(b: int) -> torch.Tensor:
+            dist = points @ x[cols[b]].T  # a transposed view: as fast as a (d, block) copy, and no copy
+            dist += psq + sq[None, cols[b]]
+            return dist.clamp_min_(0)
+        return to_block
 
     # the distance of every sample to its nearest seed so far, per block: (restarts, block) each
-    closest = map_threads(lambda b: distances(seeds[:, 0], b), range(len(cols)), threads)
+    closest = map_threads(distances(seeds[:, 0]), range(len(cols)), threads)
     for c in range(1, k):
         cdf = torch.cumsum(torch.cat(closest, 1).double(), 1)
         r = torch.rand(restarts, trials, generator=gen, device=x.device, dtype=torch.float64) * cdf[:, -1:]
         cand = torch.searchsorted(cdf, r).clamp_max_(n - 1)  # (restarts, trials)
-        flat = cand.reshape(-1)
+        to_block = distances(cand.reshape(-1))
 
         def block(b: int):
-            dist = distances(flat, b).reshape(restarts, trials, -1)
+            dist = to_block(b).reshape(restarts, trials, -1)
             torch.minimum(dist, closest[b][:, None, :], out=dist)
             return dist, dist.sum(2, dtype=torch.float64)
 
@@ -266,7 +270,7 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
     gamma = d * _UNIT / (1 - d * _UNIT)
     xsq = _row_sq64(x)
     centres = np.ascontiguousarray(x[seeds])  # (R, K, d) float32
-    labels: list = [np.zeros(n, dtype=np.int64) for _ in range(restarts)]
+    labels: list = [None] * restarts
     sums: list = [None] * restarts
     counts: list = [None] * restarts
     upper = np.full((restarts, n), np.inf)  # bounds on true Euclidean distances (nothing known yet)
@@ -278,15 +282,15 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
         due = [np.flatnonzero(~(upper[r] * (1 + _BOUND_SLACK) < lower[r] * (1 - _BOUND_SLACK))) for r in active]
         fresh, still = [], []
         for r, (rows, arg, up, low) in zip(active, _due_rows(x, xsq, centres, active, due, gamma)):
-            old = labels[r]
-            changed = arg != old[rows]
-            moved = rows[changed]
             upper[r, rows], lower[r, rows] = up, low
             if iteration == 0:  # every row is due (no bounds yet)
                 labels[r] = arg
                 fresh.append(r)
                 still.append(r)
                 continue
+            old = labels[r]
+            changed = arg != old[rows]
+            moved = rows[changed]
             if moved.size == 0 and counts[r].all():
                 continue  # converged: labels[r] are final
             new = old.copy()
@@ -326,13 +330,10 @@ def _due_rows(x, xsq, centres, active, due, gamma):
     wanted = sum(rows.size for rows in due)
     if wanted == 0:
         return [(rows, rows, np.empty(0), np.empty(0)) for rows in due]
-    if all(rows.size == n for rows in due):
-        union = None
-    else:
-        mask = np.zeros(n, dtype=bool)
-        for rows in due:
-            mask[rows] = True
-        union = None if mask.all() else np.flatnonzero(mask)
+    mask = np.zeros(n, dtype=bool)
+    for rows in due:
+        mask[rows] = True
+    union = None if mask.all() else np.flatnonzero(mask)
     size = n if union is None else union.size
     if size * len(active) <= _SHARED_PRODUCT_GAIN * wanted:
         arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union)
