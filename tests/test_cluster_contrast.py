@@ -2,6 +2,7 @@
 TorchTrainer with 2 workers (identical memory replicas, Adam kept across stages and across a resume).
 The clustering half (sparse Jaccard, DBSCAN) is tested in test_clustering_cc.py."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def _cc_cfg(root, out, *extra):
     # 25 tiny images: k1 6 / k2 2 / eps 0.6 give 3 clusters and 40% outliers on the ImageNet features
     return tiny_cfg("cluster_contrast", root, out, "clustering.k1=6", "clustering.k2=2", "clustering.eps=0.6",
                     "clustering.min_samples=3", "clustering.num_instances=2", "clustering.iters=2",
-                    "clustering.epochs=2", "train.batch_size=4", *extra)
+                    "clustering.epochs=2", "train.batch_size=4", "tracking.pictures=false", *extra)
 
 
 def _adam_steps(run_dir: str, stage: int) -> set:
@@ -224,34 +225,36 @@ def test_two_stages_on_ray_train_with_identical_memories_and_one_adam(ray_cluste
 
 
 def test_a_sweep_over_its_own_keys_runs_through_tune(ray_cluster, tiny_root, tmp_path):
-    """Cluster Contrast's search keys (eps, k1, temperature) through the same ``ureid tune`` as the seed methods:
-    a grid trial (one: each costs a 2-worker Train run, and every value differs from the base config's), a
-    2-worker Train run with its clustering slots reserved, its child run carrying its setting, and the
-    label-free objective reported per stage. The seed methods' sweeps (several trials, ASHA, Optuna, a killed
-    driver): tests/test_tune.py."""
+    """Cluster Contrast's search keys (eps, k1, temperature) through the same ``ureid tune`` as the seed methods,
+    with Optuna: its first trial is the paper point (the base config's values moved into the space, every
+    one of them other than the base's here, so the trial's own setting is seen to reach its run), a 2-worker
+    Train run with its clustering slots reserved, its child run carrying its setting, and the label-free
+    objective reported per stage. One trial: each costs a Train run. The seed methods' sweeps (grid, ASHA, a
+    killed driver) and Optuna's later suggestions: tests/test_tune.py."""
     from mlflow.tracking import MlflowClient
 
     from ureid.config import load_config, save_config
-    from ureid.runtime.tune import run_sweep
+    from ureid.runtime.tune import paper_point, run_sweep
 
     base = save_config(_cc_cfg(tiny_root, tmp_path / "out", "schedule.max_stages=1"), tmp_path / "base.yaml")
-    space = tmp_path / "space.yaml"
-    space.write_text("space:\n  clustering.eps: {grid: [0.7]}\n  clustering.k1: {grid: [8]}\n"
-                     "  loss.temperature: {grid: [0.1]}\n")
-    summary = run_sweep(base, "cluster_contrast", [], space_file=str(space), search="grid", scheduler="none",
-                        max_concurrent=1, quiet=True)
+    space = {"clustering.eps": {"choice": [0.7, 0.8]}, "clustering.k1": {"choice": [8, 10]},
+             "loss.temperature": {"loguniform": [0.1, 0.2]}}
+    (tmp_path / "space.yaml").write_text(json.dumps({"space": space}))  # JSON is YAML
+    summary = run_sweep(base, "cluster_contrast", [], space_file=str(tmp_path / "space.yaml"), search="optuna",
+                        num_samples=1, scheduler="none", max_concurrent=1, quiet=True)
     base_cfg = load_config(base)
-    assert base_cfg.clustering.eps != 0.7 and base_cfg.clustering.k1 != 8 and base_cfg.loss.temperature != 0.1
-    trials = summary["trials"]
-    assert [t["status"] for t in trials] == ["finished"] and trials[0]["clustering.eps"] == 0.7
+    assert base_cfg.clustering.eps == 0.6 and base_cfg.clustering.k1 == 6 and base_cfg.loss.temperature < 0.1
+    want = {"clustering.eps": 0.7, "clustering.k1": 8, "loss.temperature": 0.1}
+    assert paper_point(base_cfg.to_dict(), space) == want
+    (trial,) = summary["trials"]
+    assert trial["status"] == "finished" and {k: trial[k] for k in want} == want
     client = MlflowClient(summary["tracking_uri"])
-    for t in trials:
-        run = client.get_run(client.search_runs(
-            [client.get_run(summary["parent_run_id"]).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}' and attributes.run_name = '{t['trial']}'")[0].info.run_id)
-        assert float(run.data.params["clustering.eps"]) == t["clustering.eps"]
-        assert float(run.data.params["loss.temperature"]) == 0.1 and run.data.params["clustering.k1"] == "8"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, summary["objective"])] == [0]
+    run = client.get_run(client.search_runs(
+        [client.get_run(summary["parent_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}' and attributes.run_name = '{trial['trial']}'")[0].info.run_id)
+    assert float(run.data.params["clustering.eps"]) == 0.7
+    assert float(run.data.params["loss.temperature"]) == 0.1 and run.data.params["clustering.k1"] == "8"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, summary["objective"])] == [0]
 
 
 def test_group_sums_are_bitwise_those_of_np_add_at():

@@ -24,11 +24,12 @@ from test_pipeline import tiny_cfg
 from ureid.config import CONFIG_DIR, load_config
 from ureid.methods import METHODS, Targets, UpdateContext
 from ureid.runtime.callbacks import read_history
-from ureid.runtime.experiment import load_run_config, run_experiment
+from ureid.runtime.experiment import run_experiment
 from ureid.runtime.feature_store import FeatureStore, StoreInputs, save_inputs
 
-# Three stages, and later stages long enough (20 epochs of 2 batches) for a kill to land inside their training.
-FAULT_RUN = ("schedule.max_stages=3", "train.stage_epochs=20")
+# Three stages, and later stages long enough (20 epochs of 2 batches) for a kill to land inside their training;
+# no pictures (test_pipeline checks them).
+FAULT_RUN = ("schedule.max_stages=3", "train.stage_epochs=20", "tracking.pictures=false")
 
 
 def _alive_pids(class_name: str) -> set[int]:
@@ -194,8 +195,14 @@ def test_a_killed_store_and_a_killed_train_worker_cost_only_their_stage(ray_clus
 
 
 def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
-    """``experiments/buc.py`` as its own process on the session's Ray, SIGKILLed while stage 2 trains, then
-    ``--resume RUN_DIR``: stage 1 is not run again, and the run ends as the uninterrupted one."""
+    """``experiments/buc.py --verbose`` as its own process on the session's Ray, SIGKILLed while stage 2 trains,
+    then ``ureid run buc --resume RUN_DIR`` as another: stage 1 is not run again, and the run ends as the
+    uninterrupted one. The two drivers' whole output (stdout + stderr) is also the check of what a user sees:
+    with --verbose the workers' own lines and Ray Train's INFO output; without, one line per finished stage
+    from the progress relay, no line twice, none of Ray Train's per-report dumps (tests/test_progress.py
+    checks the drawing itself)."""
+    import re
+
     want = _uninterrupted(tiny_root, tmp_path_factory, mlflow_server)
     out = tmp_path_factory.mktemp("driver")
     cfg = tiny_cfg("buc", tiny_root, out, *FAULT_RUN)
@@ -205,19 +212,39 @@ def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_clu
 
     save_config(cfg, config)
     script = Path(__file__).resolve().parents[1] / "experiments" / "buc.py"
-    log = open(out / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, str(script), "--config", str(config), *[a for s in sets for a in ("--set", s)]],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # what the killed driver printed is in its log
+    log_path = out / "driver.log"
+    driver = subprocess.Popen([sys.executable, str(script), "--config", str(config), "--verbose",
+                               *[a for s in sets for a in ("--set", s)]],
+                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         run_dir = _wait(lambda: next(out.glob("buc-*/run.json"), None), alive=lambda: driver.poll() is None).parent
         _wait(lambda: _checkpointed(run_dir, 0) and _recorded(run_dir) == 1, alive=lambda: driver.poll() is None)
+        # Ray forwards the workers' lines a moment after they are printed
+        _wait(lambda: re.search(r"\(RayTrainWorker pid=\d+.*\[ureid\] stage 1/3 done in", log_path.read_text()),
+              timeout=60, alive=lambda: driver.poll() is None)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    verbose = log_path.read_text()
+    assert "Reporting training result" in verbose and "(RayTrainWorker" in verbose
     first = read_history(run_dir / "history.jsonl")
     assert [h["stage"] for h in first] == [0] and not (run_dir / "summary.json").exists()
 
-    resumed = run_experiment(load_run_config(run_dir), resume=run_dir, quiet=True)
+    done = subprocess.run([sys.executable, "-m", "ureid.cli", "run", "buc", "--resume", str(run_dir)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    text = "\n".join(lines)
+    stage_lines = [line for line in lines if re.search(r"\[ureid\] stage \d/3 done in", line)]
+    assert len(stage_lines) == 2 and all(line.startswith("[ureid] stage") for line in stage_lines), text
+    assert "stage 2/3" in stage_lines[0] and "stage 3/3" in stage_lines[1], text
+    assert "Reporting training result" not in text and "Checkpoint successfully created" not in text, text
+    assert "RayTrainWorker" not in text, text  # nothing forwarded from the workers' stdout
+    repeated = {line for line in lines if lines.count(line) > 1}
+    assert not repeated, f"printed more than once: {repeated}"
+
+    resumed = json.loads((run_dir / "summary.json").read_text())
     _same_run(resumed, want)
     assert resumed["history"][0] == first[0]  # stage 1 kept, not recomputed
     # the same run continued, not a second one: the killed attempt's MLflow run, each stage's metrics once

@@ -105,23 +105,25 @@ def test_sample_dropout_masks_follow_the_sample_not_the_batch():
 
 def test_buc_first_stage_same_pseudo_labels_with_one_and_two_workers(ray_cluster, tiny_root, tmp_path):
     """Equal global batch (1 x 8 and 2 x 4), two training steps: with both invariance switches on, the same
-    first-stage pseudo-labels and mAP within 1 point; with both off (per-rank BatchNorm statistics and
-    dropout draws), other labels. Float summation order is what is left: over more steps it drifts (the
-    preset's 10 epochs: README, Scaling on one machine)."""
+    first-stage pseudo-labels and mAP within 1 point; the control, 2 workers with both off (per-rank BatchNorm
+    statistics and dropout draws), gives other labels or another mAP than the 1-worker run. Float summation
+    order is what is left: over more steps it drifts (the preset's 10 epochs: README, Scaling on one machine).
+    (Three Train runs, not four: with one worker the switches change only the dropout draws, so a 1-worker run
+    with them off would add a fit and no check.)"""
     from test_pipeline import tiny_cfg
     from ureid.runtime.experiment import run_experiment
 
     runs = {}
-    for switches in ("true", "false"):
-        for workers, batch in ((1, 8), (2, 4)):
-            out = tmp_path / f"w{workers}-{switches}"
-            cfg = tiny_cfg("buc", tiny_root, out, f"ray.num_workers={workers}", f"train.batch_size={batch}",
-                           "train.first_stage_epochs=1", "train.max_batches_per_epoch=2", "schedule.max_stages=1",
-                           f"train.sync_batchnorm={switches}", f"train.per_sample_dropout={switches}")
-            summary = run_experiment(cfg, quiet=True)
-            runs[workers, switches] = (np.load(Path(summary["run_dir"]) / "labels.npy"), summary["history"][0])
+    for workers, batch, switches in ((1, 8, "true"), (2, 4, "true"), (2, 4, "false")):
+        out = tmp_path / f"w{workers}-{switches}"
+        cfg = tiny_cfg("buc", tiny_root, out, f"ray.num_workers={workers}", f"train.batch_size={batch}",
+                       "train.first_stage_epochs=1", "train.max_batches_per_epoch=2", "schedule.max_stages=1",
+                       f"train.sync_batchnorm={switches}", f"train.per_sample_dropout={switches}",
+                       "tracking.pictures=false")
+        summary = run_experiment(cfg, quiet=True)
+        runs[workers, switches] = (np.load(Path(summary["run_dir"]) / "labels.npy"), summary["history"][0])
     (l1, h1), (l2, h2) = runs[1, "true"], runs[2, "true"]
     np.testing.assert_array_equal(l1, l2)
     assert h1["num_clusters"] == h2["num_clusters"] and abs(h1["mAP"] - h2["mAP"]) < 0.01
-    (o1, g1), (o2, g2) = runs[1, "false"], runs[2, "false"]
-    assert not np.array_equal(o1, o2) or abs(g1["mAP"] - g2["mAP"]) > 0.01
+    o2, g2 = runs[2, "false"]
+    assert not np.array_equal(o2, l1) or abs(g2["mAP"] - h1["mAP"]) > 0.01

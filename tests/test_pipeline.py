@@ -129,7 +129,7 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     (source-trained) model restored too. BUC's resume: tests/test_faults.py, after its driver is SIGKILLed."""
     full = _run(method, tiny_root, tmp_path_factory)
     out = tmp_path_factory.mktemp("resume")
-    first = run_experiment(tiny_cfg(method, tiny_root, out, "schedule.max_stages=1"), quiet=True)
+    first = run_experiment(tiny_cfg(method, tiny_root, out, "schedule.max_stages=1", "tracking.pictures=false"), quiet=True)
     run_dir = first["run_dir"]
     assert [s for s, _ in stage_checkpoints(Path(run_dir))] == [0]
 

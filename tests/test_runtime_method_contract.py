@@ -66,7 +66,7 @@ def test_a_method_defined_outside_the_package_runs_through_the_runtime(ray_clust
                      "train.batch_size=8", "train.eval_batch_size=32", "train.first_stage_epochs=1",
                      "train.stage_epochs=1", "train.max_batches_per_epoch=2", "ray.num_workers=2",
                      "ray.cpus_per_worker=1", "schedule.max_stages=2", f"output_dir={out}",
-                     f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-toy",
+                     f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-toy", "tracking.pictures=false",
                      *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]]
         cfg = load_config(config, overrides)
         summary = run_experiment(cfg, quiet=True)

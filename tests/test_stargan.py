@@ -325,7 +325,7 @@ def test_camstyle_end_to_end_on_stargan_fakes(stargan, tiny_root, tmp_path):
 
     gan_keys = [o for o in _gan_overrides(tiny_root, "x") if o.startswith("gan.")]
     cfg = tiny_cfg("camstyle", tiny_root, tmp_path, "clustering.style_transfer=stargan",
-                   f"clustering.stargan_set=[{', '.join(gan_keys)}]")
+                   f"clustering.stargan_set=[{', '.join(gan_keys)}]", "tracking.pictures=false")
     data = load_run_data(cfg.with_absolute_paths(), get_method("camstyle"))
     n = data.num_real
     assert len(data.train) == 6 * n and data.is_fake.sum() == 5 * n

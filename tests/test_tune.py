@@ -19,7 +19,7 @@ def _overrides(root, out):
     return [f"data.root={root}", "data.height=32", "data.width=16", "model.embedding_dim=32",
             "train.batch_size=8", "train.eval_batch_size=32", "train.first_stage_epochs=1", "train.stage_epochs=1",
             "train.max_batches_per_epoch=2", "ray.num_workers=2", "schedule.max_stages=2",
-            "ray.cpus_per_worker=1",  # the trainer takes every CPU of the (2-node) cluster, as the CPU presets do
+            "ray.cpus_per_worker=1", "tracking.pictures=false",  # the trainer takes every CPU of the (2-node) cluster, as the CPU presets do
             f"output_dir={out}", f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-sweep",
             *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]]
 
@@ -169,25 +169,32 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
     assert (sweep_dir / "best.yaml").is_file()
 
 
-def test_optuna_starts_from_the_paper_defaults(ray_cluster, tiny_root, tmp_path):
-    from ureid.runtime.tune import paper_point
+def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
+    """The searcher a sweep builds for ``--search optuna``: its first suggestion is the paper point, later
+    ones are Optuna's own samples. (Its trials through Tune and Ray Train: Cluster Contrast's sweep test.)"""
+    from ureid.runtime.tune import _searcher, paper_point, tune_domains
 
     space = {"clustering.size_penalty": {"loguniform": [0.001, 0.01]}, "clustering.merge_percent": {"choice": [0.2, 0.3]}}
     base = load_config(CONFIG_DIR / "buc_cpu.yaml").to_dict()
     # the preset's lambda 0.005 lies inside; its mp 0.1 is not a choice: the nearest one
-    assert paper_point(base, space) == {"clustering.size_penalty": 0.005, "clustering.merge_percent": 0.2}
+    first = paper_point(base, space)
+    assert first == {"clustering.size_penalty": 0.005, "clustering.merge_percent": 0.2}
+    searcher = _searcher("optuna", 0, 1, first)
+    searcher.set_search_properties("lf_silhouette", "max", tune_domains(space))
+    suggested = []
+    for trial in ("a", "b", "c"):
+        suggested.append(searcher.suggest(trial))
+        searcher.on_trial_complete(trial, {"lf_silhouette": 0.1 * len(suggested)})
+    assert suggested[0] == first
+    for later in suggested[1:]:
+        assert later != first and 0.001 <= later["clustering.size_penalty"] <= 0.01
+        assert later["clustering.merge_percent"] in (0.2, 0.3)
     file = tmp_path / "space.yaml"
-    file.write_text(json.dumps({"space": space}))  # JSON is YAML
+    file.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
     out = tmp_path / "out"
-    overrides = [o for o in _overrides(tiny_root, out) if not o.startswith("schedule.max_stages")]
-    summary = run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [*overrides, "schedule.max_stages=1"], space_file=str(file),
-                        search="optuna", num_samples=2, scheduler="none", max_concurrent=1, quiet=True)
-    first, second = summary["trials"]
-    assert first["clustering.size_penalty"] == 0.005 and second["clustering.size_penalty"] != 0.005
-    assert all(t["status"] == "finished" for t in summary["trials"])
     with pytest.raises(ConfigError, match="grid; Optuna samples"):
-        file.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
-        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", overrides, space_file=str(file), search="optuna")
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="optuna")
+    assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"
 
 
 def test_a_trial_stopped_by_the_scheduler_leaves_its_status_to_the_sweep(tmp_path):
