@@ -87,3 +87,15 @@ def test_light_modules_do_not_import_torchvision():
             "assert 'torchvision' in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_store_and_clustering_tasks_do_not_import_ray_train():
+    # The feature store and every clustering task's worker import ureid.runtime; StarGAN's job module (Ray
+    # Train, pandas, Ray Data: ~85 MB and half a second a process) is imported when the job first runs.
+    code = ("import sys, ureid.runtime.feature_store, ureid.runtime.tasks, ureid.methods; "
+            "from ureid import jobs; "
+            "assert 'ray.train' not in sys.modules and 'ureid.runtime.stargan' not in sys.modules, 'eager'; "
+            "assert 'stargan_fakes' in jobs.RUNNERS; "
+            "import ureid.runtime.stargan; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

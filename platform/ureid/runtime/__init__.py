@@ -12,4 +12,16 @@
                    in Ray tasks, the cache; registered in :mod:`ureid.jobs` for methods that ask for them.
 """
 
-from . import stargan as _stargan  # noqa: F401  (registers its jobs)
+from .. import jobs
+
+
+def _stargan_fakes(*args, **kwargs):
+    """The ``stargan_fakes`` job (:func:`.stargan.ensure_stargan_fakes`), its module imported on first use: the
+    feature store and every clustering task import this package, and that module brings in Ray Train, pandas
+    and Ray Data, which they never use (about a second and 200 MB of memory per process)."""
+    from .stargan import ensure_stargan_fakes
+
+    return ensure_stargan_fakes(*args, **kwargs)
+
+
+jobs.register("stargan_fakes", _stargan_fakes)

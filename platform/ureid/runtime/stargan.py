@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from ray.train import UserCallback
 
-from .. import jobs, tracking
+from .. import tracking
 from ..config import GanConfig, RayConfig
 from ..data.camstyle import camera_domains, missing_fakes, stargan_cache, stargan_fake_folder, stargan_key
 from ..data.records import Record
@@ -235,5 +235,3 @@ def ensure_stargan_fakes(gcfg: GanConfig, records: list[Record], *, verbose: boo
     generate_fakes(model, records, folder, gcfg.ray, quiet=quiet)
     return folder
 
-
-jobs.register("stargan_fakes", ensure_stargan_fakes)
