@@ -77,6 +77,12 @@ def test_cluster_yamls_are_valid_launcher_configs(name):
         jsonschema.validate(cfg, schema)
 
 
+def _prints_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (what a spawned worker imports); it must print ok."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_light_modules_do_not_import_torchvision():
     # Spawned DDP/Ray workers import the losses and the training step; torchvision costs seconds there.
     code = ("import sys, ureid.models.losses, ureid.engine.train, ureid.engine, ureid.models; "
@@ -85,8 +91,7 @@ def test_light_modules_do_not_import_torchvision():
             "assert ureid.models.ClassifierHead is ureid.models.losses.ClassifierHead; "
             "assert 'torchvision' not in sys.modules; ureid.models.ReidNet; "
             "assert 'torchvision' in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _prints_ok(code)
 
 
 def test_the_store_and_clustering_tasks_do_not_import_ray_train():
@@ -97,5 +102,4 @@ def test_the_store_and_clustering_tasks_do_not_import_ray_train():
             "assert 'ray.train' not in sys.modules and 'ureid.runtime.stargan' not in sys.modules, 'eager'; "
             "assert 'stargan_fakes' in jobs.RUNNERS; "
             "import ureid.runtime.stargan; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    _prints_ok(code)
