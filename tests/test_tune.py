@@ -19,7 +19,8 @@ def _overrides(root, out):
     return [f"data.root={root}", "data.height=32", "data.width=16", "model.embedding_dim=32",
             "train.batch_size=8", "train.eval_batch_size=32", "train.first_stage_epochs=1", "train.stage_epochs=1",
             "train.max_batches_per_epoch=2", "ray.num_workers=2", "schedule.max_stages=2",
-            "ray.cpus_per_worker=1", "tracking.pictures=false",  # the trainer takes every CPU of the (2-node) cluster, as the CPU presets do
+            "ray.cpus_per_worker=1",  # the trainer takes every CPU of the (2-node) cluster, as the CPU presets do
+            "tracking.pictures=false",  # test_pipeline checks the pictures; here they cost a matplotlib import a trial
             f"output_dir={out}", f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-sweep",
             *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]]
 
