@@ -92,14 +92,55 @@ def test_memory_bounded_pieces_give_the_scores_of_one_block_and_overwrite_scales
     labels = np.where(rng.random(n) < 0.8, np.arange(n) + 1000, np.arange(n) % 250)  # ~4,250 clusters
     labels[:50] = -1
     monkeypatch.setattr(lf, "_BLOCK_BYTES", 1 << 40)
+    monkeypatch.setattr(lf, "_MEANS_BYTES", 1 << 40)
     whole = lf.label_free_scores(x, labels, labels // 2, seed=1)
     monkeypatch.setattr(lf, "_BLOCK_BYTES", 8 * n * 100)
     sizes = [r.size for _, r in lf._pieces(np.arange(2048), n, 1024)]
     assert sum(sizes) == 2048 and 1 < min(sizes) and max(sizes) <= 100
     assert lf.label_free_scores(x, labels, labels // 2, seed=1) == whole
+    monkeypatch.setattr(lf, "_MEANS_BYTES", 4 * d * 300)  # the means formed 150-300 clusters at a time
+    clusters = lf._Clusters(labels)
+    blocks = clusters.blocks(np.arange(clusters.count), d)
+    assert len(blocks) > 10 and min(b.size for b in blocks) >= 150
+    assert len(clusters.blocks(np.flatnonzero(clusters.sizes > 1), d)) == 1  # the 250 non-singletons: one block
+    assert lf.label_free_scores(x, labels, labels // 2, seed=1) == whole
+    merged = np.where(labels >= 0, labels % 1000, -1)  # 1,000 clusters, every one of them a non-singleton
+    monkeypatch.setattr(lf, "_MEANS_BYTES", 1 << 40)
+    one = lf.label_free_scores(x, merged, seed=1)
+    monkeypatch.setattr(lf, "_MEANS_BYTES", 4 * d * 128)
+    assert len(lf._Clusters(merged).blocks(np.arange(1000), d)) == 8
+    assert lf.label_free_scores(x, merged, seed=1) == one
     y = x.copy()
     assert lf.label_free_scores(y, labels, labels // 2, seed=1, overwrite=True) == whole
     np.testing.assert_array_equal(y, x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
     z = x.copy()
     lf.label_free_scores(z, labels, seed=1)  # without overwrite the caller's matrix is left alone
     np.testing.assert_array_equal(z, x)
+
+
+def test_the_scores_add_no_cluster_means_and_no_copy_without_the_outliers(monkeypatch):
+    """At stage 0 of SSL and DBC every sample is a cluster, so all the means are one more feature matrix,
+    and Cluster Contrast's outliers made a copy of the features without them: the cluster scores form the
+    means a block of clusters at a time and index the kept rows, so beside the unit features they allocate
+    O(N) and their fixed blocks (made small here), a small part of one matrix. tracemalloc sees NumPy's
+    allocations."""
+    import tracemalloc
+
+    from ureid.evaluation import label_free as lf
+
+    rng = np.random.default_rng(0)
+    n, d = 20000, 1024  # 80 MB of float32 features
+    x = lf._unit(rng.normal(size=(n, d)).astype(np.float32))
+    for labels in (np.arange(n), np.where(rng.random(n) < 0.2, -1, rng.integers(0, 3000, n))):
+        clusters = lf._Clusters(labels)
+        monkeypatch.setattr(lf, "_BLOCK_BYTES", 1 << 40)
+        monkeypatch.setattr(lf, "_MEANS_BYTES", 1 << 40)
+        whole = lf._cluster_scores(x, clusters, 512, 0, 1024)
+        monkeypatch.setattr(lf, "_BLOCK_BYTES", 2 << 20)
+        monkeypatch.setattr(lf, "_MEANS_BYTES", 2 << 20)
+        tracemalloc.start()
+        got = lf._cluster_scores(x, clusters, 512, 0, 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 0.4 * x.nbytes, (peak, x.nbytes)
+        assert got == whole

@@ -3,6 +3,8 @@
 All take the training features (L2-normalised inside) and pseudo-labels only; none builds an N x N
 matrix. Scores over "every sample against every sample" are computed exactly for a fixed seeded sample
 of ``sample`` rows (all rows when N is smaller), blockwise, in O(sample x N) time and O(block x N) memory.
+Nor is a C x d matrix of cluster means kept (at stage 0 of SSL or DBC, C = N): the means are formed a block
+of clusters at a time, so beside the features the scores hold O(N + C) and fixed-size blocks.
 
 * :func:`silhouette` - Rousseeuw's silhouette with squared Euclidean distance between unit features;
   the mean distance of ``x`` to a cluster ``C`` has the closed form ``2 - 2 x . mu_C`` (``mu_C`` the mean of
@@ -57,85 +59,139 @@ def _pieces(rows: np.ndarray, width: int, block: int):
             yield start + a, outer[a:b]
 
 
-def _means(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contiguous labels, cluster sizes and cluster means (float64 sums in ascending row order, the float32
-    means filled a band of columns at a time: never a (C, d) float64 array)."""
-    from ..clustering._common import group_sums
-
-    uniq, inv = np.unique(labels, return_inverse=True)
-    sizes = np.bincount(inv, minlength=uniq.size)
-    mu = np.empty((uniq.size, x.shape[1]), dtype=np.float32)
-    band = max(1, min(x.shape[1], _BLOCK_BYTES // (8 * max(uniq.size, 1))))
-    for j in range(0, x.shape[1], band):
-        mu[:, j:j + band] = group_sums(x[:, j:j + band], inv, uniq.size) / sizes[:, None]
-    return inv, sizes, mu
+#: Cluster means are formed at most this many bytes (float32) of them at a time, a block of clusters after
+#: another, and never kept: at stage 0 of SSL or DBC every sample is its own cluster, so all C x d means
+#: are one more feature matrix (636 MB at N = 77,616). Each block has at least 64 clusters (or all of them),
+#: so its products round as one product with every mean would (see ``_pieces``).
+_MEANS_BYTES = 32 << 20
 
 
-def _kept(features, labels, overwrite: bool = False):
-    """Unit features and labels of the samples with a label >= 0 (outliers left out)."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    x = _unit(features, overwrite)
-    return (x, labels) if keep.all() else (x[keep], labels[keep])
+class _Clusters:
+    """The clusters of the samples with a label >= 0 (outliers left out, without copying their features):
+    ``kept`` (their row ids), ``inv`` (contiguous cluster id of each kept row), ``sizes``, ``count``; and
+    :meth:`means` of any set of clusters, formed from the feature rows when asked."""
+
+    def __init__(self, labels):
+        labels = np.asarray(labels)
+        keep = labels >= 0
+        uniq, self.inv = np.unique(labels[keep], return_inverse=True)
+        self.kept = np.flatnonzero(keep)
+        self.count = uniq.size
+        self.sizes = np.bincount(self.inv, minlength=self.count)
+        self._of_row = np.full(labels.size, -1, dtype=np.int64)
+        self._of_row[self.kept] = self.inv
+
+    def blocks(self, ids: np.ndarray, d: int) -> list[np.ndarray]:
+        """``ids`` cut into near-equal blocks of at most ``_MEANS_BYTES`` of float32 means, each at least 64
+        clusters (all of them in one block when there are fewer than 128)."""
+        width = max(128, _MEANS_BYTES // (4 * max(d, 1)))
+        return np.array_split(ids, max(1, -(-ids.size // width)))
+
+    def means(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """float32 means (len(ids), d) of clusters ``ids``: each the float64 sum of its rows in ascending
+        row order divided by its size, so bitwise the same whichever other clusters are formed with it
+        (``group_sums``); filled a band of columns at a time (never a (len(ids), d) float64 array)."""
+        from ..clustering._common import group_sums
+
+        pos = np.full(self.count + 1, -1, dtype=np.int64)  # the last entry: rows of no cluster
+        pos[ids] = np.arange(ids.size)
+        groups = pos[self._of_row]
+        mu = np.empty((ids.size, x.shape[1]), dtype=np.float32)
+        band = max(1, min(x.shape[1], _BLOCK_BYTES // (8 * max(ids.size, 8192))))
+        for j in range(0, x.shape[1], band):
+            mu[:, j:j + band] = group_sums(x[:, j:j + band], groups, ids.size) / self.sizes[ids][:, None]
+        return mu
+
+    def members(self, lo: int, hi: int) -> np.ndarray:
+        """Positions (among the kept rows) of the rows of clusters lo..hi-1, ascending."""
+        return np.flatnonzero((self.inv >= lo) & (self.inv < hi))
 
 
 def silhouette(features, labels, sample: int | None = 2048, seed: int = 0, block: int = 1024) -> float:
     """Mean silhouette (squared Euclidean on unit features) over a seeded sample of rows; labels < 0 are
     outliers and left out. 0 when there are fewer than 2 clusters."""
-    x, labels = _kept(features, labels)
-    return _silhouette(x, *_means(x, labels), sample, seed, block)
-
-
-def _silhouette(x, inv, sizes, mu, sample, seed, block) -> float:
-    if sizes.size < 2:
-        return 0.0
-    rows = _rows(len(x), sample, seed)
-    scores = np.zeros(rows.size, dtype=np.float64)
-    for start, r in _pieces(rows, sizes.size, block):
-        d = 2.0 - 2.0 * (x[r] @ mu.T).astype(np.float64)  # (b, C): mean distance to every cluster
-        own = inv[r]
-        size = sizes[own]
-        a = d[np.arange(r.size), own] * size / np.maximum(size - 1, 1)  # the sample itself is at distance 0
-        d[np.arange(r.size), own] = np.inf
-        b = d.min(axis=1)
-        s = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
-        scores[start:start + r.size] = np.where(size > 1, s, 0.0)
-    return float(scores.mean())
+    return _cluster_scores(_unit(features), _Clusters(labels), sample, seed, block, davies_bouldin=False)[0]
 
 
 def davies_bouldin(features, labels, sample: int | None = 2048, seed: int = 0, block: int = 1024) -> float:
     """Davies-Bouldin index of the non-singleton clusters (lower is better), the max over every other
     cluster computed exactly for a seeded sample of clusters. ``inf`` with fewer than 2 such clusters."""
-    x, labels = _kept(features, labels)
-    return _davies_bouldin(x, *_means(x, labels), sample, seed, block)
+    return _cluster_scores(_unit(features), _Clusters(labels), sample, seed, block, silhouette=False)[1]
 
 
-def _davies_bouldin(x, inv, sizes, mu, sample, seed, block) -> float:
-    # S_i: mean distance of the cluster's samples to its centroid, |x - mu|^2 = 1 + |mu|^2 - 2 x.mu
-    step = max(1, _BLOCK_BYTES // (8 * max(x.shape[1], 1)))
-    sq_all = np.empty(len(mu), dtype=np.float64)
-    for s in range(0, len(mu), step):  # in row blocks: no (C, d) float64 copy of the means
-        sq_all[s:s + step] = (mu[s:s + step].astype(np.float64) ** 2).sum(1)
-    own = np.empty(len(x), dtype=np.float32)
-    for s in range(0, len(x), step):  # a row's dot product with its own mean, without an (N, d) mu[inv]
-        own[s:s + step] = np.einsum("ij,ij->i", x[s:s + step], mu[inv[s:s + step]])
-    own = own.astype(np.float64)
-    dist_own = np.sqrt(np.maximum(1.0 + sq_all[inv] - 2.0 * own, 0.0))
-    scatter = np.bincount(inv, weights=dist_own, minlength=sizes.size) / sizes
-    big = sizes > 1
-    if not big.all():  # (when every cluster is, mu itself: no copy)
-        mu, scatter, sq_all = mu[big], scatter[big], sq_all[big]
-    sq = sq_all
-    if mu.shape[0] < 2:
-        return float("inf")
-    rows = _rows(mu.shape[0], sample, seed)
-    worst = np.zeros(rows.size)
-    for start, r in _pieces(rows, mu.shape[0], block):
-        dist = np.sqrt(np.maximum(sq[r, None] + sq[None, :] - 2.0 * (mu[r] @ mu.T).astype(np.float64), 1e-24))
-        ratio = (scatter[r, None] + scatter[None, :]) / dist
-        ratio[np.arange(r.size), r] = -np.inf
-        worst[start:start + r.size] = ratio.max(axis=1)
-    return float(worst.mean())
+def _cluster_scores(x, cl: _Clusters, sample, seed, block, silhouette=True, davies_bouldin=True):
+    """``(silhouette, davies_bouldin)`` of the unit features ``x`` (every row; ``cl`` says which count),
+    each None when not asked. The cluster means are formed a block of clusters at a time, in at most two
+    passes: the first gives the silhouette's mean distance of each sampled row to each cluster (kept as a
+    running minimum) and the Davies-Bouldin scatters; the second, over the non-singleton clusters, the
+    Davies-Bouldin maximum of each sampled cluster. Memory: O(N + C) beside ``x`` and one block."""
+    n_kept, d = cl.kept.size, x.shape[1]
+    blocks = cl.blocks(np.arange(cl.count), d)
+    sil = silhouette and cl.count >= 2
+    if sil:
+        rows = _rows(n_kept, sample, seed)
+        x_rows, own = cl.kept[rows], cl.inv[rows]
+        size = cl.sizes[own]
+        a = np.zeros(rows.size)  # mean distance to the own cluster, then to the nearest other one
+        b = np.full(rows.size, np.inf)
+    big = np.flatnonzero(cl.sizes > 1)
+    db = davies_bouldin and big.size >= 2
+    if db:
+        picked = _rows(big.size, sample, seed)  # positions among the non-singleton clusters
+        picked_ids = big[picked]
+        mu_picked = np.empty((picked.size, d), dtype=np.float32)
+        sq_all = np.empty(cl.count, dtype=np.float64)
+        own_dot = np.empty(n_kept, dtype=np.float32)
+        step = max(1, _BLOCK_BYTES // (8 * max(d, 1)))
+    mu = None
+    for ids in blocks if (sil or db) else []:
+        lo, hi = int(ids[0]), int(ids[-1]) + 1
+        mu = cl.means(x, ids)
+        if sil:
+            for start, r in _pieces(x_rows, ids.size, block):
+                dist = 2.0 - 2.0 * (x[r] @ mu.T).astype(np.float64)  # mean distance to each cluster of the block
+                o = own[start:start + r.size] - lo
+                hit = np.flatnonzero((o >= 0) & (o < ids.size))
+                a[start + hit] = dist[hit, o[hit]]
+                dist[hit, o[hit]] = np.inf
+                np.minimum(b[start:start + r.size], dist.min(axis=1), out=b[start:start + r.size])
+        if db:
+            # S_i: mean distance of the cluster's samples to its centroid, |x - mu|^2 = 1 + |mu|^2 - 2 x.mu
+            for s in range(0, ids.size, step):
+                sq_all[lo + s:lo + min(s + step, ids.size)] = (mu[s:s + step].astype(np.float64) ** 2).sum(1)
+            pos = cl.members(lo, hi)
+            for s in range(0, pos.size, step):  # a row's dot product with its own mean, without an (N, d) gather
+                p = pos[s:s + step]
+                own_dot[p] = np.einsum("ij,ij->i", x[cl.kept[p]], mu[cl.inv[p] - lo])
+            inside = (picked_ids >= lo) & (picked_ids < hi)
+            mu_picked[inside] = mu[picked_ids[inside] - lo]
+    out_sil = out_db = None
+    if silhouette:
+        out_sil = 0.0
+        if sil:
+            a = a * size / np.maximum(size - 1, 1)  # the sample itself is at distance 0
+            s = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
+            out_sil = float(np.where(size > 1, s, 0.0).mean())
+    if davies_bouldin:
+        out_db = float("inf")
+        if db:
+            dist_own = np.sqrt(np.maximum(1.0 + sq_all[cl.inv] - 2.0 * own_dot.astype(np.float64), 0.0))
+            scatter = (np.bincount(cl.inv, weights=dist_own, minlength=cl.count) / cl.sizes)[big]
+            sq = sq_all[big]
+            worst = np.full(picked.size, -np.inf)
+            big_blocks = cl.blocks(big, d)
+            for p0, ids in zip(np.cumsum([0] + [c.size for c in big_blocks[:-1]]), big_blocks):
+                cols = slice(int(p0), int(p0) + ids.size)
+                m = mu[cl.sizes[blocks[0]] > 1] if len(blocks) == 1 else cl.means(x, ids)  # (one block: formed once)
+                for start, r in _pieces(picked, ids.size, block):
+                    prod = (mu_picked[start:start + r.size] @ m.T).astype(np.float64)
+                    dist = np.sqrt(np.maximum(sq[r, None] + sq[None, cols] - 2.0 * prod, 1e-24))
+                    ratio = (scatter[r, None] + scatter[None, cols]) / dist
+                    hit = np.flatnonzero((r >= cols.start) & (r < cols.stop))
+                    ratio[hit, r[hit] - cols.start] = -np.inf
+                    np.maximum(worst[start:start + r.size], ratio.max(axis=1), out=worst[start:start + r.size])
+            out_db = float(worst.mean())
+    return out_sil, out_db
 
 
 def agreement(previous, labels) -> dict[str, float]:
@@ -195,18 +251,14 @@ def _snd(x, sample, seed, temperature, block) -> float:
 
 def label_free_scores(features, labels, previous=None, sample: int | None = 2048, seed: int = 0,
                       overwrite: bool = False) -> dict[str, float]:
-    """Every label-free score of one stage, keyed as logged (``lf_*``). The unit features and the cluster
-    means are computed once for all scores; ``overwrite`` lets the unit features replace ``features`` (a
-    float32 matrix the caller no longer needs), so the scores add only the means and O(block x N) to it."""
+    """Every label-free score of one stage, keyed as logged (``lf_*``). The unit features are computed once
+    for all scores; ``overwrite`` lets them replace ``features`` (a float32 matrix the caller no longer
+    needs), so the scores add O(N + C) and fixed-size blocks to it (no copy without the outliers, no C x d
+    means: they are formed a block of clusters at a time)."""
     labels = np.asarray(labels)
-    keep = labels >= 0
     unit = _unit(features, overwrite)
-    x = unit if keep.all() else unit[keep]
-    inv, sizes, mu = _means(x, labels[keep])
-    out = {"lf_silhouette": _silhouette(x, inv, sizes, mu, sample, seed, 1024),
-           "lf_davies_bouldin": _davies_bouldin(x, inv, sizes, mu, sample, seed, 1024)}
-    del x, mu
-    out["lf_snd"] = _snd(unit, sample, seed, 0.05, 1024)
+    sil, db = _cluster_scores(unit, _Clusters(labels), sample, seed, 1024)
+    out = {"lf_silhouette": sil, "lf_davies_bouldin": db, "lf_snd": _snd(unit, sample, seed, 0.05, 1024)}
     if previous is not None:
         agree = agreement(previous, labels)
         out["lf_nmi_previous"], out["lf_ari_previous"] = agree["nmi"], agree["ari"]
