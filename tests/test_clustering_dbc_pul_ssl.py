@@ -682,3 +682,55 @@ def test_dbc_stage_means_are_bitwise_the_dense_float64_moments(monkeypatch):
             assert torch.equal(means.search, mu.to(xt.dtype))
             assert torch.equal(means[torch.arange(c)], mu) and torch.equal(means[torch.tensor([5, 5, 0])], mu[[5, 5, 0]])
             assert torch.equal(means.sq, (mu * mu).sum(1)) and torch.equal(means.h, dbc._h(mu, q, w))
+
+
+_READ_ONLY_SCRIPT = r'''
+import warnings
+import numpy as np
+warnings.filterwarnings("error", message="The given NumPy array is not writable")
+from ureid import clustering as C
+from ureid.clustering import dbc, ssl
+
+rng = np.random.default_rng(0)
+n, d = 240, 24
+x = rng.normal(size=(n, d)).astype(np.float32)
+x /= np.linalg.norm(x, axis=1, keepdims=True)
+parts = rng.normal(size=(n, 3, 8)).astype(np.float32)
+cams, singletons, groups = np.arange(n) % 6, np.arange(n), np.arange(n) % 12
+
+def frozen(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+calls = [
+    lambda f, p: C.bottom_up_merge(f, singletons, 24, 0.005),
+    lambda f, p: C.dispersion_merge(f, singletons, 24, 0.1),
+    lambda f, p: C.dispersion_merge(f, singletons, 24, 0.1, update="merge"),
+    lambda f, p: C.kmeans(f, 8, n_init=2),
+    lambda f, p: C.select_reliable(f, groups, 0.5),
+    lambda f, p: C.inertia(f, groups),
+    lambda f, p: C.reliable_neighbors(f, p, cams, 4, 0.5, 0.1),
+    lambda f, p: C.kreciprocal_jaccard(f, k1=8, k2=3, max_distance=0.7).toarray(),
+    lambda f, p: dbc.candidate_block((f, np.ones(n, np.float32)), (np.arange(10), 5))[0],
+]
+for call in calls:
+    f, p = frozen(x), frozen(parts)
+    got, want = call(f, p), call(x.copy(), parts.copy())
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)))
+    assert np.array_equal(f, x) and np.array_equal(p, parts)  # nothing wrote to the caller's arrays
+print("ok")
+'''
+
+
+def test_read_only_inputs_are_used_without_a_warning_and_never_written():
+    """Features from an object store, ``np.load(mmap_mode="r")`` or a frozen array are read-only: every
+    public update takes them as they are (no copy, no torch warning about undefined writes, which is
+    shown once per process, hence a fresh interpreter) and gives the labels of a writable copy, and none
+    writes to its input."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _READ_ONLY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

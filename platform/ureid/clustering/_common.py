@@ -185,14 +185,32 @@ def resolve_device(features, device=None):
     return torch.device("cpu")
 
 
+def shared_tensor(array):
+    """``torch.from_numpy`` of an array the caller may have made read-only (an object store's zero-copy
+    array, ``np.load(mmap_mode="r")``, ``flags.writeable = False``) without torch's warning that writing
+    to it is undefined: nothing in ``ureid.clustering`` writes to its input arrays (every in-place step
+    works on arrays it made; a test runs each public function on read-only arrays and compares them)."""
+    import warnings
+
+    import torch
+
+    array = np.asarray(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(array)
+
+
 def as_torch_features(features, device, name: str = "features", ndim: int = 2):
     """A finite floating tensor on `device` with `ndim` dims and at least one row.
 
     float64 input stays float64 (exact algorithms then compute in double); anything else becomes float32.
+    A float32 (float64) CPU array is used in place, read-only arrays included (:func:`shared_tensor`).
     """
     import torch
 
-    x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    x = features.detach() if isinstance(features, torch.Tensor) else shared_tensor(features)
     if x.ndim != ndim:
         raise ValueError(f"{name} must be a {ndim}-D array; got shape {tuple(x.shape)}")
     if x.shape[0] == 0:

@@ -26,7 +26,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import UnionFind, as_torch_features, check_labels, matmul_t, relabel_by_first_index, resolve_device
+from ._common import (UnionFind, as_torch_features, check_labels, matmul_t, relabel_by_first_index, resolve_device,
+                      shared_tensor)
 
 UPDATE_MODES = ("stage", "merge")
 
@@ -358,14 +359,9 @@ def _candidates(m_s: torch.Tensor, h_s: torch.Tensor, rows: np.ndarray, k: int):
 def candidate_block(shared, job):
     """One row block of a stage's candidate search, ``shared = (means, h)`` (numpy, read zero-copy),
     ``job = (rows, k)``: the unit of work a ``map_blocks`` executor runs, as ``_candidates`` returns it."""
-    import warnings
-
     means, h = shared
     rows, k = job
-    with warnings.catch_warnings():  # shared arrays from an object store are read-only; nothing writes them
-        warnings.simplefilter("ignore", UserWarning)
-        m_s, h_s = torch.from_numpy(means), torch.from_numpy(h)
-    return _candidates(m_s, h_s, rows, k)
+    return _candidates(shared_tensor(means), shared_tensor(h), rows, k)
 
 
 def _candidates_mapped(map_blocks, shared, rows: np.ndarray, k: int, stats=None):

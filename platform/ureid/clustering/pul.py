@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._common import (as_torch_features, check_labels, map_threads, relabel_by_first_index, resolve_device,
-                      resolve_threads)
+                      resolve_threads, shared_tensor)
 
 MATCH_MODES = ("any", "own")
 
@@ -129,7 +129,7 @@ def _restart_inertias(features: np.ndarray, runs: list[np.ndarray]) -> list[floa
 
 def inertia(features, labels) -> float:
     """Sum of squared Euclidean distances of the samples to the mean of their cluster (float64)."""
-    x = features.detach() if isinstance(features, torch.Tensor) else torch.from_numpy(np.asarray(features))
+    x = features.detach() if isinstance(features, torch.Tensor) else shared_tensor(features)
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     lab = np.asarray(labels)

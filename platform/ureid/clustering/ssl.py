@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import as_torch_features, matmul_t, resolve_device
+from ._common import as_torch_features, matmul_t, resolve_device, shared_tensor
 
 # Bytes of the per-block distance tensors held at once.
 _BLOCK_BYTES = 256 * 2**20
@@ -68,7 +68,7 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
             raise ValueError(f"part_features has {parts.shape[0]} rows, global_features has {n}")
         if part_weight == 0:
             parts = None  # contributes nothing; skip the P extra products
-    cam = cameras.detach() if isinstance(cameras, torch.Tensor) else torch.from_numpy(np.asarray(cameras))
+    cam = cameras.detach() if isinstance(cameras, torch.Tensor) else shared_tensor(cameras)
     if cam.shape != (n,) or cam.dtype.is_floating_point or cam.dtype == torch.bool:
         raise ValueError(f"cameras must be an integer array of shape ({n},), got {cam.dtype} {tuple(cam.shape)}")
     cam = cam.to(dev)
@@ -174,11 +174,7 @@ def _global_block(state, start: int, stop: int, k: int) -> np.ndarray:
 def neighbor_block(shared, job) -> np.ndarray:
     """One row block of :func:`reliable_neighbors`, ``shared`` its prepared arrays (numpy, read zero-copy),
     ``job = (start, stop, k)``: the unit of work a ``map_blocks`` executor runs."""
-    import warnings
-
-    with warnings.catch_warnings():  # shared arrays from an object store are read-only; nothing writes them
-        warnings.simplefilter("ignore", UserWarning)
-        state = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in shared)
+    state = tuple(shared_tensor(a) if isinstance(a, np.ndarray) else a for a in shared)
     return _block(state, *job)
 
 
