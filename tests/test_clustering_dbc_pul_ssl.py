@@ -734,3 +734,30 @@ def test_read_only_inputs_are_used_without_a_warning_and_never_written():
 
     out = subprocess.run([sys.executable, "-c", _READ_ONLY_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_row_norms_and_finiteness_checks_work_a_chunk_of_rows_at_a_time(monkeypatch):
+    """SSL's and PUL's squared row norms and every update's finiteness check made an (N, d) temporary (606 MB
+    at N = 77,616): now a chunk of rows at a time, with the whole expression's values bitwise, and the same
+    count of bad rows for numpy and torch input of any dimension."""
+    import torch
+
+    from ureid.clustering import _common
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((1000, 2048), dtype=np.float32))
+    parts = torch.from_numpy(rng.standard_normal((3, 1000, 64), dtype=np.float32))
+    whole, whole_parts = (x * x).sum(1), (parts * parts).sum(2)
+    for chunk_bytes in (1, 3 * 2048 * 4, 100 * 2048 * 4, 1 << 30):  # 1, 3, 100 rows; all rows
+        monkeypatch.setattr(_common, "_ROW_CHUNK_BYTES", chunk_bytes)
+        assert torch.equal(_common.row_sq(x), whole)
+        assert torch.equal(_common.row_sq(x.double()), (x.double() * x.double()).sum(1))
+        assert torch.equal(torch.stack([_common.row_sq(p) for p in parts]), whole_parts)
+        bad = x.clone()
+        bad[[3, 500, 999], [0, 7, 2047]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        assert _common.nonfinite_rows(bad) == 3 and _common.nonfinite_rows(x) == 0
+        assert _common.nonfinite_rows(bad.numpy()) == 3
+        assert _common.nonfinite_rows(bad.reshape(1000, 32, 64)) == 3
+    monkeypatch.setattr(_common, "_ROW_CHUNK_BYTES", 5 * 2048 * 4)
+    with pytest.raises(ValueError, match="NaN or infinite values in 3 row"):
+        _common.as_torch_features(bad, torch.device("cpu"))

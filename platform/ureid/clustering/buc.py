@@ -15,7 +15,7 @@ import numbers
 
 import numpy as np
 
-from ._common import as_numpy_features, check_labels, relabel_by_first_index
+from ._common import as_numpy_features, check_labels, nonfinite_rows, relabel_by_first_index
 from .topk import ExactKnn, knn_search_block, sqdist_error_bound
 
 METRICS = ("sqeuclidean", "euclidean")
@@ -272,7 +272,7 @@ def _prepare_features(features, backend, device):
     x = torch.as_tensor(features).to(dev)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"features must be a non-empty 2-D array (N, d); got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if nonfinite_rows(x):
         raise ValueError("features contains NaN or infinite values")
     return x.float().contiguous(), backend, dev
 

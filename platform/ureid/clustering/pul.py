@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._common import (as_torch_features, check_labels, map_threads, relabel_by_first_index, resolve_device,
-                      resolve_threads, shared_tensor)
+                      resolve_threads, row_sq, shared_tensor)
 
 MATCH_MODES = ("any", "own")
 
@@ -24,6 +24,10 @@ MATCH_MODES = ("any", "own")
 RESTARTS_PER_TASK = 5
 # Bytes of one block of distances held at once.
 _BLOCK_BYTES = 256 * 2**20
+# Bytes of one block of Lloyd's assignment products (rows x every restart's centres): its argmin, bounds and
+# BLAS buffers take about as much again, and at N = 77,616 a 256 MB block (every row at once) peaked 600 MB
+# above the matrix; 20,000 rows x 800 centres is still one efficient product.
+_ASSIGN_BYTES = 64 * 2**20
 # Bytes of one row chunk of the float64 passes over the samples (each makes a few temporaries of its size).
 _CHUNK_BYTES = 32 * 2**20
 
@@ -179,7 +183,7 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
     are thin products that one MKL call on two threads ran slower than on one), the potentials summed block by
     block in block order: the same operations in the same order whatever ``threads`` is, so the same seeds."""
     n = x.shape[0]
-    sq = (x * x).sum(1)
+    sq = row_sq(x)
     width = _SEED_COLUMNS if x.device.type == "cpu" else n
     cols = [slice(s, min(s + width, n)) for s in range(0, n, width)]
     trials = 2 + int(math.log(k))
@@ -362,7 +366,7 @@ def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: f
     arg_out = np.empty((a, count), dtype=np.int64)
     up_out = np.empty((a, count))
     low_out = np.empty((a, count))
-    step = max(1, _BLOCK_BYTES // (4 * a * k))
+    step = max(1, _ASSIGN_BYTES // (4 * a * k))
     if rows is not None:  # gathered rows are a copy: a chunk of them at a time
         step = min(step, max(1, _CHUNK_BYTES // (4 * d)))
     for s in range(0, count, step):

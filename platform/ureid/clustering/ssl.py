@@ -20,7 +20,7 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import as_torch_features, matmul_t, resolve_device, shared_tensor
+from ._common import as_torch_features, matmul_t, resolve_device, row_sq, shared_tensor
 
 # Bytes of the per-block distance tensors held at once.
 _BLOCK_BYTES = 256 * 2**20
@@ -76,10 +76,10 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
     dtype = torch.float64 if g.dtype == torch.float64 or (parts is not None and parts.dtype == torch.float64) \
         else torch.float32
     g = g.to(dtype)
-    g_sq = (g * g).sum(1)
+    g_sq = row_sq(g)
     if parts is not None:
         parts = parts.to(dtype).transpose(0, 1).contiguous()  # (P, N, d_p): one batched product per block
-        p_sq = (parts * parts).sum(2)
+        p_sq = torch.stack([row_sq(p) for p in parts])  # (P, N)
     layers = 3 * (1 + (0 if parts is None else parts.shape[0]))  # block x N tensors alive at once, temporaries included
     step = max(1, _BLOCK_BYTES // (layers * n * g.element_size()))
     spans = [(s, min(n, s + step)) for s in range(0, n, step)]
