@@ -302,15 +302,8 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             if moved.size > _REBUILD_MOVED * n:
                 fresh.append(r)
             else:
-                # a chunk of moved rows at a time (up to a quarter of the samples moved: 318 MB of float64 rows at
-                # N = 77,616); index_add_ adds in index order, so the sums are those of one call
-                step = max(1, _CHUNK_BYTES // (8 * d))
-                for s in range(0, moved.size, step):
-                    m = moved[s:s + step]
-                    sums[r].index_add_(0, torch.from_numpy(old[m]), torch.from_numpy(x[m].astype(np.float64)), alpha=-1)
-                for s in range(0, moved.size, step):
-                    m = moved[s:s + step]
-                    sums[r].index_add_(0, torch.from_numpy(new[m]), torch.from_numpy(x[m].astype(np.float64)))
+                _patch_sums(sums[r], x, moved, old, -1)  # every removal before every addition, as before
+                _patch_sums(sums[r], x, moved, new, 1)
                 counts[r] += np.bincount(new[moved], minlength=k) - np.bincount(old[moved], minlength=k)
             labels[r] = new
             still.append(r)
@@ -330,6 +323,16 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             lower[r] -= shift.max()
         active = still
     return labels
+
+
+def _patch_sums(sums: torch.Tensor, x: np.ndarray, moved: np.ndarray, labels: np.ndarray, sign: int) -> None:
+    """Add ``sign`` x the float64 rows ``moved`` of ``x`` to their clusters' ``sums`` (by ``labels``), a chunk of
+    rows at a time (up to a quarter of the samples move: 318 MB of float64 rows at N = 77,616). index_add_ adds
+    in index order, so the sums are bitwise those of one call over all the rows."""
+    step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
+    for s in range(0, moved.size, step):
+        m = moved[s:s + step]
+        sums.index_add_(0, torch.from_numpy(labels[m]), torch.from_numpy(x[m].astype(np.float64)), alpha=sign)
 
 
 def _due_rows(x, xsq, centres, active, due, gamma):
