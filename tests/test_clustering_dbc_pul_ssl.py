@@ -663,25 +663,63 @@ def test_reliable_neighbors_through_map_blocks_give_the_same_neighbours(monkeypa
 
 
 def test_dbc_stage_means_are_bitwise_the_dense_float64_moments(monkeypatch):
-    """The stage mode keeps float64 means only for clusters with two or more members (a singleton's is its
-    feature row): the search matrix, every float64 mean, |mu|^2 and h equal the dense moments bitwise,
-    in float32 and float64, over several row chunks."""
+    """The stage mode never holds the (C, d) means: it forms them from the member rows when a block of the
+    search or a chunk of exact scores needs them. The search rows, every float64 mean (any ids, any order),
+    |mu|^2 and h equal the dense moments bit for bit (a -0.0 in a singleton's row included), in float32 and
+    float64, over several row chunks and blocks of clusters."""
     monkeypatch.setattr(dbc, "_CHUNK_BYTES", 8 * 24 * 37)
+
+    def bits(t):
+        return t.numpy().view(np.int64 if t.dtype == torch.float64 else np.int32)
+
     rng = np.random.default_rng(2)
     for dtype in (np.float32, np.float64):
         x = rng.normal(size=(400, 24)).astype(dtype)
-        x[3, 5] = -0.0
         lab = np.where(rng.random(400) < 0.5, np.arange(400) + 400, rng.integers(0, 60, 400))
         lab = np.unique(lab, return_inverse=True)[1]
+        lone = int(np.flatnonzero(np.bincount(lab)[lab] == 1)[0])
+        x[lone, 5] = -0.0
         c = int(lab.max()) + 1
         xt = torch.from_numpy(x)
         mu, q, sizes = dbc._cluster_moments(xt, lab, c)
-        assert 0 < int((sizes == 1).sum()) < c
+        assert 0 < int((sizes == 1).sum()) < c and np.signbit(mu[lab[lone], 5].item()) == 0
         for w in (0.0, 0.7):
             means = dbc._StageMeans(xt, lab, c, w)
-            assert torch.equal(means.search, mu.to(xt.dtype))
-            assert torch.equal(means[torch.arange(c)], mu) and torch.equal(means[torch.tensor([5, 5, 0])], mu[[5, 5, 0]])
-            assert torch.equal(means.sq, (mu * mu).sum(1)) and torch.equal(means.h, dbc._h(mu, q, w))
+            assert np.array_equal(bits(means.search(np.arange(c))), bits(mu.to(xt.dtype)))
+            ids = rng.permutation(c)[:150]
+            assert np.array_equal(bits(means.search(ids)), bits(mu[ids].to(xt.dtype)))
+            assert np.array_equal(bits(means.means(np.arange(c))), bits(mu))
+            assert np.array_equal(bits(means[torch.tensor([5, 5, 0])]), bits(mu[[5, 5, 0]]))
+            assert np.array_equal(bits(means.sq), bits((mu * mu).sum(1)))
+            assert np.array_equal(bits(means.h), bits(dbc._h(mu, q, w)))
+
+
+def test_dbc_stage_forms_cluster_means_a_bounded_block_at_a_time(monkeypatch):
+    """Issue 14's "one stage's features plus O(N k)": the stage mode never makes a C x d matrix of means
+    (nor a search-dtype copy of the features at stage 0). With small byte budgets, every call that forms
+    means, in the store's own search, in the exact scores and in every block task, asks for a bounded
+    block of clusters, and the labels are the full-matrix procedure's, in-process and fanned out."""
+    for name, size in (("_CHUNK_BYTES", 8 * 12 * 16), ("_BAND_BYTES", 4 * 12 * 32), ("_EXACT_BYTES", 5 * 8 * 12 * 8),
+                       ("_BLOCK_BYTES", 4 * 32 * 32), ("_INITIAL_CANDIDATES", 2), ("_MAP_MIN_CLUSTERS", 0)):
+        monkeypatch.setattr(dbc, name, size)
+    asked = []
+    original_means = dbc._Means.means
+    monkeypatch.setattr(dbc._Means, "means", lambda self, ids: asked.append(np.size(ids)) or original_means(self, ids))
+    original_search = dbc._Means.search
+    monkeypatch.setattr(dbc._Means, "search", lambda self, ids: asked.append(np.size(ids)) or original_search(self, ids))
+
+    def executor(fn, shared, items):
+        return [fn(shared, item) for item in items]
+
+    x = features(11, n=240, d=12, dtype=np.float32)
+    stage1 = dispersion_merge(x, np.arange(240), 90, 0.0)  # 150 clusters, most of them with 2+ members
+    for labels in (np.arange(240), stage1):
+        for w in (0.0, 0.5):
+            want = reference_dbc_stage(x, labels, 40, w)
+            for mapped in (None, executor):
+                asked.clear()
+                assert np.array_equal(dispersion_merge(x, labels, 40, w, map_blocks=mapped), want), (w, mapped)
+                assert asked and max(asked) <= 64 < int(labels.max()) + 1, max(asked)
 
 
 _READ_ONLY_SCRIPT = r'''
@@ -712,7 +750,7 @@ calls = [
     lambda f, p: C.inertia(f, groups),
     lambda f, p: C.reliable_neighbors(f, p, cams, 4, 0.5, 0.1),
     lambda f, p: C.kreciprocal_jaccard(f, k1=8, k2=3, max_distance=0.7).toarray(),
-    lambda f, p: dbc.candidate_block((f, np.ones(n, np.float32)), (np.arange(10), 5))[0],
+    lambda f, p: dbc.candidate_block((f, np.arange(n), np.arange(n + 1), np.ones(n, np.float32)), (np.arange(10), 5))[0],
 ]
 for call in calls:
     f, p = frozen(x), frozen(parts)

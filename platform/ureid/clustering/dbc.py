@@ -12,7 +12,8 @@ cluster's mean ``mu`` and mean squared norm ``q = mean |a|^2``::
     d_AB = q_A + q_B - 2 mu_A . mu_B          d_A = 2 q_A - 2 |mu_A|^2
 
 so the score is ``h_A + h_B - 2 mu_A . mu_B`` with ``h = (1 + 2 intra_weight) q - 2 intra_weight |mu|^2``:
-only C x C products of cluster means are ever needed, and they are formed block by block.
+only C x C products of cluster means are ever needed, and they are formed block by block, the means of a
+block from its clusters' rows.
 For unit features (what the trainer passes) this is DESIGN.md's ``2 - 2 mu_A . mu_B`` and ``2 - 2 |mu_A|^2``;
 the general form keeps the function exact for any features.
 """
@@ -40,6 +41,11 @@ _MAP_MIN_CLUSTERS = 2048
 # Side of the square blocks of the symmetric search: blocks on and above the diagonal are computed, so the
 # narrower, the closer to half the products (2,048 at C = 12,936: 58%; 8,192: 77%), at more top-k merges.
 _SYMMETRIC_WIDTH = 2048
+# Bytes of the means of one band of row blocks in the symmetric search (each column block's means are
+# formed once per band: 4 bands' worth at C = 12,936, d = 2048, instead of once per row block).
+_BAND_BYTES = 64 * 2**20
+# Bytes of one chunk of exact scores: the float64 means of its pairs' clusters, the gathered pairs and products.
+_EXACT_BYTES = 64 * 2**20
 # Bytes of one row chunk of the float64 passes over the samples (the chunk, its squares, the gathered rows).
 _CHUNK_BYTES = 32 * 2**20
 
@@ -72,9 +78,12 @@ def dispersion_merge(features, labels, num_merges, intra_weight, update="stage",
     Returns:
         (N,) int64 labels, numbered in ascending order of each cluster's smallest sample index.
 
-    Cost: stage mode needs O(C d) memory plus candidate lists of O(C k) pairs, and one blockwise C x C x d
-    product (see ``_stage_merges`` for why per-cluster top-k candidates make it exact); merge mode needs
-    O(C d) memory and O(C^2 d + num_merges * C d) time (see ``_agglomerate``).
+    Cost: stage mode holds, besides the features, O(N) integers (the rows sorted by cluster), O(C) float64
+    values per cluster, candidate lists of O(C k) pairs and fixed-size blocks: the cluster means are formed
+    from the member rows when a block needs them (``_Means``), never as a C x d matrix; time is one blockwise
+    C x C x d product (see ``_stage_merges`` for why per-cluster top-k candidates make it exact) plus O(N d)
+    per band of the search for the means. Merge mode needs O(C d) memory (its means change with every merge)
+    and O(C^2 d + num_merges * C d) time (see ``_agglomerate``).
     """
     dev = resolve_device(features, device)
     x = as_torch_features(features, dev)
@@ -126,61 +135,81 @@ def _cluster_moments(x: torch.Tensor, lab: np.ndarray, num_clusters: int):
     return mu, q, sizes
 
 
-class _StageMeans:
-    """A stage's cluster means without a (C, d) float64 matrix (at stage 0, every cluster a singleton, that
-    matrix is twice the features): ``search``, the (C, d) means in the search dtype; the float64 means of
-    the clusters with two or more members; and, as ``means[ids]``, the float64 mean of any clusters. A
-    singleton's float64 mean is its feature row (0.0 + x, divided by 1), which the search dtype (the
-    features' own) holds exactly, so its search row *is* its float64 mean. ``sq`` = |mu|^2 and ``h``
-    (``_h``) per cluster, float64. Every value is bitwise that of the dense float64 moments: the sums of a
-    cluster add its rows in ascending order, as ``_cluster_moments``'s ``index_add_`` does."""
+class _Means:
+    """Cluster means formed on demand from the member rows, never held as a (C, d) matrix: the features
+    ``x`` (N, d), the rows sorted by cluster (``order``, ascending index within a cluster: a stable sort of
+    the labels) and each cluster's start in that order (``starts``, C + 1): O(N) integers besides ``x``.
+    What a block task receives too (``candidate_block``), so a fanned-out search forms its own means.
+
+    Every value is bitwise that of the dense float64 moments (``_cluster_moments``): a cluster's sum adds its
+    rows in ascending order into 0.0 (``index_add_`` adds in index order) and is divided by the size; a
+    singleton's mean is its row + 0.0 (-0.0 becomes 0.0, as in the sum from 0.0), which the features' own
+    dtype holds exactly, so its search row is its float64 mean."""
+
+    def __init__(self, x: torch.Tensor, order: np.ndarray, starts: np.ndarray):
+        self.x, self.order, self.starts = x, order, starts
+        self.shape, self.device = (starts.size - 1, x.shape[1]), x.device
+
+    def _rows(self, ids: np.ndarray):
+        """Member rows of the clusters ``ids`` (cluster by cluster, each in ascending order), the position
+        in ``ids`` each belongs to, and the sizes."""
+        lo = self.starts[ids]
+        sizes = self.starts[ids + 1] - lo
+        first = np.cumsum(sizes) - sizes
+        pos = np.arange(int(sizes.sum())) - np.repeat(first - lo, sizes)
+        return self.order[pos], np.repeat(np.arange(ids.size), sizes), sizes
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device)
+
+    def means(self, ids) -> torch.Tensor:
+        """float64 means of the clusters ``ids`` (len(ids), d)."""
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        rows, dest, sizes = self._rows(ids)
+        rows, dest = self._tensor(rows), self._tensor(dest)
+        out = torch.zeros(ids.size, self.shape[1], dtype=torch.float64, device=self.device)
+        step = max(1, _CHUNK_BYTES // (8 * self.shape[1]))
+        for s in range(0, rows.numel(), step):
+            out.index_add_(0, dest[s:s + step], self.x[rows[s:s + step]].double())
+        return out.div_(self._tensor(sizes).double()[:, None])
+
+    def search(self, ids) -> torch.Tensor:
+        """The means of the clusters ``ids`` in the search dtype (the features'): the float64 means rounded,
+        formed ``_CHUNK_BYTES`` of float64 means at a time."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        sizes = self.starts[ids + 1] - self.starts[ids]
+        out = self.x[self._tensor(self.order[self.starts[ids]])].add_(0.0)
+        big = np.flatnonzero(sizes > 1)
+        step = max(1, _CHUNK_BYTES // (8 * self.shape[1]))
+        for s in range(0, big.size, step):
+            out[self._tensor(big[s:s + step])] = self.means(ids[big[s:s + step]]).to(self.x.dtype)
+        return out
+
+    def __getitem__(self, ids) -> torch.Tensor:
+        return self.means(ids)
+
+
+class _StageMeans(_Means):
+    """A stage's means (``_Means``) with the per-cluster float64 ``sq`` = |mu|^2 and ``h`` (``_h``), bitwise
+    those of the dense moments. At stage 0 (every cluster a singleton) a (C, d) float64 matrix of means
+    would be twice the features, and a search-dtype copy one more matrix: neither is ever made."""
 
     def __init__(self, x: torch.Tensor, lab: np.ndarray, num_clusters: int, w: float):
-        dev, (n, d) = x.device, x.shape
         counts = np.bincount(lab, minlength=num_clusters)
-        big = np.flatnonzero(counts > 1)
-        pos = np.full(num_clusters, -1, dtype=np.int64)
-        pos[big] = np.arange(big.size)
-        self.shape, self.device = (num_clusters, d), dev
-        self.pos = torch.from_numpy(pos).to(dev)
+        super().__init__(x, np.argsort(lab, kind="stable"), np.concatenate([[0], np.cumsum(counts)]))
+        dev, (n, d) = x.device, x.shape
         idx = torch.from_numpy(lab).to(dev)
-        row_pos = self.pos[idx]
-        self.big = torch.zeros(big.size, d, dtype=torch.float64, device=dev)
         q = torch.zeros(num_clusters, dtype=torch.float64, device=dev)
         step = max(1, _CHUNK_BYTES // (8 * d))
         for s in range(0, n, step):
             xb = x[s:s + step].double()
             q.index_add_(0, idx[s:s + step], (xb * xb).sum(1))
-            keep = row_pos[s:s + step] >= 0
-            self.big.index_add_(0, row_pos[s:s + step][keep], xb[keep])
-        sizes = torch.from_numpy(counts).to(dev).double()
-        self.big /= sizes[torch.from_numpy(big).to(dev)][:, None]
-        q /= sizes
-        self.search = torch.empty(num_clusters, d, dtype=x.dtype, device=dev)
+        q /= torch.from_numpy(counts).to(dev).double()
         self.sq = torch.empty(num_clusters, dtype=torch.float64, device=dev)
-        single_rows = torch.from_numpy(np.flatnonzero(counts[lab] == 1)).to(dev)
-        for s in range(0, single_rows.numel(), step):
-            r = single_rows[s:s + step]
-            xb = x[r].double() + 0.0  # as the float64 sum starts from 0.0 (a -0.0 becomes 0.0)
-            self.search[idx[r]] = xb.to(x.dtype)
-            self.sq[idx[r]] = (xb * xb).sum(1)
-        big_ids = torch.from_numpy(big).to(dev)
-        for s in range(0, big.size, step):
-            m = self.big[s:s + step]
-            self.search[big_ids[s:s + step]] = m.to(x.dtype)
-            self.sq[big_ids[s:s + step]] = (m * m).sum(1)
+        for s in range(0, num_clusters, step):
+            m = self.means(np.arange(s, min(num_clusters, s + step)))
+            self.sq[s:s + step] = (m * m).sum(1)
         self.h = (1 + 2 * w) * q - 2 * w * self.sq
-
-    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
-        """float64 means of clusters ``ids``, (len(ids), d)."""
-        p = self.pos[ids]
-        if self.big.shape[0] == self.shape[0]:  # no singleton left
-            return self.big[p]
-        rows = self.search[ids].double()
-        keep = p >= 0
-        if bool(keep.any()):
-            rows[keep] = self.big[p[keep]]
-        return rows
 
 
 def _h(mu: torch.Tensor, q: torch.Tensor, w: float) -> torch.Tensor:
@@ -219,7 +248,6 @@ def _stage_merges(mu: _StageMeans, h: torch.Tensor, num_merges: int, search_dtyp
     public code (only the absorbed one is skipped later), which is why ``e_c`` is per cluster.
     """
     num_clusters, d = mu.shape
-    m_s = mu.search
     h_s = h.to(search_dtype)
     delta = _search_error_bound(d, float(mu.sq.max()), float(h.abs().max()), search_dtype)
     bound = np.full(num_clusters, np.inf)  # b_c
@@ -229,14 +257,14 @@ def _stage_merges(mu: _StageMeans, h: torch.Tensor, num_merges: int, search_dtyp
     exact = np.empty(0, dtype=np.float64)  # their exact scores, NaN until computed
     cut = -np.inf  # every known pair with search score <= cut + delta has its exact score
     rows, k = np.arange(num_clusters), min(num_clusters - 1, _INITIAL_CANDIDATES)
-    shared = (m_s.cpu().numpy(), h_s.cpu().numpy()) if map_blocks is not None else None
+    shared = (mu.x.cpu().numpy(), mu.order, mu.starts, h_s.cpu().numpy()) if map_blocks is not None else None
     while True:
         if map_blocks is not None:
             cand, vals, b = _candidates_mapped(map_blocks, shared, rows, k, stats)
         elif rows.size == num_clusters:
-            cand, vals, b = _candidates_all(m_s, h_s, k)
+            cand, vals, b = _candidates_all(mu, h_s, k)
         else:
-            cand, vals, b = _candidates(m_s, h_s, rows, k)
+            cand, vals, b = _candidates(mu, h_s, rows, k)
         bound[rows] = b
         complete[rows] = k >= num_clusters - 1
         fresh = ~np.isin(cand, keys)  # each pair is scored at most once
@@ -291,34 +319,51 @@ def _search_error_bound(d: int, max_sq_norm: float, max_abs_h: float, dtype) -> 
     return 1.5 * ((2 * gamma + 9 * u) * max_sq_norm + 5 * u * max_abs_h) + 2 * gamma64 * max_sq_norm
 
 
-def _candidates_all(m_s: torch.Tensor, h_s: torch.Tensor, k: int):
+def _merge_topk(best_val: torch.Tensor, best_col: torch.Tensor, rows, block: torch.Tensor, offset: int):
+    """Fold a block of scores (columns ``offset`` ...) into the running k smallest of ``rows``."""
+    k = best_val.shape[1]
+    val, col = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False, sorted=False)
+    val = torch.cat([best_val[rows], val], 1)
+    col = torch.cat([best_col[rows], col + offset], 1)
+    val, pick = torch.topk(val, k, dim=1, largest=False, sorted=False)
+    best_val[rows], best_col[rows] = val, col.gather(1, pick)
+
+
+def _search_width(src: _Means) -> int:
+    """Side of the square score blocks of a search (bounded by ``_BLOCK_BYTES``)."""
+    return max(1, min(_SYMMETRIC_WIDTH, math.isqrt(_BLOCK_BYTES // src.x.element_size())))
+
+
+def _candidates_all(src: _Means, h_s: torch.Tensor, k: int):
     """``_candidates`` for every cluster at half the work: each B x B block of the symmetric score matrix is
-    computed once (blocks I <= J) and feeds the running top-k of its rows (I) and of its columns (J)."""
-    num_clusters = m_s.shape[0]
-    dev = m_s.device
-    width = max(1, min(_SYMMETRIC_WIDTH, math.isqrt(_BLOCK_BYTES // m_s.element_size())))
-    best_val = torch.full((num_clusters, k), torch.inf, dtype=m_s.dtype, device=dev)
+    computed once (blocks I <= J) and feeds the running top-k of its rows (I) and of its columns (J).
+
+    The means are formed a band of row blocks at a time (``_BAND_BYTES``) and each column block once per
+    band; a block's lists receive their merges in the order of a plain walk over I, then J (every merge into
+    block X as columns, from I < X, comes before those as rows), so the lists do not depend on the band."""
+    num_clusters, d = src.shape
+    dev, dtype = src.device, src.x.dtype
+    width = _search_width(src)
+    band = width * max(1, _BAND_BYTES // (src.x.element_size() * width * d))
+    best_val = torch.full((num_clusters, k), torch.inf, dtype=dtype, device=dev)
     best_col = torch.zeros((num_clusters, k), dtype=torch.long, device=dev)
-
-    def merge(rows: slice, block: torch.Tensor, offset: int):
-        val, col = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False, sorted=False)
-        val = torch.cat([best_val[rows], val], 1)
-        col = torch.cat([best_col[rows], col + offset], 1)
-        val, pick = torch.topk(val, k, dim=1, largest=False, sorted=False)
-        best_val[rows], best_col[rows] = val, col.gather(1, pick)
-
     with _full_fp32_matmul():
-        for i0 in range(0, num_clusters, width):
-            rows = slice(i0, i0 + width)
-            for j0 in range(i0, num_clusters, width):
+        for b0 in range(0, num_clusters, band):
+            b1 = min(num_clusters, b0 + band)
+            mine = src.search(np.arange(b0, b1))
+            for j0 in range(b0, num_clusters, width):
                 cols = slice(j0, j0 + width)
-                # (h_j - 2 mu_i . mu_j) + h_i, the rounding _search_error_bound covers; the product by NumPy's BLAS
-                block = matmul_t(m_s[rows], m_s[cols]).mul_(-2).add_(h_s[None, cols]).add_(h_s[rows, None])
-                if j0 == i0:
-                    block.fill_diagonal_(torch.inf)
-                merge(rows, block, j0)
-                if j0 != i0:
-                    merge(cols, block.T, i0)
+                m_j = mine[j0 - b0:j0 - b0 + width] if j0 < b1 else src.search(np.arange(j0, min(num_clusters, j0 + width)))
+                for i0 in range(b0, min(b1, j0 + 1), width):
+                    rows = slice(i0, i0 + width)
+                    # (h_j - 2 mu_i . mu_j) + h_i, the rounding _search_error_bound covers; the product by NumPy's BLAS
+                    block = matmul_t(mine[i0 - b0:i0 - b0 + width], m_j).mul_(-2).add_(h_s[None, cols]) \
+                        .add_(h_s[rows, None])
+                    if j0 == i0:
+                        block.fill_diagonal_(torch.inf)
+                    _merge_topk(best_val, best_col, rows, block, j0)
+                    if j0 != i0:
+                        _merge_topk(best_val, best_col, cols, block.T, i0)
     i = torch.arange(num_clusters, device=dev)[:, None].expand_as(best_col)
     keys = (torch.minimum(i, best_col) * num_clusters + torch.maximum(i, best_col)).reshape(-1)
     keys, vals = _unique_pairs(keys.cpu().numpy(), best_val.reshape(-1).double().cpu().numpy())
@@ -335,39 +380,57 @@ def _unique_pairs(keys: np.ndarray, vals: np.ndarray):
     return keys[first], vals[first]
 
 
-def _candidates(m_s: torch.Tensor, h_s: torch.Tensor, rows: np.ndarray, k: int):
+def _rows_per_chunk(src: _Means, k: int) -> int:
+    """Rows of a row-wise search held at once: their means, a block of scores and the running top-k."""
+    return max(1, _BLOCK_BYTES // (8 * (src.shape[1] + 3 * _search_width(src) + 2 * k)))
+
+
+def _candidates(src: _Means, h_s: torch.Tensor, rows: np.ndarray, k: int):
     """The k best partners (by search score) of each cluster in ``rows``: pair keys i*C+j (i < j), unique,
-    their search scores, and b_c."""
-    num_clusters = m_s.shape[0]
-    step = max(1, _BLOCK_BYTES // (m_s.element_size() * num_clusters))
+    their search scores, and b_c. Row-wise: each chunk of rows against every column block, the top-k kept
+    running (the means of every cluster formed once per chunk)."""
+    num_clusters = src.shape[0]
+    dev = src.device
+    width, step = _search_width(src), _rows_per_chunk(src, k)
     keys, vals, bounds = [], [], []
     with _full_fp32_matmul():
         for s in range(0, rows.size, step):
-            blk = torch.from_numpy(rows[s:s + step]).to(m_s.device)
-            # h_j - 2 mu_i . mu_j; h_i is constant per row and added afterwards (in float64: a smaller error)
-            scores = matmul_t(m_s[blk], m_s).mul_(-2).add_(h_s[None, :])
-            scores[torch.arange(blk.numel(), device=blk.device), blk] = torch.inf
-            val, col = torch.topk(scores, k, dim=1, largest=False, sorted=False)
-            val = val.double() + h_s[blk].double()[:, None]
+            ids = rows[s:s + step]
+            blk = torch.from_numpy(ids).to(dev)
+            mine = src.search(ids)
+            best_val = torch.full((ids.size, k), torch.inf, dtype=mine.dtype, device=dev)
+            best_col = torch.zeros((ids.size, k), dtype=torch.long, device=dev)
+            every = slice(None)
+            for j0 in range(0, num_clusters, width):
+                j1 = min(num_clusters, j0 + width)
+                # h_j - 2 mu_i . mu_j; h_i is constant per row and added afterwards (in float64: a smaller error)
+                scores = matmul_t(mine, src.search(np.arange(j0, j1))).mul_(-2).add_(h_s[None, j0:j1])
+                own = np.flatnonzero((ids >= j0) & (ids < j1))
+                scores[torch.from_numpy(own).to(dev), torch.from_numpy(ids[own] - j0).to(dev)] = torch.inf
+                _merge_topk(best_val, best_col, every, scores, j0)
+            val = best_val.double() + h_s[blk].double()[:, None]
             bounds.append(val.max(1).values.cpu().numpy())
             vals.append(val.reshape(-1).cpu().numpy())
-            i, j = blk[:, None].expand_as(col), col
+            i, j = blk[:, None].expand_as(best_col), best_col
             keys.append((torch.minimum(i, j) * num_clusters + torch.maximum(i, j)).reshape(-1).cpu().numpy())
     return (*_unique_pairs(np.concatenate(keys), np.concatenate(vals)), np.concatenate(bounds))
 
 
 def candidate_block(shared, job):
-    """One row block of a stage's candidate search, ``shared = (means, h)`` (numpy, read zero-copy),
-    ``job = (rows, k)``: the unit of work a ``map_blocks`` executor runs, as ``_candidates`` returns it."""
-    means, h = shared
+    """One row block of a stage's candidate search, ``shared = (features, order, starts, h)`` (numpy, the
+    features read zero-copy; ``_Means``), ``job = (rows, k)``: the unit of work a ``map_blocks`` executor
+    runs, as ``_candidates`` returns it. The task forms the cluster means it needs from the features."""
+    x, order, starts, h = shared
     rows, k = job
-    return _candidates(shared_tensor(means), shared_tensor(h), rows, k)
+    return _candidates(_Means(shared_tensor(x), order, starts), shared_tensor(h), rows, k)
 
 
 def _candidates_mapped(map_blocks, shared, rows: np.ndarray, k: int, stats=None):
     """``_candidates`` over ``rows`` as blocks through ``map_blocks`` (row-wise: twice the products of the
-    symmetric in-process search, spread over the executor's workers)."""
-    per_block = max(1, min(_BLOCK_BYTES // (shared[0].itemsize * shared[0].shape[0]), -(-rows.size // 8)))
+    symmetric in-process search, spread over the executor's workers; one chunk of rows per task, so each
+    task forms every cluster's mean once)."""
+    src = _Means(shared_tensor(shared[0]), shared[1], shared[2])
+    per_block = max(1, min(_rows_per_chunk(src, k), -(-rows.size // 8)))
     jobs = [(rows[s:s + per_block], k) for s in range(0, rows.size, per_block)]
     out = map_blocks(candidate_block, shared, jobs)
     if stats is not None:
@@ -376,15 +439,20 @@ def _candidates_mapped(map_blocks, shared, rows: np.ndarray, k: int, stats=None)
     return keys, vals, np.concatenate([o[2] for o in out])
 
 
-def _exact_scores(mu: _StageMeans, h: torch.Tensor, keys: np.ndarray) -> np.ndarray:
-    """float64 score h_i + h_j - 2 mu_i . mu_j of each pair key, in chunks (gathered rows, no C x C)."""
+def _exact_scores(mu: _Means, h: torch.Tensor, keys: np.ndarray) -> np.ndarray:
+    """float64 score h_i + h_j - 2 mu_i . mu_j of each pair key, in chunks of pairs (the chunk's clusters'
+    means formed from their rows; no C x C, no C x d)."""
     num_clusters, d = mu.shape
     out = np.empty(keys.size, dtype=np.float64)
-    step = max(1, _BLOCK_BYTES // (3 * 8 * d))  # two gathered rows and their product per pair
+    step = max(1, _EXACT_BYTES // (5 * 8 * d))  # up to 2 means per pair, the two gathered rows and their product
     for s in range(0, keys.size, step):
-        kk = torch.from_numpy(keys[s:s + step]).to(mu.device)
-        i, j = kk // num_clusters, kk % num_clusters
-        out[s:s + step] = (h[i] + h[j] - 2 * (mu[i] * mu[j]).sum(1)).cpu().numpy()
+        kk = keys[s:s + step]
+        ids, inv = np.unique(np.concatenate([kk // num_clusters, kk % num_clusters]), return_inverse=True)
+        m = mu.means(ids)
+        inv = torch.from_numpy(inv).to(mu.device)
+        i, j = torch.from_numpy(ids).to(mu.device)[inv].split(kk.size)
+        mi, mj = m[inv[:kk.size]], m[inv[kk.size:]]
+        out[s:s + step] = (h[i] + h[j] - 2 * (mi * mj).sum(1)).cpu().numpy()
     return out
 
 
