@@ -719,7 +719,7 @@ def test_dbc_stage_forms_cluster_means_a_bounded_block_at_a_time(monkeypatch):
             for mapped in (None, executor):
                 asked.clear()
                 assert np.array_equal(dispersion_merge(x, labels, 40, w, map_blocks=mapped), want), (w, mapped)
-                assert asked and max(asked) <= 64 < int(labels.max()) + 1, max(asked)
+                assert asked and max(asked) <= 128 < int(labels.max()) + 1, max(asked)
 
 
 _READ_ONLY_SCRIPT = r'''
