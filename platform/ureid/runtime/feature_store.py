@@ -28,6 +28,7 @@ method declares known (semi-supervised variants), the update's ``known_labels``.
 
 from __future__ import annotations
 
+import ctypes
 import pickle
 import time
 import zipfile
@@ -82,6 +83,18 @@ def _threads(count: int | None):
     finally:
         faiss.omp_set_num_threads(old_faiss)
         torch.set_num_threads(old_torch)
+
+
+def _return_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``). An update's temporaries
+    are freed into the arenas of the threads that made them (torch's, the BLAS's) and glibc keeps much of
+    them: after PUL's update at N = 77,616 on 2 threads the store's own memory, the matrix freed, stood
+    588 MB above its start, 440 MB with this call, through the label-free scores and the next stage's
+    training (the rest not profiled: live buffers or pages split by live objects). Without glibc: nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _read_rows(f, idx: np.ndarray, out: dict, name: str, n: int, chunk_bytes: int = 32 << 20) -> None:
@@ -232,11 +245,13 @@ class FeatureStore:
         # The update may have overwritten the gathered features (features_writable): the scores read them
         # again from the shard files, which stay until this update is saved; one copy is in memory at a time.
         del pooled, parts, ctx
+        _return_free_memory()
         pooled, _ = self._gather(stage, parts=False)
         real = slice(0, inputs.num_real)  # scored on the real samples (camstyle fakes are augmentation)
         info.update(label_free_scores(pooled[real], new.labels[real], previous.labels[real], seed=inputs.seed,
                                       overwrite=True))
         del pooled
+        _return_free_memory()
         if inputs.truth is not None:
             info.update(self.method.diagnostics(self.cfg, previous, new, inputs.truth))
         result = {"targets": new, "info": info}
