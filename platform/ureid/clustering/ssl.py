@@ -78,9 +78,12 @@ def reliable_neighbors(global_features, part_features, cameras, num_neighbors, p
     g = g.to(dtype)
     g_sq = row_sq(g)
     if parts is not None:
-        parts = parts.to(dtype).transpose(0, 1).contiguous()  # (P, N, d_p): one batched product per block
-        p_sq = torch.stack([row_sq(p) for p in parts])  # (P, N)
-    layers = 3 * (1 + (0 if parts is None else parts.shape[0]))  # block x N tensors alive at once, temporaries included
+        # kept (N, P, d_p): the batched product reads each stripe as a strided view (P, N, d_p), bitwise
+        # what a transposed copy gives, without that copy (P times the global features: 8 x 2048 a row in
+        # the paper's config)
+        parts = parts.to(dtype)
+        p_sq = torch.stack([row_sq(parts[:, i]) for i in range(parts.shape[1])])  # (P, N)
+    layers = 3 * (1 + (0 if parts is None else parts.shape[1]))  # block x N tensors alive at once, temporaries included
     step = max(1, _BLOCK_BYTES // (layers * n * g.element_size()))
     spans = [(s, min(n, s + step)) for s in range(0, n, step)]
     penalty = None  # camera_penalty where the cameras match, else 0: one row per camera, gathered per block row
@@ -112,7 +115,8 @@ def _block(state, start: int, stop: int, k: int) -> np.ndarray:
     if part_weight != 0:
         dist.mul_(1 - part_weight)
     if parts is not None:
-        prod = torch.bmm(parts[:, rows], parts.transpose(1, 2))  # (P, block, N)
+        stripes = parts.transpose(0, 1)  # (P, N, d_p), a view
+        prod = torch.bmm(stripes[:, rows], stripes.transpose(1, 2))  # (P, block, N)
         dist += part_weight * _euclid(p_sq[:, rows, None], p_sq[:, None, :], prod).mean(0)
     return _full_rows(dist, rows, cam, penalty, k).cpu().numpy().astype(np.int64)
 
