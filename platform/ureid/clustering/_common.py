@@ -259,7 +259,11 @@ def as_torch_features(features, device, name: str = "features", ndim: int = 2):
     return x.contiguous()
 
 
-def group_sums(x: np.ndarray, groups: np.ndarray, num_groups: int, chunk_rows: int = 8192,
+# Rows of x that ``group_sums`` adds per chunk by default (callers that budget its float64 partial sums use it).
+GROUP_SUMS_CHUNK_ROWS = 8192
+
+
+def group_sums(x: np.ndarray, groups: np.ndarray, num_groups: int, chunk_rows: int = GROUP_SUMS_CHUNK_ROWS,
                threads: int | None = None) -> np.ndarray:
     """float64 sum of the rows of each group 0..num_groups-1 (a negative group is left out): (G, d).
 

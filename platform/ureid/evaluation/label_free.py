@@ -91,13 +91,13 @@ class _Clusters:
         """float32 means (len(ids), d) of clusters ``ids``: each the float64 sum of its rows in ascending
         row order divided by its size, so bitwise the same whichever other clusters are formed with it
         (``group_sums``); filled a band of columns at a time (never a (len(ids), d) float64 array)."""
-        from ..clustering._common import group_sums
+        from ..clustering._common import GROUP_SUMS_CHUNK_ROWS, group_sums
 
         pos = np.full(self.count + 1, -1, dtype=np.int64)  # the last entry: rows of no cluster
         pos[ids] = np.arange(ids.size)
         groups = pos[self._of_row]
         mu = np.empty((ids.size, x.shape[1]), dtype=np.float32)
-        band = max(1, min(x.shape[1], _BLOCK_BYTES // (8 * max(ids.size, 8192))))
+        band = max(1, min(x.shape[1], _BLOCK_BYTES // (8 * max(ids.size, GROUP_SUMS_CHUNK_ROWS))))
         for j in range(0, x.shape[1], band):
             mu[:, j:j + band] = group_sums(x[:, j:j + band], groups, ids.size) / self.sizes[ids][:, None]
         return mu
