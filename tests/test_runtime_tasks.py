@@ -227,10 +227,32 @@ print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulin
 
 def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_cluster, tmp_path):
     """Ray runs a zero-CPU actor with OMP_NUM_THREADS=1; ``ray.store_threads`` lets the store's own work use
-    more (faiss, torch and NumPy's BLAS; the train workers wait meanwhile), with the same labels."""
+    more (faiss, torch and NumPy's BLAS; the train workers wait meanwhile), with the same labels. The store
+    and its block tasks run with UPDATE_ENV: OpenBLAS's threads sleep at once, and one malloc arena."""
     n = 3000
     x = _features(n, d=32, seed=5)
     want = bottom_up_merge(x, np.arange(n), int(0.1 * n), 0.005)
+
+    def _arenas_after_threads() -> int:
+        """glibc's malloc arenas in this process (``malloc_info``'s heaps) after two threads allocated."""
+        import ctypes
+        import re
+        import tempfile
+        from concurrent.futures import ThreadPoolExecutor
+
+        def allocate(i):
+            return sum(float(np.ones(50_000 + i).sum()) for _ in range(20))
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(allocate, range(8)))
+        libc = ctypes.CDLL("libc.so.6")
+        libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+        with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+            stream = libc.fopen(f.name.encode(), b"w")
+            libc.malloc_info(0, stream)
+            libc.fclose(stream)
+            return len(re.findall(r"<heap nr=", open(f.name).read()))
 
     @ray.remote(num_cpus=0)
     def seen():
@@ -255,6 +277,12 @@ def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_clus
             # OpenBLAS's threads sleep right after a product (UPDATE_ENV), in the store and in its block tasks
             env = ray.get(store.__ray_call__.remote(lambda _self: os.environ.get("OPENBLAS_THREAD_TIMEOUT")))
             assert env == UPDATE_ENV["OPENBLAS_THREAD_TIMEOUT"] == "4"
+            # one malloc arena for all the store's threads (UPDATE_ENV), however many threads allocated
+            assert ray.get(store.__ray_call__.remote(lambda _self: _arenas_after_threads())) == 1
         finally:
             ray.kill(store)
     assert RayBlockMap()(lambda name, _item: os.environ.get(name), "OPENBLAS_THREAD_TIMEOUT", range(2)) == ["4", "4"]
+    assert RayBlockMap()(lambda _shared, _item: _arenas_after_threads(), None, range(2)) == [1, 1]
+    # the control: a Ray worker without UPDATE_ENV gives its allocating threads arenas of their own
+    assert ray.get(ray.remote(num_cpus=0)(_arenas_after_threads).remote()) > 1
+
