@@ -208,6 +208,32 @@ def test_torch_input_and_degenerate_sizes():
                                reference_jaccard(x[:30], 30, 30), atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("d", [7, 2048, 9000])
+def test_softmax_logits_are_bitwise_the_pairwise_ones(d):
+    """Step 4's dot products, batched by rows of equal length with x_i broadcast, equal float64 einsum over
+    the gathered pairs (the previous code) bit for bit, rows without pairs included, on 1 and 2 threads;
+    a small chunk makes many row ranges."""
+    import torch
+
+    from ureid.clustering.jaccard import _logits
+
+    rng = np.random.default_rng(d)
+    n = 600
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    ptr = np.concatenate(([0], np.cumsum(rng.integers(0, 30, n))))
+    idx = rng.integers(0, n, ptr[-1])
+    rows = np.repeat(np.arange(n), np.diff(ptr))
+    want = -(2.0 - 2.0 * np.einsum("ij,ij->i", x[rows], x[idx], dtype=np.float64))
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for chunk in (1 << 22, 50 * d):
+                assert np.array_equal(_logits(x, ptr, idx, chunk_floats=chunk), want)
+    finally:
+        torch.set_num_threads(old)
+
 # --------------------------------------------------------------------------------------------- DBSCAN
 
 
