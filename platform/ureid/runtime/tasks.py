@@ -32,9 +32,10 @@ SLOT = "ureid_cluster_slot"
 #: of its own, up to 8 a core, and an update's freed temporaries stay in each; ``MALLOC_ARENA_MAX=1`` keeps
 #: one heap that every thread reuses. Measured here at N = 77,616 on 2 threads: PUL's update alone peaked
 #: 496 -> 331 MB above the matrix and kept 406 -> 153 MB after it; through the store, its own peak over a
-#: fresh store 1,444 -> 978 MB (the matrix is 606 MB); the same times, and DBC's and BUC's unchanged at
-#: N = 12,936. (A fixed ``MALLOC_MMAP_THRESHOLD_`` of 4 MB saved as much but made PUL 20% slower: fresh
-#: pages for every large temporary.) Read by glibc when the process starts, so it must be in the env.
+#: fresh store 1,444 -> 978 MB (the matrix is 606 MB); the same times (PUL at 77,616, and DBC, PUL and
+#: BUC at N = 12,936, in one process). A fixed ``MALLOC_MMAP_THRESHOLD_`` of 4 MB saved as much but made
+#: PUL 20% slower (fresh pages for every large temporary). Read by glibc when the process starts, so it
+#: must be in the env.
 UPDATE_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", "MALLOC_ARENA_MAX": "1"}
 
 

@@ -162,9 +162,10 @@ def _left_to_the_sweep(error: BaseException) -> bool:
     (KILLED for a trial the scheduler stopped, FAILED with Tune's error for one that failed). A stopped trial
     dies inside ``run_experiment`` as Tune ends its actor, and what it dies of is not always recognisable as
     a stop: Tune's graceful exit is SystemExit(0) after the session's stop flag was cleared, but its Train
-    controller and store can die first and raise other errors (two CI runs on 5-6 December marked an
-    early-stopped trial FAILED). Its dying process can still run after Ray reports the actor dead, so a
-    FAILED it wrote after :func:`_finish`'s KILLED won. With one writer the order no longer matters."""
+    controller and store can die first and raise other errors (a CI run on 6 December marked an
+    early-stopped trial FAILED: its store's ActorDiedError). Its dying process can still run after Ray
+    reports the actor dead, so a FAILED it wrote after :func:`_finish`'s KILLED won. With one writer the
+    order no longer matters."""
     return True
 
 
