@@ -19,6 +19,22 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 
+# Label-free scores rest on float32 products, whose last bits depend on the BLAS kernel's handling of the
+# block shape and thread count: bitwise the same whatever the block on OpenBLAS's SkylakeX kernels, but not on
+# its Haswell ones (AVX2 CPUs, or OPENBLAS_CORETYPE=Haswell, as the AMD EPYC of 6 December 2026 had set; 3e-9
+# apart there). A wrong row, column or piece moves a score by orders of magnitude more.
+SCORE_RTOL, SCORE_ATOL = 1e-6, 1e-7
+
+
+def assert_scores_close(got: dict, want: dict) -> None:
+    """The same score keys, each value within float32 product rounding (``SCORE_RTOL``, ``SCORE_ATOL``)."""
+    import math
+
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=SCORE_RTOL, abs_tol=SCORE_ATOL), (key, got[key], value)
+
+
 TINY_SYNTH = {"seed": 3, "num_train_ids": 6, "num_test_ids": 4, "num_distractors": 6, "num_junk": 3,
               "min_images": 3, "max_images": 5, "mean_images": 4, "height": 32, "width": 16}
 

@@ -44,8 +44,10 @@ def _rows(n: int, sample: int | None, seed: int) -> np.ndarray:
 def _pieces(rows: np.ndarray, width: int, block: int):
     """``(offset, rows)`` pieces: the ``block``-row blocks the products are computed in, each cut again so
     that a (piece, width) float64 array stays within ``_BLOCK_BYTES`` (pieces of at least 64 rows, never a
-    lone row: BLAS computes a one-row product as a matrix-vector product, which rounds differently; from
-    64 rows on, each row of ``a @ b.T`` is bitwise the same whatever the block, checked in the tests)."""
+    lone row: BLAS computes a one-row product as a matrix-vector product, which rounds differently). From 64
+    rows on, each row of ``a @ b.T`` is bitwise the same whatever the block on OpenBLAS's SkylakeX kernels;
+    its Haswell kernels (AVX2 CPUs, or ``OPENBLAS_CORETYPE=Haswell``) round a product by its shape and thread
+    count, so there the scores move in their last bits with the pieces (3e-9 in the tests), the labels not."""
     step = max(64, _BLOCK_BYTES // (8 * max(width, 1)))
     for start in range(0, rows.size, block):
         outer = rows[start:start + block]
