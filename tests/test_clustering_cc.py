@@ -420,6 +420,7 @@ def test_dbscan_argument_errors():
 
 CPUINFO = """processor\t: 0
 vendor_id\t: {vendor}
+cpu family\t: {family}
 model\t\t: 207
 flags\t\t: fpu sse2 {flags}
 
@@ -429,15 +430,23 @@ flags\t\t: avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl
 """
 
 
-@pytest.mark.parametrize("vendor, flags, core", [
-    ("GenuineIntel", "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl avx512_bf16", "SkylakeX"),
-    ("GenuineIntel", "avx avx2 fma avx512f avx512cd", "Haswell"),  # Knights Landing's subset: no bw/dq/vl
-    ("GenuineIntel", "avx avx2 fma", "Haswell"),
-    ("GenuineIntel", "avx", None),
-    ("AuthenticAMD", "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl", None),  # its own detection
+_AVX512_FLAGS = "avx avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl"
+
+
+@pytest.mark.parametrize("vendor, family, flags, core", [
+    ("GenuineIntel", 6, _AVX512_FLAGS + " avx512_bf16", "SkylakeX"),
+    ("GenuineIntel", 6, "avx avx2 fma avx512f avx512cd", "Haswell"),  # Knights Landing's subset: no bw/dq/vl
+    ("GenuineIntel", 6, "avx avx2 fma", "Haswell"),
+    ("GenuineIntel", 6, "avx", None),
+    ("AuthenticAMD", 26, _AVX512_FLAGS, "SkylakeX"),  # Zen 5: OpenBLAS 0.3.15 ran Barcelona's kernels
+    ("AuthenticAMD", 27, "avx avx2 fma", "Haswell"),
+    ("AuthenticAMD", 25, _AVX512_FLAGS, None),  # Zen 4: its own detection ("Zen")
+    ("AuthenticAMD", 23, "avx avx2 fma", None),
+    ("AuthenticAMD", "", _AVX512_FLAGS, None),
+    ("HygonGenuine", 24, "avx avx2 fma", None),
 ])
-def test_openblas_core_follows_the_first_processors_vector_unit(vendor, flags, core):
-    assert openblas_core_for_cpu(CPUINFO.format(vendor=vendor, flags=flags)) == core
+def test_openblas_core_follows_the_first_processors_vector_unit(vendor, family, flags, core):
+    assert openblas_core_for_cpu(CPUINFO.format(vendor=vendor, family=family, flags=flags)) == core
     assert openblas_core_for_cpu("") is None
 
 
@@ -466,8 +475,9 @@ def _blas_cores(env_core=None):
 
 
 def test_import_faiss_loads_its_openblas_on_the_cpus_kernels():
-    """faiss-cpu 1.15.1's OpenBLAS 0.3.15 does not know recent Xeons and falls back to generic kernels (4.5x
-    slower k-NN); import_faiss sets its kernel family for the load only, and a user's choice wins."""
+    """faiss-cpu 1.15.1's OpenBLAS 0.3.15 does not know recent Xeons or Zen 5 EPYCs and falls back to older
+    kernels (4.5x slower k-NN); import_faiss sets its kernel family for the load only, and a user's choice
+    wins."""
     expected = openblas_core_for_cpu()
     seen = _blas_cores()
     assert seen["faiss"] is not None  # faiss's own OpenBLAS, found

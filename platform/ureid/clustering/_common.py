@@ -11,10 +11,17 @@ import numpy as np
 _AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
 
+# The first AMD family that faiss-cpu 1.15.1's OpenBLAS 0.3.15 does not know (Zen 5, 0x1A): on an EPYC of that
+# family it fell back to its Barcelona (K10, SSE3) kernels. Families 0x17 and 0x19 (Zen 1-4) it runs as "Zen".
+_AMD_FIRST_UNKNOWN_FAMILY = 26
+
+
 def openblas_core_for_cpu(cpuinfo: str | None = None) -> str | None:
-    """The OpenBLAS kernel family for this CPU's vector unit: ``"SkylakeX"`` for an Intel CPU with AVX-512,
-    ``"Haswell"`` for one with AVX2 and FMA, None otherwise (another vendor or architecture, or no
-    ``/proc/cpuinfo``: left to OpenBLAS's own detection). ``cpuinfo``: the text of ``/proc/cpuinfo``."""
+    """The OpenBLAS kernel family for this CPU's vector unit, where faiss's OpenBLAS would not find one:
+    ``"SkylakeX"`` for an Intel CPU with AVX-512 or an AMD one of family 26 (Zen 5) or later with AVX-512,
+    ``"Haswell"`` for such a CPU with AVX2 and FMA, None otherwise (older AMD families, which OpenBLAS 0.3.15
+    detects itself, another vendor or architecture, or no ``/proc/cpuinfo``: left to OpenBLAS's own
+    detection). ``cpuinfo``: the text of ``/proc/cpuinfo``."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -29,7 +36,12 @@ def openblas_core_for_cpu(cpuinfo: str | None = None) -> str | None:
                 break  # the end of the first processor
             continue
         fields.setdefault(key.strip(), value.strip())
-    if fields.get("vendor_id") != "GenuineIntel":
+    vendor = fields.get("vendor_id")
+    if vendor == "AuthenticAMD":
+        family = fields.get("cpu family", "")
+        if not family.isdigit() or int(family) < _AMD_FIRST_UNKNOWN_FAMILY:
+            return None
+    elif vendor != "GenuineIntel":
         return None
     flags = set(fields.get("flags", "").split())
     if _AVX512 <= flags:
@@ -42,17 +54,19 @@ def openblas_core_for_cpu(cpuinfo: str | None = None) -> str | None:
 def import_faiss():
     """``import faiss``, with its OpenBLAS on this CPU's vector kernels.
 
-    faiss-cpu 1.15.1 bundles OpenBLAS 0.3.15 (2021), whose CPU table predates Sapphire and Emerald Rapids: on
-    those Xeons it falls back to its generic Prescott (SSE3) kernels, and ``faiss.knn`` of 4,096 x 12,936
-    queries (d = 2048) took 7.0 s on one thread instead of 1.5 s (measured here on an Emerald Rapids Xeon,
-    model 207; NumPy's newer OpenBLAS detects it as SkylakeX). OpenBLAS picks its kernels once, when the
-    library loads, from ``OPENBLAS_CORETYPE`` or its table. So when the variable is unset and the CPU is an
-    Intel one with AVX-512 (or AVX2 + FMA), it is set to SkylakeX (Haswell) for faiss's load only and removed
-    again: NumPy's OpenBLAS (loaded before), SciPy's and child processes keep their own detection. That is the
-    family OpenBLAS assigns those CPUs on the models it knows (Cooperlake, its choice for some AVX-512 Xeons,
-    uses SkylakeX's single-precision kernels), so where faiss detected the CPU its results are unchanged. A
-    process that imported faiss before this keeps the faiss it loaded; ``OPENBLAS_CORETYPE`` set by the user
-    wins.
+    faiss-cpu 1.15.1 bundles OpenBLAS 0.3.15 (2021), whose CPU table predates Sapphire and Emerald Rapids and
+    AMD's Zen 5: on those Xeons it falls back to its generic Prescott (SSE3) kernels, and ``faiss.knn`` of
+    4,096 x 12,936 queries (d = 2048) took 7.0 s on one thread instead of 1.5 s (measured here on an Emerald
+    Rapids Xeon, model 207; NumPy's newer OpenBLAS detects it as SkylakeX); on a Zen 5 EPYC (family 26) it
+    runs Barcelona's (AMD K10). OpenBLAS picks its kernels once, when the library loads, from
+    ``OPENBLAS_CORETYPE`` or its table. So when the variable is unset and :func:`openblas_core_for_cpu` names a
+    family (an Intel CPU, or an AMD one of family 26 on, with AVX-512 or AVX2 + FMA), it is set to that family
+    (SkylakeX or Haswell) for faiss's load only and removed again: NumPy's OpenBLAS (loaded before), SciPy's
+    and child processes keep their own detection. That is the family OpenBLAS assigns those CPUs on the models
+    it knows (Cooperlake, its choice for some AVX-512 Xeons, uses SkylakeX's single-precision kernels; NumPy's
+    OpenBLAS 0.3.31 runs the Zen 5 EPYC as SkylakeX), so where faiss detected the CPU its results are
+    unchanged. A process that imported faiss before this keeps the faiss it loaded; ``OPENBLAS_CORETYPE`` set
+    by the user wins.
     """
     loaded = "faiss" in sys.modules  # then its OpenBLAS has chosen already
     core = None if loaded or "OPENBLAS_CORETYPE" in os.environ else openblas_core_for_cpu()
