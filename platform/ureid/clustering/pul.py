@@ -316,7 +316,7 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             centres[r][full] = (sums[r][full] / torch.from_numpy(counts[r][full]).double()[:, None]).float().numpy()
             empty = np.flatnonzero(~full)
             if empty.size:
-                far = np.argsort(-_own_distance64(x, centres[r], labels[r]), kind="stable")[:empty.size]
+                far = np.argsort(-_row_sq64(x, centres[r], labels[r]), kind="stable")[:empty.size]
                 centres[r][empty] = x[far]
             shift = np.sqrt(_row_sq64(centres[r] - before.astype(np.float64)))  # how far each centre moved
             upper[r] += shift[labels[r]]
@@ -407,12 +407,15 @@ def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: f
     return arg_out, up_out, low_out
 
 
-def _row_sq64(x: np.ndarray) -> np.ndarray:
-    """Each row's squared length in float64, in row chunks."""
+def _row_sq64(x: np.ndarray, centres: np.ndarray | None = None, labels: np.ndarray | None = None) -> np.ndarray:
+    """Each row's squared length in float64, in row chunks; with ``centres`` and ``labels``, each row's squared
+    distance to the centre of its cluster (``x[i] - centres[labels[i]]`` in float64)."""
     step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
     out = np.empty(x.shape[0])
     for s in range(0, x.shape[0], step):
         chunk = x[s:s + step].astype(np.float64)
+        if centres is not None:
+            chunk -= centres[labels[s:s + step]]
         out[s:s + step] = np.einsum("ij,ij->i", chunk, chunk)
     return out
 
@@ -429,16 +432,6 @@ def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int) -> list[torch.T
         for i, acc in zip(idx, sums):
             acc.index_add_(0, i[s:s + step], chunk)
     return sums
-
-
-def _own_distance64(x: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each sample's float64 squared distance to the centre of its cluster."""
-    step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
-    out = np.empty(x.shape[0])
-    for s in range(0, x.shape[0], step):
-        diff = x[s:s + step].astype(np.float64) - centres[labels[s:s + step]]
-        out[s:s + step] = np.einsum("ij,ij->i", diff, diff)
-    return out
 
 
 def _assign(x: torch.Tensor, centres: torch.Tensor):
