@@ -210,20 +210,20 @@ def test_a_trial_leaves_its_failure_status_to_the_sweep(tmp_path):
 
     from ureid import tracking
     from ureid.runtime.job import Job
-    from ureid.runtime.tune import _finish, _left_to_the_sweep
+    from ureid.runtime.tune import _finish
 
     tracking_cfg = SimpleNamespace(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="stop", run_name=None)
     uri = tracking_cfg.tracking_uri
     client = MlflowClient(uri)
-    cases = [(_left_to_the_sweep, RuntimeError("ActorDiedError: its owner has died"), "RUNNING"),
-             (_left_to_the_sweep, SystemExit(0), "RUNNING"),
-             (_left_to_the_sweep, RuntimeError("a real error"), "RUNNING"),  # _finish marks it, below
-             (None, SystemExit(0), "FAILED"),  # outside a sweep, any exit through the run is a failure
-             (None, RuntimeError("a real error"), "FAILED")]
-    for stopped, error, status in cases:
+    cases = [(True, RuntimeError("ActorDiedError: its owner has died"), "RUNNING"),  # a sweep trial's run
+             (True, SystemExit(0), "RUNNING"),
+             (True, RuntimeError("a real error"), "RUNNING"),  # _finish marks it, below
+             (False, SystemExit(0), "FAILED"),  # outside a sweep, any exit through the run is a failure
+             (False, RuntimeError("a real error"), "FAILED")]
+    for leave_status, error, status in cases:
         job = Job.start("buc", tmp_path / "out", tracking_cfg, params={}, tags={})
         with pytest.raises(type(error)):
-            with job.failing_loudly(stopped):
+            with job.failing_loudly(leave_status):
                 raise error
         run = client.get_run(job.run_id)
         assert run.info.status == status, (error, status)

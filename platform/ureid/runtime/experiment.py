@@ -90,11 +90,11 @@ def _store_errors_first(store):
 
 def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
                    parent_run_id: str | None = None, callbacks: Sequence = (),
-                   cluster_placement_group=None, verbose: bool = False, stopped=None) -> dict:
+                   cluster_placement_group=None, verbose: bool = False, leave_status: bool = False) -> dict:
     """Run (or resume) one method end to end; returns the summary written to summary.json. ``callbacks`` are
     extra Ray Train callbacks (a sweep trial's Tune reporter); ``parent_run_id`` nests the MLflow run;
-    ``cluster_placement_group`` is a sweep trial's reservation, where its clustering tasks run; ``stopped``: a
-    sweep trial's "does this error mean I was asked to stop?" (then the run is not marked FAILED, see
+    ``cluster_placement_group`` is a sweep trial's reservation, where its clustering tasks run;
+    ``leave_status``: a failure does not mark the run FAILED, the caller writes its status (a sweep trial, see
     ``Job.failing_loudly``). Unless ``quiet`` or ``verbose``, the driver draws the workers' progress (a bar
     per stage, a line per finished stage, :mod:`.progress`); ``verbose`` shows the workers' own lines and Ray
     Train's INFO output instead."""
@@ -116,7 +116,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                               "ureid.setting": _setting(cfg, method), "ureid.selection": cfg.schedule.select},
                         write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
     job.announce()
-    with job.failing_loudly(stopped):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
+    with job.failing_loudly(leave_status):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
         cfg.check_paths()
         method.prepare(cfg)
         ensure_synthetic(cfg.data)

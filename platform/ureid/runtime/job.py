@@ -127,14 +127,14 @@ class Job:
 
     # -- running ---------------------------------------------------------------------------------
     @contextmanager
-    def failing_loudly(self, stopped: Callable[[BaseException], bool] | None = None):
-        """Mark the MLflow run FAILED with the error when the block raises (checkpoints stay). When
-        ``stopped(error)`` says the run was asked to stop (a sweep trial that the scheduler stopped, dying with
-        its processes), its status is left to whoever stopped it (the sweep marks it KILLED)."""
+    def failing_loudly(self, leave_status: bool = False):
+        """Mark the MLflow run FAILED with the error when the block raises (checkpoints stay). With
+        ``leave_status`` the error is raised on and the status left to the caller (a sweep trial: the sweep
+        marks it KILLED or FAILED from Tune's verdict)."""
         try:
             yield self
         except BaseException as exc:
-            if stopped is not None and stopped(exc):
+            if leave_status:
                 raise
             tracking.finish_run(self.tracking_uri, self.run_id, error=exc)
             print(f"[ureid] run failed: {type(exc).__name__}: {exc}\n[ureid] checkpoints kept in "

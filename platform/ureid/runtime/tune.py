@@ -127,6 +127,14 @@ def trial_name(sweep_id: str, trial) -> str:
 
 
 def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> None:
+    """One trial's run. It never writes its own failure status (``leave_status``): the sweep's :func:`_finish`
+    does, from Tune's verdict (KILLED for a trial the scheduler stopped, FAILED with Tune's error for one that
+    failed). A stopped trial dies inside ``run_experiment`` as Tune ends its actor, and what it dies of is not
+    always recognisable as a stop: Tune's graceful exit is SystemExit(0) after the session's stop flag was
+    cleared, but its Train controller and store can die first and raise other errors (a CI run on 6 December
+    marked an early-stopped trial FAILED: its store's ActorDiedError). Its dying process can still run after
+    Ray reports the actor dead, so a FAILED it wrote after :func:`_finish`'s KILLED won. With one writer the
+    order no longer matters."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -145,7 +153,7 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
     earlier = _latest_run(Path(sweep_dir) / "trials" / name)
     if earlier is None:
         run_experiment(cfg, quiet=True, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
-                       cluster_placement_group=reserved, stopped=_left_to_the_sweep)
+                       cluster_placement_group=reserved, leave_status=True)
     elif (earlier / "summary.json").is_file():
         # It finished before the sweep's driver died, after Tune last saved its state: report, do not re-train.
         from .callbacks import read_history
@@ -154,19 +162,7 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
             tune.report(row)
     else:  # a driver died mid-trial: continue its run (same folder and MLflow child) after its last stage
         run_experiment(cfg, resume=earlier, quiet=True, callbacks=[TuneReportCallback()],
-                       cluster_placement_group=reserved, stopped=_left_to_the_sweep)
-
-
-def _left_to_the_sweep(error: BaseException) -> bool:
-    """A trial never writes its own failure status: the sweep's :func:`_finish` does, from Tune's verdict
-    (KILLED for a trial the scheduler stopped, FAILED with Tune's error for one that failed). A stopped trial
-    dies inside ``run_experiment`` as Tune ends its actor, and what it dies of is not always recognisable as
-    a stop: Tune's graceful exit is SystemExit(0) after the session's stop flag was cleared, but its Train
-    controller and store can die first and raise other errors (a CI run on 6 December marked an
-    early-stopped trial FAILED: its store's ActorDiedError). Its dying process can still run after Ray
-    reports the actor dead, so a FAILED it wrote after :func:`_finish`'s KILLED won. With one writer the
-    order no longer matters."""
-    return True
+                       cluster_placement_group=reserved, leave_status=True)
 
 
 def _latest_run(trial_dir: Path) -> Path | None:
