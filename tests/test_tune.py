@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_SYNTH
+from conftest import TINY_SYNTH, _free_port
 from ureid.config import CONFIG_DIR, ConfigError, load_config
 from ureid.runtime.experiment import run_experiment
-from ureid.runtime.tune import run_sweep
+from ureid.runtime.tune import check_state_api, run_sweep
 
 
 def _overrides(root, out):
@@ -34,6 +34,18 @@ def test_a_bad_space_is_refused_before_any_trial(tmp_path, tiny_root):
     msg = str(err.value)
     assert "clustering.merge_percent" in msg and "less than 1" in msg and "clustering.lambda: not a key" in msg
     assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"
+
+
+def test_asha_needs_the_state_api_and_a_cluster_without_one_is_refused(ray_cluster):
+    """ASHA's stopped trials are freed by Ray Train's cleaner through the State API (tune.check_state_api):
+    the test cluster's head serves it (found as the cleaner finds it); an address where no State API listens
+    is refused with the key and the ways out. (A whole dashboard-less sweep would need a second Ray instance
+    beside the shared one; measured by hand: refused before any folder or MLflow run, instead of hanging.)"""
+    check_state_api()
+    with pytest.raises(ConfigError) as err:
+        check_state_api(f"http://127.0.0.1:{_free_port()}")
+    msg = str(err.value)
+    assert "ray.include_dashboard: true" in msg and "--scheduler none" in msg and "State API" in msg
 
 
 def test_sweep_with_asha_parent_child_runs_and_best_yaml(ray_cluster, tiny_root, tmp_path):

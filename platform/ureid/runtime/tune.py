@@ -197,6 +197,30 @@ def _max_concurrent(ray_cfg) -> int:
     return max(1, fits)
 
 
+def check_state_api(address: str | None = None) -> None:
+    """Refuse a sweep whose trials ASHA may stop on a cluster that does not serve Ray's State API.
+
+    A stopped trial's actor is killed, and with it its Ray Train controller; the placement group holding the
+    trial's train workers is then removed by Train's ``PlacementGroupCleaner``, which learns that the
+    controller died only from the State API (the dashboard's HTTP server). Without it the cleaner logs
+    "Failed to query Ray Train Controller actor state" over and over, the group keeps its CPUs, and the next
+    trial waits for them forever (measured: a 3-trial grid on 2 CPUs with ``include_dashboard: false`` hung
+    after ASHA stopped the second trial). Only an unreachable server is refused: a slow one still answers.
+    ``address``: the State API's address (Ray's own lookup when None, as the cleaner's)."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import ServerUnavailable
+
+    try:
+        list_nodes(address=address, limit=1, timeout=30, raise_on_missing_output=False)
+    except ServerUnavailable as exc:
+        first = str(exc).split(". ")[0]
+        raise ConfigError(
+            "the Ray cluster serves no State API (its dashboard), and Ray Train needs it to free the workers "
+            "of a trial that ASHA stops: without it the next trial waits for their CPUs forever. Set "
+            "ray.include_dashboard: true (a local start), start the cluster's head with --include-dashboard=true "
+            f"(cluster.yaml does), or sweep with --scheduler none. ({first})") from None
+
+
 def _trial_resources(ray_cfg):
     """The trial function only waits on its trainer, so its bundle holds no CPU (a trainer sized to every CPU
     of the cluster must still fit), only the slots its clustering tasks run on, which no other trial can take.
@@ -229,7 +253,6 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
             raise FileNotFoundError(f"--resume {sweep_dir}: not a ureid sweep folder (no sweep.json)")
         info = json.loads((sweep_dir / "sweep.json").read_text())
         base, space = info["base"], info["space"]
-        tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
     else:
         base = apply_overrides(read_yaml(config), overrides)
         cfg = validate(copy.deepcopy(base), source=str(config))
@@ -246,13 +269,31 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         if search == "optuna" and grids:
             raise ConfigError(f"--search optuna: {', '.join(grids)} is a grid; Optuna samples, use choice: [...]")
         cfg = cfg.with_absolute_paths()
-        base = cfg.to_dict()
+        base = _set(cfg.to_dict(), "tracking.tracking_uri",
+                    tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir))
+        if scheduler not in ("asha", "none"):
+            raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+
+    # Ray first: a cluster that cannot run the sweep is refused before a folder or an MLflow run is made.
+    cfg = validate(copy.deepcopy(base), source="sweep")
+    method_name = cfg.method
+    ensure_ray(cfg.ray, cfg.tracking.tracking_uri)
+    check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
+    num_stages = get_method(method_name).num_stages(cfg, _n0_for_stage_count(cfg))
+    if cfg.schedule.max_stages:
+        num_stages = min(num_stages, cfg.schedule.max_stages)
+    stops_trials = (info["scheduler"] if resume else scheduler) == "asha" and num_stages >= 2
+    if stops_trials:
+        check_state_api()
+
+    if resume:
+        tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
+    else:
         sweep_id = secrets.token_hex(3)
         label = name or f"sweep-{method_name}-{time.strftime('%Y%m%d-%H%M%S')}-{sweep_id}"
         sweep_dir = Path(cfg.output_dir) / label
         sweep_dir.mkdir(parents=True)
-        uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
-        base = _set(base, "tracking.tracking_uri", uri)
+        uri = cfg.tracking.tracking_uri
         objective, mode = _objective(cfg.schedule.select)
         params = {"space": json.dumps(space), "search": search, "scheduler": scheduler, "num_samples": num_samples,
                   "objective": f"{objective} ({mode})", "config": str(config)}
@@ -266,13 +307,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     print(f"[ureid] sweep folder {sweep_dir}\n[ureid] MLflow parent run {info['parent_run_id']} at "
           f"{info['tracking_uri']}", flush=True)
 
-    cfg = validate(copy.deepcopy(info["base"]), source="sweep")
-    ensure_ray(cfg.ray, info["tracking_uri"])
-    check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
     get_method(info["method"]).prepare(cfg)  # once, here: what every trial needs (camstyle's StarGAN and fakes)
-    num_stages = get_method(info["method"]).num_stages(cfg, _n0_for_stage_count(cfg))
-    if cfg.schedule.max_stages:
-        num_stages = min(num_stages, cfg.schedule.max_stages)
     trainable = tune.with_resources(
         partial(_trial, base=info["base"], sweep_dir=str(sweep_dir), parent_run_id=info["parent_run_id"]),
         _trial_resources(cfg.ray))
@@ -282,17 +317,14 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                                        resume_unfinished=True, resume_errored=True)
         else:
             sched = None
-            if scheduler == "asha":
+            if stops_trials:
                 from ray.tune.schedulers import ASHAScheduler
 
                 # time_attr counts finished stages. No rung sits on the last stage (max_t = stages - 1, and
                 # stop_last_trials=False past it): a trial that gets there finishes its run (summary,
                 # artifacts, MLflow status) instead of being killed after its last report.
-                if num_stages >= 2:
-                    sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages - 1, grace_period=1,
-                                          reduction_factor=2, stop_last_trials=False)
-            elif scheduler != "none":
-                raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+                sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages - 1, grace_period=1,
+                                      reduction_factor=2, stop_last_trials=False)
             concurrent = max_concurrent or _max_concurrent(cfg.ray)
             tuner = tune.Tuner(
                 trainable,
