@@ -186,7 +186,8 @@ class RayConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     # A local start (address null) runs Ray's dashboard at 127.0.0.1:8265; Ray Train's state queries
-    # go through it (without it Train logs "Failed to query Ray Train Controller actor state" every few s).
+    # go through it (without it Train logs "Failed to query Ray Train Controller actor state" every few s,
+    # and an ASHA sweep is refused: a stopped trial's workers would never be freed, see tune.check_state_api).
     include_dashboard: bool = True
     # Run the label update's row blocks as parallel Ray tasks on the cluster's reserved clustering slots
     # (custom resource ureid_cluster_slot, declared on every node); false: inside the feature-store actor.
