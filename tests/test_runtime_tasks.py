@@ -121,6 +121,36 @@ def test_too_few_clustering_slots_is_a_clear_error(ray_cluster):
     check_cluster_slots(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.clustering_tasks=false"]).ray, 5)
 
 
+def test_a_worker_group_the_cluster_cannot_hold_is_refused_on_a_fixed_instance(ray_cluster, capsys):
+    """Ray Train waits forever for a worker group that does not fit (check_worker_group). The test cluster:
+    two nodes of 1 CPU, no GPU. A worker's CPUs must fit on one node, so 2 CPUs each fit nowhere although
+    the cluster has 2; a joined cluster (it may autoscale) gets a warning, a fixed one the error."""
+    import ray
+
+    from ureid.config import ConfigError
+    from ureid.runtime.job import check_worker_group, workers_that_fit
+
+    nodes = ray.nodes()
+    assert workers_that_fit(nodes, 1, False) == 2 and workers_that_fit(nodes, 0.5, False) == 4
+    assert workers_that_fit(nodes, 2, False) == 0 and workers_that_fit(nodes, 1, True) == 0
+
+    def ray_cfg(*sets):
+        return load_config(CONFIG_DIR / "buc_cpu.yaml", list(sets)).ray
+
+    check_worker_group(ray_cfg("ray.num_workers=2", "ray.cpus_per_worker=1"), fixed=True)  # the tests' own runs
+    with pytest.raises(ConfigError) as err:
+        check_worker_group(ray_cfg("ray.num_workers=1", "ray.cpus_per_worker=2"), fixed=True)
+    msg = str(err.value)
+    assert "ray.num_workers=1 train workers of 2 CPU each" in msg and "2 node(s) (1 CPU, 1 CPU) hold only 0" in msg
+    assert "Lower ray.num_workers or ray.cpus_per_worker" in msg
+    with pytest.raises(ConfigError, match=r"of 1 CPU and 1 GPU each.*ray.use_gpu=false"):
+        check_worker_group(ray_cfg("ray.num_workers=1", "ray.cpus_per_worker=1", "ray.use_gpu=true"), fixed=True)
+    capsys.readouterr()
+    check_worker_group(ray_cfg("ray.num_workers=3", "ray.cpus_per_worker=1"), fixed=False)
+    out = capsys.readouterr().out
+    assert "[ureid] warning: ray.num_workers=3" in out and "hold only 2" in out and "autoscaler" in out
+
+
 def test_cluster_contrast_update_through_the_store_fans_out_and_gives_the_same_labels(ray_cluster, tmp_path):
     """Cluster Contrast's k-NN blocks (the Jaccard distance's only O(N^2 d) part) as Ray tasks from the
     feature store: the same Jaccard matrix and DBSCAN labels as in-process."""

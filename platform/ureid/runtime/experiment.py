@@ -129,12 +129,13 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         if cfg.schedule.max_stages:
             num_stages = min(num_stages, cfg.schedule.max_stages)
 
-        from .job import ensure_ray
+        from .job import check_worker_group, ensure_ray
         from .tasks import check_cluster_slots
 
         ensure_ray(cfg.ray, job.tracking_uri)
-        if cluster_placement_group is None:
+        if cluster_placement_group is None:  # a sweep's driver checked these for its trials
             check_cluster_slots(cfg.ray)
+            check_worker_group(cfg.ray)  # before the feature store starts (Job.fit checks again, for StarGAN)
         namespace = f"ureid-{job.run_dir.name}"
         inputs = StoreInputs(num_samples=len(data), num_real=data.num_real, cameras=data.cameras,
                              is_fake=data.is_fake, truth=data.identities(),

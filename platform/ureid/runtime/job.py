@@ -63,10 +63,56 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
         return
     from .tasks import local_resources
 
+    global _started_here
     local = {"resources": local_resources()} if ray_cfg.address is None else {}
     env = job_env(tracking_uri)
     ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
              **({"runtime_env": {"env_vars": env}} if env else {}), **local)
+    _started_here = ray_cfg.address is None  # ray.init with resources and no address always starts its own
+
+
+#: Whether this process started the Ray instance it uses (``ensure_ray`` without ``ray.address``): its
+#: resources are this machine's, fixed, with no autoscaler to add any.
+_started_here = False
+
+
+def workers_that_fit(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many train workers the alive nodes of ``ray.nodes()`` hold at once: a worker needs its CPUs (and,
+    with ``use_gpu``, one GPU, Ray Train's default) on one node."""
+    fit = 0
+    for node in nodes:
+        if node.get("Alive"):
+            have = node.get("Resources", {})
+            here = int(have.get("CPU", 0.0) / cpus_per_worker + 1e-9)
+            fit += min(here, int(have.get("GPU", 0.0))) if use_gpu else here
+    return fit
+
+
+def check_worker_group(ray_cfg, fixed: bool | None = None) -> None:
+    """A worker group the cluster cannot hold never starts: Ray Train waits for it, saying "worker group
+    startup timed out" every 60 s (on an autoscaling cluster, nodes may come). On a Ray instance of fixed
+    size (``fixed``; by default: one this process started) that is a hang, so refuse at start-up with the
+    keys; on a cluster the job joined, say so once and let Train wait."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fit = workers_that_fit(nodes, ray_cfg.cpus_per_worker, ray_cfg.use_gpu)
+    if fit >= ray_cfg.num_workers:
+        return
+    each = f"{ray_cfg.cpus_per_worker:g} CPU" + (" and 1 GPU" if ray_cfg.use_gpu else "")
+    held = ", ".join(f"{n['Resources'].get('CPU', 0):g} CPU" + (f" {n['Resources'].get('GPU', 0):g} GPU"
+                                                                  if ray_cfg.use_gpu else "") for n in nodes)
+    msg = (f"ray.num_workers={ray_cfg.num_workers} train workers of {each} each (ray.cpus_per_worker"
+           f"{', ray.use_gpu' if ray_cfg.use_gpu else ''}), but the Ray cluster's {len(nodes)} node(s) ({held}) "
+           f"hold only {fit} (each worker's resources on one node)")
+    if _started_here if fixed is None else fixed:
+        from ..config import ConfigError
+
+        raise ConfigError(f"{msg}. Lower ray.num_workers or ray.cpus_per_worker"
+                          f"{' (or set ray.use_gpu=false)' if ray_cfg.use_gpu else ''}, or join a larger cluster "
+                          f"with ray.address")
+    print(f"[ureid] warning: {msg}; Ray Train waits until the cluster grows (an autoscaler adding nodes) and "
+          f"says 'worker group startup timed out' every 60 s meanwhile", flush=True)
 
 
 @dataclass
@@ -152,6 +198,7 @@ class Job:
         from ray.train.torch import TorchTrainer
 
         ensure_ray(ray_cfg)
+        check_worker_group(ray_cfg)
         trainer = TorchTrainer(
             train_fn,
             train_loop_config=loop_config,

@@ -243,7 +243,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     from ray import tune
 
     from ..methods import get_method
-    from .job import ensure_ray
+    from .job import check_worker_group, ensure_ray
     from .tasks import check_cluster_slots
 
     t0 = time.perf_counter()
@@ -279,6 +279,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     method_name = cfg.method
     ensure_ray(cfg.ray, cfg.tracking.tracking_uri)
     check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
+    check_worker_group(cfg.ray)
     num_stages = get_method(method_name).num_stages(cfg, _n0_for_stage_count(cfg))
     if cfg.schedule.max_stages:
         num_stages = min(num_stages, cfg.schedule.max_stages)
