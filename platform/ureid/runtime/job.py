@@ -69,6 +69,11 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
              **({"runtime_env": {"env_vars": env}} if env else {}), **local)
     _started_here = ray_cfg.address is None  # ray.init with resources and no address always starts its own
+    if _started_here and not ray_cfg.include_dashboard:
+        print("[ureid] warning: ray.include_dashboard is false: Ray Train's PlacementGroupCleaner learns whether "
+              "its controller lives only from the dashboard's State API, so it logs 'Failed to query Ray Train "
+              "Controller actor state' about once a second, and an ASHA sweep is refused (see "
+              "tune.check_state_api). Leave it true unless the dashboard's memory matters more.", flush=True)
 
 
 #: Whether this process started the Ray instance it uses (``ensure_ray`` without ``ray.address``): its
