@@ -48,6 +48,31 @@ def test_asha_needs_the_state_api_and_a_cluster_without_one_is_refused(ray_clust
     assert "ray.include_dashboard: true" in msg and "--scheduler none" in msg and "State API" in msg
 
 
+def test_a_local_start_names_its_own_state_api(monkeypatch):
+    """Two local Ray instances on one machine (two runs started at once): Ray's State API clients, Train's
+    PlacementGroupCleaner among them, found "multiple active Ray instances" and the cleaner's thread died.
+    A local start picks a dashboard port of its own (8265 when free) and names it to the job
+    (RAY_API_SERVER_ADDRESS), which state_api_address() and check_state_api() follow. Measured by hand with
+    two instances: no traceback, and an ASHA sweep beside another instance ends."""
+    import socket
+
+    from ureid.runtime import job
+
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 8265))
+        except OSError:
+            pass  # another process holds it: the same situation
+        port = job._dashboard_port()
+        assert port != 8265
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+    monkeypatch.setenv(job.API_SERVER_ENV, f"http://127.0.0.1:{port}")
+    assert job.state_api_address() == f"http://127.0.0.1:{port}"
+    with pytest.raises(ConfigError, match="ray.include_dashboard: true"):  # nothing listens there
+        check_state_api()
+
+
 def test_sweep_with_asha_parent_child_runs_and_best_yaml(ray_cluster, tiny_root, tmp_path):
     import ray
 

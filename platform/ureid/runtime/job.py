@@ -63,17 +63,61 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
         return
     from .tasks import local_resources
 
-    global _started_here
+    global _started_here, _our_api_server, _dashboard_url
     local = {"resources": local_resources()} if ray_cfg.address is None else {}
     env = job_env(tracking_uri)
-    ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
-             **({"runtime_env": {"env_vars": env}} if env else {}), **local)
+    owned = os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server  # unset, or set by us
+    if owned and _our_api_server:  # an earlier local start's, in this process: gone with it
+        del os.environ[API_SERVER_ENV]
+        _our_api_server = None
+    if ray_cfg.address is None and ray_cfg.include_dashboard and owned:
+        # Name this instance's State API for every process of the job (see API_SERVER_ENV).
+        port = _dashboard_port()
+        local["dashboard_port"] = port
+        _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    context = ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
+                       **({"runtime_env": {"env_vars": env}} if env else {}), **local)
+    _dashboard_url = context.dashboard_url or ""
     _started_here = ray_cfg.address is None  # ray.init with resources and no address always starts its own
     if _started_here and not ray_cfg.include_dashboard:
         print("[ureid] warning: ray.include_dashboard is false: Ray Train's PlacementGroupCleaner learns whether "
               "its controller lives only from the dashboard's State API, so it logs 'Failed to query Ray Train "
               "Controller actor state' about once a second, and an ASHA sweep is refused (see "
               "tune.check_state_api). Leave it true unless the dashboard's memory matters more.", flush=True)
+
+
+#: Where Ray's State API clients look first (``ray.util.state``, Ray Train's ``PlacementGroupCleaner``).
+#: Without it they look for "the" Ray instance of the machine, and with two (two runs started at once on
+#: one workstation) the cleaner's thread died of "ConnectionError: Found multiple active Ray instances", a
+#: 30-line traceback in each run's output (measured), and with it the freeing of an ASHA-stopped trial's
+#: workers. A local start therefore picks its dashboard port and names it to the whole job.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_our_api_server: str | None = None  # the value this process set (replaced by its next local start)
+_dashboard_url: str | None = None  # what ray.init reported when this process connected ("": no dashboard)
+
+
+def state_api_address() -> str | None:
+    """The State API of the Ray instance this process uses: ``$RAY_API_SERVER_ADDRESS``, else the dashboard
+    ``ensure_ray``'s ``ray.init`` reported ("" when it runs none), else None (unknown: Ray's own lookup)."""
+    if os.environ.get(API_SERVER_ENV):
+        return os.environ[API_SERVER_ENV]
+    if _dashboard_url is None:
+        return None
+    return f"http://{_dashboard_url}" if _dashboard_url and "://" not in _dashboard_url else _dashboard_url
+
+
+def _dashboard_port() -> int:
+    """Ray's default 8265 when it is free on 127.0.0.1, else a free port."""
+    import socket
+
+    for port in (8265, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port on 127.0.0.1 for Ray's dashboard")
 
 
 #: Whether this process started the Ray instance it uses (``ensure_ray`` without ``ray.address``): its

@@ -205,12 +205,19 @@ def check_state_api(address: str | None = None) -> None:
     controller died only from the State API (the dashboard's HTTP server). Without it the cleaner logs
     "Failed to query Ray Train Controller actor state" over and over, the group keeps its CPUs, and the next
     trial waits for them forever (measured: a 3-trial grid on 2 CPUs with ``include_dashboard: false`` hung
-    after ASHA stopped the second trial). Only an unreachable server is refused: a slow one still answers.
-    ``address``: the State API's address (Ray's own lookup when None, as the cleaner's)."""
+    after ASHA stopped the second trial). Only a server that is not there is refused; any other State API
+    error (a timeout on a busy head, say) is a warning, and the sweep goes on.
+    ``address``: the State API's address; by default the one the job's processes use
+    (:func:`~.job.state_api_address`)."""
     from ray.util.state import list_nodes
-    from ray.util.state.exception import ServerUnavailable
+    from ray.util.state.exception import RayStateApiException, ServerUnavailable
 
+    from .job import state_api_address
+
+    address = address or state_api_address()
     try:
+        if address == "":
+            raise ServerUnavailable("ray.init reported no dashboard")
         list_nodes(address=address, limit=1, timeout=30, raise_on_missing_output=False)
     except ServerUnavailable as exc:
         first = str(exc).split(". ")[0]
@@ -219,6 +226,9 @@ def check_state_api(address: str | None = None) -> None:
             "of a trial that ASHA stops: without it the next trial waits for their CPUs forever. Set "
             "ray.include_dashboard: true (a local start), start the cluster's head with --include-dashboard=true "
             f"(cluster.yaml does), or sweep with --scheduler none. ({first})") from None
+    except RayStateApiException as exc:
+        print(f"[ureid] warning: Ray's State API at {address or 'the default address'} did not answer as expected "
+              f"({str(exc)[:200]}); Ray Train frees the workers of a trial that ASHA stops through it", flush=True)
 
 
 def _trial_resources(ray_cfg):
