@@ -53,39 +53,6 @@ def job_env(tracking_uri: str | None = None) -> dict[str, str]:
     return env
 
 
-def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
-    """Join ``ray.address`` or start a local Ray instance (workers import the installed ``ureid``). The
-    job's processes get :func:`job_env` through ``runtime_env``: an environment variable set only in the
-    driver does not reach other nodes."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from .tasks import local_resources
-
-    global _started_here, _our_api_server, _dashboard_url
-    local = {"resources": local_resources()} if ray_cfg.address is None else {}
-    env = job_env(tracking_uri)
-    owned = os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server  # unset, or set by us
-    if owned and _our_api_server:  # an earlier local start's, in this process: gone with it
-        del os.environ[API_SERVER_ENV]
-        _our_api_server = None
-    if ray_cfg.address is None and ray_cfg.include_dashboard and owned:
-        # Name this instance's State API for every process of the job (see API_SERVER_ENV).
-        port = _dashboard_port()
-        local["dashboard_port"] = port
-        _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    context = ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
-                       **({"runtime_env": {"env_vars": env}} if env else {}), **local)
-    _dashboard_url = context.dashboard_url or ""
-    _started_here = ray_cfg.address is None  # ray.init with resources and no address always starts its own
-    if _started_here and not ray_cfg.include_dashboard:
-        print("[ureid] warning: ray.include_dashboard is false: Ray Train's PlacementGroupCleaner learns whether "
-              "its controller lives only from the dashboard's State API, so it logs 'Failed to query Ray Train "
-              "Controller actor state' about once a second, and an ASHA sweep is refused (see "
-              "tune.check_state_api). Leave it true unless the dashboard's memory matters more.", flush=True)
-
-
 #: Where Ray's State API clients look first (``ray.util.state``, Ray Train's ``PlacementGroupCleaner``).
 #: Without it they look for "the" Ray instance of the machine, and with two (two runs started at once on
 #: one workstation) the cleaner's thread died of "ConnectionError: Found multiple active Ray instances", a
@@ -123,6 +90,39 @@ def _dashboard_port() -> int:
 #: Whether this process started the Ray instance it uses (``ensure_ray`` without ``ray.address``): its
 #: resources are this machine's, fixed, with no autoscaler to add any.
 _started_here = False
+
+
+def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
+    """Join ``ray.address`` or start a local Ray instance (workers import the installed ``ureid``). The
+    job's processes get :func:`job_env` through ``runtime_env``: an environment variable set only in the
+    driver does not reach other nodes; a local start adds its State API's address (``API_SERVER_ENV``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    from .tasks import local_resources
+
+    global _started_here, _our_api_server, _dashboard_url
+    local = {"resources": local_resources()} if ray_cfg.address is None else {}
+    env = job_env(tracking_uri)
+    owned = os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server  # unset, or set by us
+    if owned and _our_api_server:  # an earlier local start's, in this process: gone with it
+        del os.environ[API_SERVER_ENV]
+        _our_api_server = None
+    if ray_cfg.address is None and ray_cfg.include_dashboard and owned:
+        # Name this instance's State API for every process of the job (see API_SERVER_ENV).
+        port = _dashboard_port()
+        local["dashboard_port"] = port
+        _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    context = ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
+                       **({"runtime_env": {"env_vars": env}} if env else {}), **local)
+    _dashboard_url = context.dashboard_url or ""
+    _started_here = ray_cfg.address is None  # ray.init with resources and no address always starts its own
+    if _started_here and not ray_cfg.include_dashboard:
+        print("[ureid] warning: ray.include_dashboard is false: Ray Train's PlacementGroupCleaner learns whether "
+              "its controller lives only from the dashboard's State API, so it logs 'Failed to query Ray Train "
+              "Controller actor state' about once a second, and an ASHA sweep is refused (see "
+              "tune.check_state_api). Leave it true unless the dashboard's memory matters more.", flush=True)
 
 
 def workers_that_fit(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> int:
