@@ -226,9 +226,10 @@ def test_each_methods_update_through_the_store_spreads_over_both_nodes(method, r
 
 
 def test_the_tracking_uri_and_mlflow_credentials_reach_both_nodes_through_runtime_env(ray_cluster):
-    """A driver joining the cluster (``ensure_ray`` with an address, as ``ray submit`` runs it) hands the
-    tracking URI and its MLflow credentials to every process of the job, on either node, through
-    ``runtime_env``; the nodes themselves were started without them."""
+    """A driver joining the cluster (``ensure_ray`` with an address, as ``ray submit`` runs it, or with
+    ``$RAY_ADDRESS`` and no ``ray.address``, as a ``ray job submit`` driver runs: Ray's own lookup there used
+    to refuse the local start's resources) hands the tracking URI and its MLflow credentials to every process
+    of the job, on either node, through ``runtime_env``; the nodes themselves were started without them."""
     import json
     import os
     import subprocess
@@ -239,21 +240,44 @@ import json, os, sys, ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ureid.config import CONFIG_DIR, load_config
 from ureid.runtime.job import ensure_ray
-ensure_ray(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.address=" + sys.argv[1]]).ray, "http://10.0.0.1:5000")
+ensure_ray(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.address=" + sys.argv[1]] if sys.argv[2] == "config" else []).ray,
+           "http://10.0.0.1:5000")
 @ray.remote(num_cpus=0)
 def seen():
     return ray.get_runtime_context().get_node_id(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes])))
 """
-    env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "s3cret"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-c", code, ray.get_runtime_context().gcs_address], env=env,
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len({node for node, _, _ in seen}) == 2
-    assert all(uri == "http://10.0.0.1:5000" and password == "s3cret" for _, uri, password in seen)
+    gcs = ray.get_runtime_context().gcs_address
+    for how in ("config", "env"):
+        env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "s3cret"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("RAY_ADDRESS", None)
+        if how == "env":
+            env["RAY_ADDRESS"] = gcs
+        out = subprocess.run([sys.executable, "-c", code, gcs, how], env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, (how, out.stderr[-3000:])
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        assert len({node for node, _, _ in seen}) == 2, how  # both nodes of the test cluster: it joined
+        assert all(uri == "http://10.0.0.1:5000" and password == "s3cret" for _, uri, password in seen), how
+
+
+def test_a_ray_address_where_no_head_listens_fails_fast(ray_cluster):
+    """``ray.init`` retried ``127.0.0.1:1`` for minutes (still at it after 5.5); ``check_address`` refuses a
+    GCS host:port that takes no connection, or that is not host:port, naming ``ray.address``."""
+    from conftest import _free_port
+    from ureid.config import ConfigError
+    from ureid.runtime.job import check_address
+
+    for fine in (ray.get_runtime_context().gcs_address, None, "auto", "ray://10.0.0.9:10001"):
+        check_address(fine)  # the test cluster's head answers; the others are Ray's to resolve
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"ray.address=127.0.0.1:\d+: no Ray head answers there.*ray start --head"):
+        check_address(f"127.0.0.1:{_free_port()}")
+    assert time.perf_counter() - start < 10
+    with pytest.raises(ConfigError, match=r"ray.address='headnode': expected the head's host:port"):
+        check_address("headnode")
 
 
 def test_store_threads_gives_the_store_more_threads_and_the_same_labels(ray_cluster, tmp_path):

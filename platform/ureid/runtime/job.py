@@ -92,10 +92,36 @@ def _dashboard_port() -> int:
 _started_here = False
 
 
+def check_address(address: str | None, timeout: float = 10.0) -> None:
+    """Fail fast on a ``ray.address`` where no Ray head listens. ``ray.init`` retries such an address for
+    minutes with nothing but GCS warnings (measured here: ``127.0.0.1:1`` was still retrying after 5.5
+    minutes). A GCS ``host:port`` is probed with one TCP connection; ``auto``, ``local`` and ``ray://``
+    (Ray Client) addresses are left to Ray, which fails fast on them."""
+    if address is None or address in ("auto", "local") or "://" in address:
+        return
+    from ..config import ConfigError
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address={address!r}: expected the head's host:port (its GCS port, 6379 unless "
+                          f"`ray start --head --port` said otherwise), 'auto', or ray://host:port")
+    import socket
+
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"ray.address={address}: no Ray head answers there ({exc.strerror or exc}). Start it "
+                          f"first (`ray start --head --port={port}`, or `ray up cluster.yaml`), or leave "
+                          f"ray.address unset to start a local instance") from None
+
+
 def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
-    """Join ``ray.address`` or start a local Ray instance (workers import the installed ``ureid``). The
-    job's processes get :func:`job_env` through ``runtime_env``: an environment variable set only in the
-    driver does not reach other nodes; a local start adds its State API's address (``API_SERVER_ENV``)."""
+    """Join ``ray.address`` (else ``$RAY_ADDRESS``, which Ray's job supervisor sets for a ``ray job submit``
+    driver) or start a local Ray instance (workers import the installed ``ureid``). The job's processes get
+    :func:`job_env` through ``runtime_env``: an environment variable set only in the driver does not reach
+    other nodes; a local start adds its State API's address (``API_SERVER_ENV``)."""
     import ray
 
     if ray.is_initialized():
@@ -103,21 +129,25 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     from .tasks import local_resources
 
     global _started_here, _our_api_server, _dashboard_url
-    local = {"resources": local_resources()} if ray_cfg.address is None else {}
+    # Ray itself joins $RAY_ADDRESS when given no address, and then refuses the local start's resources
+    # ("When connecting to an existing cluster, resources must not be provided"): join it on purpose.
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
+    check_address(address)
+    local = {"resources": local_resources()} if address is None else {}
     env = job_env(tracking_uri)
     owned = os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server  # unset, or set by us
     if owned and _our_api_server:  # an earlier local start's, in this process: gone with it
         del os.environ[API_SERVER_ENV]
         _our_api_server = None
-    if ray_cfg.address is None and ray_cfg.include_dashboard and owned:
+    if address is None and ray_cfg.include_dashboard and owned:
         # Name this instance's State API for every process of the job (see API_SERVER_ENV).
         port = _dashboard_port()
         local["dashboard_port"] = port
         _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    context = ray.init(address=ray_cfg.address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
+    context = ray.init(address=address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
                        **({"runtime_env": {"env_vars": env}} if env else {}), **local)
     _dashboard_url = context.dashboard_url or ""
-    _started_here = ray_cfg.address is None  # ray.init with resources and no address always starts its own
+    _started_here = address is None  # ray.init with resources and no address (none in the env) starts its own
     if _started_here and not ray_cfg.include_dashboard:
         print("[ureid] warning: ray.include_dashboard is false: Ray Train's PlacementGroupCleaner learns whether "
               "its controller lives only from the dashboard's State API, so it logs 'Failed to query Ray Train "
