@@ -156,6 +156,28 @@ def test_a_store_killed_after_the_shards_were_put_reloads_them(ray_cluster, tmp_
         ray.kill(store)
 
 
+def test_a_tracking_server_that_does_not_answer_fails_in_seconds(mlflow_server, tmp_path):
+    """MLflow's client retried a refused connection for about 4 minutes per call; tracking.check_server
+    (through resolve_tracking_uri, where every job finds its URI) refuses in seconds, naming the key, and a
+    run is refused before its folder is made. The real server answers; stores that are not servers pass."""
+    from ureid.config import ConfigError
+    from ureid.runtime.job import Job
+    from ureid.tracking import check_server, resolve_tracking_uri
+
+    assert resolve_tracking_uri(mlflow_server[0], tmp_path) == mlflow_server[0]
+    for store in (f"sqlite:///{tmp_path}/x.db", f"file://{tmp_path}/mlruns", "databricks"):
+        check_server(store)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"tracking.tracking_uri={dead}: no MLflow server answers there"):
+        check_server(dead)
+    assert time.perf_counter() - start < 10
+    tracking_cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", [f"tracking.tracking_uri={dead}"]).tracking
+    with pytest.raises(ConfigError, match="no MLflow server answers there"):
+        Job.start("buc", tmp_path / "runs", tracking_cfg, params={}, tags={})
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_a_killed_store_and_a_killed_train_worker_cost_only_their_stage(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
     """One run, two faults: the feature store is killed while stage 2 trains (its next put and update reach
     the restarted actor, which reloads stage 1's targets), then a train worker while stage 3 trains (Ray
