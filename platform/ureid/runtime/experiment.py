@@ -199,4 +199,11 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
 
 
 def load_run_config(run_dir: str | os.PathLike, overrides=None) -> Config:
-    return load_config(Path(run_dir) / "config.yaml", overrides)
+    """The resolved config a run folder keeps (what ``--resume`` continues with)."""
+    path = Path(run_dir).expanduser() / "config.yaml"
+    if not path.is_file():
+        from ..config import ConfigError
+
+        raise ConfigError(f"--resume {run_dir}: not a ureid run folder (no config.yaml; a run writes "
+                          f"runs/<method>-<time>-<id>/config.yaml when it starts)")
+    return load_config(path, overrides)

@@ -262,8 +262,11 @@ class Job:
             if leave_status:
                 raise
             tracking.finish_run(self.tracking_uri, self.run_id, error=exc)
-            print(f"[ureid] run failed: {type(exc).__name__}: {exc}\n[ureid] checkpoints kept in "
-                  f"{self.run_dir / 'ray'}; continue with --resume {self.run_dir}", flush=True)
+            if stage_checkpoints(self.run_dir):
+                kept = f"checkpoints kept in {self.run_dir / 'ray'}; continue with --resume {self.run_dir}"
+            else:  # failed before its first stage ended (a bad dataset path, say): nothing to resume from
+                kept = f"no stage finished, no checkpoint to resume from (run folder {self.run_dir})"
+            print(f"[ureid] run failed: {type(exc).__name__}: {exc}\n[ureid] {kept}", flush=True)
             raise
 
     def fit(self, train_fn: Callable[[dict], None], loop_config: dict, ray_cfg, callbacks: Sequence = (),

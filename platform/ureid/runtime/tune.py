@@ -283,6 +283,8 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                     tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir))
         if scheduler not in ("asha", "none"):
             raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"--num-samples {num_samples!r}: a sweep needs at least one trial")
 
     # Ray first: a cluster that cannot run the sweep is refused before a folder or an MLflow run is made.
     cfg = validate(copy.deepcopy(base), source="sweep")
