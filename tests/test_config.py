@@ -165,3 +165,29 @@ def test_invalid_config_fails_before_ray_starts(tmp_path):
     assert "clustering.merge_percent" in proc.stderr and "1.5" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+def test_start_up_errors_say_what_is_wrong_and_make_nothing(tmp_path, capsys):
+    """--resume of a folder that is no run names the folder, not a config file; a sweep of no trials is
+    refused before Ray or MLflow; a run that fails before its first stage does not offer --resume."""
+    from ureid.runtime.experiment import load_run_config
+    from ureid.runtime.job import Job
+    from ureid.runtime.tune import run_sweep
+
+    with pytest.raises(ConfigError, match=rf"--resume {tmp_path}: not a ureid run folder \(no config.yaml"):
+        load_run_config(tmp_path)
+    with pytest.raises(ConfigError, match="--num-samples 0: a sweep needs at least one trial"):
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [f"output_dir={tmp_path / 'sweeps'}"], num_samples=0)
+    assert not (tmp_path / "sweeps").exists()
+
+    tracking_cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]).tracking
+    job = Job.start("buc", tmp_path / "runs", tracking_cfg, params={}, tags={})
+    with pytest.raises(FileNotFoundError):
+        with job.failing_loudly():
+            raise FileNotFoundError("market1501: expected /data/bounding_box_train")
+    out = capsys.readouterr().out
+    assert "no stage finished, no checkpoint to resume from" in out and "--resume" not in out
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(job.tracking_uri).get_run(job.run_id)
+    assert run.info.status == "FAILED"

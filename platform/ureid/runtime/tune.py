@@ -264,6 +264,10 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         info = json.loads((sweep_dir / "sweep.json").read_text())
         base, space = info["base"], info["space"]
     else:
+        if scheduler not in ("asha", "none"):
+            raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"--num-samples {num_samples!r}: a sweep needs at least one trial")
         base = apply_overrides(read_yaml(config), overrides)
         cfg = validate(copy.deepcopy(base), source=str(config))
         if cfg.schedule.select == "last":  # a sweep needs a score to compare trials on
@@ -281,10 +285,6 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         cfg = cfg.with_absolute_paths()
         base = _set(cfg.to_dict(), "tracking.tracking_uri",
                     tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir))
-        if scheduler not in ("asha", "none"):
-            raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ConfigError(f"--num-samples {num_samples!r}: a sweep needs at least one trial")
 
     # Ray first: a cluster that cannot run the sweep is refused before a folder or an MLflow run is made.
     cfg = validate(copy.deepcopy(base), source="sweep")
