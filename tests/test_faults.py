@@ -156,7 +156,7 @@ def test_a_store_killed_after_the_shards_were_put_reloads_them(ray_cluster, tmp_
         ray.kill(store)
 
 
-def test_a_tracking_server_that_does_not_answer_fails_in_seconds(mlflow_server, tmp_path):
+def test_a_tracking_server_that_does_not_answer_fails_in_seconds(mlflow_server, tmp_path, capsys):
     """MLflow's client retried a refused connection for about 4 minutes per call; tracking.check_server
     (through resolve_tracking_uri, where every job finds its URI) refuses in seconds, naming the key, and a
     run is refused before its folder is made. The real server answers; stores that are not servers pass."""
@@ -176,6 +176,10 @@ def test_a_tracking_server_that_does_not_answer_fails_in_seconds(mlflow_server, 
     with pytest.raises(ConfigError, match="no MLflow server answers there"):
         Job.start("buc", tmp_path / "runs", tracking_cfg, params={}, tags={})
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    from ureid.cli import main
+
+    assert main(["compare", "--tracking-uri", dead, "--out", str(tmp_path / "cmp")]) == 2
+    assert f"--tracking-uri {dead}: no MLflow server answers there" in capsys.readouterr().err
 
 
 def test_a_killed_store_and_a_killed_train_worker_cost_only_their_stage(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):

@@ -171,10 +171,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from ureid.config import ConfigError
     from ureid.tracking import resolve_tracking_uri
     from ureid.tracking.compare import compare
 
-    uri = args.tracking_uri or resolve_tracking_uri(None, "runs")
+    try:
+        uri = resolve_tracking_uri(args.tracking_uri, "runs")  # a server that does not answer: seconds, not minutes
+    except ConfigError as exc:
+        print(f"error: {str(exc).replace('tracking.tracking_uri=', '--tracking-uri ', 1)}", file=sys.stderr)
+        return 2
     files = compare(uri, args.out, experiment=args.experiment, run_ids=args.runs or None, score=args.score)
     for dataset, paths in files.items():
         for path in paths:
