@@ -158,8 +158,9 @@ def test_a_store_killed_after_the_shards_were_put_reloads_them(ray_cluster, tmp_
 
 def test_a_tracking_server_that_does_not_answer_fails_in_seconds(mlflow_server, tmp_path, capsys):
     """MLflow's client retried a refused connection for about 4 minutes per call; tracking.check_server
-    (through resolve_tracking_uri, where every job finds its URI) refuses in seconds, naming the key, and a
-    run is refused before its folder is made. The real server answers; stores that are not servers pass."""
+    (through resolve_tracking_uri, where every job finds its URI, and reopen_run, where a resumed one meets it
+    again) refuses in seconds, naming the key; a run is refused before its folder is made. The real server
+    answers; stores that are not servers pass."""
     from ureid.config import ConfigError
     from ureid.runtime.job import Job
     from ureid.tracking import check_server, resolve_tracking_uri
@@ -176,6 +177,12 @@ def test_a_tracking_server_that_does_not_answer_fails_in_seconds(mlflow_server, 
     with pytest.raises(ConfigError, match="no MLflow server answers there"):
         Job.start("buc", tmp_path / "runs", tracking_cfg, params={}, tags={})
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    resumed = tmp_path / "resumed"  # a run folder whose stored server is gone: --resume says so at once
+    resumed.mkdir()
+    (resumed / "run.json").write_text(json.dumps({"run_id": "0" * 32, "tracking_uri": dead, "attempts": 1}))
+    with pytest.raises(ConfigError, match="no MLflow server answers there"):
+        Job.reopen(resumed)
+    assert json.loads((resumed / "run.json").read_text())["attempts"] == 1
     from ureid.cli import main
 
     assert main(["compare", "--tracking-uri", dead, "--out", str(tmp_path / "cmp")]) == 2

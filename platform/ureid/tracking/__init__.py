@@ -31,7 +31,8 @@ def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | os.PathLike
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """Fail in seconds on an http(s) tracking URI where no server listens: MLflow's client retries a refused
     connection with backoff for about 4 minutes per call before it says so (measured here, mlflow 3.17).
-    One TCP connection; what answers is MLflow's to judge."""
+    One TCP connection; what answers is MLflow's to judge. Where a job first reaches its URI: resolving it
+    (a new run, sweep or comparison) and reopening its run (a resumed run or sweep)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
@@ -139,6 +140,8 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 
 def reopen_run(uri: str, run_id: str) -> None:
+    """Back to RUNNING, for a resumed run or sweep; its stored URI must answer (:func:`check_server`)."""
+    check_server(uri)
     _client(uri).update_run(run_id, status="RUNNING")
 
 
