@@ -135,15 +135,14 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     check_address(address)
     local = {"resources": local_resources()} if address is None else {}
     env = job_env(tracking_uri)
-    owned = os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server  # unset, or set by us
-    if owned and _our_api_server:  # an earlier local start's, in this process: gone with it
-        del os.environ[API_SERVER_ENV]
+    if os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server:  # unset, or an earlier start's
+        os.environ.pop(API_SERVER_ENV, None)
         _our_api_server = None
-    if address is None and ray_cfg.include_dashboard and owned:
-        # Name this instance's State API for every process of the job (see API_SERVER_ENV).
-        port = _dashboard_port()
-        local["dashboard_port"] = port
-        _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        if address is None and ray_cfg.include_dashboard:
+            # Name this instance's State API for every process of the job (see API_SERVER_ENV).
+            port = _dashboard_port()
+            local["dashboard_port"] = port
+            _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     context = ray.init(address=address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
                        **({"runtime_env": {"env_vars": env}} if env else {}), **local)
     _dashboard_url = context.dashboard_url or ""
