@@ -258,6 +258,21 @@ def test_select_reliable_matches_reference(match, seed):
                           reference_select(x, labels, 0.85, match))
 
 
+@pytest.mark.parametrize("match", ["any", "own"])
+def test_select_reliable_over_many_chunks_matches_one_chunk(match, monkeypatch):
+    """The three passes reuse two chunk buffers: with 7-row chunks (the last one short) the mask is the one
+    of a single chunk and the reference's."""
+    from ureid.clustering import pul
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((150, 8)) + 2.0).astype(np.float32)
+    labels = canonical(rng.integers(0, 12, 150))
+    whole = select_reliable(x, labels, 0.9, match=match)
+    monkeypatch.setattr(pul, "_CHUNK_BYTES", 7 * 8 * 12)
+    assert np.array_equal(select_reliable(x, labels, 0.9, match=match), whole)
+    assert np.array_equal(whole, reference_select(x.astype(np.float64), labels, 0.9, match))
+
+
 def test_select_reliable_threshold_is_strict_and_modes_differ():
     x = np.array([[1.0, 0, 0], [2.0, 0, 0], [3.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0]])
     # cluster 0 = {0, 1, 2, 5}: mean (1.5, 0, 0.25); samples 0 and 1 tie for nearest -> centre 0 (e0).
@@ -398,10 +413,10 @@ def test_lloyd_skips_rows_whose_label_cannot_change_and_gives_plain_lloyds_label
     computed, full = [], []
     inner = pul._nearest_exact
 
-    def counting(x, xsq, centres, gamma, rows=None):
+    def counting(x, xsq, centres, gamma, rows=None, *args):
         computed.append(centres.shape[0] * (len(x) if rows is None else len(rows)))
         full.append(centres.shape[0] * len(x))
-        return inner(x, xsq, centres, gamma, rows)
+        return inner(x, xsq, centres, gamma, rows, *args)
 
     monkeypatch.setattr(pul, "_nearest_exact", counting)
     for x, k in ((clustered(6, n=1500, d=48, k=25, noise=1.2), 25), (clustered(8, n=800, d=16, k=25, noise=0.05), 40)):
@@ -431,7 +446,7 @@ def test_seeding_gives_the_same_seeds_on_any_thread_count_and_as_one_product():
     with one product over all samples per step."""
     from ureid.clustering import pul
 
-    x = torch.from_numpy(clustered(9, n=5000, d=40, k=60, noise=1.0))  # three column blocks
+    x = torch.from_numpy(clustered(9, n=5000, d=40, k=60, noise=1.0))  # four column blocks
     one = pul._kmeanspp(x, 60, 5, torch.Generator().manual_seed(4), threads=1)
     assert torch.equal(pul._kmeanspp(x, 60, 5, torch.Generator().manual_seed(4), threads=3), one)
 
@@ -450,6 +465,23 @@ def test_seeding_gives_the_same_seeds_on_any_thread_count_and_as_one_product():
         seeds[:, c] = cand[torch.arange(5), best]
         closest = dist[torch.arange(5), best]
     assert torch.equal(one, seeds)
+
+
+def test_lloyd_row_blocks_on_three_threads_give_the_one_thread_labels():
+    """Each pass's rows go in fixed blocks over the caller's threads (four blocks here): the labels of every
+    restart are those of one thread and of plain Lloyd, and the threads' setting is restored."""
+    from ureid.clustering import pul
+
+    assert len(pul._row_blocks(3000, 10**6)) == 4 and len(pul._row_blocks(900, 10**6)) == 2
+    assert len(pul._row_blocks(5000, 1000)) == 8 and len(pul._row_blocks(100, 10**6)) == 1
+    x = clustered(4, n=3000, d=24, k=30, noise=1.3)
+    seeds = pul._kmeanspp(torch.from_numpy(x), 30, 3, torch.Generator().manual_seed(2)).numpy()
+    one = pul._lloyd_lockstep(x, seeds, 300)
+    torch.set_num_threads(3)
+    three = pul._lloyd_lockstep(x, seeds, 300)
+    assert torch.get_num_threads() == 3
+    for r in range(3):
+        assert np.array_equal(three[r], one[r]) and np.array_equal(one[r], _plain_lloyd(x, seeds[r]))
 
 
 def test_kmeans_through_map_blocks_gives_the_in_process_labels():

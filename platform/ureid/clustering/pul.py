@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,10 +25,10 @@ MATCH_MODES = ("any", "own")
 RESTARTS_PER_TASK = 5
 # Bytes of one block of distances held at once.
 _BLOCK_BYTES = 256 * 2**20
-# Bytes of one block of Lloyd's assignment products (rows x every restart's centres): its argmin, bounds and
-# BLAS buffers take about as much again, and at N = 77,616 a 256 MB block (every row at once) peaked 600 MB
-# above the matrix; 20,000 rows x 800 centres is still one efficient product.
-_ASSIGN_BYTES = 64 * 2**20
+# Bytes of one block of Lloyd's assignment products (rows x every restart's centres), one block per thread at
+# a time: its argmin, bounds and BLAS buffers take about as much again, and at N = 77,616 a 256 MB block (every
+# row at once) peaked 600 MB above the matrix; 10,000 rows x 800 centres is still one efficient product.
+_ASSIGN_BYTES = 32 * 2**20
 # Bytes of one row chunk of the float64 passes over the samples (each makes a few temporaries of its size).
 _CHUNK_BYTES = 32 * 2**20
 
@@ -155,22 +156,34 @@ def inertia(features, labels) -> float:
 
 @contextlib.contextmanager
 def _one_cpu_thread(device: torch.device):
-    """One torch (MKL) thread per call while k-means++ seeding runs its column blocks on the caller's threads
-    (see ``_kmeanspp``), then restore."""
+    """One torch and one BLAS thread per call while k-means++ seeding runs its column blocks on the caller's
+    threads (see ``_kmeanspp``), then restore."""
     if device.type != "cpu":
         yield
         return
+    from threadpoolctl import threadpool_limits
+
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(old)
 
 
-# Samples per column block of k-means++ seeding on CPU: a fixed size, so that the blocks, and with them every
-# value, are the same whatever the thread count.
+# Samples per column block of k-means++ seeding on CPU, at most: the block count is rounded up to a multiple
+# of 4 so that the blocks split evenly over 1, 2 or 4 threads (7 blocks on 2 threads kept one thread on 4 of
+# them). The blocks depend on N alone, so every value is the same whatever the thread count.
 _SEED_COLUMNS = 2048
+
+
+def _seed_blocks(n: int) -> list[slice]:
+    count = -(-n // _SEED_COLUMNS)
+    if count > 1:
+        count = -(-count // 4) * 4
+    width = -(-n // count)
+    return [slice(s, min(s + width, n)) for s in range(0, n, width)]
 
 
 def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, threads: int = 1) -> torch.Tensor:
@@ -184,8 +197,9 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
     block in block order: the same operations in the same order whatever ``threads`` is, so the same seeds."""
     n = x.shape[0]
     sq = row_sq(x)
-    width = _SEED_COLUMNS if x.device.type == "cpu" else n
-    cols = [slice(s, min(s + width, n)) for s in range(0, n, width)]
+    cpu = x.device.type == "cpu"
+    cols = _seed_blocks(n) if cpu else [slice(0, n)]
+    xn = x.numpy() if cpu else None
     trials = 2 + int(math.log(k))
     rows = torch.arange(restarts, device=x.device)
     seeds = torch.empty(restarts, k, dtype=torch.long, device=x.device)
@@ -195,9 +209,12 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
         """A function of block b: the (len(idx), block) squared distances |p|^2 + |x|^2 - 2 p.x in float32 of
         the samples idx to the block's (x @ (-2 p) is exactly -2 (x @ p)); the points gathered once."""
         points, psq = x[idx] * -2, sq[idx, None]
+        pn = points.numpy() if cpu else None
 
         def to_block(b: int) -> torch.Tensor:
-            dist = points @ x[cols[b]].T  # a transposed view: as fast as a (d, block) copy, and no copy
+            # a transposed view: as fast as a (d, block) copy, and no copy. On CPU NumPy's OpenBLAS: torch's
+            # MKL ran these thin products at 77 GFLOP/s on one thread against OpenBLAS's 98 (AMD EPYC)
+            dist = torch.from_numpy(pn @ xn[cols[b]].T) if cpu else points @ x[cols[b]].T
             dist += psq + sq[None, cols[b]]
             return dist.clamp_min_(0)
         return to_block
@@ -246,9 +263,14 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
     the same for every centre) and moves each centre to the mean of its samples; a restart stops when no
     label changes (scikit-learn's strict convergence) or after ``max_iter`` moves.
 
-    Exact: a computed distance is within ``E = 3 gamma_d (|x| + max|c|)^2`` of the true one, ``gamma_d = d u /
-    (1 - d u)`` being the worst-case error of a d-term float32 dot product in any order (Higham, *Accuracy and
-    Stability of Numerical Algorithms*, 3.1), with ``|c|^2`` and the subtraction inside it. Where the two
+    Exact: a computed distance (``|x|^2`` in float64 plus the float32 ``fl(fl(x.(-2c)) + fl(|c|^2))``) is within
+    ``E = (2 gamma_d + 4u) |x| R + 4u R^2 + d 2^-52 |x|^2`` of the true one, R = max|c|: the product is off by
+    at most ``gamma_d sum_i |x_i| |2 c_i| <= 2 gamma_d |x| |c|`` (Cauchy-Schwarz), ``gamma_d = d u / (1 - d u)``
+    being the worst-case error of a d-term float32 dot product summed in any order, FMA or not (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, 3.1); rounding ``|c|^2`` to float32 adds ``u |c|^2`` and
+    the float32 addition ``u (2 |x| |c| + |c|^2)`` (to first order; the 4u covers the rest), and the float64
+    ``|x|^2`` and ``|c|^2`` the last term. (Until 2026-12 E was ``3 gamma_d (|x| + R)^2``, six times wider for
+    unit rows: a third of the rows of a first pass were near ties and the bounds skipped fewer.) Where the two
     smallest computed distances are more than ``2E`` apart, the smallest is the true nearest centre; other rows
     (ties included) are decided by float64 distances to the centres within ``2E`` of the smallest (products of
     float32 numbers are exact in float64). So the labels do not depend on the BLAS, its threads, or which
@@ -269,6 +291,13 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
     sample farthest from its own centre (float64 distances; the lowest index on a tie), as scikit-learn
     relocates empty clusters.
     """
+    threads = resolve_threads()
+    with _one_cpu_thread(torch.device("cpu")):
+        return _lloyd_iterations(x, seeds, max_iter, threads)
+
+
+def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int) -> list[np.ndarray]:
+    """:func:`_lloyd_lockstep`'s iterations, each pass's row blocks on ``threads`` threads."""
     n, d = x.shape
     restarts, k = seeds.shape
     gamma = d * _UNIT / (1 - d * _UNIT)
@@ -285,7 +314,8 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             break
         due = [np.flatnonzero(~(upper[r] * (1 + _BOUND_SLACK) < lower[r] * (1 - _BOUND_SLACK))) for r in active]
         fresh, still = [], []
-        for r, (rows, arg, up, low) in zip(active, _due_rows(x, xsq, centres, active, due, gamma)):
+        for r, (rows, arg, up, low) in zip(active, _due_rows(x, xsq, centres, active, due, gamma,
+                                                                            threads)):
             upper[r, rows], lower[r, rows] = up, low
             if iteration == 0:  # every row is due (no bounds yet)
                 labels[r] = arg
@@ -308,7 +338,7 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
             labels[r] = new
             still.append(r)
         if fresh:
-            for r, total in zip(fresh, _cluster_sums(x, [labels[r] for r in fresh], k)):
+            for r, total in zip(fresh, _cluster_sums(x, [labels[r] for r in fresh], k, threads)):
                 sums[r], counts[r] = total, np.bincount(labels[r], minlength=k)
         for r in still:
             before = centres[r].copy()
@@ -335,7 +365,7 @@ def _patch_sums(sums: torch.Tensor, x: np.ndarray, moved: np.ndarray, labels: np
         sums.index_add_(0, torch.from_numpy(labels[m]), torch.from_numpy(x[m].astype(np.float64)), alpha=sign)
 
 
-def _due_rows(x, xsq, centres, active, due, gamma):
+def _due_rows(x, xsq, centres, active, due, gamma, threads=None):
     """For each active restart, (rows, labels, upper, lower) of its due rows, by :func:`_nearest_exact`: one
     product over the union of the rows for all restarts (each gets every row of the union: a row computed
     without need gets its unchanged label and tighter bounds), or one per restart if that is cheaper."""
@@ -349,28 +379,46 @@ def _due_rows(x, xsq, centres, active, due, gamma):
     union = None if mask.all() else np.flatnonzero(mask)
     size = n if union is None else union.size
     if size * len(active) <= _SHARED_PRODUCT_GAIN * wanted:
-        arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union)
+        arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union, threads)
         rows = np.arange(n) if union is None else union
         return [(rows, arg[j], up[j], low[j]) for j in range(len(active))]
     out = []
     for r, rows in zip(active, due):
-        arg, up, low = _nearest_exact(x, xsq, centres[r:r + 1], gamma, rows)
+        arg, up, low = _nearest_exact(x, xsq, centres[r:r + 1], gamma, rows, threads)
         out.append((rows, arg[0], up[0], low[0]))
     return out
 
 
+def _row_blocks(count: int, max_rows: int, min_rows: int = 512) -> list[tuple[int, int]]:
+    """Row spans of at most ``max_rows`` rows for the caller's threads, their count 1, 2 or a multiple of 4 (so
+    that they split evenly over 1, 2 or 4 threads) and, where the rows allow, at least 4 of ``min_rows`` or
+    more: a function of the counts alone, never of the thread count."""
+    blocks = max(-(-count // max_rows), min(4, -(-count // min_rows)), 1)
+    if blocks > 2:
+        blocks = -(-blocks // 4) * 4
+    width = max(1, -(-count // blocks))
+    return [(s, min(s + width, count)) for s in range(0, count, width)]
+
+
 def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: float,
-                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   rows: np.ndarray | None = None, threads: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the samples ``rows`` of ``x`` (all when None) and each centre set of ``centres`` (A, K, d): the
     nearest centre, decided exactly (see :func:`_lloyd_lockstep`), and bounds on the true Euclidean distances
     to it (upper) and to every other centre (lower); three (A, rows) arrays. A row decided in float64 among
     near ties gets the bounds (inf, 0): it is computed again next time. ``xsq``: the samples' float64
-    squared lengths."""
+    squared lengths.
+
+    The rows go in fixed blocks (:func:`_row_blocks`) over ``threads`` (:func:`map_threads`), each block's
+    product and bookkeeping on one thread, as k-means++ seeding does: the product alone on two BLAS threads
+    ran at 185 GFLOP/s against 222 for the GEMM floor here (AMD EPYC), and everything after it on one. Call
+    it with NumPy's BLAS on one thread (:func:`_one_cpu_thread`)."""
     a, k, d = centres.shape
     csq64 = np.stack([_row_sq64(c) for c in centres])  # (A, K)
     csq = csq64.astype(np.float32).reshape(-1)
     reach = np.sqrt(csq64.max(1))  # (A,)
     flat_m2 = centres.reshape(-1, d) * np.float32(-2)  # x @ (-2 C)^T is exactly -2 (x @ C^T)
+    centres64 = [None] * a  # float64 centres for the near ties, converted once per call when first needed
     count = x.shape[0] if rows is None else rows.size
     arg_out = np.empty((a, count), dtype=np.int64)
     up_out = np.empty((a, count))
@@ -378,8 +426,10 @@ def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: f
     step = max(1, _ASSIGN_BYTES // (4 * a * k))
     if rows is not None:  # gathered rows are a copy: a chunk of them at a time
         step = min(step, max(1, _CHUNK_BYTES // (4 * d)))
-    for s in range(0, count, step):
-        idx = slice(s, s + step) if rows is None else rows[s:s + step]
+
+    def block(span: tuple[int, int]) -> None:
+        s, e = span
+        idx = slice(s, e) if rows is None else rows[s:e]
         xb = x[idx]
         dist = np.matmul(xb, flat_m2.T)
         dist += csq
@@ -391,19 +441,25 @@ def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: f
         np.put_along_axis(dist, arg[..., None], low, 2)
         low = low[..., 0]
         sq = xsq[idx][:, None]
-        err = 3 * gamma * (np.sqrt(sq) + reach[None, :]) ** 2  # E per (row, centre set)
+        # E per (row, centre set), see _lloyd_lockstep
+        err = (2 * gamma + 4 * _UNIT) * np.sqrt(sq) * reach[None, :] + 4 * _UNIT * reach[None, :] ** 2 \
+            + d * 2.0 ** -52 * sq
         up = np.sqrt(np.maximum(sq + low + err, 0))
         lo = np.sqrt(np.maximum(sq + second - err, 0))
         for j in range(a):
             near = np.flatnonzero(second[:, j] - low[:, j] <= 2 * err[:, j])
             if near.size:  # near ties: float64 distances to the centres in the band
-                exact = csq64[j] - 2 * (xb[near].astype(np.float64) @ centres[j].T.astype(np.float64))
+                if centres64[j] is None:  # a race between two blocks only converts twice
+                    centres64[j] = centres[j].astype(np.float64)
+                exact = csq64[j] - 2 * (xb[near].astype(np.float64) @ centres64[j].T)
                 exact[dist[near, j] > (low[near, j] + 2 * err[near, j])[:, None]] = np.inf
                 arg[near, j] = exact.argmin(1)
                 up[near, j], lo[near, j] = np.inf, 0.0
-        arg_out[:, s:s + step] = arg.T
-        up_out[:, s:s + step] = up.T
-        low_out[:, s:s + step] = lo.T
+        arg_out[:, s:e] = arg.T
+        up_out[:, s:e] = up.T
+        low_out[:, s:e] = lo.T
+
+    map_threads(block, _row_blocks(count, step), threads)
     return arg_out, up_out, low_out
 
 
@@ -420,17 +476,32 @@ def _row_sq64(x: np.ndarray, centres: np.ndarray | None = None, labels: np.ndarr
     return out
 
 
-def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int) -> list[torch.Tensor]:
+def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int, threads: int | None = None) -> list[torch.Tensor]:
     """float64 (K, d) sums of the samples of each cluster, for each label array of ``runs``; every float64 row
-    chunk shared by all of them, each sum accumulated in sample order (so the same whatever else is summed)."""
+    chunk shared by all of them, each sum accumulated in sample order (so the same whatever else is summed).
+    The runs' sums of a chunk are added on up to ``threads`` threads (see :func:`resolve_threads`), one run's
+    sum on one thread: the same additions in the same order."""
     idx = [torch.from_numpy(np.asarray(labels, dtype=np.int64)) for labels in runs]
     sums = [torch.zeros(k, x.shape[1], dtype=torch.float64) for _ in runs]
     step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
-    for s in range(0, x.shape[0], step):
-        # a float64 copy: the features may be a read-only view (the object store's), which torch warns about
-        chunk = torch.from_numpy(x[s:s + step].astype(np.float64))
-        for i, acc in zip(idx, sums):
-            acc.index_add_(0, i[s:s + step], chunk)
+    count = min(resolve_threads(threads), len(runs))
+    # one float64 chunk buffer, filled again for each chunk (a fresh one per chunk cost its page faults); also
+    # a copy because the features may be a read-only view (the object store's), which torch warns about
+    buffer = np.empty((min(step, x.shape[0]), x.shape[1]))
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(count)) if count > 1 else None
+        for s in range(0, x.shape[0], step):
+            chunk = buffer[:min(step, x.shape[0] - s)]
+            np.copyto(chunk, x[s:s + step])
+            chunk = torch.from_numpy(chunk)
+
+            def add(j: int, s=s, chunk=chunk) -> None:
+                sums[j].index_add_(0, idx[j][s:s + step], chunk)
+            if pool is None:
+                for j in range(len(runs)):
+                    add(j)
+            else:
+                list(pool.map(add, range(len(runs))))
     return sums
 
 
@@ -488,26 +559,40 @@ def select_reliable(features, labels, threshold, match="any") -> np.ndarray:
     c = int(lab.max()) + 1
     idx = torch.from_numpy(lab).to(dev)
     step = max(1, _CHUNK_BYTES // (8 * max(d, c)))
+    # two float64 row buffers of one chunk, filled again for every chunk of the three passes: fresh ones per
+    # chunk cost more in page faults than the arithmetic (0.81 s against 0.55 at N = 12,936, d = 2048)
+    rows64 = torch.empty(min(step, n), d, dtype=torch.float64, device=dev)
+    gathered = torch.empty_like(rows64)
+
+    def chunks():
+        for s in range(0, n, step):
+            buf = rows64[:min(step, n - s)]
+            buf.copy_(x[s:s + step])  # float32 to float64: exact, as .double()
+            yield s, buf
+
     sums = torch.zeros(c, d, dtype=torch.float64, device=dev)
-    for s in range(0, n, step):
-        sums.index_add_(0, idx[s:s + step], x[s:s + step].double())
+    for s, buf in chunks():
+        sums.index_add_(0, idx[s:s + step], buf)
     means = sums / torch.bincount(idx, minlength=c).double()[:, None]
-    to_mean = torch.cat([((x[s:s + step].double() - means[idx[s:s + step]]) ** 2).sum(1)
-                         for s in range(0, n, step)]).cpu().numpy()
+    to_mean = torch.empty(n, dtype=torch.float64, device=dev)
+    for s, diff in chunks():  # (x - mean)^2 summed per row, in place (x * x is pow(x, 2) to the bit)
+        diff -= torch.index_select(means, 0, idx[s:s + step], out=gathered[:len(diff)])
+        diff *= diff
+        torch.sum(diff, 1, out=to_mean[s:s + step])
+    to_mean = to_mean.cpu().numpy()
     order = np.lexsort((np.arange(n), to_mean, lab))  # by cluster, then distance, then index
     first = np.ones(n, dtype=bool)
     first[1:] = lab[order[1:]] != lab[order[:-1]]
     centre_of = np.empty(c, dtype=np.int64)
     centre_of[lab[order[first]]] = order[first]
 
-    def unit(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        return v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    def unit_(v: torch.Tensor) -> torch.Tensor:  # float64 rows scaled to unit length, in place
+        return v.div_(v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
 
-    centres = unit(x[torch.from_numpy(centre_of).to(dev)])
+    centres = unit_(x[torch.from_numpy(centre_of).to(dev)].double())
     mask = []
-    for s in range(0, n, step):
-        xb = unit(x[s:s + step])
+    for s, xb in chunks():
+        unit_(xb)
         if match == "own":
             sim = (xb * centres[idx[s:s + step]]).sum(1)
         else:
