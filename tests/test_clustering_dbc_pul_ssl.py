@@ -317,17 +317,19 @@ def test_inertia_matches_loop():
 
 
 def test_restart_scores_are_the_inertias_and_the_same_together_or_one_by_one():
-    """The closed form that picks the restart agrees with the two-pass inertia, including raw features far from
-    the origin (the cancellation case), and a restart scores the same alone (one per task) as with the others."""
-    from ureid.clustering.pul import _restart_inertias
+    """Each restart's score, from its own centre sums, agrees with the two-pass inertia of its labels, on raw
+    features far from the origin (the cancellation case), and is the same alone (one per task) as with the
+    others; a restart that empties a cluster (a seed taken twice) included."""
+    from ureid.clustering.pul import _kmeanspp, _lloyd_runs
 
-    rng = np.random.default_rng(1)
     x = (clustered(5, n=3000, d=64, k=30, noise=0.3) + 20.0).astype(np.float32)
-    runs = [rng.integers(0, 30, len(x)) for _ in range(3)] + [np.zeros(len(x), dtype=np.int64)]
-    together = _restart_inertias(x, runs)
-    for labels, value in zip(runs, together):
+    seeds = _kmeanspp(torch.from_numpy(x), 30, 3, torch.Generator().manual_seed(6)).numpy()
+    seeds[2, 1] = seeds[2, 0]
+    together = _lloyd_runs(x, seeds, 300)
+    for r, (labels, value) in enumerate(together):
         assert value == pytest.approx(inertia(x, labels), rel=1e-9)
-        assert _restart_inertias(x, [labels]) == [value]
+        alone = _lloyd_runs(x, seeds[r:r + 1], 300)[0]
+        assert np.array_equal(alone[0], labels) and alone[1] == value
 
 
 def test_nearest_centres_are_decided_exactly_where_float32_rounding_misleads():

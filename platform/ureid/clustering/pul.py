@@ -92,8 +92,7 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
             stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + len(groups)
     else:
         xn = x.cpu().numpy()
-        labels = _lloyd_lockstep(xn, seeds.cpu().numpy(), int(max_iter))
-        runs = zip(labels, _restart_inertias(xn, labels))
+        runs = _lloyd_runs(xn, seeds.cpu().numpy(), int(max_iter))
     return relabel_by_first_index(_lowest_inertia(runs))
 
 
@@ -111,25 +110,7 @@ def lloyd_restarts(features: np.ndarray, job) -> list[tuple[np.ndarray, float]]:
     inertia) of each. The unit of work a ``map_blocks`` executor runs (in another process or on another node)."""
     seeds, max_iter = job
     x = np.asarray(features, dtype=np.float32)
-    labels = _lloyd_lockstep(x, np.asarray(seeds), int(max_iter))
-    return list(zip(labels, _restart_inertias(x, labels)))
-
-
-def _restart_inertias(features: np.ndarray, runs: list[np.ndarray]) -> list[float]:
-    """The inertia of each restart's labels, in float64, by the closed form
-    sum_i |x_i|^2 - sum_c |S_c|^2 / n_c (S_c the sum of cluster c's samples): one pass over the samples for
-    all restarts (:func:`_cluster_sums`), instead of :func:`inertia`'s two passes per restart with a gather of
-    every sample's mean (0.57 s a restart at N = 12,936, d = 2048). Only the choice of the restart rests on
-    it. A restart's value depends on nothing but its labels, so it is the same whether the restarts are scored
-    together (in-process) or one per task (``map_blocks``)."""
-    x = np.asarray(features, dtype=np.float32)
-    k = max(int(np.max(labels)) for labels in runs) + 1
-    total = float(_row_sq64(x).sum())
-    out = []
-    for labels, sums in zip(runs, _cluster_sums(x, runs, k)):
-        counts = torch.from_numpy(np.bincount(np.asarray(labels), minlength=k)).clamp_min(1).double()
-        out.append(total - float(((sums * sums).sum(1) / counts).sum()))
-    return out
+    return _lloyd_runs(x, np.asarray(seeds), int(max_iter))
 
 
 def inertia(features, labels) -> float:
@@ -291,13 +272,25 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
     sample farthest from its own centre (float64 distances; the lowest index on a tie), as scikit-learn
     relocates empty clusters.
     """
+    return [labels for labels, _ in _lloyd_runs(x, seeds, max_iter)]
+
+
+def _lloyd_runs(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[tuple[np.ndarray, float]]:
+    """:func:`_lloyd_lockstep`, each restart's labels with their inertia: ``sum_i |x_i|^2 - sum_c |S_c|^2 / n_c``
+    in float64, S_c the restart's own centre sums. Those were patched with the samples that moved, or summed
+    afresh, by rules that read nothing but the restart's labels, and its labels do not depend on which
+    restarts share its products: so neither does its inertia, and the same restart wins in-process and
+    fanned out. (Until 2026-12 the sums were formed again from the final labels: one more pass over the
+    samples for every restart, 0.11-0.18 s at N = 12,936, d = 2048; only the choice of the restart rests on
+    the value.)"""
     threads = resolve_threads()
     with _one_cpu_thread(torch.device("cpu")):
         return _lloyd_iterations(x, seeds, max_iter, threads)
 
 
-def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int) -> list[np.ndarray]:
-    """:func:`_lloyd_lockstep`'s iterations, each pass's row blocks on ``threads`` threads."""
+def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int
+                      ) -> list[tuple[np.ndarray, float]]:
+    """:func:`_lloyd_runs`' iterations, each pass's row blocks on ``threads`` threads."""
     n, d = x.shape
     restarts, k = seeds.shape
     gamma = d * _UNIT / (1 - d * _UNIT)
@@ -352,7 +345,9 @@ def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: 
             upper[r] += shift[labels[r]]
             lower[r] -= shift.max()
         active = still
-    return labels
+    total = float(xsq.sum())
+    return [(labels[r], total - float(((sums[r] * sums[r]).sum(1) / torch.from_numpy(counts[r]).clamp_min(1).double()
+                                         ).sum())) for r in range(restarts)]
 
 
 def _patch_sums(sums: torch.Tensor, x: np.ndarray, moved: np.ndarray, labels: np.ndarray, sign: int) -> None:
