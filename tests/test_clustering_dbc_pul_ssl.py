@@ -332,25 +332,32 @@ def test_restart_scores_are_the_inertias_and_the_same_together_or_one_by_one():
         assert np.array_equal(alone[0], labels) and alone[1] == value
 
 
+def _bisector_samples(scale, n, d=64):
+    """Three centres around a point ``scale`` x N(0, 1) from the origin and ``n`` samples on the bisector of
+    the first two, give or take 1e-4 along their axis: (rng, that point, centres, samples), float64."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(d) * scale
+    centres = np.stack([base + rng.standard_normal(d), base + rng.standard_normal(d), base + 5 * rng.standard_normal(d)])
+    mid = (centres[0] + centres[1]) / 2
+    axis = (centres[1] - centres[0]) / np.linalg.norm(centres[1] - centres[0])
+    x = mid + rng.standard_normal((n, d)) * 0.5
+    x -= np.outer((x - mid) @ axis, axis)  # on the bisector of centres 0 and 1 ...
+    x += np.outer(rng.uniform(-1e-4, 1e-4, len(x)), axis)  # ... give or take a hair
+    return rng, base, centres, x
+
+
 def test_nearest_centres_are_decided_exactly_where_float32_rounding_misleads():
     """Samples far from the origin, almost equidistant from two centres: float32 products pick the wrong centre
     for some of them; the lockstep assignment gives the float64 answer, and exact ties go to the lower index."""
     from ureid.clustering.pul import _UNIT, _nearest_exact, _row_sq64
 
-    rng = np.random.default_rng(0)
-    d = 64
-    base = rng.standard_normal(d) * 300
-    centres = np.stack([base + rng.standard_normal(d), base + rng.standard_normal(d), base + 5 * rng.standard_normal(d)])
-    mid = (centres[0] + centres[1]) / 2
-    axis = (centres[1] - centres[0]) / np.linalg.norm(centres[1] - centres[0])
-    x = mid + rng.standard_normal((4000, d)) * 0.5
-    x -= np.outer((x - mid) @ axis, axis)  # on the bisector of centres 0 and 1 ...
-    x += np.outer(rng.uniform(-1e-4, 1e-4, len(x)), axis)  # ... give or take a hair
+    rng, base, centres, x = _bisector_samples(300, 4000)
     x, centres = x.astype(np.float32), centres.astype(np.float32)
     x64, c64 = x.astype(np.float64), centres.astype(np.float64)
     want = np.argmin((c64 * c64).sum(1) - 2 * x64 @ c64.T, axis=1)
     f32 = np.argmin((centres * centres).sum(1) - 2 * x @ centres.T, axis=1)
     assert (f32 != want).sum() > 10, "the case must defeat float32"
+    d = x.shape[1]
     gamma = d * _UNIT / (1 - d * _UNIT)
     got = _nearest_exact(x, _row_sq64(x), centres[None], gamma)[0][0]
     assert np.array_equal(got, want)
@@ -467,6 +474,33 @@ def test_seeding_gives_the_same_seeds_on_any_thread_count_and_as_one_product():
         seeds[:, c] = cand[torch.arange(5), best]
         closest = dist[torch.arange(5), best]
     assert torch.equal(one, seeds)
+
+
+def test_first_pass_from_the_seeding_is_exact_where_float32_misleads():
+    """Lloyd's first pass taken from k-means++ seeding's own float32 distances: rows near a bisector, far
+    enough from the origin that the seeding's nearest seed is wrong for some of them, are left to the exact
+    pass; every restart's labels are the float64 nearest seeds (exact ties between twin seeds to the lower
+    position), and the whole run gives the labels and scores of a run without it."""
+    from ureid.clustering import pul
+
+    rng, base, centres, x = _bisector_samples(30, 3000)
+    x = np.concatenate([x, base + 3 * rng.standard_normal((1000, len(base))), centres, centres[:2]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    first = []
+    seeds = pul._kmeanspp(torch.from_numpy(x), 6, 8, torch.Generator().manual_seed(6), first=first).numpy()
+    nearest, start = first[0], pul._first_pass(x, seeds, *first)
+    undecided = np.isinf(start[1]).mean(1)
+    assert 0 < undecided.max() < 0.5 and (undecided == 0).any()
+    wrong = 0
+    for r, (labels, _) in enumerate(pul._lloyd_runs(x, seeds, 0, first=start)):
+        c64 = x64[seeds[r]]
+        want = np.argmin((c64 * c64).sum(1) - 2 * x64 @ c64.T, axis=1)
+        assert np.array_equal(labels, want)
+        wrong += int((nearest[r] != want).sum())
+    assert wrong > 0, "the case must defeat the seeding's float32 distances"
+    plain = pul._lloyd_runs(x, seeds, 300)
+    for (a, va), (b, vb) in zip(pul._lloyd_runs(x, seeds, 300, first=start), plain):
+        assert np.array_equal(a, b) and va == vb
 
 
 def test_lloyd_row_blocks_on_three_threads_give_the_one_thread_labels():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,6 +30,8 @@ _BLOCK_BYTES = 256 * 2**20
 _ASSIGN_BYTES = 32 * 2**20
 # Bytes of one row chunk of the float64 passes over the samples (each makes a few temporaries of its size).
 _CHUNK_BYTES = 32 * 2**20
+# Bytes of one float64 row chunk of the centre sums, added to every run's sums while it stays in cache.
+_SUM_CHUNK_BYTES = 2 * 2**20
 
 
 def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None, map_blocks=None,
@@ -49,7 +50,8 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
       inertia ~0.8% worse at N = 12,936, d = 2048, K = 750.)
     * Lloyd: on CPU every restart's iterations advance together, one wide product for all of them per row
       block, with labels decided by exact distances and rows whose label cannot change left out
-      (:func:`_lloyd_lockstep`); a torch implementation when
+      (:func:`_lloyd_lockstep`), the first pass taken from the seeding's own distances wherever they decide
+      it (:func:`_first_pass`; in-process only, a fanned-out task computes it); a torch implementation when
       ``device`` is given or the features are a CUDA tensor (empty clusters are re-seeded with the samples
       farthest from their centres in both).
 
@@ -75,15 +77,17 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     threads = resolve_threads()
+    fanned_out = map_blocks is not None and n_init > RESTARTS_PER_TASK
+    first = [] if not (use_torch or fanned_out) else None  # Lloyd in this process: its first pass from the seeding
     with _one_cpu_thread(x.device):
-        seeds = _kmeanspp(x, int(num_clusters), int(n_init), gen, threads)
+        seeds = _kmeanspp(x, int(num_clusters), int(n_init), gen, threads, first=first)
     if use_torch:
         runs = [(labels, inertia(x, labels)) for labels in
                 (_lloyd_torch(x, x[seeds[r]], int(max_iter)) for r in range(n_init))]
         return relabel_by_first_index(_lowest_inertia(runs))
     groups = [(seeds[g:g + RESTARTS_PER_TASK].cpu().numpy(), int(max_iter))
               for g in range(0, n_init, RESTARTS_PER_TASK)]
-    if map_blocks is not None and len(groups) > 1:
+    if fanned_out:
         results = map_blocks(lloyd_restarts, x.cpu().numpy(), groups)
         if len(results) != len(groups):
             raise RuntimeError(f"map_blocks returned {len(results)} results for {len(groups)} groups of restarts")
@@ -92,7 +96,7 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
             stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + len(groups)
     else:
         xn = x.cpu().numpy()
-        runs = _lloyd_runs(xn, seeds.cpu().numpy(), int(max_iter))
+        runs = _lloyd_runs(xn, seeds.cpu().numpy(), int(max_iter), first=_first_pass(xn, seeds.cpu().numpy(), *first))
     return relabel_by_first_index(_lowest_inertia(runs))
 
 
@@ -167,7 +171,8 @@ def _seed_blocks(n: int) -> list[slice]:
     return [slice(s, min(s + width, n)) for s in range(0, n, width)]
 
 
-def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, threads: int = 1) -> torch.Tensor:
+def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, threads: int = 1,
+              first: list | None = None) -> torch.Tensor:
     """(restarts, k) indices of greedy k-means++ seeds: each step draws 2 + ln k candidates with probability
     proportional to the squared distance to the nearest seed so far and keeps the one that lowers the
     potential most. The restarts advance together, so each step reads the samples once for all of them.
@@ -175,7 +180,12 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
     On CPU the samples are cut into fixed column blocks (``_SEED_COLUMNS``), each block's (candidates x d) @
     (d x block) product and distances computed on one thread and the blocks spread over ``threads`` (the steps
     are thin products that one MKL call on two threads ran slower than on one), the potentials summed block by
-    block in block order: the same operations in the same order whatever ``threads`` is, so the same seeds."""
+    block in block order: the same operations in the same order whatever ``threads`` is, so the same seeds.
+
+    ``first``: a list (CPU only), extended with three (restarts, N) arrays: each sample's nearest seed (its
+    position in the restart's seeds, the first on a tie), and the computed squared distances to it and to the
+    nearest other seed. Every seed was a candidate whose distances to every sample were computed, so this is
+    Lloyd's first pass without its product (see :func:`_first_pass`)."""
     n = x.shape[0]
     sq = row_sq(x)
     cpu = x.device.type == "cpu"
@@ -202,6 +212,10 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
 
     # the distance of every sample to its nearest seed so far, per block: (restarts, block) each
     closest = map_threads(distances(seeds[:, 0]), range(len(cols)), threads)
+    track = first is not None and cpu
+    if track:  # per block: the nearest seed's position and the second smallest distance
+        nearest = [torch.zeros(part.shape, dtype=torch.long) for part in closest]
+        second = [torch.full(part.shape, math.inf) for part in closest]
     for c in range(1, k):
         cdf = torch.cumsum(torch.cat(closest, 1).double(), 1)
         r = torch.rand(restarts, trials, generator=gen, device=x.device, dtype=torch.float64) * cdf[:, -1:]
@@ -209,17 +223,28 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
         to_block = distances(cand.reshape(-1))
 
         def block(b: int):
-            dist = to_block(b).reshape(restarts, trials, -1)
-            torch.minimum(dist, closest[b][:, None, :], out=dist)
-            return dist, dist.sum(2, dtype=torch.float64)
+            raw = to_block(b).reshape(restarts, trials, -1)
+            if not track:
+                torch.minimum(raw, closest[b][:, None, :], out=raw)
+                return raw, raw, raw.sum(2, dtype=torch.float64)
+            dist = torch.minimum(raw, closest[b][:, None, :])  # the candidates' raw distances kept
+            return raw, dist, dist.sum(2, dtype=torch.float64)
 
         parts = map_threads(block, range(len(cols)), threads)
-        potential = parts[0][1]
-        for _, part in parts[1:]:
+        potential = parts[0][2]
+        for _, _, part in parts[1:]:
             potential = potential + part
         best = torch.argmin(potential, dim=1)
         seeds[:, c] = cand[rows, best]
-        closest = [dist[rows, best] for dist, _ in parts]
+        if track:
+            for b, (raw, _, _) in enumerate(parts):
+                new = raw[rows, best]
+                nearer = new < closest[b]  # strictly: a tie stays with the earlier seed, as argmin
+                second[b] = torch.where(nearer, closest[b], torch.minimum(second[b], new))
+                nearest[b][nearer] = c
+        closest = [dist[rows, best] for _, dist, _ in parts]
+    if track:
+        first.extend(torch.cat(part, 1).numpy() for part in (nearest, closest, second))
     return seeds
 
 
@@ -275,20 +300,22 @@ def _lloyd_lockstep(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[np.
     return [labels for labels, _ in _lloyd_runs(x, seeds, max_iter)]
 
 
-def _lloyd_runs(x: np.ndarray, seeds: np.ndarray, max_iter: int) -> list[tuple[np.ndarray, float]]:
+def _lloyd_runs(x: np.ndarray, seeds: np.ndarray, max_iter: int, first: tuple | None = None
+                ) -> list[tuple[np.ndarray, float]]:
     """:func:`_lloyd_lockstep`, each restart's labels with their inertia: ``sum_i |x_i|^2 - sum_c |S_c|^2 / n_c``
     in float64, S_c the restart's own centre sums. Those were patched with the samples that moved, or summed
     afresh, by rules that read nothing but the restart's labels, and its labels do not depend on which
     restarts share its products: so neither does its inertia, and the same restart wins in-process and
     fanned out. (Until 2026-12 the sums were formed again from the final labels: one more pass over the
     samples for every restart, 0.11-0.18 s at N = 12,936, d = 2048; only the choice of the restart rests on
-    the value.)"""
+    the value.) ``first``: the first pass's labels and bounds from :func:`_first_pass`; its undecided rows
+    are computed, the others not."""
     threads = resolve_threads()
     with _one_cpu_thread(torch.device("cpu")):
-        return _lloyd_iterations(x, seeds, max_iter, threads)
+        return _lloyd_iterations(x, seeds, max_iter, threads, first)
 
 
-def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int
+def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int, first: tuple | None = None
                       ) -> list[tuple[np.ndarray, float]]:
     """:func:`_lloyd_runs`' iterations, each pass's row blocks on ``threads`` threads."""
     n, d = x.shape
@@ -301,6 +328,8 @@ def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: 
     counts: list = [None] * restarts
     upper = np.full((restarts, n), np.inf)  # bounds on true Euclidean distances (nothing known yet)
     lower = np.zeros((restarts, n))
+    if first is not None:
+        start, upper[:], lower[:] = first
     active = list(range(restarts))
     for iteration in range(max_iter + 1):  # the first pass assigns the samples to the seeds
         if not active:
@@ -310,8 +339,9 @@ def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: 
         for r, (rows, arg, up, low) in zip(active, _due_rows(x, xsq, centres, active, due, gamma,
                                                                             threads)):
             upper[r, rows], lower[r, rows] = up, low
-            if iteration == 0:  # every row is due (no bounds yet)
-                labels[r] = arg
+            if iteration == 0:  # every row is due (no bounds yet), or those the seeding left undecided
+                labels[r] = np.empty(n, dtype=np.int64) if first is None else start[r].copy()
+                labels[r][rows] = arg
                 fresh.append(r)
                 still.append(r)
                 continue
@@ -350,14 +380,44 @@ def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: 
                                          ).sum())) for r in range(restarts)]
 
 
+def _first_pass(x: np.ndarray, seeds: np.ndarray, nearest: np.ndarray, d1: np.ndarray, d2: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lloyd's first pass (every sample to its nearest seed) from k-means++ seeding's own distances
+    (:func:`_kmeanspp`'s ``first``): (labels, upper, lower), three (restarts, N) arrays for
+    :func:`_lloyd_iterations`, the bounds on true Euclidean distances as :func:`_nearest_exact` gives them.
+
+    The seeding computed ``fl(fl(x.(-2s)) + fl(fl(|s|^2) + fl(|x|^2)))`` in float32 with both squared lengths
+    float32 sums, so a distance is within ``E = (2 gamma_d + 4u) |x| R + (gamma_d + 4u) (|x|^2 + R^2)``
+    (R = the largest seed's length; the product as in :func:`_lloyd_lockstep`, each squared length off by
+    ``gamma_d`` times itself, three float32 roundings of sums below ``|x|^2 + 2|x|R + R^2``; clamping at 0
+    only comes nearer). Where the second smallest distance is more than 2E above the smallest, the nearest
+    seed is decided (labels, upper = sqrt(d1 + E), lower = sqrt(d2 - E)); the other rows (ties included)
+    get (inf, 0) and Lloyd's first pass computes them. Saves that pass's product: 42 GFLOP of 330 at
+    N = 12,936, d = 2048, K = 80 and 10 restarts."""
+    d = x.shape[1]
+    gamma = d * _UNIT / (1 - d * _UNIT)
+    xsq = _row_sq64(x)[None, :]
+    reach_sq = _row_sq64(x)[seeds].max(1)[:, None]  # (restarts, 1)
+    err = (2 * gamma + 4 * _UNIT) * np.sqrt(xsq * reach_sq) + (gamma + 4 * _UNIT + d * 2.0 ** -52) * (xsq + reach_sq)
+    low, high = d1.astype(np.float64), d2.astype(np.float64)
+    decided = high - low > 2 * err
+    upper = np.where(decided, np.sqrt(low + err), np.inf)
+    lower = np.where(decided, np.sqrt(np.maximum(high - err, 0)), 0.0)
+    return np.asarray(nearest, dtype=np.int64), upper, lower
+
+
 def _patch_sums(sums: torch.Tensor, x: np.ndarray, moved: np.ndarray, labels: np.ndarray, sign: int) -> None:
-    """Add ``sign`` x the float64 rows ``moved`` of ``x`` to their clusters' ``sums`` (by ``labels``), a chunk of
-    rows at a time (up to a quarter of the samples move: 318 MB of float64 rows at N = 77,616). index_add_ adds
-    in index order, so the sums are bitwise those of one call over all the rows."""
-    step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
+    """Add ``sign`` x the float64 rows ``moved`` of ``x`` to their clusters' ``sums`` (by ``labels``), a small
+    chunk of rows at a time through one buffer (up to a quarter of the samples move: 318 MB of float64 rows
+    at N = 77,616). index_add_ adds in index order, so the sums are bitwise those of one call over all the
+    rows."""
+    step = max(1, _SUM_CHUNK_BYTES // (8 * x.shape[1]))
+    buffer = np.empty((min(step, moved.size), x.shape[1]))
     for s in range(0, moved.size, step):
         m = moved[s:s + step]
-        sums.index_add_(0, torch.from_numpy(labels[m]), torch.from_numpy(x[m].astype(np.float64)), alpha=sign)
+        rows = buffer[:m.size]
+        np.copyto(rows, x[m])
+        sums.index_add_(0, torch.from_numpy(labels[m]), torch.from_numpy(rows), alpha=sign)
 
 
 def _due_rows(x, xsq, centres, active, due, gamma, threads=None):
@@ -472,31 +532,30 @@ def _row_sq64(x: np.ndarray, centres: np.ndarray | None = None, labels: np.ndarr
 
 
 def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int, threads: int | None = None) -> list[torch.Tensor]:
-    """float64 (K, d) sums of the samples of each cluster, for each label array of ``runs``; every float64 row
-    chunk shared by all of them, each sum accumulated in sample order (so the same whatever else is summed).
-    The runs' sums of a chunk are added on up to ``threads`` threads (see :func:`resolve_threads`), one run's
-    sum on one thread: the same additions in the same order."""
-    idx = [torch.from_numpy(np.asarray(labels, dtype=np.int64)) for labels in runs]
-    sums = [torch.zeros(k, x.shape[1], dtype=torch.float64) for _ in runs]
-    step = max(1, _CHUNK_BYTES // (8 * x.shape[1]))
-    count = min(resolve_threads(threads), len(runs))
-    # one float64 chunk buffer, filled again for each chunk (a fresh one per chunk cost its page faults); also
-    # a copy because the features may be a read-only view (the object store's), which torch warns about
-    buffer = np.empty((min(step, x.shape[0]), x.shape[1]))
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ThreadPoolExecutor(count)) if count > 1 else None
-        for s in range(0, x.shape[0], step):
-            chunk = buffer[:min(step, x.shape[0] - s)]
-            np.copyto(chunk, x[s:s + step])
-            chunk = torch.from_numpy(chunk)
+    """float64 (K, d) sums of the samples of each cluster, for each label array of ``runs``, each accumulated in
+    sample order (so the same whatever else is summed, and on any thread count).
 
-            def add(j: int, s=s, chunk=chunk) -> None:
-                sums[j].index_add_(0, idx[j][s:s + step], chunk)
-            if pool is None:
-                for j in range(len(runs)):
-                    add(j)
-            else:
-                list(pool.map(add, range(len(runs))))
+    The runs are dealt to up to ``threads`` threads (see :func:`resolve_threads`); each thread converts the
+    samples to float64 a small chunk at a time into a buffer of its own and adds the chunk to each of its
+    runs' sums while it is in cache. (One 32 MB chunk shared by all runs, read again from memory for every
+    run, took 0.20 s at N = 12,936, d = 2048 and 10 runs on two threads.) The buffer is also a copy because
+    the features may be a read-only view (the object store's), which torch warns about."""
+    n, d = x.shape
+    idx = [torch.from_numpy(np.asarray(labels, dtype=np.int64)) for labels in runs]
+    sums = [torch.zeros(k, d, dtype=torch.float64) for _ in runs]
+    step = max(1, _SUM_CHUNK_BYTES // (8 * d))
+    count = max(1, min(resolve_threads(threads), len(runs)))
+
+    def add(share: list[int]) -> None:
+        buffer = np.empty((min(step, n), d))
+        for s in range(0, n, step):
+            chunk = buffer[:min(step, n - s)]
+            np.copyto(chunk, x[s:s + step])
+            rows = torch.from_numpy(chunk)
+            for j in share:
+                sums[j].index_add_(0, idx[j][s:s + step], rows)
+
+    map_threads(add, [list(range(t, len(runs), count)) for t in range(count)], count)
     return sums
 
 
