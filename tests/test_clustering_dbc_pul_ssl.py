@@ -455,7 +455,7 @@ def test_seeding_gives_the_same_seeds_on_any_thread_count_and_as_one_product():
     with one product over all samples per step."""
     from ureid.clustering import pul
 
-    x = torch.from_numpy(clustered(9, n=5000, d=40, k=60, noise=1.0))  # four column blocks
+    x = torch.from_numpy(clustered(9, n=5000, d=40, k=60, noise=1.0))  # eight column blocks
     one = pul._kmeanspp(x, 60, 5, torch.Generator().manual_seed(4), threads=1)
     assert torch.equal(pul._kmeanspp(x, 60, 5, torch.Generator().manual_seed(4), threads=3), one)
 
@@ -504,12 +504,12 @@ def test_first_pass_from_the_seeding_is_exact_where_float32_misleads():
 
 
 def test_lloyd_row_blocks_on_three_threads_give_the_one_thread_labels():
-    """Each pass's rows go in fixed blocks over the caller's threads (four blocks here): the labels of every
+    """Each pass's rows go in fixed blocks over the caller's threads (eight blocks here): the labels of every
     restart are those of one thread and of plain Lloyd, and the threads' setting is restored."""
     from ureid.clustering import pul
 
-    assert len(pul._row_blocks(3000, 10**6)) == 4 and len(pul._row_blocks(900, 10**6)) == 2
-    assert len(pul._row_blocks(5000, 1000)) == 8 and len(pul._row_blocks(100, 10**6)) == 1
+    assert len(pul._row_blocks(3000, 10**6)) == 8 and len(pul._row_blocks(900, 10**6)) == 2
+    assert len(pul._row_blocks(5000, 1000)) == 12 and len(pul._row_blocks(100, 10**6)) == 1
     x = clustered(4, n=3000, d=24, k=30, noise=1.3)
     seeds = pul._kmeanspp(torch.from_numpy(x), 30, 3, torch.Generator().manual_seed(2)).numpy()
     one = pul._lloyd_lockstep(x, seeds, 300)

@@ -28,6 +28,10 @@ _BLOCK_BYTES = 256 * 2**20
 # a time: its argmin, bounds and BLAS buffers take about as much again, and at N = 77,616 a 256 MB block (every
 # row at once) peaked 600 MB above the matrix; 10,000 rows x 800 centres is still one efficient product.
 _ASSIGN_BYTES = 32 * 2**20
+# Row blocks of a Lloyd pass, at least (see _row_blocks). Many small blocks keep both threads busy to the end
+# of a pass when one of them is held up: in the feature store (a Ray actor, whose own threads wake now and
+# then) Lloyd took 2.2-2.3 s at N = 12,936, d = 2048 on two threads with 4 blocks, 2.0-2.1 with 16.
+_MIN_ROW_BLOCKS = 16
 # Bytes of one row chunk of the float64 passes over the samples (each makes a few temporaries of its size).
 _CHUNK_BYTES = 32 * 2**20
 # Bytes of one float64 row chunk of the centre sums, added to every run's sums while it stays in cache.
@@ -159,8 +163,11 @@ def _one_cpu_thread(device: torch.device):
 
 # Samples per column block of k-means++ seeding on CPU, at most: the block count is rounded up to a multiple
 # of 4 so that the blocks split evenly over 1, 2 or 4 threads (7 blocks on 2 threads kept one thread on 4 of
-# them). The blocks depend on N alone, so every value is the same whatever the thread count.
-_SEED_COLUMNS = 2048
+# them), and blocks this small let a thread that is held up hand its share to the other within each of the K
+# steps (in the feature store, a Ray actor: 2.0-2.3 s at N = 12,936, d = 2048 on two threads with blocks of
+# 2,048, 1.75-1.78 with 1,024; the same outside it). The blocks depend on N alone, so every value is the same
+# whatever the thread count.
+_SEED_COLUMNS = 1024
 
 
 def _seed_blocks(n: int) -> list[slice]:
@@ -446,9 +453,9 @@ def _due_rows(x, xsq, centres, active, due, gamma, threads=None):
 
 def _row_blocks(count: int, max_rows: int, min_rows: int = 512) -> list[tuple[int, int]]:
     """Row spans of at most ``max_rows`` rows for the caller's threads, their count 1, 2 or a multiple of 4 (so
-    that they split evenly over 1, 2 or 4 threads) and, where the rows allow, at least 4 of ``min_rows`` or
-    more: a function of the counts alone, never of the thread count."""
-    blocks = max(-(-count // max_rows), min(4, -(-count // min_rows)), 1)
+    that they split evenly over 1, 2 or 4 threads) and, where the rows allow, at least ``_MIN_ROW_BLOCKS`` of
+    ``min_rows`` or more: a function of the counts alone, never of the thread count."""
+    blocks = max(-(-count // max_rows), min(_MIN_ROW_BLOCKS, -(-count // min_rows)), 1)
     if blocks > 2:
         blocks = -(-blocks // 4) * 4
     width = max(1, -(-count // blocks))
