@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._common import (as_torch_features, check_labels, map_threads, relabel_by_first_index, resolve_device,
-                      resolve_threads, row_sq, shared_tensor)
+                      resolve_threads, row_sq, shared_tensor, thread_pool)
 
 MATCH_MODES = ("any", "own")
 
@@ -217,39 +217,40 @@ def _kmeanspp(x: torch.Tensor, k: int, restarts: int, gen: torch.Generator, thre
             return dist.clamp_min_(0)
         return to_block
 
-    # the distance of every sample to its nearest seed so far, per block: (restarts, block) each
-    closest = map_threads(distances(seeds[:, 0]), range(len(cols)), threads)
-    track = first is not None and cpu
-    if track:  # per block: the nearest seed's position and the second smallest distance
-        nearest = [torch.zeros(part.shape, dtype=torch.long) for part in closest]
-        second = [torch.full(part.shape, math.inf) for part in closest]
-    for c in range(1, k):
-        cdf = torch.cumsum(torch.cat(closest, 1).double(), 1)
-        r = torch.rand(restarts, trials, generator=gen, device=x.device, dtype=torch.float64) * cdf[:, -1:]
-        cand = torch.searchsorted(cdf, r).clamp_max_(n - 1)  # (restarts, trials)
-        to_block = distances(cand.reshape(-1))
+    with thread_pool(min(threads, len(cols))) as pool:
+        # the distance of every sample to its nearest seed so far, per block: (restarts, block) each
+        closest = map_threads(distances(seeds[:, 0]), range(len(cols)), threads, pool)
+        track = first is not None and cpu
+        if track:  # per block: the nearest seed's position and the second smallest distance
+            nearest = [torch.zeros(part.shape, dtype=torch.long) for part in closest]
+            second = [torch.full(part.shape, math.inf) for part in closest]
+        for c in range(1, k):
+            cdf = torch.cumsum(torch.cat(closest, 1).double(), 1)
+            r = torch.rand(restarts, trials, generator=gen, device=x.device, dtype=torch.float64) * cdf[:, -1:]
+            cand = torch.searchsorted(cdf, r).clamp_max_(n - 1)  # (restarts, trials)
+            to_block = distances(cand.reshape(-1))
 
-        def block(b: int):
-            raw = to_block(b).reshape(restarts, trials, -1)
-            if not track:
-                torch.minimum(raw, closest[b][:, None, :], out=raw)
-                return raw, raw, raw.sum(2, dtype=torch.float64)
-            dist = torch.minimum(raw, closest[b][:, None, :])  # the candidates' raw distances kept
-            return raw, dist, dist.sum(2, dtype=torch.float64)
+            def block(b: int):
+                raw = to_block(b).reshape(restarts, trials, -1)
+                if not track:
+                    torch.minimum(raw, closest[b][:, None, :], out=raw)
+                    return raw, raw, raw.sum(2, dtype=torch.float64)
+                dist = torch.minimum(raw, closest[b][:, None, :])  # the candidates' raw distances kept
+                return raw, dist, dist.sum(2, dtype=torch.float64)
 
-        parts = map_threads(block, range(len(cols)), threads)
-        potential = parts[0][2]
-        for _, _, part in parts[1:]:
-            potential = potential + part
-        best = torch.argmin(potential, dim=1)
-        seeds[:, c] = cand[rows, best]
-        if track:
-            for b, (raw, _, _) in enumerate(parts):
-                new = raw[rows, best]
-                nearer = new < closest[b]  # strictly: a tie stays with the earlier seed, as argmin
-                second[b] = torch.where(nearer, closest[b], torch.minimum(second[b], new))
-                nearest[b][nearer] = c
-        closest = [dist[rows, best] for _, dist, _ in parts]
+            parts = map_threads(block, range(len(cols)), threads, pool)
+            potential = parts[0][2]
+            for _, _, part in parts[1:]:
+                potential = potential + part
+            best = torch.argmin(potential, dim=1)
+            seeds[:, c] = cand[rows, best]
+            if track:
+                for b, (raw, _, _) in enumerate(parts):
+                    new = raw[rows, best]
+                    nearer = new < closest[b]  # strictly: a tie stays with the earlier seed, as argmin
+                    second[b] = torch.where(nearer, closest[b], torch.minimum(second[b], new))
+                    nearest[b][nearer] = c
+            closest = [dist[rows, best] for _, dist, _ in parts]
     if track:
         first.extend(torch.cat(part, 1).numpy() for part in (nearest, closest, second))
     return seeds
@@ -318,13 +319,13 @@ def _lloyd_runs(x: np.ndarray, seeds: np.ndarray, max_iter: int, first: tuple | 
     the value.) ``first``: the first pass's labels and bounds from :func:`_first_pass`; its undecided rows
     are computed, the others not."""
     threads = resolve_threads()
-    with _one_cpu_thread(torch.device("cpu")):
-        return _lloyd_iterations(x, seeds, max_iter, threads, first)
+    with _one_cpu_thread(torch.device("cpu")), thread_pool(threads) as pool:
+        return _lloyd_iterations(x, seeds, max_iter, threads, first, pool)
 
 
-def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int, first: tuple | None = None
-                      ) -> list[tuple[np.ndarray, float]]:
-    """:func:`_lloyd_runs`' iterations, each pass's row blocks on ``threads`` threads."""
+def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: int, first: tuple | None = None,
+                      pool=None) -> list[tuple[np.ndarray, float]]:
+    """:func:`_lloyd_runs`' iterations, each pass's row blocks on ``threads`` threads (of ``pool``)."""
     n, d = x.shape
     restarts, k = seeds.shape
     gamma = d * _UNIT / (1 - d * _UNIT)
@@ -344,7 +345,7 @@ def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: 
         due = [np.flatnonzero(~(upper[r] * (1 + _BOUND_SLACK) < lower[r] * (1 - _BOUND_SLACK))) for r in active]
         fresh, still = [], []
         for r, (rows, arg, up, low) in zip(active, _due_rows(x, xsq, centres, active, due, gamma,
-                                                                            threads)):
+                                                                            threads, pool)):
             upper[r, rows], lower[r, rows] = up, low
             if iteration == 0:  # every row is due (no bounds yet), or those the seeding left undecided
                 labels[r] = np.empty(n, dtype=np.int64) if first is None else start[r].copy()
@@ -368,7 +369,7 @@ def _lloyd_iterations(x: np.ndarray, seeds: np.ndarray, max_iter: int, threads: 
             labels[r] = new
             still.append(r)
         if fresh:
-            for r, total in zip(fresh, _cluster_sums(x, [labels[r] for r in fresh], k, threads)):
+            for r, total in zip(fresh, _cluster_sums(x, [labels[r] for r in fresh], k, threads, pool)):
                 sums[r], counts[r] = total, np.bincount(labels[r], minlength=k)
         for r in still:
             before = centres[r].copy()
@@ -427,7 +428,7 @@ def _patch_sums(sums: torch.Tensor, x: np.ndarray, moved: np.ndarray, labels: np
         sums.index_add_(0, torch.from_numpy(labels[m]), torch.from_numpy(rows), alpha=sign)
 
 
-def _due_rows(x, xsq, centres, active, due, gamma, threads=None):
+def _due_rows(x, xsq, centres, active, due, gamma, threads=None, pool=None):
     """For each active restart, (rows, labels, upper, lower) of its due rows, by :func:`_nearest_exact`: one
     product over the union of the rows for all restarts (each gets every row of the union: a row computed
     without need gets its unchanged label and tighter bounds), or one per restart if that is cheaper."""
@@ -441,12 +442,12 @@ def _due_rows(x, xsq, centres, active, due, gamma, threads=None):
     union = None if mask.all() else np.flatnonzero(mask)
     size = n if union is None else union.size
     if size * len(active) <= _SHARED_PRODUCT_GAIN * wanted:
-        arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union, threads)
+        arg, up, low = _nearest_exact(x, xsq, centres[active], gamma, union, threads, pool)
         rows = np.arange(n) if union is None else union
         return [(rows, arg[j], up[j], low[j]) for j in range(len(active))]
     out = []
     for r, rows in zip(active, due):
-        arg, up, low = _nearest_exact(x, xsq, centres[r:r + 1], gamma, rows, threads)
+        arg, up, low = _nearest_exact(x, xsq, centres[r:r + 1], gamma, rows, threads, pool)
         out.append((rows, arg[0], up[0], low[0]))
     return out
 
@@ -463,7 +464,7 @@ def _row_blocks(count: int, max_rows: int, min_rows: int = 512) -> list[tuple[in
 
 
 def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: float,
-                   rows: np.ndarray | None = None, threads: int | None = None
+                   rows: np.ndarray | None = None, threads: int | None = None, pool=None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For the samples ``rows`` of ``x`` (all when None) and each centre set of ``centres`` (A, K, d): the
     nearest centre, decided exactly (see :func:`_lloyd_lockstep`), and bounds on the true Euclidean distances
@@ -521,7 +522,7 @@ def _nearest_exact(x: np.ndarray, xsq: np.ndarray, centres: np.ndarray, gamma: f
         up_out[:, s:e] = up.T
         low_out[:, s:e] = lo.T
 
-    map_threads(block, _row_blocks(count, step), threads)
+    map_threads(block, _row_blocks(count, step), threads, pool)
     return arg_out, up_out, low_out
 
 
@@ -538,7 +539,8 @@ def _row_sq64(x: np.ndarray, centres: np.ndarray | None = None, labels: np.ndarr
     return out
 
 
-def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int, threads: int | None = None) -> list[torch.Tensor]:
+def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int, threads: int | None = None, pool=None
+                  ) -> list[torch.Tensor]:
     """float64 (K, d) sums of the samples of each cluster, for each label array of ``runs``, each accumulated in
     sample order (so the same whatever else is summed, and on any thread count).
 
@@ -562,7 +564,7 @@ def _cluster_sums(x: np.ndarray, runs: list[np.ndarray], k: int, threads: int | 
             for j in share:
                 sums[j].index_add_(0, idx[j][s:s + step], rows)
 
-    map_threads(add, [list(range(t, len(runs), count)) for t in range(count)], count)
+    map_threads(add, [list(range(t, len(runs), count)) for t in range(count)], count, pool)
     return sums
 
 
