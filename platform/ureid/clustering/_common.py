@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
 
@@ -347,9 +346,7 @@ def map_threads(fn, items, threads: int | None = None, pool=None) -> list:
         return [fn(item) for item in items]
     if pool is not None:
         return list(pool.map(fn, items))
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(count) as pool:
+    with thread_pool(count) as pool:
         return list(pool.map(fn, items))
 
 

@@ -89,9 +89,9 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
         runs = [(labels, inertia(x, labels)) for labels in
                 (_lloyd_torch(x, x[seeds[r]], int(max_iter)) for r in range(n_init))]
         return relabel_by_first_index(_lowest_inertia(runs))
-    groups = [(seeds[g:g + RESTARTS_PER_TASK].cpu().numpy(), int(max_iter))
-              for g in range(0, n_init, RESTARTS_PER_TASK)]
     if fanned_out:
+        groups = [(seeds[g:g + RESTARTS_PER_TASK].cpu().numpy(), int(max_iter))
+                  for g in range(0, n_init, RESTARTS_PER_TASK)]
         results = map_blocks(lloyd_restarts, x.cpu().numpy(), groups)
         if len(results) != len(groups):
             raise RuntimeError(f"map_blocks returned {len(results)} results for {len(groups)} groups of restarts")
@@ -99,8 +99,8 @@ def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None,
         if stats is not None:
             stats["mapped_blocks"] = stats.get("mapped_blocks", 0) + len(groups)
     else:
-        xn = x.cpu().numpy()
-        runs = _lloyd_runs(xn, seeds.cpu().numpy(), int(max_iter), first=_first_pass(xn, seeds.cpu().numpy(), *first))
+        xn, seeds = x.cpu().numpy(), seeds.cpu().numpy()
+        runs = _lloyd_runs(xn, seeds, int(max_iter), first=_first_pass(xn, seeds, *first))
     return relabel_by_first_index(_lowest_inertia(runs))
 
 
@@ -404,8 +404,8 @@ def _first_pass(x: np.ndarray, seeds: np.ndarray, nearest: np.ndarray, d1: np.nd
     N = 12,936, d = 2048, K = 80 and 10 restarts."""
     d = x.shape[1]
     gamma = d * _UNIT / (1 - d * _UNIT)
-    xsq = _row_sq64(x)[None, :]
-    reach_sq = _row_sq64(x)[seeds].max(1)[:, None]  # (restarts, 1)
+    sq = _row_sq64(x)
+    xsq, reach_sq = sq[None, :], sq[seeds].max(1)[:, None]  # (1, N), (restarts, 1)
     err = (2 * gamma + 4 * _UNIT) * np.sqrt(xsq * reach_sq) + (gamma + 4 * _UNIT + d * 2.0 ** -52) * (xsq + reach_sq)
     low, high = d1.astype(np.float64), d2.astype(np.float64)
     decided = high - low > 2 * err
