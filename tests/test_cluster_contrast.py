@@ -257,13 +257,17 @@ def test_a_sweep_over_its_own_keys_runs_through_tune(ray_cluster, tiny_root, tmp
     assert [m.step for m in client.get_metric_history(run.info.run_id, summary["objective"])] == [0]
 
 
-def test_group_sums_are_bitwise_those_of_np_add_at():
+def test_group_sums_are_bitwise_those_of_np_add_at(monkeypatch):
     """The centroids' float64 sums (``clustering._common.group_sums``): each group's rows added in row order
-    from 0.0, across chunk boundaries and with -0.0 inputs, bit for bit what np.add.at gives."""
+    from 0.0, across chunk boundaries and with -0.0 inputs, bit for bit what np.add.at gives; the default
+    chunk (None) is cut by bytes, here 384: 1 to 6 rows of one thread's columns."""
+    from ureid.clustering import _common
     from ureid.clustering._common import group_sums
 
+    monkeypatch.setattr(_common, "GROUP_SUMS_CHUNK_BYTES", 384)
     rng = np.random.default_rng(0)
-    for n, d, groups, chunk in ((500, 8, 7, 13), (300, 5, 150, 4), (64, 3, 2, 1), (1000, 16, 40, 8192)):
+    for n, d, groups, chunk in ((500, 8, 7, 13), (300, 5, 150, 4), (64, 3, 2, 1), (1000, 16, 40, 8192),
+                                (700, 16, 30, None), (200, 40, 3, None)):
         x = rng.standard_normal((n, d)).astype(np.float32)
         x[rng.random((n, d)) < 0.05] = -0.0
         labels = rng.integers(-1, groups, n)  # -1: outliers, left out

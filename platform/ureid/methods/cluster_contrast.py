@@ -52,7 +52,8 @@ def cluster_centroids(features: np.ndarray, labels: np.ndarray, num_clusters: in
     keep = labels >= 0
     sums = group_sums(features, labels, num_clusters)  # the sums np.add.at would give, 20x faster
     counts = np.bincount(labels[keep], minlength=num_clusters).astype(np.float64)
-    return (sums / counts[:, None]).astype(np.float32)
+    sums /= counts[:, None]  # in place: no second (C, d) float64 array
+    return sums.astype(np.float32)
 
 
 class ClusterContrast(Method):
