@@ -7,7 +7,8 @@
    (VmHWM, which counts the object store's shared pages that the put argument maps in) and its own peak
    (the highest RssAnon above a fresh store's, sampled every 50 ms), whether the labels equal the
    in-process ones, and the time of a blockwise ``x @ x.T`` with a row max in numpy on the same matrix
-   (the floor for any exact k-NN: every pairwise product). The slots' worker processes are started (one
+   (the floor for any exact k-NN: every pairwise product), measured just before each run of the row
+   (``--floors once``: once at the start). The slots' worker processes are started (one
    task each) before the first timed update, as a run's stages after its first find them.
 2. **Train workers at equal global batch**: the BUC CPU preset's first stage with 1 worker at batch B
    (2 CPUs) and with 2 workers at B/2 (1 CPU each): stage time, mAP, rank-1, clusters, and how far the
@@ -238,15 +239,24 @@ def gemm_floor_s(x: np.ndarray, block: int = 4096, threads: int | None = None) -
         return time.perf_counter() - start
 
 
-def best_of(repeat: int, measure) -> dict:
+def best_of(repeat: int, measure, floor=None) -> dict:
     """``measure()`` ``repeat`` times (each a fresh store): the fastest run's row, the highest peaks of all, and
     ``same`` false unless every run gave the first run's targets. On a shared machine the minimum is the
-    run least disturbed by other work, as in ``timeit``."""
-    runs = [measure() for _ in range(max(1, repeat))]
+    run least disturbed by other work, as in ``timeit``. ``floor()`` (the GEMM floor), when given, runs just
+    before each run and the row's ``floor`` is the fastest of those: each update is set beside a floor of the
+    same minutes (this VM's speed moved by a fifth within minutes, so a floor taken once at the start could
+    stand beside updates run in a slower or faster spell)."""
+    runs, floors = [], []
+    for _ in range(max(1, repeat)):
+        if floor is not None:
+            floors.append(floor())
+        runs.append(measure())
     best = dict(min(runs, key=lambda r: r["time_s"]))
     best["peak_mb"] = max(r["peak_mb"] for r in runs)
     best["private_mb"] = max(r["private_mb"] for r in runs)
     best["repeats_agree"] = all(_same(r["targets"], runs[0]["targets"]) for r in runs[1:])
+    if floors:
+        best["floor"] = min(floors)
     return best
 
 
@@ -257,30 +267,44 @@ def _same(a, b) -> bool:
 
 
 def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), store_threads=(None,),
-                 repeat: int = 1) -> list[dict]:
+                 repeat: int = 1, floors_per_row: bool = True) -> list[dict]:
     """In-process rows once per ``store_threads`` value (None: the default, Ray's one thread in the store),
     each against the GEMM floor on as many threads; fanned-out rows against the floor on every core. Every
-    time (floors included) is the fastest of ``repeat`` runs."""
+    time (floors included) is the fastest of ``repeat`` runs. ``floors_per_row``: a floor before each run of
+    the row (``best_of``); else the floors of the start stand for every row (at N = 77,616 a floor takes
+    two to four minutes)."""
     rows = []
     cores = os.cpu_count() or 1
     for n in sizes:
         x, _ = make_features(n)
-        floors = {t: min(gemm_floor_s(x, threads=t or 1) for _ in range(max(1, repeat)))
-                  for t in {*store_threads, cores}}
-        floor = floors[cores]
-        print(f"[scaling] N = {n:,}: blockwise GEMM floor " +
-              ", ".join(f"{v:.1f} s on {t or 1} thread(s)" for t, v in sorted(floors.items(), key=lambda kv: kv[0] or 1)),
-              flush=True)
+        floors = {}
+        if not floors_per_row:
+            floors = {t: min(gemm_floor_s(x, threads=t or 1) for _ in range(max(1, repeat)))
+                      for t in {*store_threads, cores}}
+            print(f"[scaling] N = {n:,}: blockwise GEMM floor " +
+                  ", ".join(f"{v:.1f} s on {t or 1} thread(s)"
+                            for t, v in sorted(floors.items(), key=lambda kv: kv[0] or 1)), flush=True)
+
+        def floor_of(threads):
+            """The row's floor: fixed at the start, or measured beside each run (None: best_of leaves it)."""
+            if floors:
+                return None
+            return lambda: gemm_floor_s(x, threads=threads)
+
+        def with_floor(r, threads):
+            return r if "floor" in r else {**r, "floor": floors[threads]}
+
         baseline = {}
         cluster = LocalCluster(1)
         try:
             for threads in store_threads:
                 for m in methods:
-                    r = best_of(repeat, lambda: store_update(m, x, tasks=False, threads=threads))
+                    r = with_floor(best_of(repeat, lambda: store_update(m, x, tasks=False, threads=threads),
+                                           floor_of(threads or 1)), threads)
                     same = r["repeats_agree"] and (m not in baseline or _same(r["targets"], baseline[m]))
                     baseline.setdefault(m, r["targets"])
                     where = f"in-process, {threads or 1} thread(s)" + ("" if threads else " (default)")
-                    rows.append({"n": n, "method": m, "where": where, **r, "same": same, "floor": floors[threads]})
+                    rows.append({"n": n, "method": m, "where": where, **r, "same": same})
                     _progress(rows[-1])
         finally:
             cluster.close()
@@ -289,9 +313,9 @@ def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), st
             try:
                 warm_workers(slots)
                 for m in methods:
-                    r = best_of(repeat, lambda: store_update(m, x, tasks=True))
+                    r = with_floor(best_of(repeat, lambda: store_update(m, x, tasks=True), floor_of(cores)), cores)
                     rows.append({"n": n, "method": m, "where": f"{slots} slot(s) on {slots} node(s)", **r,
-                                 "same": r["repeats_agree"] and _same(r["targets"], baseline[m]), "floor": floor})
+                                 "same": r["repeats_agree"] and _same(r["targets"], baseline[m])})
                     _progress(rows[-1])
             finally:
                 cluster.close()
@@ -342,6 +366,9 @@ def main() -> None:
     ap.add_argument("--slots", default="1,2,4", help="clustering slots (simulated nodes) of the fanned-out rows")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per row (and per floor), the fastest kept: for a machine that other work shares")
+    ap.add_argument("--floors", choices=("row", "once"), default="row",
+                    help="row: the GEMM floor measured just before each run of a row (the same minutes as the "
+                         "update); once: measured at the start for every row (saves 2-4 minutes a row at 77,616)")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
@@ -349,9 +376,9 @@ def main() -> None:
     threads = tuple(None if t == "default" else int(t) for t in args.store_threads.split(","))
     slots = tuple(int(v) for v in args.slots.split(",") if v)
     rows = [] if args.skip_updates or (args.large and args.skip_small) else \
-        part_updates(methods, [12936], slots, threads, args.repeat)
+        part_updates(methods, [12936], slots, threads, args.repeat, args.floors == "row")
     if args.large and not args.skip_updates:
-        rows += part_updates(args.large_methods.split(","), [77616], slots, threads, args.repeat)
+        rows += part_updates(args.large_methods.split(","), [77616], slots, threads, args.repeat, args.floors == "row")
     workers = [] if args.skip_train else part_workers()
 
     if rows:
