@@ -15,7 +15,8 @@
    first-stage pseudo-labels agree (identical labels; adjusted Rand index).
 
     python benchmarks/scaling.py                     # N = 12,936, d = 2048; both parts
-    python benchmarks/scaling.py --large             # also N = 77,616 (BUC only; about half an hour)
+    python benchmarks/scaling.py --large             # also N = 77,616 (BUC only; half an hour with --floors once,
+                                                     # a floor per row adds 2-4 minutes a row)
     python benchmarks/scaling.py --large --skip-small --skip-train --slots '' \
         --large-methods buc,dbc,ssl,pul,cluster_contrast   # every method in-process at N = 77,616
     python benchmarks/scaling.py --methods buc,pul --skip-train
