@@ -299,9 +299,8 @@ def group_sums(x: np.ndarray, groups: np.ndarray, num_groups: int, chunk_rows: i
     pairwise) over chunks of at most ``chunk_rows`` sorted rows (None: ``GROUP_SUMS_CHUNK_ROWS``, fewer where
     a chunk of one thread's columns in float64 would pass ``GROUP_SUMS_CHUNK_BYTES``); a group that spans two
     chunks carries its running sum into the next chunk as its first row, so the order of additions never
-    changes. The columns
-    are summed in ``threads`` (see :func:`map_threads`) independent ranges, each exactly as the whole. Memory:
-    one chunk's rows in float64 beside the (G, d) result.
+    changes. The columns are summed in ``threads`` (see :func:`map_threads`) independent ranges, each exactly
+    as the whole. Memory: one chunk's rows in float64 per thread beside the (G, d) result.
     """
     groups = np.asarray(groups)
     sums = np.zeros((num_groups, x.shape[1]), dtype=np.float64)
