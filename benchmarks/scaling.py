@@ -240,24 +240,22 @@ def gemm_floor_s(x: np.ndarray, block: int = 4096, threads: int | None = None) -
         return time.perf_counter() - start
 
 
-def best_of(repeat: int, measure, floor=None) -> dict:
+def best_of(repeat: int, measure, floor) -> dict:
     """``measure()`` ``repeat`` times (each a fresh store): the fastest run's row, the highest peaks of all, and
     ``same`` false unless every run gave the first run's targets. On a shared machine the minimum is the
-    run least disturbed by other work, as in ``timeit``. ``floor()`` (the GEMM floor), when given, runs just
-    before each run and the row's ``floor`` is the fastest of those: each update is set beside a floor of the
+    run least disturbed by other work, as in ``timeit``. ``floor()`` (the GEMM floor) runs just before each
+    run and the row's ``floor`` is the fastest of those: each update is set beside a floor of the
     same minutes (this VM's speed moved by a fifth within minutes, so a floor taken once at the start could
     stand beside updates run in a slower or faster spell)."""
     runs, floors = [], []
     for _ in range(max(1, repeat)):
-        if floor is not None:
-            floors.append(floor())
+        floors.append(floor())
         runs.append(measure())
     best = dict(min(runs, key=lambda r: r["time_s"]))
     best["peak_mb"] = max(r["peak_mb"] for r in runs)
     best["private_mb"] = max(r["private_mb"] for r in runs)
     best["repeats_agree"] = all(_same(r["targets"], runs[0]["targets"]) for r in runs[1:])
-    if floors:
-        best["floor"] = min(floors)
+    best["floor"] = min(floors)
     return best
 
 
@@ -287,21 +285,17 @@ def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), st
                             for t, v in sorted(floors.items(), key=lambda kv: kv[0] or 1)), flush=True)
 
         def floor_of(threads):
-            """The row's floor: fixed at the start, or measured beside each run (None: best_of leaves it)."""
+            """The row's floor for ``best_of``: the start's, or measured beside each run."""
             if floors:
-                return None
-            return lambda: gemm_floor_s(x, threads=threads)
-
-        def with_floor(r, threads):
-            return r if "floor" in r else {**r, "floor": floors[threads]}
+                return lambda: floors[threads]
+            return lambda: gemm_floor_s(x, threads=threads or 1)
 
         baseline = {}
         cluster = LocalCluster(1)
         try:
             for threads in store_threads:
                 for m in methods:
-                    r = with_floor(best_of(repeat, lambda: store_update(m, x, tasks=False, threads=threads),
-                                           floor_of(threads or 1)), threads)
+                    r = best_of(repeat, lambda: store_update(m, x, tasks=False, threads=threads), floor_of(threads))
                     same = r["repeats_agree"] and (m not in baseline or _same(r["targets"], baseline[m]))
                     baseline.setdefault(m, r["targets"])
                     where = f"in-process, {threads or 1} thread(s)" + ("" if threads else " (default)")
@@ -314,7 +308,7 @@ def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), st
             try:
                 warm_workers(slots)
                 for m in methods:
-                    r = with_floor(best_of(repeat, lambda: store_update(m, x, tasks=True), floor_of(cores)), cores)
+                    r = best_of(repeat, lambda: store_update(m, x, tasks=True), floor_of(cores))
                     rows.append({"n": n, "method": m, "where": f"{slots} slot(s) on {slots} node(s)", **r,
                                  "same": r["repeats_agree"] and _same(r["targets"], baseline[m])})
                     _progress(rows[-1])

@@ -14,8 +14,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._common import (as_torch_features, check_labels, map_threads, relabel_by_first_index, resolve_device,
-                      resolve_threads, row_sq, shared_tensor, thread_pool)
+from ._common import (GROUP_SUMS_CHUNK_BYTES, as_torch_features, check_labels, map_threads, relabel_by_first_index,
+                      resolve_device, resolve_threads, row_sq, shared_tensor, thread_pool)
 
 MATCH_MODES = ("any", "own")
 
@@ -34,8 +34,9 @@ _ASSIGN_BYTES = 32 * 2**20
 _MIN_ROW_BLOCKS = 16
 # Bytes of one row chunk of the float64 passes over the samples (each makes a few temporaries of its size).
 _CHUNK_BYTES = 32 * 2**20
-# Bytes of one float64 row chunk of the centre sums, added to every run's sums while it stays in cache.
-_SUM_CHUNK_BYTES = 2 * 2**20
+# Bytes of one float64 row chunk of the centre sums, added to every run's sums while it stays in cache: the
+# chunk of _common.group_sums.
+_SUM_CHUNK_BYTES = GROUP_SUMS_CHUNK_BYTES
 
 
 def kmeans(features, num_clusters, seed=0, n_init=10, max_iter=300, device=None, map_blocks=None,
