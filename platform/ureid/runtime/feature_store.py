@@ -99,6 +99,20 @@ def _return_free_memory() -> None:
         pass
 
 
+def _load_update_libraries() -> None:
+    """Load, while the store starts, what every update loads on its first call: faiss (with its own OpenBLAS)
+    and threadpoolctl's scan of the loaded libraries. Otherwise a run's first update paid it inside its
+    ``cluster_time_s``, and so did every row of ``benchmarks/scaling.py`` (each a fresh store): 0.16 s and
+    7 ms in a fresh process here (2 cores), against a 2.8-3.3 s GEMM floor at N = 12,936. The store starts
+    while the trainer starts, so nobody waits for it."""
+    from threadpoolctl import threadpool_info
+
+    from ..clustering._common import import_faiss
+
+    import_faiss()
+    threadpool_info()
+
+
 def _read_rows(f, idx: np.ndarray, out: dict, name: str, n: int, chunk_bytes: int = 32 << 20) -> None:
     """Read a ``.npy`` stream's rows in chunks into ``out[name][idx]`` (allocated (n, ...) on first use)."""
     major, _ = np.lib.format.read_magic(f)
@@ -149,6 +163,7 @@ class FeatureStore:
                 self.shards.setdefault(stage, {})[rank] = path
         if first_stage is not None and not ray.get_runtime_context().was_current_actor_reconstructed:
             self.forget_from(first_stage)
+        _load_update_libraries()
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it)."""
