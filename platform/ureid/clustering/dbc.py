@@ -220,7 +220,12 @@ class _Means:
 class _StageMeans(_Means):
     """A stage's means (``_Means``) with the per-cluster float64 ``sq`` = |mu|^2 and ``h`` (``_h``), bitwise
     those of the dense moments. At stage 0 (every cluster a singleton) a (C, d) float64 matrix of means
-    would be twice the features, and a search-dtype copy one more matrix: neither is ever made."""
+    would be twice the features, and a search-dtype copy one more matrix: neither is ever made.
+
+    A singleton's ``|mu|^2`` is its row's squared length, the very sum its ``q`` adds into 0.0 (the mean is the
+    row + 0.0, and squares do not see the sign of a zero): only the clusters of two or more rows have their
+    means formed, from their rows. (Forming every mean read the rows a second time: 0.31 s at stage 0 at
+    N = 12,936, d = 2048, against 0.05 s for the pass of ``q``.)"""
 
     def __init__(self, x: torch.Tensor, lab: np.ndarray, num_clusters: int, w: float):
         counts = np.bincount(lab, minlength=num_clusters)
@@ -232,11 +237,13 @@ class _StageMeans(_Means):
         for s in range(0, n, step):
             xb = x[s:s + step].double()
             q.index_add_(0, idx[s:s + step], (xb * xb).sum(1))
+        self.sq = q.clone()  # the singletons' |mu|^2
         q /= torch.from_numpy(counts).to(dev).double()
-        self.sq = torch.empty(num_clusters, dtype=torch.float64, device=dev)
-        for s in range(0, num_clusters, step):
-            m = self.means(np.arange(s, min(num_clusters, s + step)))
-            self.sq[s:s + step] = (m * m).sum(1)
+        big = np.flatnonzero(counts > 1)
+        for s in range(0, big.size, step):
+            part = big[s:s + step]
+            m = self.means(part)
+            self.sq[self._tensor(part)] = (m * m).sum(1)
         self.h = (1 + 2 * w) * q - 2 * w * self.sq
 
 
