@@ -106,15 +106,13 @@ def check_address(address: str | None, timeout: float = 10.0) -> None:
     if not host or not port.isdigit():
         raise ConfigError(f"ray.address={address!r}: expected the head's host:port (its GCS port, 6379 unless "
                           f"`ray start --head --port` said otherwise), 'auto', or ray://host:port")
-    import socket
+    from .._net import tcp_refusal
 
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"ray.address={address}: no Ray head answers there ({exc.strerror or exc}). Start it "
+    why = tcp_refusal(host, int(port), timeout)
+    if why is not None:
+        raise ConfigError(f"ray.address={address}: no Ray head answers there ({why}). Start it "
                           f"first (`ray start --head --port={port}`, or `ray up cluster.yaml`), or leave "
-                          f"ray.address unset to start a local instance") from None
+                          f"ray.address unset to start a local instance")
 
 
 def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:

@@ -38,19 +38,18 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
-    import socket
-
+    from .._net import tcp_refusal
     from ..config import ConfigError
 
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            pass
-    except (OSError, ValueError) as exc:  # ValueError: a port that is not a number
+        why = tcp_refusal(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), timeout)
+    except ValueError as exc:  # parts.port: a port that is not a number
+        why = str(exc)
+    if why is not None:
         raise ConfigError(f"tracking.tracking_uri={uri}: no MLflow server answers there "
-                          f"({getattr(exc, 'strerror', None) or exc}). Start it (`mlflow server --host ADDRESS "
+                          f"({why}). Start it (`mlflow server --host ADDRESS "
                           f"--port PORT`, see the README's cluster section), or leave tracking.tracking_uri and "
-                          f"$MLFLOW_TRACKING_URI unset for a SQLite store in the output folder") from None
+                          f"$MLFLOW_TRACKING_URI unset for a SQLite store in the output folder")
 
 
 def _client(uri: str):
