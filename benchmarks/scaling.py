@@ -13,6 +13,11 @@
 2. **Train workers at equal global batch**: the BUC CPU preset's first stage with 1 worker at batch B
    (2 CPUs) and with 2 workers at B/2 (1 CPU each): stage time, mAP, rank-1, clusters, and how far the
    first-stage pseudo-labels agree (identical labels; adjusted Rand index).
+3. **One train worker's training throughput** (``--throughput DEVICE``, e.g. ``cuda`` on a GPU node, ``cpu``):
+   the paper config's network and loss (BUC: ResNet-50 at 256 x 128, its memory table over Market-1501's
+   12,936 training images as stage 0's classes; random initialisation, so nothing is downloaded), SGD steps
+   on a fixed random batch, images per second after warm-up steps (CUDA synchronised). A Ray Train worker on
+   that device runs the same step plus the gradient all-reduce of DDP.
 
     python benchmarks/scaling.py                     # N = 12,936, d = 2048; both parts
     python benchmarks/scaling.py --large             # also N = 77,616 (BUC only; half an hour with --floors once,
@@ -20,6 +25,7 @@
     python benchmarks/scaling.py --large --skip-small --skip-train --slots '' \
         --large-methods buc,dbc,ssl,pul,cluster_contrast   # every method in-process at N = 77,616
     python benchmarks/scaling.py --methods buc,pul --skip-train
+    python benchmarks/scaling.py --skip-updates --skip-train --throughput cuda   # a GPU's images/s per worker
 
 Features: clustered unit vectors (``clustering_buc.make_features``: N/10 identities, d = 2048). A 2-core
 machine runs at most 2 tasks at once, so 4 slots cannot be faster than 2 here: the rows show what the
@@ -348,6 +354,58 @@ def part_workers() -> list[dict]:
     return rows
 
 
+def part_throughput(device: str, method: str = "buc", batch: int | None = None, steps: int = 10, warmup: int = 3,
+                    overrides: tuple[str, ...] = (), num_classes: int = 12936) -> dict:
+    """One train worker's training images/s on ``device``: ``method``'s paper config (``overrides``: more
+    ``key=value`` settings), the network from ``model.weights=none`` (no download), the method's stage-0 loss
+    over ``num_classes`` pseudo classes, SGD with the config's momentum and weight decay, a fixed random batch
+    of ``batch`` images (default: the config's per-worker batch) at the config's size; ``warmup`` steps, then
+    ``steps`` timed ones (on CUDA synchronised before and after)."""
+    import torch
+
+    from ureid.config import CONFIG_DIR, load_config
+    from ureid.engine.train import forward_batch
+    from ureid.methods import METHODS, Targets
+
+    cfg = load_config(CONFIG_DIR / f"{method}.yaml", ["model.weights=none", *overrides])
+    m, dev = METHODS[method], torch.device(device)
+    batch = cfg.train.batch_size if batch is None else int(batch)
+    if batch < 1 or steps < 1 or warmup < 0:
+        raise ValueError(f"batch and steps must be >= 1 and warmup >= 0, got {batch}, {steps}, {warmup}")
+    torch.manual_seed(0)
+    model = m.build_model(cfg).to(dev).train()
+    loss_fn = m.build_loss(cfg, Targets(labels=np.arange(num_classes)), num_classes, model.feature_dim).to(dev)
+    t = cfg.train
+    opt = torch.optim.SGD(list(model.parameters()) + list(loss_fn.parameters()), lr=t.lr, momentum=t.momentum,
+                          weight_decay=t.weight_decay, nesterov=t.nesterov)
+    images = torch.randn(batch, 3, cfg.data.height, cfg.data.width).to(dev)
+    targets = torch.randint(num_classes, (batch,)).to(dev)
+    indices = torch.arange(batch).to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(forward_batch(model, images), targets, indices)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return {"device": name, "method": method, "arch": cfg.model.arch, "size": f"{cfg.data.height}x{cfg.data.width}",
+            "batch": batch, "step_s": seconds, "images_per_s": batch / seconds, "loss": loss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="buc,dbc,ssl,pul,cluster_contrast")
@@ -364,6 +422,9 @@ def main() -> None:
     ap.add_argument("--floors", choices=("row", "once"), default="row",
                     help="row: the GEMM floor measured just before each run of a row (the same minutes as the "
                          "update); once: measured at the start for every row (saves 2-4 minutes a row at 77,616)")
+    ap.add_argument("--throughput", default="",
+                    help="comma-separated torch devices (cuda, cuda:1, cpu) for one train worker's training images/s")
+    ap.add_argument("--throughput-batch", type=int, default=None, help="images per step (default: the config's)")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
@@ -375,6 +436,7 @@ def main() -> None:
     if args.large and not args.skip_updates:
         rows += part_updates(args.large_methods.split(","), [77616], slots, threads, args.repeat, args.floors == "row")
     workers = [] if args.skip_train else part_workers()
+    speeds = [part_throughput(d, batch=args.throughput_batch) for d in args.throughput.split(",") if d]
 
     if rows:
         print("\n## The store's label update, d = 2048 (2 cores)\n")
@@ -396,6 +458,13 @@ def main() -> None:
         same = float((a["labels"] == b["labels"]).mean())
         print(f"\nfirst-stage pseudo-labels: {same:.1%} of samples with identical labels, adjusted Rand index "
               f"{adjusted_rand_score(a['labels'], b['labels']):.3f}; mAP difference {abs(a['mAP'] - b['mAP']):.2%}")
+    if speeds:
+        print("\n## One train worker's training throughput (the paper config's network and loss, random init)\n")
+        print("| device | method | network | input | batch | step s | images/s per worker |")
+        print("|---|---|---|---|---|---|---|")
+        for r in speeds:
+            print(f"| {r['device']} | {r['method']} | {r['arch']} | {r['size']} | {r['batch']} | {r['step_s']:.3f} | "
+                  f"{r['images_per_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,18 @@ def test_cluster_contrast_grid_scores_every_setting_without_labels(tmp_path, cap
         kept = 1 - float(outliers.rstrip("%")) / 100
         assert int(clusters) >= 0 and -1 <= float(sil) <= 1
         assert float(sil0) == pytest.approx(float(sil) * kept, abs=0.006)  # outliers' share printed to 1%
+
+
+def test_scaling_throughput_part_trains_the_configs_network_on_the_device():
+    """``benchmarks/scaling.py --throughput DEVICE``: the row a GPU session fills (images/s per train worker),
+    here on the CPU with a small network and input."""
+    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    small = ("model.arch=resnet18", "data.height=64", "data.width=32")
+    row = scaling.part_throughput("cpu", batch=3, steps=2, warmup=1, overrides=small, num_classes=20)
+    assert (row["arch"], row["size"], row["batch"]) == ("resnet18", "64x32", 3)
+    assert row["device"].startswith("CPU") and np.isfinite(row["loss"]) and row["loss"] > 0
+    assert row["images_per_s"] == pytest.approx(3 / row["step_s"]) and row["step_s"] > 0
+    with pytest.raises(ValueError, match="batch and steps"):
+        scaling.part_throughput("cpu", batch=0, overrides=small)
