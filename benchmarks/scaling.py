@@ -369,6 +369,9 @@ def part_throughput(device: str, method: str = "buc", batch: int | None = None, 
 
     cfg = load_config(CONFIG_DIR / f"{method}.yaml", ["model.weights=none", *overrides])
     m, dev = METHODS[method], torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--throughput {device}: this machine has no CUDA device that torch sees (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}); use cpu, or run it on a GPU node")
     batch = cfg.train.batch_size if batch is None else int(batch)
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"batch and steps must be >= 1 and warmup >= 0, got {batch}, {steps}, {warmup}")

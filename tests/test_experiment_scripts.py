@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import TINY_SYNTH
@@ -88,3 +89,6 @@ def test_scaling_throughput_part_trains_the_configs_network_on_the_device():
     assert row["images_per_s"] == pytest.approx(3 / row["step_s"]) and row["step_s"] > 0
     with pytest.raises(ValueError, match="batch and steps"):
         scaling.part_throughput("cpu", batch=0, overrides=small)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            scaling.part_throughput("cuda", overrides=small)
