@@ -14,8 +14,8 @@ from ureid.config import CONFIG_DIR
 from test_config import REPO
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+def _script(name, folder="experiments"):
+    spec = importlib.util.spec_from_file_location(name, REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -79,9 +79,7 @@ def test_cluster_contrast_grid_scores_every_setting_without_labels(tmp_path, cap
 def test_scaling_throughput_part_trains_the_configs_network_on_the_device():
     """``benchmarks/scaling.py --throughput DEVICE``: the row a GPU session fills (images/s per train worker),
     here on the CPU with a small network and input."""
-    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
-    scaling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scaling)
+    scaling = _script("scaling", "benchmarks")
     small = ("model.arch=resnet18", "data.height=64", "data.width=32")
     row = scaling.part_throughput("cpu", batch=3, steps=2, warmup=1, overrides=small, num_classes=20)
     assert (row["arch"], row["size"], row["batch"]) == ("resnet18", "64x32", 3)
