@@ -86,6 +86,8 @@ def ray_cluster():
     """A real 2-node Ray cluster on this machine, shared by the whole session (two Ray instances on one machine
     confuse Ray Train's placement-group cleaner): ``ray start --head --block`` and a second ``ray start
     --block`` with ports of its own, 1 CPU and 2 clustering slots each, stopped by PID (never ``ray stop``).
+    The second node declares one GPU that is not there (``--num-gpus=1`` on a machine without one): what a
+    GPU share for the feature store (``ray.store_gpus``) is scheduled on and checked against.
     Two train workers hold every CPU slot, one per node, so the feature-store actor must not need one (the
     deadlock the design warns about), and a label update's tasks spread over both nodes. With the head's
     dashboard: Ray Train's PlacementGroupCleaner needs the State API to free the placement group of a trial
@@ -127,7 +129,7 @@ def ray_cluster():
              "        os.killpg(0, signal.SIGKILL)\n"
              "    time.sleep(1)\n", str(os.getpid())]
     nodes = [subprocess.Popen(
-        [*watch, ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=true",
+        [*watch, ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-gpus=0", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", *common, *own_ports()],
         stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]
     address = f"127.0.0.1:{port}"
@@ -139,7 +141,8 @@ def ray_cluster():
         second = Path(temp) / "n2"  # its own session folder, as on another machine (one log monitor per file)
         second.mkdir()
         nodes.append(subprocess.Popen(
-            [*watch, ray_bin, "start", f"--address={address}", f"--temp-dir={second}", *common, *own_ports()],
+            [*watch, ray_bin, "start", f"--address={address}", f"--temp-dir={second}", "--num-gpus=1", *common,
+             *own_ports()],
             stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         ray.init(address=address, log_to_driver=False)
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 or ray.cluster_resources().get("CPU", 0) < 2:

@@ -1,7 +1,10 @@
 """The methods' pure pieces: target updates on features, diagnostics, the registry."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from ureid.config import CONFIG_DIR, load_config
 from ureid.methods import METHODS, Targets, UpdateContext, get_method, pair_precision, register
@@ -98,3 +101,38 @@ def test_l2_normalise_overwrites_only_when_allowed_and_gives_the_same_values():
     assert l2_normalise(y, overwrite=True) is y and np.array_equal(y, want)
     z = x.astype(np.float64)
     assert l2_normalise(z, overwrite=True) is not z and np.array_equal(z, x.astype(np.float64))  # a converted copy
+
+
+@pytest.mark.parametrize("method,sets", [
+    ("buc", ["clustering.merge_percent=0.1"]), ("camstyle", []), ("dbc", []), ("ssl", []),
+    ("pul", ["clustering.num_clusters=150"]), ("cluster_contrast", ["clustering.k1=20", "clustering.eps=0.5"]),
+])
+def test_each_update_on_a_torch_device_gives_the_cpu_paths_targets(method, sets):
+    """``UpdateContext.device`` (a store with ``ray.store_gpus`` passes "cuda") takes each method's clustering
+    through its torch path: BUC's k-NN in torch instead of faiss, PUL's torch Lloyd instead of the lockstep one,
+    Cluster Contrast's k-NN in torch. Given "cpu" here (no GPU on this machine): the same targets as the NumPy/faiss
+    path, on overlapping clusters where a careless path would differ (3,000 samples, 300 identities, stage 1's
+    labels of a previous merge for the merging methods, a quarter fake for camstyle)."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    x = (rng.normal(size=(300, 128))[rng.integers(0, 300, n)] + 1.5 * rng.normal(size=(n, 128))).astype(np.float32)
+    parts = rng.normal(size=(n, 3, 32)).astype(np.float32)
+    _, previous = np.unique(rng.integers(0, 2500, n), return_inverse=True)
+    cfg = load_config(CONFIG_DIR / f"{method}_cpu.yaml", sets)
+    out = {}
+    cuda = torch.cuda.is_available()
+    for device in (None, "cpu", *(["cuda"] if cuda else [])):
+        ctx = UpdateContext(stage=1, seed=0, num_real=n, cameras=np.arange(n) % 6,
+                            is_fake=np.arange(n) % 4 == 0 if method == "camstyle" else None, parts=parts,
+                            device=device)
+        out[device] = METHODS[method].update(cfg, x.copy(), Targets(labels=previous.astype(np.int64)), ctx)
+    cpu = out[None]
+    assert cpu.num_classes < n  # it clustered
+    for device in out:
+        assert np.array_equal(cpu.labels, out[device].labels), device
+        for name in ("neighbors", "selected"):
+            a, b = getattr(cpu, name), getattr(out[device], name)
+            assert (a is None) == (b is None) and (a is None or np.array_equal(a, b)), (device, name)
+    if not cuda:  # the device reaches the clustering: without CUDA, asking for it fails in torch
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA|cuda|NVIDIA"):
+            METHODS[method].update(cfg, x.copy(), Targets(labels=previous.astype(np.int64)), replace(ctx, device="cuda"))

@@ -84,8 +84,9 @@ def test_a_method_defined_outside_the_package_runs_through_the_runtime(ray_clust
     for stage in (0, 1):
         got = pickle.loads((spy / f"stage{stage}.pkl").read_bytes())
         assert set(got) == {"stage", "seed", "num_real", "cameras", "is_fake", "parts", "known_labels",
-                            "map_blocks", "features_writable", "features_shape"}
+                            "map_blocks", "features_writable", "device", "features_shape"}
         assert got["stage"] == stage and got["features_shape"][0] == n
+        assert got["device"] is None  # the CPU path: no ray.store_gpus
         assert got["features_writable"] is True  # the store's own gathered copy
         for name, value in got.items():  # nothing the update received is the ground truth
             assert not (isinstance(value, np.ndarray) and value.shape == truth.shape

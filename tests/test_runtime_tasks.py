@@ -123,8 +123,9 @@ def test_too_few_clustering_slots_is_a_clear_error(ray_cluster):
 
 def test_a_worker_group_the_cluster_cannot_hold_is_refused_on_a_fixed_instance(ray_cluster, capsys):
     """Ray Train waits forever for a worker group that does not fit (check_worker_group). The test cluster:
-    two nodes of 1 CPU, no GPU. A worker's CPUs must fit on one node, so 2 CPUs each fit nowhere although
-    the cluster has 2; a joined cluster (it may autoscale) gets a warning, a fixed one the error."""
+    two nodes of 1 CPU, one (declared) GPU on the second. A worker's CPUs must fit on one node, so 2 CPUs each
+    fit nowhere although the cluster has 2; a joined cluster (it may autoscale) gets a warning, a fixed one the
+    error."""
     import ray
 
     from ureid.config import ConfigError
@@ -132,7 +133,7 @@ def test_a_worker_group_the_cluster_cannot_hold_is_refused_on_a_fixed_instance(r
 
     nodes = ray.nodes()
     assert workers_that_fit(nodes, 1, False) == 2 and workers_that_fit(nodes, 0.5, False) == 4
-    assert workers_that_fit(nodes, 2, False) == 0 and workers_that_fit(nodes, 1, True) == 0
+    assert workers_that_fit(nodes, 2, False) == 0 and workers_that_fit(nodes, 1, True) == 1
 
     def ray_cfg(*sets):
         return load_config(CONFIG_DIR / "buc_cpu.yaml", list(sets)).ray
@@ -143,12 +144,76 @@ def test_a_worker_group_the_cluster_cannot_hold_is_refused_on_a_fixed_instance(r
     msg = str(err.value)
     assert "ray.num_workers=1 train workers of 2 CPU each" in msg and "2 node(s) (1 CPU, 1 CPU) hold only 0" in msg
     assert "Lower ray.num_workers or ray.cpus_per_worker" in msg
-    with pytest.raises(ConfigError, match=r"of 1 CPU and 1 GPU each.*ray.use_gpu=false"):
-        check_worker_group(ray_cfg("ray.num_workers=1", "ray.cpus_per_worker=1", "ray.use_gpu=true"), fixed=True)
+    check_worker_group(ray_cfg("ray.num_workers=1", "ray.cpus_per_worker=1", "ray.use_gpu=true"), fixed=True)
+    with pytest.raises(ConfigError, match=r"of 1 CPU and 1 GPU each.*hold only 1 .*ray.use_gpu=false"):
+        check_worker_group(ray_cfg("ray.num_workers=2", "ray.cpus_per_worker=1", "ray.use_gpu=true"), fixed=True)
     capsys.readouterr()
     check_worker_group(ray_cfg("ray.num_workers=3", "ray.cpus_per_worker=1"), fixed=False)
     out = capsys.readouterr().out
     assert "[ureid] warning: ray.num_workers=3" in out and "hold only 2" in out and "autoscaler" in out
+
+
+def test_the_stores_gpu_share_is_counted_at_start_up(ray_cluster):
+    """``ray.store_gpus``: the feature store's GPU share is reserved like a worker's GPU, so the worker group must
+    fit beside it (the second test node declares one GPU): a fixed cluster without room is refused with the keys.
+    A store on its GPU uses no clustering slots, so their check passes whatever it would ask."""
+    from ureid.config import ConfigError
+    from ureid.runtime.job import check_worker_group, workers_that_fit
+
+    def ray_cfg(*sets):
+        return load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.cpus_per_worker=1", *sets]).ray
+
+    nodes = ray.nodes()
+    no_gpu = [n for n in nodes if not n["Resources"].get("GPU")]
+    assert len(no_gpu) == 1
+    assert workers_that_fit(nodes, 1, False, 1.0) == 2  # the share takes no CPU
+    assert workers_that_fit(nodes, 1, True, 0.5) == 0   # half a GPU is left: no whole one for a worker
+    assert workers_that_fit(no_gpu, 1, False, 0.5) == -1
+    check_worker_group(ray_cfg("ray.num_workers=2", "ray.store_gpus=1"), fixed=True)
+    with pytest.raises(ConfigError) as err:
+        check_worker_group(ray_cfg("ray.num_workers=1", "ray.use_gpu=true", "ray.store_gpus=0.5"), fixed=True)
+    msg = str(err.value)
+    assert "of 1 CPU and 1 GPU each" in msg and "(1 CPU 0 GPU, 1 CPU 1 GPU)" in msg
+    assert "hold only 0 beside the feature store's GPU share (ray.store_gpus=0.5)" in msg
+    assert "Set ray.store_gpus=0 (the updates on CPU) or a share that fits, or lower ray.num_workers" in msg
+    with pytest.raises(ConfigError, match=r"ray.store_gpus=1 asks a GPU share for the feature store, but none of "
+                                          r"the Ray cluster's 1 node\(s\) \(1 CPU 0 GPU\) has 1 GPU\. Set ray.store_gpus=0"):
+        check_worker_group(ray_cfg("ray.store_gpus=1"), fixed=True, nodes=no_gpu)
+    with pytest.raises(ConfigError, match=r"hold only 0 beside .*\. Lower ray.num_workers"):  # the CPUs are short
+        check_worker_group(ray_cfg("ray.num_workers=1", "ray.cpus_per_worker=2", "ray.store_gpus=1"), fixed=True)
+    check_cluster_slots(ray_cfg("ray.store_gpus=1"), 99)
+    with pytest.raises(RuntimeError, match="needs 99"):
+        check_cluster_slots(ray_cfg(), 99)
+
+
+def test_a_store_given_a_gpu_share_runs_its_update_on_it_or_fails_the_run_at_once(ray_cluster, tiny_root, tmp_path):
+    """A run with ``ray.store_gpus=1`` creates the store with that share before the trainer starts. On the test
+    cluster the only GPU is the second node's declared one, and Ray hands it to the store (CUDA_VISIBLE_DEVICES
+    '0'); without CUDA there the store's start fails, and with it the run, at once and with the reason (the
+    MLflow run FAILED with it, no trainer started). With CUDA (a GPU machine) the run finishes, its updates on
+    the GPU: no clustering task, ``store_gpu`` logged."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from test_pipeline import tiny_cfg
+
+    from ureid.runtime.experiment import run_experiment
+
+    out = tmp_path / "out"
+    cfg = tiny_cfg("buc", tiny_root, out, "ray.store_gpus=1", "ray.max_failures=0", "tracking.pictures=false")
+    if torch.cuda.is_available():
+        summary = run_experiment(cfg, quiet=True)
+        assert all(h["store_gpu"] == 1.0 and h["cluster_tasks"] == 0 for h in summary["history"])
+        return
+    with pytest.raises(ray.exceptions.RayActorError) as err:
+        run_experiment(cfg, quiet=True)
+    msg = str(err.value)
+    assert "ray.store_gpus=1: Ray gave the feature store a GPU share on node" in msg
+    assert "torch there sees no CUDA device" in msg and "CUDA_VISIBLE_DEVICES='0'" in msg and "ray.store_gpus=0" in msg
+    (run_dir,) = out.glob("buc-*")
+    assert not (run_dir / "ray").exists(), "the trainer started"
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("test-buc").experiment_id])
+    assert run.info.status == "FAILED" and "torch there sees no CUDA device" in run.data.tags["error"]
 
 
 def test_cluster_contrast_update_through_the_store_fans_out_and_gives_the_same_labels(ray_cluster, tmp_path):

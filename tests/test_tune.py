@@ -235,6 +235,8 @@ def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="grid; Optuna samples"):
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="optuna")
+    with pytest.raises(ConfigError, match=r"ray.store_gpus=1: a sweep's trials reserve CPU clustering slots"):
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [*_overrides(tiny_root, out), "ray.store_gpus=1"])
     assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"
 
 

@@ -201,6 +201,11 @@ class RayConfig(_Strict):
     # what a fanned-out update keeps). null: what Ray gives an actor that asks for no CPU, 1 thread
     # (OMP_NUM_THREADS=1). The train workers wait for the labels meanwhile, so a node's cores are free then.
     store_threads: PosInt | None = None
+    # GPU share of the feature-store actor (Ray's num_gpus: 1, or a fraction such as 0.5). Above 0 every label
+    # update runs on that GPU through the clustering code's torch path, none as CPU tasks on clustering
+    # slots. Reserved like a train worker's GPU, so the workers cannot take it: a fixed cluster without room
+    # for the worker group and this share is refused at start-up. Not in sweeps (a trial reserves CPU slots).
+    store_gpus: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class TrackingConfig(_Strict):

@@ -33,7 +33,7 @@ def _threaded_budget() -> int:
 
 
 def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, max_distance=None, map_blocks=None,
-                        block_size: int = 4096, *, stats=None) -> sp.csr_matrix:
+                        block_size: int = 4096, *, device=None, stats=None) -> sp.csr_matrix:
     """The k-reciprocal Jaccard distance matrix of Cluster Contrast / SpCL, as a sparse CSR matrix.
 
     The public code's procedure, step by step (quirks included):
@@ -95,6 +95,10 @@ def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, max_distance=None, 
         map_blocks: optional executor ``map_blocks(fn, shared, items) -> [fn(shared, item) for item in
             items]`` (see ``topk.knn_search_block``) through which the k-NN blocks run, e.g. as Ray tasks.
         block_size: queries per k-NN block (>= 1).
+        device: None: the k-NN search in faiss (CPU); a torch device (``"cuda"``): the search there, in
+            torch (``topk.ExactKnn``'s torch backend; ``map_blocks`` unused), the sparse steps on CPU.
+            torch's float32 distances can differ from faiss' in the last bit, so neighbours whose
+            distances tie to ~1e-6 may come in the other order (the same caveat as ``block_size``).
         stats: optional dict, filled with ``knn_blocks``, ``mapped_blocks``, ``expansion_pairs``
             (nnz of V), ``qe_pairs`` (nnz of V after query expansion), ``triples`` (candidate
             ``(i, c, j)`` terms summed in step 6) and ``stored_pairs`` (nnz of the result).
@@ -123,7 +127,7 @@ def kreciprocal_jaccard(features, k1: int = 30, k2: int = 6, max_distance=None, 
         stats.update(info)
         info = stats
 
-    rank = _knn_ranks(X, k1, int(block_size), map_blocks, info)
+    rank = _knn_ranks(X, k1, int(block_size), map_blocks, info, device)
     r_ptr, r_idx = _reciprocal(rank, k1)
     h_ptr, h_idx = _reciprocal(rank, min(int(np.around(k1 / 2)) + 1, k1))
     e_ptr, e_idx = _expand(n, r_ptr, r_idx, h_ptr, h_idx)
@@ -232,12 +236,16 @@ def _check_real(value, name):
     return value
 
 
-def _knn_ranks(X, k, block_size, map_blocks, info):
-    """``initial_rank``: (N, k) int64 neighbour ids, one faiss search per block of queries."""
+def _knn_ranks(X, k, block_size, map_blocks, info, device=None):
+    """``initial_rank``: (N, k) int64 neighbour ids, one faiss search per block of queries (torch's on
+    ``device`` when given)."""
     n = X.shape[0]
     starts = range(0, n, block_size)
     info["knn_blocks"] = len(starts)
-    if map_blocks is not None and len(starts) > 1:
+    if device is not None:
+        knn = ExactKnn(X, backend="torch", device=device, block_size=block_size)
+        results = (knn.search(X[s:s + block_size], k) for s in starts)
+    elif map_blocks is not None and len(starts) > 1:
         # Views of X: the executor ships them (e.g. Ray puts X once as `shared`, the queries per task).
         jobs = [(X[s:s + block_size], k) for s in starts]
         results = map_blocks(knn_search_block, X, jobs)

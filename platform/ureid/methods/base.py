@@ -71,6 +71,9 @@ class UpdateContext:
     # the update may overwrite ``features`` and ``parts`` (the store's gathered copies, which it reads again
     # from the shard files afterwards): l2_normalise(..., overwrite=True) then needs no second copy
     features_writable: bool = False
+    # the torch device the update computes on (the clustering code's torch path: "cuda" in a store with a GPU
+    # share, ``ray.store_gpus``); None: the CPU path (NumPy/faiss, row blocks through ``map_blocks``)
+    device: str | None = None
 
 
 @dataclass

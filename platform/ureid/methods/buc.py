@@ -65,6 +65,7 @@ class BUC(Method):
             l2_normalise(features, ctx.features_writable), targets.labels, num_merges(c.merge_percent, ctx.num_real),
             c.merge_penalty,
             is_fake=ctx.is_fake if c.ignore_fake_pairs else None, metric=c.metric, map_blocks=ctx.map_blocks,
+            device=ctx.device, backend="auto" if ctx.device is None else "torch",
         )
         return Targets(labels=np.asarray(labels))
 

@@ -139,7 +139,7 @@ class ClusterContrast(Method):
         if c.k1 > n:
             raise ValueError(f"clustering.k1={c.k1} exceeds the {n} training samples")
         dist = clustering.kreciprocal_jaccard(feats, k1=c.k1, k2=min(c.k2, c.k1), max_distance=c.eps,
-                                              map_blocks=ctx.map_blocks)
+                                              map_blocks=ctx.map_blocks, device=ctx.device)
         found = clustering.dbscan(dist, c.eps, c.min_samples)
         num_clusters = int(found.max()) + 1
         if num_clusters == 0:

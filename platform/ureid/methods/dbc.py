@@ -40,7 +40,7 @@ class DBC(BUC):
         labels = clustering.dispersion_merge(
             l2_normalise(features, ctx.features_writable), targets.labels, num_merges(c.merge_percent, ctx.num_real),
             c.intra_weight,
-            update=c.update, map_blocks=ctx.map_blocks,
+            update=c.update, map_blocks=ctx.map_blocks, device=ctx.device,
         )
         return Targets(labels=np.asarray(labels))
 

@@ -150,7 +150,7 @@ class PUL(Method):
         c = cfg.clustering
         k = min(c.num_clusters, len(features))
         raw = np.asarray(features, dtype=np.float32)
-        labels = clustering.kmeans(raw, k, seed=ctx.seed + ctx.stage + 1, map_blocks=ctx.map_blocks)
+        labels = clustering.kmeans(raw, k, seed=ctx.seed + ctx.stage + 1, map_blocks=ctx.map_blocks, device=ctx.device)
         selected = clustering.select_reliable(raw, labels, c.threshold, match=c.match)
         if ctx.known_labels is not None and (ctx.known_labels >= 0).any():
             is_known = ctx.known_labels >= 0

@@ -62,6 +62,7 @@ class SSL(Method):
         neighbors = clustering.reliable_neighbors(
             l2_normalise(features, ctx.features_writable), part_feats, ctx.cameras, c.num_neighbors,
             c.part_weight if part_feats is not None else 0.0, c.camera_penalty, map_blocks=ctx.map_blocks,
+            device=ctx.device,
         )
         return Targets(labels=targets.labels, neighbors=neighbors)
 

@@ -88,6 +88,24 @@ def _store_errors_first(store):
         raise
 
 
+def _wait_for_gpu_store(store, ray_cfg) -> None:
+    """A store with a GPU share starts before the trainer asks for the workers' GPUs: the start-up check
+    counted both, and this order makes sure the store is not the one left without (Ray grants resources in
+    no promised order). Its start also checks CUDA (``update_device``), whose error then ends the run here."""
+    import ray
+
+    ready = store.pid.remote()
+    waited, step = 0, 30
+    while True:
+        done, _ = ray.wait([ready], timeout=step)
+        if done:
+            ray.get(ready)  # a store that failed to start raises its own error here
+            return
+        waited += step
+        print(f"[ureid] waiting {waited}s for the feature store's GPU share (ray.store_gpus={ray_cfg.store_gpus:g}): "
+              "the cluster has no free GPU for it yet", flush=True)
+
+
 def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quiet: bool = False,
                    parent_run_id: str | None = None, callbacks: Sequence = (),
                    cluster_placement_group=None, verbose: bool = False, leave_status: bool = False) -> dict:
@@ -101,7 +119,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     import ray
 
     from .callbacks import HistoryCallback, MlflowStageCallback, read_history
-    from .feature_store import FeatureStore, StoreInputs, save_inputs
+    from .feature_store import FeatureStore, StoreInputs, save_inputs, store_options
     from .progress import DriverProgress, ProgressRelay
     from .stage_loop import train_loop_per_worker
 
@@ -141,9 +159,11 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                              is_fake=data.is_fake, truth=data.identities(),
                              initial=method.initial_targets(cfg, data), seed=cfg.seed)
         state_dir = job.run_dir / "feature_store"
-        store = FeatureStore.options(name="feature_store", namespace=namespace).remote(
+        store = FeatureStore.options(name="feature_store", namespace=namespace, **store_options(cfg.ray)).remote(
             method, cfg, save_inputs(inputs, state_dir), cfg.ray.num_workers, str(state_dir), cluster_placement_group,
             first_stage=start_stage)
+        if cfg.ray.store_gpus > 0:
+            _wait_for_gpu_store(store, cfg.ray)
         relay = None if quiet or verbose else ProgressRelay.options(namespace=namespace).remote()
         try:
             with DriverProgress(relay) if relay is not None else nullcontext(), _store_errors_first(store):

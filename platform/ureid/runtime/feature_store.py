@@ -12,7 +12,9 @@ on a cluster, storage every node reads.
 
 The actor asks for no CPU of its own (``num_cpus=0``): train workers may hold every CPU slot of a small
 machine, and an actor waiting for a slot would deadlock the stage. The update fans its row blocks out as
-Ray tasks on reserved clustering slots (:mod:`.tasks`; inside a sweep trial, on the trial's own).
+Ray tasks on reserved clustering slots (:mod:`.tasks`; inside a sweep trial, on the trial's own). With
+``ray.store_gpus`` the driver creates it with that GPU share (:func:`store_options`) and every update runs
+on the GPU instead (``UpdateContext.device``, the clustering code's torch path; no tasks).
 
 Memory: a put shard is kept as its file only, and an update reads the shards back into one (N, d) matrix in
 row chunks, which the method may scale to unit length in place (``UpdateContext.features_writable``); the
@@ -99,6 +101,32 @@ def _return_free_memory() -> None:
         pass
 
 
+def store_options(ray_cfg) -> dict:
+    """The actor options a run's store is created with besides its name: its GPU share, if any."""
+    return {"num_gpus": ray_cfg.store_gpus} if ray_cfg.store_gpus > 0 else {}
+
+
+def update_device(ray_cfg) -> str | None:
+    """The torch device the store's updates compute on: ``"cuda"`` with ``ray.store_gpus`` (the GPU Ray gave the
+    actor, the only one it sees), else None (NumPy/faiss on CPU, fanned out as tasks). Checked when the store
+    starts: a GPU share without a CUDA build of torch (or a fake ``--num-gpus``) fails the run at once with
+    the reason, not at the end of the first stage."""
+    if ray_cfg.store_gpus <= 0:
+        return None
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"ray.store_gpus={ray_cfg.store_gpus:g}: Ray gave the feature store a GPU share on node "
+            f"{ray.util.get_node_ip_address()}, but torch there sees no CUDA device (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Install a CUDA build of torch on the GPU nodes, or set "
+            f"ray.store_gpus=0 to run the label updates on CPU")
+    return "cuda"
+
+
 def _load_update_libraries() -> None:
     """Load, while the store starts, what every update loads on its first call: faiss (with its own OpenBLAS)
     and threadpoolctl's scan of the loaded libraries. Otherwise a run's first update paid it inside its
@@ -163,6 +191,7 @@ class FeatureStore:
                 self.shards.setdefault(stage, {})[rank] = path
         if first_stage is not None and not ray.get_runtime_context().was_current_actor_reconstructed:
             self.forget_from(first_stage)
+        self.device = update_device(cfg.ray)
         _load_update_libraries()
 
     def pid(self) -> int:
@@ -242,10 +271,10 @@ class FeatureStore:
             previous = Targets(labels=np.zeros(inputs.num_samples, dtype=np.int64))
         pooled, parts = self._gather(stage)
         start = time.perf_counter()
-        blocks = RayBlockMap(self.placement_group) if self.cfg.ray.clustering_tasks else None
+        blocks = RayBlockMap(self.placement_group) if self.cfg.ray.clustering_tasks and self.device is None else None
         ctx = UpdateContext(stage=stage, seed=inputs.seed, num_real=inputs.num_real, cameras=inputs.cameras,
                             is_fake=inputs.is_fake, parts=parts, known_labels=self._known_labels(stage),
-                            map_blocks=blocks, features_writable=True)
+                            map_blocks=blocks, features_writable=True, device=self.device)
         with _threads(self.cfg.ray.store_threads):
             from threadpoolctl import threadpool_info
 
@@ -258,7 +287,8 @@ class FeatureStore:
         if not isinstance(new, Targets):
             raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
-                "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0})}
+                "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0}),
+                **({"store_gpu": 1.0} if self.device is not None else {})}
         # The update may have overwritten the gathered features (features_writable): the scores read them
         # again from the shard files, which stay until this update is saved; one copy is in memory at a time.
         del pooled, parts, ctx

@@ -152,41 +152,58 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
               "tune.check_state_api). Leave it true unless the dashboard's memory matters more.", flush=True)
 
 
-def workers_that_fit(nodes: list[dict], cpus_per_worker: float, use_gpu: bool) -> int:
+def workers_that_fit(nodes: list[dict], cpus_per_worker: float, use_gpu: bool, store_gpus: float = 0.0) -> int:
     """How many train workers the alive nodes of ``ray.nodes()`` hold at once: a worker needs its CPUs (and,
-    with ``use_gpu``, one GPU, Ray Train's default) on one node."""
-    fit = 0
-    for node in nodes:
-        if node.get("Alive"):
-            have = node.get("Resources", {})
-            here = int(have.get("CPU", 0.0) / cpus_per_worker + 1e-9)
-            fit += min(here, int(have.get("GPU", 0.0))) if use_gpu else here
-    return fit
+    with ``use_gpu``, one GPU, Ray Train's default) on one node. With ``store_gpus``, the feature store's GPU
+    share is placed first, on the node where it leaves room for the most workers; -1 when no node has it."""
+    have = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+
+    def fit(res: dict, gpus_taken: float = 0.0) -> int:
+        here = int(res.get("CPU", 0.0) / cpus_per_worker + 1e-9)
+        return min(here, int(res.get("GPU", 0.0) - gpus_taken + 1e-9)) if use_gpu else here
+
+    each = [fit(res) for res in have]
+    if store_gpus <= 0:
+        return sum(each)
+    return max((sum(each) - each[i] + fit(res, store_gpus) for i, res in enumerate(have)
+                if res.get("GPU", 0.0) + 1e-9 >= store_gpus), default=-1)
 
 
-def check_worker_group(ray_cfg, fixed: bool | None = None) -> None:
+def check_worker_group(ray_cfg, fixed: bool | None = None, nodes: list[dict] | None = None) -> None:
     """A worker group the cluster cannot hold never starts: Ray Train waits for it, saying "worker group
     startup timed out" every 60 s (on an autoscaling cluster, nodes may come). On a Ray instance of fixed
     size (``fixed``; by default: one this process started) that is a hang, so refuse at start-up with the
-    keys; on a cluster the job joined, say so once and let Train wait."""
+    keys; on a cluster the job joined, say so once and let Train wait. The feature store's GPU share
+    (``ray.store_gpus``) counts too: the workers must fit beside it. ``nodes``: ``ray.nodes()`` by default."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fit = workers_that_fit(nodes, ray_cfg.cpus_per_worker, ray_cfg.use_gpu)
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
+    store = ray_cfg.store_gpus
+    fit = workers_that_fit(nodes, ray_cfg.cpus_per_worker, ray_cfg.use_gpu, store)
     if fit >= ray_cfg.num_workers:
         return
+    gpus = ray_cfg.use_gpu or store > 0
     each = f"{ray_cfg.cpus_per_worker:g} CPU" + (" and 1 GPU" if ray_cfg.use_gpu else "")
     held = ", ".join(f"{n['Resources'].get('CPU', 0):g} CPU" + (f" {n['Resources'].get('GPU', 0):g} GPU"
-                                                                  if ray_cfg.use_gpu else "") for n in nodes)
-    msg = (f"ray.num_workers={ray_cfg.num_workers} train workers of {each} each (ray.cpus_per_worker"
-           f"{', ray.use_gpu' if ray_cfg.use_gpu else ''}), but the Ray cluster's {len(nodes)} node(s) ({held}) "
-           f"hold only {fit} (each worker's resources on one node)")
+                                                                  if gpus else "") for n in nodes)
+    if fit < 0:
+        msg = (f"ray.store_gpus={store:g} asks a GPU share for the feature store, but none of the Ray cluster's "
+               f"{len(nodes)} node(s) ({held}) has {store:g} GPU")
+    else:
+        beside = f" beside the feature store's GPU share (ray.store_gpus={store:g})" if store > 0 else ""
+        msg = (f"ray.num_workers={ray_cfg.num_workers} train workers of {each} each (ray.cpus_per_worker"
+               f"{', ray.use_gpu' if ray_cfg.use_gpu else ''}), but the Ray cluster's {len(nodes)} node(s) ({held}) "
+               f"hold only {fit}{beside} (each worker's resources on one node)")
     if _started_here if fixed is None else fixed:
         from ..config import ConfigError
 
-        raise ConfigError(f"{msg}. Lower ray.num_workers or ray.cpus_per_worker"
-                          f"{' (or set ray.use_gpu=false)' if ray_cfg.use_gpu else ''}, or join a larger cluster "
-                          f"with ray.address")
+        lower = "Lower ray.num_workers or ray.cpus_per_worker" + (" (or set ray.use_gpu=false)" if ray_cfg.use_gpu
+                                                                  else "")
+        if fit < 0:
+            lower = "Set ray.store_gpus=0 (the updates on CPU)"
+        elif store > 0 and workers_that_fit(nodes, ray_cfg.cpus_per_worker, ray_cfg.use_gpu) >= ray_cfg.num_workers:
+            lower = f"Set ray.store_gpus=0 (the updates on CPU) or a share that fits, or {lower[0].lower()}{lower[1:]}"
+        raise ConfigError(f"{msg}. {lower}, or join a larger cluster with ray.address")
     print(f"[ureid] warning: {msg}; Ray Train waits until the cluster grows (an autoscaler adding nodes) and "
           f"says 'worker group startup timed out' every 60 s meanwhile", flush=True)
 

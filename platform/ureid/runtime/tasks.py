@@ -104,8 +104,9 @@ def slot_deal(nodes: list[dict]) -> list[str]:
 
 
 def check_cluster_slots(ray_cfg, need: float = 1) -> None:
-    """Fail at start-up, not mid-stage, when the cluster declares too few clustering slots."""
-    if not ray_cfg.clustering_tasks:
+    """Fail at start-up, not mid-stage, when the cluster declares too few clustering slots (none are used when
+    the store's updates run on its GPU, ``ray.store_gpus``)."""
+    if not ray_cfg.clustering_tasks or ray_cfg.store_gpus > 0:
         return
     have = ray.cluster_resources().get(SLOT, 0.0)
     if have < need:

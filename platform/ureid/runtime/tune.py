@@ -288,6 +288,10 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
 
     # Ray first: a cluster that cannot run the sweep is refused before a folder or an MLflow run is made.
     cfg = validate(copy.deepcopy(base), source="sweep")
+    if cfg.ray.store_gpus > 0:
+        raise ConfigError(f"ray.store_gpus={cfg.ray.store_gpus:g}: a sweep's trials reserve CPU clustering slots "
+                          "for their updates (ray.cluster_slots_per_trial), not a GPU share for their stores; "
+                          "set ray.store_gpus=0 for a sweep (single runs take it)")
     method_name = cfg.method
     ensure_ray(cfg.ray, cfg.tracking.tracking_uri)
     check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
