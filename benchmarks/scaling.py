@@ -13,6 +13,10 @@
 2. **Train workers at equal global batch**: the BUC CPU preset's first stage with 1 worker at batch B
    (2 CPUs) and with 2 workers at B/2 (1 CPU each): stage time, mAP, rank-1, clusters, and how far the
    first-stage pseudo-labels agree (identical labels; adjusted Rand index).
+   With ``--store-gpus SHARE`` (a GPU node): the same updates through a store holding that GPU share
+   (``ray.store_gpus``; the clustering code's torch path on CUDA), each beside a blockwise ``x @ x.T`` with a
+   row max in torch on that GPU (float32, synchronised; the features already there), and compared with the
+   in-process CPU targets.
 3. **One train worker's training throughput** (``--throughput DEVICE``, e.g. ``cuda`` on a GPU node, ``cpu``):
    the paper config's network and loss (BUC: ResNet-50 at 256 x 128, its memory table over Market-1501's
    12,936 training images as stage 0's classes; random initialisation, so nothing is downloaded), SGD steps
@@ -26,6 +30,7 @@
         --large-methods buc,dbc,ssl,pul,cluster_contrast   # every method in-process at N = 77,616
     python benchmarks/scaling.py --methods buc,pul --skip-train
     python benchmarks/scaling.py --skip-updates --skip-train --throughput cuda   # a GPU's images/s per worker
+    python benchmarks/scaling.py --skip-train --slots '' --store-gpus 1 --throughput cuda   # a GPU session
 
 Features: clustered unit vectors (``clustering_buc.make_features``: N/10 identities, d = 2048). A 2-core
 machine runs at most 2 tasks at once, so 4 slots cannot be faster than 2 here: the rows show what the
@@ -152,27 +157,30 @@ class _PrivatePeak:
         return self.peak
 
 
-def _method_cfg(method: str, tasks: bool, threads: int | None = None):
+def _method_cfg(method: str, tasks: bool, threads: int | None = None, store_gpus: float = 0.0):
     from ureid.config import CONFIG_DIR, load_config
 
     return load_config(CONFIG_DIR / f"{method}_cpu.yaml", [f"ray.clustering_tasks={str(tasks).lower()}",
-                                                          f"ray.store_threads={threads or 'null'}"])
+                                                          f"ray.store_threads={threads or 'null'}",
+                                                          f"ray.store_gpus={store_gpus}"])
 
 
-def store_update(method: str, x: np.ndarray, tasks: bool, threads: int | None = None) -> dict:
-    """One stage-0 update through a fresh feature store on the connected cluster."""
+def store_update(method: str, x: np.ndarray, tasks: bool, threads: int | None = None, store_gpus: float = 0.0) -> dict:
+    """One stage-0 update through a fresh feature store on the connected cluster (``store_gpus``: the store holds
+    that GPU share and updates on it)."""
     import ray
 
     from ureid.methods import METHODS, Targets
-    from ureid.runtime.feature_store import FeatureStore, StoreInputs, save_inputs
+    from ureid.runtime.feature_store import FeatureStore, StoreInputs, save_inputs, store_options
 
     n = len(x)
     initial = Targets(labels=np.arange(n))
     inputs = StoreInputs(num_samples=n, num_real=n, cameras=np.arange(n) % 6, is_fake=None, truth=None,
                          initial=initial, seed=0)
     with tempfile.TemporaryDirectory(prefix="ureid-store-") as state:
-        store = FeatureStore.remote(METHODS[method], _method_cfg(method, tasks, threads), save_inputs(inputs, state), 1, state,
-                                    None)
+        cfg = _method_cfg(method, tasks, threads, store_gpus)
+        store = FeatureStore.options(**store_options(cfg.ray)).remote(METHODS[method], cfg, save_inputs(inputs, state), 1,
+                                                                     state, None)
         try:
             pid = ray.get(store.pid.remote())
             fresh = _status_mb(pid, "RssAnon")
@@ -246,6 +254,31 @@ def gemm_floor_s(x: np.ndarray, block: int = 4096, threads: int | None = None) -
         return time.perf_counter() - start
 
 
+def gemm_floor_gpu_s(x: np.ndarray, block: int = 4096, device: str = "cuda") -> float:
+    """``gemm_floor_s`` on a GPU: blockwise ``x @ x.T`` with a row max in torch, float32 (the k-NN's own
+    precision there: no TF32, see ``topk._torch_needs_float64``), the features copied there first (untimed),
+    synchronised before and after."""
+    import torch
+
+    xt = torch.from_numpy(x).to(device)
+    (xt[:block] @ xt.T).max(1)  # the first call's CUDA/cuBLAS start-up is not the floor's
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for s in range(0, len(x), block):
+        (xt[s:s + block] @ xt.T).max(1)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def check_cuda(flag: str) -> None:
+    """Stop with the flag named when torch sees no CUDA device here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{flag}: this machine has no CUDA device that torch sees (torch {torch.__version__}, CUDA "
+                         f"build {torch.version.cuda}); run it on a GPU node")
+
+
 def best_of(repeat: int, measure, floor) -> dict:
     """``measure()`` ``repeat`` times (each a fresh store): the fastest run's row, the highest peaks of all, and
     ``same`` false unless every run gave the first run's targets. On a shared machine the minimum is the
@@ -272,9 +305,10 @@ def _same(a, b) -> bool:
 
 
 def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), store_threads=(None,),
-                 repeat: int = 1, floors_per_row: bool = True) -> list[dict]:
+                 repeat: int = 1, floors_per_row: bool = True, store_gpus: float = 0.0) -> list[dict]:
     """In-process rows once per ``store_threads`` value (None: the default, Ray's one thread in the store),
-    each against the GEMM floor on as many threads; fanned-out rows against the floor on every core. Every
+    each against the GEMM floor on as many threads; with ``store_gpus``, rows through a store holding that GPU
+    share against the GPU's GEMM floor; fanned-out rows against the floor on every core. Every
     time (floors included) is the fastest of ``repeat`` runs. ``floors_per_row``: a floor before each run of
     the row (``best_of``); else the floors of the start stand for every row (at N = 77,616 a floor takes
     two to four minutes)."""
@@ -307,6 +341,12 @@ def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), st
                     where = f"in-process, {threads or 1} thread(s)" + ("" if threads else " (default)")
                     rows.append({"n": n, "method": m, "where": where, **r, "same": same})
                     _progress(rows[-1])
+            for m in methods if store_gpus > 0 else ():
+                r = best_of(repeat, lambda: store_update(m, x, tasks=False, store_gpus=store_gpus),
+                            lambda: gemm_floor_gpu_s(x))
+                rows.append({"n": n, "method": m, "where": f"on the GPU (ray.store_gpus={store_gpus:g})", **r,
+                             "same": r["repeats_agree"] and _same(r["targets"], baseline[m])})
+                _progress(rows[-1])
         finally:
             cluster.close()
         for slots in slot_counts:
@@ -369,9 +409,8 @@ def part_throughput(device: str, method: str = "buc", batch: int | None = None, 
 
     cfg = load_config(CONFIG_DIR / f"{method}.yaml", ["model.weights=none", *overrides])
     m, dev = METHODS[method], torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--throughput {device}: this machine has no CUDA device that torch sees (torch "
-                         f"{torch.__version__}, CUDA build {torch.version.cuda}); use cpu, or run it on a GPU node")
+    if dev.type == "cuda":
+        check_cuda(f"--throughput {device}")
     batch = cfg.train.batch_size if batch is None else int(batch)
     if batch < 1 or steps < 1 or warmup < 0:
         raise ValueError(f"batch and steps must be >= 1 and warmup >= 0, got {batch}, {steps}, {warmup}")
@@ -428,23 +467,30 @@ def main() -> None:
     ap.add_argument("--throughput", default="",
                     help="comma-separated torch devices (cuda, cuda:1, cpu) for one train worker's training images/s")
     ap.add_argument("--throughput-batch", type=int, default=None, help="images per step (default: the config's)")
+    ap.add_argument("--store-gpus", type=float, default=0.0,
+                    help="also each update through a store holding this GPU share (ray.store_gpus, e.g. 1)")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
+    if not 0 <= args.store_gpus <= 1:
+        ap.error(f"--store-gpus must be in [0, 1] (ray.store_gpus), got {args.store_gpus:g}")
+    if args.store_gpus > 0:
+        check_cuda(f"--store-gpus {args.store_gpus:g}")
     methods = args.methods.split(",")
     threads = tuple(None if t == "default" else int(t) for t in args.store_threads.split(","))
     slots = tuple(int(v) for v in args.slots.split(",") if v)
     rows = [] if args.skip_updates or (args.large and args.skip_small) else \
-        part_updates(methods, [12936], slots, threads, args.repeat, args.floors == "row")
+        part_updates(methods, [12936], slots, threads, args.repeat, args.floors == "row", args.store_gpus)
     if args.large and not args.skip_updates:
-        rows += part_updates(args.large_methods.split(","), [77616], slots, threads, args.repeat, args.floors == "row")
+        rows += part_updates(args.large_methods.split(","), [77616], slots, threads, args.repeat, args.floors == "row",
+                             args.store_gpus)
     workers = [] if args.skip_train else part_workers()
     speeds = [part_throughput(d, batch=args.throughput_batch) for d in args.throughput.split(",") if d]
 
     if rows:
-        print("\n## The store's label update, d = 2048 (2 cores)\n")
+        print(f"\n## The store's label update, d = 2048 ({os.cpu_count()} cores)\n")
         print("| N | method | where | update s | tasks / nodes | store peak MB | own peak MB over a fresh store | "
-              "same targets | GEMM floor s (same threads) | update / floor |")
+              "same targets | GEMM floor s (same threads; GPU rows: the GPU's) | update / floor |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(_row(r))

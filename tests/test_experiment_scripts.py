@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -90,3 +91,17 @@ def test_scaling_throughput_part_trains_the_configs_network_on_the_device():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             scaling.part_throughput("cuda", overrides=small)
+
+
+def test_scaling_store_gpus_is_checked_before_anything_runs(monkeypatch, capsys):
+    """``benchmarks/scaling.py --store-gpus SHARE``: the GPU session's update rows. A share outside [0, 1] is
+    refused by the parser; without CUDA the flag stops the script before any cluster starts, naming it."""
+    scaling = _script("scaling", "benchmarks")
+    monkeypatch.setattr(sys, "argv", ["scaling.py", "--skip-train", "--store-gpus", "2"])
+    with pytest.raises(SystemExit):
+        scaling.main()
+    assert "--store-gpus must be in [0, 1] (ray.store_gpus), got 2" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["scaling.py", "--skip-train", "--store-gpus", "1"])
+        with pytest.raises(SystemExit, match=r"--store-gpus 1: this machine has no CUDA device"):
+            scaling.main()
