@@ -310,6 +310,9 @@ def _ddp_worker(rank: int, world: int, port: int, outdir: str) -> None:
         torch.save({"memory": mem.memory.clone(), "batches": batches, "head_init": head_init,
                     "head": head.state_dict(), "tiny": model.module.state_dict()},
                    os.path.join(outdir, f"rank{rank}.pt"))
+        # Both ranks past their last collective before either tears gloo down: one CI run (of about ten) saw
+        # rank 0 abort in the teardown ("terminate called without an active exception") after saving.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
