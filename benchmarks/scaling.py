@@ -17,6 +17,11 @@
    (``ray.store_gpus``; the clustering code's torch path on CUDA), each beside a blockwise ``x @ x.T`` with a
    row max in torch on that GPU (float32, synchronised; the features already there), and compared with the
    in-process CPU targets.
+   With ``--updates-on DEVICE`` (``cuda`` on a GPU node; needs neither Ray nor faiss, so it runs where only
+   torch is installed): each update in this process on that device, as a store with ``ray.store_gpus`` runs
+   it, its first (cold: CUDA's start-up) and its best time beside the device's GEMM floor, its targets
+   compared with the CPU path's (the NumPy/faiss one where faiss imports, else the torch path on the CPU,
+   which the tests hold equal to it).
 3. **One train worker's training throughput** (``--throughput DEVICE``, e.g. ``cuda`` on a GPU node, ``cpu``):
    the paper config's network and loss (BUC: ResNet-50 at 256 x 128, its memory table over Market-1501's
    12,936 training images as stage 0's classes; random initialisation, so nothing is downloaded), SGD steps
@@ -31,6 +36,7 @@
     python benchmarks/scaling.py --methods buc,pul --skip-train
     python benchmarks/scaling.py --skip-updates --skip-train --throughput cuda   # a GPU's images/s per worker
     python benchmarks/scaling.py --skip-train --slots '' --store-gpus 1 --throughput cuda   # a GPU session
+    python benchmarks/scaling.py --skip-updates --skip-train --updates-on cuda --throughput cuda   # torch alone
 
 Features: clustered unit vectors (``clustering_buc.make_features``: N/10 identities, d = 2048). A 2-core
 machine runs at most 2 tasks at once, so 4 slots cannot be faster than 2 here: the rows show what the
@@ -363,6 +369,53 @@ def part_updates(methods: list[str], sizes: list[int], slot_counts=(1, 2, 4), st
     return rows
 
 
+def floor_on(device: str, x: np.ndarray) -> float:
+    """The GEMM floor where the update runs: torch on a CUDA device, NumPy's BLAS (every core) on the CPU."""
+    return gemm_floor_gpu_s(x, device=device) if device.startswith("cuda") else gemm_floor_s(x)
+
+
+def part_device_updates(device: str, methods: list[str], n: int = 12936, repeat: int = 2) -> list[dict]:
+    """Each method's stage-0 update in this process with ``UpdateContext.device = device`` (the torch path a
+    store with ``ray.store_gpus`` runs): the first call's time (on CUDA: its context and kernels' start-up), the
+    best of ``repeat`` more, the device's GEMM floor (the fastest of one before each), and whether every call's
+    targets equal the CPU path's (NumPy/faiss where faiss imports; else the torch path on the CPU)."""
+    import importlib.util
+
+    from ureid.methods import METHODS, Targets, UpdateContext
+
+    if device.startswith("cuda"):
+        check_cuda(f"--updates-on {device}")
+    x, _ = make_features(n)
+    reference = None if importlib.util.find_spec("faiss") is not None else "cpu"
+    rows = []
+    for m in methods:
+        cfg = _method_cfg(m, False)
+
+        def run(dev):
+            ctx = UpdateContext(stage=0, seed=0, num_real=n, cameras=np.arange(n) % 6, device=dev,
+                                features_writable=True)
+            features = x.copy()  # the update may scale it in place, as the store's own copy
+            start = time.perf_counter()
+            targets = METHODS[m].update(cfg, features, Targets(labels=np.arange(n)), ctx)
+            return time.perf_counter() - start, targets
+
+        want = run(reference)[1]
+        first, got = run(device)
+        same = _same(got, want)
+        times, floors = [], []
+        for _ in range(max(1, repeat)):
+            floors.append(floor_on(device, x))
+            t, got = run(device)
+            times.append(t)
+            same = same and _same(got, want)
+        rows.append({"n": n, "method": m, "device": device, "first_s": first, "time_s": min(times),
+                     "floor": min(floors), "same": same, "reference": "NumPy/faiss" if reference is None else
+                     "torch on CPU"})
+        print(f"[scaling] {m} on {device}: first {first:.2f} s, best {min(times):.2f} s, floor {min(floors):.2f} s, "
+              f"same targets as the CPU path: {same}", flush=True)
+    return rows
+
+
 def part_workers() -> list[dict]:
     """The BUC CPU preset's first stage with 1 worker at batch B and 2 workers at B/2."""
     import ray
@@ -467,6 +520,8 @@ def main() -> None:
     ap.add_argument("--throughput", default="",
                     help="comma-separated torch devices (cuda, cuda:1, cpu) for one train worker's training images/s")
     ap.add_argument("--throughput-batch", type=int, default=None, help="images per step (default: the config's)")
+    ap.add_argument("--updates-on", default="",
+                    help="a torch device (cuda): each update in this process there, beside its GEMM floor")
     ap.add_argument("--store-gpus", type=float, default=0.0,
                     help="also each update through a store holding this GPU share (ray.store_gpus, e.g. 1)")
     args = ap.parse_args()
@@ -476,6 +531,8 @@ def main() -> None:
         ap.error(f"--store-gpus must be in [0, 1] (ray.store_gpus), got {args.store_gpus:g}")
     if args.store_gpus > 0:
         check_cuda(f"--store-gpus {args.store_gpus:g}")
+    if args.updates_on.startswith("cuda"):
+        check_cuda(f"--updates-on {args.updates_on}")
     methods = args.methods.split(",")
     threads = tuple(None if t == "default" else int(t) for t in args.store_threads.split(","))
     slots = tuple(int(v) for v in args.slots.split(",") if v)
@@ -484,6 +541,7 @@ def main() -> None:
     if args.large and not args.skip_updates:
         rows += part_updates(args.large_methods.split(","), [77616], slots, threads, args.repeat, args.floors == "row",
                              args.store_gpus)
+    on_device = part_device_updates(args.updates_on, methods, repeat=args.repeat) if args.updates_on else []
     workers = [] if args.skip_train else part_workers()
     speeds = [part_throughput(d, batch=args.throughput_batch) for d in args.throughput.split(",") if d]
 
@@ -494,6 +552,14 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(_row(r))
+    if on_device:
+        print(f"\n## The label update in one process on {args.updates_on} (the torch path), d = 2048\n")
+        print("| N | method | first update s | update s | GEMM floor s (that device) | update / floor | "
+              "same targets as the CPU path |")
+        print("|---|---|---|---|---|---|---|")
+        for r in on_device:
+            print(f"| {r['n']:,} | {r['method']} | {r['first_s']:.2f} | {r['time_s']:.2f} | {r['floor']:.3f} | "
+                  f"{r['time_s'] / r['floor']:.2f}x | {'yes' if r['same'] else 'NO'} ({r['reference']}) |")
     if workers:
         from sklearn.metrics import adjusted_rand_score
 

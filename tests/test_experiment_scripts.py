@@ -105,3 +105,19 @@ def test_scaling_store_gpus_is_checked_before_anything_runs(monkeypatch, capsys)
         monkeypatch.setattr(sys, "argv", ["scaling.py", "--skip-train", "--store-gpus", "1"])
         with pytest.raises(SystemExit, match=r"--store-gpus 1: this machine has no CUDA device"):
             scaling.main()
+
+
+def test_scaling_updates_on_a_device_match_the_cpu_path():
+    """``benchmarks/scaling.py --updates-on DEVICE``: each method's update in one process on the torch path (what a
+    store with ``ray.store_gpus`` runs), timed beside that device's GEMM floor and compared with the NumPy/faiss
+    path. Here on the CPU (the torch path there), small."""
+    scaling = _script("scaling", "benchmarks")
+    methods = ["buc", "dbc", "ssl", "pul", "cluster_contrast"]
+    rows = scaling.part_device_updates("cpu", methods, n=1200, repeat=1)
+    assert [r["method"] for r in rows] == methods
+    for r in rows:
+        assert r["same"] and r["reference"] == "NumPy/faiss", r
+        assert r["time_s"] > 0 and r["first_s"] > 0 and r["floor"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"--updates-on cuda: this machine has no CUDA device"):
+            scaling.part_device_updates("cuda", ["buc"], n=100)
