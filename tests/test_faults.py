@@ -227,6 +227,95 @@ def test_a_killed_store_and_a_killed_train_worker_cost_only_their_stage(ray_clus
     assert _alive_pids("RayTrainWorker").isdisjoint(workers)  # the group was replaced, not the run failed
 
 
+def _start_node(temp: Path) -> subprocess.Popen:
+    """One more node of 1 CPU (and 2 clustering slots, as the others) in the session's cluster: ``ray start --block``
+    with its own session folder and ports, in a process group of its own."""
+    from ureid.runtime.tasks import SLOT
+
+    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", f"--address={ray.get_runtime_context().gcs_address}",
+         f"--temp-dir={temp}", "--block", "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({SLOT: 2})}",
+         "--object-store-memory=500000000", *ports],
+        stdout=open(temp / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_a_lost_node_costs_only_its_stage(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
+    """Issue 14: "a lost node is the same as a killed worker". A third node joins the session's cluster, and the
+    second node's CPU is held (an actor pinned there), so the run's two train workers take the head's CPU and
+    the third node's. While stage 2 trains, the third node goes whole: its raylet and every process on it
+    SIGKILLed at once, as when a machine dies. The holder lets go, Ray Train restarts the worker group on the
+    head and the second node from stage 1's checkpoint, and the run ends with the uninterrupted labels."""
+    import shutil
+    import tempfile
+
+    from conftest import _raylets_and_their_workers
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    want = _uninterrupted(tiny_root, tmp_path_factory, mlflow_server)
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+    temp = Path(tempfile.mkdtemp(prefix="ureid-n3-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    node = _start_node(temp)
+    holder = None
+    try:
+        third = _wait(lambda: next((n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before),
+                                   None), timeout=120, alive=lambda: node.poll() is None)
+        (second,) = before - {head}
+
+        @ray.remote(num_cpus=1)
+        class Holder:  # stands in for other work on the second node
+            def ready(self):
+                return True
+
+        holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(second, soft=False)).remote()
+        ray.get(holder.ready.remote(), timeout=60)
+
+        out = tmp_path_factory.mktemp("lost_node")
+        box = {}
+
+        def run():
+            try:
+                box["summary"] = run_experiment(tiny_cfg("buc", tiny_root, out, *FAULT_RUN), quiet=True)
+            except BaseException as exc:  # re-raised below, in the test's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        alive = thread.is_alive
+        run_dir = _wait(lambda: next(out.glob("buc-*/run.json"), None), alive=alive).parent
+        _wait(lambda: _checkpointed(run_dir, 1) and _recorded(run_dir) == 2, alive=alive)
+        assert not _checkpointed(run_dir, 2)
+        from ray.util.state import list_actors
+
+        workers = list_actors(address=ray.get_runtime_context().gcs_address, limit=1000, detail=True,
+                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        assert sorted(w.node_id for w in workers) == sorted([head, third])  # one worker on the node that goes
+
+        raylets, processes = _raylets_and_their_workers({node.pid})
+        assert raylets, "the third node's raylet"
+        for pid in processes + raylets:
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=30)
+        ray.kill(holder)  # the second node's CPU is free for the restarted group
+
+        thread.join(timeout=600)
+        assert not thread.is_alive()
+        if "error" in box:
+            raise box["error"]
+        _same_run(box["summary"], want)
+        assert not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == third)
+    finally:
+        if holder is not None:
+            ray.kill(holder)
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_cluster, tiny_root, tmp_path_factory, mlflow_server):
     """``experiments/buc.py --verbose`` as its own process on the session's Ray, SIGKILLed while stage 2 trains,
     then ``ureid run buc --resume RUN_DIR`` as another: stage 1 is not run again, and the run ends as the
