@@ -235,9 +235,34 @@ def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="grid; Optuna samples"):
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="optuna")
-    with pytest.raises(ConfigError, match=r"ray.store_gpus=1: a sweep's trials reserve CPU clustering slots"):
-        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [*_overrides(tiny_root, out), "ray.store_gpus=1"])
     assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"
+
+
+def test_a_sweep_trial_reserves_its_stores_gpu_share(ray_cluster, tiny_root, tmp_path):
+    """``ray.store_gpus`` in a sweep: each trial's placement group holds a second bundle with its store's GPU share
+    and the store is created in it, so no other trial can take it. On the test cluster (one declared GPU, on the
+    second node) the one trial's store gets that GPU and fails for want of CUDA: the sweep ends with the trial
+    failed, its MLflow run FAILED with the store's reason. With CUDA (a GPU machine) the trial finishes."""
+    import torch
+
+    from ureid.runtime.tune import _max_concurrent, _trial_resources
+
+    cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.store_gpus=1", "ray.num_workers=2", "ray.cpus_per_worker=1"])
+    assert _trial_resources(cfg.ray).bundles == [{"CPU": 0.01}, {"GPU": 1.0}]
+    assert _max_concurrent(cfg.ray) == 1  # one GPU in the cluster, one share a trial
+    out = tmp_path / "out"
+    summary = run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [*_overrides(tiny_root, out), "ray.store_gpus=1"],
+                        num_samples=1, scheduler="none", quiet=True)
+    (trial,) = summary["trials"]
+    if torch.cuda.is_available():
+        assert trial["status"] == "finished", trial
+        return
+    assert trial["status"] == "failed", trial
+    run_id = json.loads((Path(trial["run_dir"]) / "run.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{out}/mlflow.db").get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "torch there sees no CUDA device" in run.data.tags["error"]
+    assert "CUDA_VISIBLE_DEVICES='0'" in run.data.tags["error"]
 
 
 def test_a_trial_leaves_its_failure_status_to_the_sweep(tmp_path):

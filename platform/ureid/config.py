@@ -204,7 +204,7 @@ class RayConfig(_Strict):
     # GPU share of the feature-store actor (Ray's num_gpus: 1, or a fraction such as 0.5). Above 0 every label
     # update runs on that GPU through the clustering code's torch path, none as CPU tasks on clustering
     # slots. Reserved like a train worker's GPU, so the workers cannot take it: a fixed cluster without room
-    # for the worker group and this share is refused at start-up. Not in sweeps (a trial reserves CPU slots).
+    # for the worker group and this share is refused at start-up. In a sweep each trial reserves its share.
     store_gpus: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 

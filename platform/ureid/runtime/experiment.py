@@ -159,7 +159,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                              is_fake=data.is_fake, truth=data.identities(),
                              initial=method.initial_targets(cfg, data), seed=cfg.seed)
         state_dir = job.run_dir / "feature_store"
-        store = FeatureStore.options(name="feature_store", namespace=namespace, **store_options(cfg.ray)).remote(
+        store = FeatureStore.options(name="feature_store", namespace=namespace,
+                                     **store_options(cfg.ray, cluster_placement_group)).remote(
             method, cfg, save_inputs(inputs, state_dir), cfg.ray.num_workers, str(state_dir), cluster_placement_group,
             first_stage=start_stage)
         if cfg.ray.store_gpus > 0:

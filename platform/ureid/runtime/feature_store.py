@@ -101,9 +101,21 @@ def _return_free_memory() -> None:
         pass
 
 
-def store_options(ray_cfg) -> dict:
-    """The actor options a run's store is created with besides its name: its GPU share, if any."""
-    return {"num_gpus": ray_cfg.store_gpus} if ray_cfg.store_gpus > 0 else {}
+#: In a sweep trial's placement group, the bundle holding its store's GPU share (``tune._trial_resources``).
+STORE_BUNDLE = 1
+
+
+def store_options(ray_cfg, placement_group=None) -> dict:
+    """The actor options a run's store is created with besides its name: its GPU share, if any, taken in a sweep
+    trial's reservation (``placement_group``) from the bundle that holds it."""
+    if ray_cfg.store_gpus <= 0:
+        return {}
+    if placement_group is None:
+        return {"num_gpus": ray_cfg.store_gpus}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_gpus": ray_cfg.store_gpus, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        placement_group, placement_group_bundle_index=STORE_BUNDLE)}
 
 
 def update_device(ray_cfg) -> str | None:

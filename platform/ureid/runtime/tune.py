@@ -185,14 +185,18 @@ def _objective(select: str) -> tuple[str, str]:
 
 
 def _max_concurrent(ray_cfg) -> int:
-    """As many trials as the cluster holds: CPUs for their workers, clustering slots for their reservations."""
+    """As many trials as the cluster holds: CPUs for their workers, clustering slots for their reservations (or,
+    with ``ray.store_gpus``, GPUs for their stores' shares and their workers' GPUs)."""
     import ray
 
     from .tasks import SLOT
 
     have = ray.cluster_resources()
     fits = int(have.get("CPU", 1) // (ray_cfg.num_workers * ray_cfg.cpus_per_worker))
-    if ray_cfg.clustering_tasks:
+    if ray_cfg.store_gpus > 0:
+        per_trial = ray_cfg.store_gpus + (ray_cfg.num_workers if ray_cfg.use_gpu else 0)
+        fits = min(fits, int(have.get("GPU", 0) / per_trial + 1e-9))
+    elif ray_cfg.clustering_tasks:
         fits = min(fits, int(have.get(SLOT, 0) // ray_cfg.cluster_slots_per_trial))
     return max(1, fits)
 
@@ -234,11 +238,17 @@ def check_state_api(address: str | None = None) -> None:
 def _trial_resources(ray_cfg):
     """The trial function only waits on its trainer, so its bundle holds no CPU (a trainer sized to every CPU
     of the cluster must still fit), only the slots its clustering tasks run on, which no other trial can take.
-    Without clustering tasks the bundle would be empty, which Tune refuses: then 0.01 CPU."""
+    Without clustering tasks the bundle would be empty, which Tune refuses: then 0.01 CPU. With
+    ``ray.store_gpus`` the trial's store runs every update on its GPU share, held in a second bundle
+    (``feature_store.STORE_BUNDLE``; the first is the trial function's own), so no other trial can take it."""
     from ray import tune
 
+    from .feature_store import STORE_BUNDLE
     from .tasks import SLOT
 
+    if ray_cfg.store_gpus > 0:
+        bundles = [{"CPU": 0.01}] * STORE_BUNDLE + [{"GPU": float(ray_cfg.store_gpus)}]
+        return tune.PlacementGroupFactory(bundles)
     if ray_cfg.clustering_tasks:
         return tune.PlacementGroupFactory([{SLOT: float(ray_cfg.cluster_slots_per_trial)}])
     return tune.PlacementGroupFactory([{"CPU": 0.01}])
@@ -288,10 +298,6 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
 
     # Ray first: a cluster that cannot run the sweep is refused before a folder or an MLflow run is made.
     cfg = validate(copy.deepcopy(base), source="sweep")
-    if cfg.ray.store_gpus > 0:
-        raise ConfigError(f"ray.store_gpus={cfg.ray.store_gpus:g}: a sweep's trials reserve CPU clustering slots "
-                          "for their updates (ray.cluster_slots_per_trial), not a GPU share for their stores; "
-                          "set ray.store_gpus=0 for a sweep (single runs take it)")
     method_name = cfg.method
     ensure_ray(cfg.ray, cfg.tracking.tracking_uri)
     check_cluster_slots(cfg.ray, cfg.ray.cluster_slots_per_trial)
