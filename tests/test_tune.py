@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_SYNTH, _free_port
@@ -238,6 +239,77 @@ def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"
 
 
+@pytest.mark.parametrize("sets", [[], ["ray.clustering_tasks=false"], ["ray.store_gpus=1"]],
+                         ids=["slots", "no-tasks", "gpu-share"])
+def test_a_trial_reserves_for_its_children_not_for_itself(ray_cluster, tmp_path, sets):
+    """Tune gives a trial's first bundle to the trial function's actor for its whole life. The sweep's trial
+    resources (``_trial_resources``) must leave the trial's clustering slots, and a store's GPU share, to its
+    children, and hold no CPU a trainer sized to every CPU needs: with a first bundle of slots the block tasks
+    of any update that fanned out waited forever, and with 0.01 CPU the trainer never started."""
+    from ray import tune
+
+    from ureid.runtime.tune import _trial_resources
+
+    # Defined here, not at the top of the file: Ray ships them by value (workers cannot import a test module).
+    def double(_shared, item):
+        return 2 * item
+
+    @ray.remote(num_cpus=0)
+    class StoreStandIn:
+        def ready(self):
+            return True
+
+    def trial(config):
+        """The trial's children under its reservation, each bounded (a regression fails instead of hanging):
+        block tasks through the store's executor into the trial's slots; a placement group of 2 x 1 CPU outside it,
+        a trainer sized to every CPU of the (2 x 1 CPU) test cluster; an actor with a GPU store's options."""
+        import threading
+
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        from ureid.config import validate
+        from ureid.runtime.feature_store import store_options
+        from ureid.runtime.tasks import RayBlockMap
+
+        ray_cfg = validate(config["cfg"], source="test").ray
+        pg = ray.util.get_current_placement_group()
+        out = {}
+
+        def children():
+            if ray_cfg.store_gpus > 0:
+                store = StoreStandIn.options(**store_options(ray_cfg, pg)).remote()
+                out["store"] = ray.get(store.ready.remote())
+            elif ray_cfg.clustering_tasks:
+                blocks = RayBlockMap(pg)
+                out["tasks"] = blocks(double, None, [1, 2, 3]) == [2, 4, 6]
+                out["reserved"] = blocks.stats()["cluster_tasks_reserved"]
+            trainer = placement_group([{"CPU": 1}] * 2)  # as Ray Train's worker group asks, both at once
+            try:
+                ray.get(trainer.ready(), timeout=60)
+                out["trainer"] = True
+            finally:
+                remove_placement_group(trainer)
+
+        thread = threading.Thread(target=children, daemon=True)
+        thread.start()
+        thread.join(90)
+        tune.report({k: float(v) for k, v in out.items()})
+
+    cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", sets)
+    grid = tune.Tuner(tune.with_resources(trial, _trial_resources(cfg.ray)),
+                      param_space={"cfg": cfg.to_dict()},
+                      run_config=tune.RunConfig(name=f"reserve-{'-'.join(sets) or 'slots'}", storage_path=str(tmp_path),
+                                                verbose=0)).fit()
+    (result,) = grid
+    assert result.error is None, result.error
+    got = result.metrics
+    assert got.get("trainer") == 1.0, got  # a trainer sized to every CPU started beside the trial
+    if "ray.store_gpus=1" in sets:
+        assert got.get("store") == 1.0, got  # the store stand-in got the reserved GPU share
+    elif not sets:
+        assert got.get("tasks") == 1.0 and got.get("reserved") == 1.0, got
+
+
 def test_a_sweep_trial_reserves_its_stores_gpu_share(ray_cluster, tiny_root, tmp_path):
     """``ray.store_gpus`` in a sweep: each trial's placement group holds a second bundle with its store's GPU share
     and the store is created in it, so no other trial can take it. On the test cluster (one declared GPU, on the
@@ -248,7 +320,7 @@ def test_a_sweep_trial_reserves_its_stores_gpu_share(ray_cluster, tiny_root, tmp
     from ureid.runtime.tune import _max_concurrent, _trial_resources
 
     cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.store_gpus=1", "ray.num_workers=2", "ray.cpus_per_worker=1"])
-    assert _trial_resources(cfg.ray).bundles == [{"CPU": 0.01}, {"GPU": 1.0}]
+    assert _trial_resources(cfg.ray).bundles == [{"GPU": 1.0}]  # after the trial function's empty one
     assert _max_concurrent(cfg.ray) == 1  # one GPU in the cluster, one share a trial
     out = tmp_path / "out"
     summary = run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [*_overrides(tiny_root, out), "ray.store_gpus=1"],

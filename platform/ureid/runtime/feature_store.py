@@ -101,8 +101,9 @@ def _return_free_memory() -> None:
         pass
 
 
-#: In a sweep trial's placement group, the bundle holding its store's GPU share (``tune._trial_resources``).
-STORE_BUNDLE = 1
+#: In a sweep trial's placement group, the bundle holding its store's GPU share (``tune._trial_resources``: the
+#: trial function's own, empty, bundle is not in the group).
+STORE_BUNDLE = 0
 
 
 def store_options(ray_cfg, placement_group=None) -> dict:

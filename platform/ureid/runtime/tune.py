@@ -236,22 +236,24 @@ def check_state_api(address: str | None = None) -> None:
 
 
 def _trial_resources(ray_cfg):
-    """The trial function only waits on its trainer, so its bundle holds no CPU (a trainer sized to every CPU
-    of the cluster must still fit), only the slots its clustering tasks run on, which no other trial can take.
-    Without clustering tasks the bundle would be empty, which Tune refuses: then 0.01 CPU. With
-    ``ray.store_gpus`` the trial's store runs every update on its GPU share, held in a second bundle
-    (``feature_store.STORE_BUNDLE``; the first is the trial function's own), so no other trial can take it."""
+    """What a trial reserves for its children, never for itself. Tune gives the first bundle of a trial's
+    placement group to the trial function's actor, which holds it for its whole life: a first bundle of the
+    trial's clustering slots left none for its block tasks, which then waited forever (measured: any update that
+    fanned out, i.e. more than one k-NN block, hung the sweep), and a first bundle of 0.01 CPU kept a trainer sized
+    to every CPU of the cluster from starting. An empty first bundle is Tune's way to reserve for children only:
+    the placement group then holds just the bundles after it, the first of them at index 0, where the clustering
+    tasks run (:class:`.tasks.RayBlockMap`) and, with ``ray.store_gpus``, the store holding its GPU share
+    (``feature_store.STORE_BUNDLE``). Without clustering tasks or a GPU share, Tune still needs one non-empty
+    bundle: one byte of memory."""
     from ray import tune
 
-    from .feature_store import STORE_BUNDLE
     from .tasks import SLOT
 
     if ray_cfg.store_gpus > 0:
-        bundles = [{"CPU": 0.01}] * STORE_BUNDLE + [{"GPU": float(ray_cfg.store_gpus)}]
-        return tune.PlacementGroupFactory(bundles)
+        return tune.PlacementGroupFactory([{}, {"GPU": float(ray_cfg.store_gpus)}])
     if ray_cfg.clustering_tasks:
-        return tune.PlacementGroupFactory([{SLOT: float(ray_cfg.cluster_slots_per_trial)}])
-    return tune.PlacementGroupFactory([{"CPU": 0.01}])
+        return tune.PlacementGroupFactory([{}, {SLOT: float(ray_cfg.cluster_slots_per_trial)}])
+    return tune.PlacementGroupFactory([{}, {"memory": 1.0}])
 
 
 def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] | None = None, *,
