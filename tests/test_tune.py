@@ -310,6 +310,30 @@ def test_a_trial_reserves_for_its_children_not_for_itself(ray_cluster, tmp_path,
         assert got.get("tasks") == 1.0 and got.get("reserved") == 1.0, got
 
 
+def test_a_sweep_whose_updates_fan_out_finishes(ray_cluster, tmp_path):
+    """A real sweep whose label updates fan out (5,253 synthetic training images: two k-NN blocks of BUC's update),
+    the size where the old reservation hung: each update's tasks ran inside the trial's reservation and the trial
+    finished (about 50 s here). In a thread, so that a regression fails the test instead of hanging the suite."""
+    import threading
+
+    out = tmp_path / "out"
+    big = {"num_train_ids": 1100, "num_test_ids": 20, "num_distractors": 10, "num_junk": 5, "min_images": 4,
+           "max_images": 6, "mean_images": 5}
+    sets = [*_overrides(tmp_path / "big", out), *[f"data.synthetic.{k}={v}" for k, v in big.items()]]
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(summary=run_sweep(
+        CONFIG_DIR / "buc_cpu.yaml", "buc", sets, num_samples=1, scheduler="none", quiet=True)), daemon=True)
+    thread.start()
+    thread.join(600)
+    assert not thread.is_alive(), "the sweep did not finish in 10 minutes (its clustering tasks waiting?)"
+    (trial,) = box["summary"]["trials"]
+    assert trial["status"] == "finished", trial
+    history = [json.loads(line) for line in (Path(trial["run_dir"]) / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 2
+    for row in history:
+        assert row["cluster_tasks"] >= 2 and row["cluster_tasks_reserved"] == 1.0, row
+
+
 def test_a_sweep_trial_reserves_its_stores_gpu_share(ray_cluster, tiny_root, tmp_path):
     """``ray.store_gpus`` in a sweep: each trial's placement group holds a second bundle with its store's GPU share
     and the store is created in it, so no other trial can take it. On the test cluster (one declared GPU, on the
