@@ -335,8 +335,8 @@ def test_a_sweep_whose_updates_fan_out_finishes(ray_cluster, tmp_path):
 
 
 def test_a_sweep_trial_reserves_its_stores_gpu_share(ray_cluster, tiny_root, tmp_path):
-    """``ray.store_gpus`` in a sweep: each trial's placement group holds a second bundle with its store's GPU share
-    and the store is created in it, so no other trial can take it. On the test cluster (one declared GPU, on the
+    """``ray.store_gpus`` in a sweep: each trial's placement group holds a bundle with its store's GPU share (after
+    the trial function's empty one) and the store is created in it, so no other trial can take it. On the test cluster (one declared GPU, on the
     second node) the one trial's store gets that GPU and fails for want of CUDA: the sweep ends with the trial
     failed, its MLflow run FAILED with the store's reason. With CUDA (a GPU machine) the trial finishes."""
     import torch
