@@ -47,6 +47,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _own_ports() -> list[str]:
+    """``ray start`` flags for the ports a node would otherwise take at their fixed defaults: nodes on one host
+    must not share them."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
+
+
 def _listening(port: int) -> bool:
     import socket
 
@@ -110,10 +117,6 @@ def ray_cluster():
     port = _free_port()
     common = ["--block", "--num-cpus=1", f"--resources={json.dumps({SLOT: 2})}", "--object-store-memory=500000000"]
 
-    def own_ports():  # nodes on one host must not share the fixed default ports
-        return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
-
     logs = Path(temp) / "logs-nodes"
     logs.mkdir()
     # Each node runs under a watchdog that ends the node's process group when this pytest process is gone
@@ -130,7 +133,7 @@ def ray_cluster():
              "    time.sleep(1)\n", str(os.getpid())]
     nodes = [subprocess.Popen(
         [*watch, ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-gpus=0", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", *common, *own_ports()],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", *common, *_own_ports()],
         stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]
     address = f"127.0.0.1:{port}"
     try:
@@ -142,7 +145,7 @@ def ray_cluster():
         second.mkdir()
         nodes.append(subprocess.Popen(
             [*watch, ray_bin, "start", f"--address={address}", f"--temp-dir={second}", "--num-gpus=1", *common,
-             *own_ports()],
+             *_own_ports()],
             stdout=open(logs / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         ray.init(address=address, log_to_driver=False)
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 or ray.cluster_resources().get("CPU", 0) < 2:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import _free_port
+from conftest import _free_port, _own_ports
 from test_pipeline import tiny_cfg
 from ureid.config import CONFIG_DIR, load_config
 from ureid.methods import METHODS, Targets, UpdateContext
@@ -245,12 +245,10 @@ def _start_node(temp: Path) -> subprocess.Popen:
     with its own session folder and ports, in a process group of its own."""
     from ureid.runtime.tasks import SLOT
 
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}"]
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", f"--address={ray.get_runtime_context().gcs_address}",
          f"--temp-dir={temp}", "--block", "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({SLOT: 2})}",
-         "--object-store-memory=500000000", *ports],
+         "--object-store-memory=500000000", *_own_ports()],
         stdout=open(temp / "node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
