@@ -34,6 +34,35 @@ def test_console_script_and_entry_point_help():
     assert "method: ssl" in out.stdout
 
 
+@pytest.mark.parametrize("argv, usage", [
+    (["run", "--help"], "usage: ureid run [-h]"),
+    (["run", "-h"], "usage: ureid run [-h]"),
+    (["run", "ssl", "--help"], "usage: ureid run ssl [-h]"),
+    (["tune", "--help"], "usage: ureid tune [-h]"),
+    (["tune", "dbc", "-h"], "usage: ureid tune [-h]"),
+])
+def test_help_of_the_commands_that_pass_their_options_on(argv, usage, capsys):
+    """`ureid run --help` and `ureid tune --help` print the options they pass on (before: an error about a
+    missing method, and "unrecognized arguments: --help")."""
+    from ureid.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    out = capsys.readouterr()
+    assert done.value.code == 0, out.err
+    assert out.out.startswith(usage) and "--set KEY=VALUE" in out.out
+    assert "cluster_contrast" in out.out or argv[1:2] == ["ssl"]  # the method list, where the method is open
+
+
+def test_a_missing_method_names_only_the_method(capsys):
+    from ureid.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["run"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.rstrip().endswith("the following arguments are required: method"), err
+
+
 @pytest.mark.parametrize("name", ["cluster.yaml", "cluster-aws.yaml"])
 def test_cluster_yamls_are_valid_launcher_configs(name):
     import json

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -77,11 +78,11 @@ def _method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def build_run_parser(method: str | None = None) -> argparse.ArgumentParser:
+def build_run_parser(method: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     from ureid.config import CONFIG_DIR
 
     p = argparse.ArgumentParser(
-        prog=f"experiments/{method}.py" if method else "ureid run",
+        prog=prog or (f"experiments/{method}.py" if method else "ureid run"),
         description="Run an unsupervised re-ID method on Ray Train, tracked in MLflow. "
         + (f"Without arguments: the CPU preset {method}_cpu.yaml on the synthetic default." if method else ""),
     )
@@ -98,11 +99,11 @@ def build_run_parser(method: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def run_entry_point(method: str | None = None, argv: list[str] | None = None) -> int:
+def run_entry_point(method: str | None = None, argv: list[str] | None = None, prog: str | None = None) -> int:
     """``experiments/<method>.py`` and ``ureid run <method>``: load the config, then run or resume."""
     from ureid.config import CONFIG_DIR, ConfigError, load_config
 
-    args = build_run_parser(method).parse_args(argv)
+    args = build_run_parser(method, prog).parse_args(argv)
     method = method or args.method
     try:
         if args.resume:
@@ -128,7 +129,7 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None) ->
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return run_entry_point(args.method, args.rest)
+    return run_entry_point(args.method, args.rest, prog=f"ureid run {args.method}")
 
 
 def build_tune_parser(prog: str = "ureid tune") -> argparse.ArgumentParser:
@@ -197,15 +198,33 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpOf(argparse.Action):
+    """``-h``/``--help`` of a subcommand whose options pass through to a parser of its own (``run``, ``tune``):
+    that parser's help, rather than an error about missing arguments or an unrecognised ``--help``."""
+
+    def __init__(self, option_strings, dest, build=None, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show this help message and exit")
+        self.build = build
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        self.build().print_help()
+        parser.exit()
+
+
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
     from ureid.config import DEFAULT_SCORE, LABEL_FREE_SCORES
 
     r = sub.add_parser("run", help="run a method (same options as experiments/<method>.py)", add_help=False)
+    r.add_argument("-h", "--help", action=_HelpOf, build=build_run_parser)
     r.add_argument("method", choices=_method_names())
-    r.add_argument("rest", nargs=argparse.REMAINDER, help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
+    rest = r.add_argument("rest", nargs=argparse.REMAINDER, metavar="OPTIONS",
+                          help="--config, --set KEY=VALUE, --resume RUN_DIR, --help")
+    rest.required = False  # argparse counts a REMAINDER as required; `ureid run buc` has none
     r.set_defaults(func=_cmd_run)
     t = sub.add_parser("tune", help="sweep a method with Ray Tune (see ureid tune METHOD --help)", add_help=False)
-    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.add_argument("-h", "--help", action=_HelpOf, build=build_tune_parser)
+    t.add_argument("rest", nargs=argparse.REMAINDER, metavar="METHOD [OPTIONS]")
     t.set_defaults(func=_cmd_tune)
     cmp = sub.add_parser("compare", help="compare methods from MLflow: Markdown + CSV tables and plots per dataset")
     cmp.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db")
@@ -334,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # the reader went away (`ureid run buc --print-config | head`): no error line, and none at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         # user errors (bad layout, bad argument): one clear line, no traceback
         print(f"ureid: error: {e}", file=sys.stderr)
