@@ -62,3 +62,24 @@ def test_compare_two_methods_and_a_sweep(tmp_path):
     (comparison,) = client.search_runs([exp.experiment_id], filter_string="tags.`ureid.kind` = 'comparison'")
     logged = {a.path for a in client.list_artifacts(comparison.info.run_id, "comparison")}
     assert "comparison/compare_synthetic.md" in logged and "comparison/map_per_stage_synthetic.png" in logged
+
+
+def test_a_store_or_experiment_that_is_not_there_is_named_and_nothing_is_made(tmp_path, monkeypatch, capsys):
+    """`ureid compare` at a mistyped SQLite path used to create an empty store there and report "no MLflow
+    experiment None"; now it names the path, or the experiment with the ones the store has."""
+    from ureid.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare"]) == 2
+    assert f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}" in capsys.readouterr().err
+    assert main(["compare", "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no store, no runs/ or comparison folder
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment("sweeps-of-june")
+    assert main(["compare", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow experiment 'ureid'" in err and "'sweeps-of-june'" in err, err
+    assert not (tmp_path / "runs").exists()  # no comparison folder for nothing to compare

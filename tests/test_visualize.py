@@ -116,3 +116,15 @@ def test_feature_maps_two_panels_max_points_and_determinism(tmp_path):
         np.testing.assert_array_equal(pa, pb)
     with pytest.raises(ValueError, match="labels"):
         vis.feature_maps([(x0, y0[:-1], "bad")], tmp_path / "c.png")
+
+
+def test_visualize_says_what_a_folder_lacks(tmp_path, capsys):
+    """A folder that is no run, and a run that has not finished, get one line each saying so."""
+    from ureid.cli import main
+
+    assert main(["visualize", str(tmp_path)]) == 2
+    assert "not a ureid run folder (no config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("method: buc\n")
+    assert main(["visualize", str(tmp_path)]) == 2
+    assert "has not finished (no summary.json)" in capsys.readouterr().err
+    assert not (tmp_path / "pictures").exists()

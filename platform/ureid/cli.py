@@ -177,7 +177,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ureid.tracking.compare import compare
 
     try:
-        uri = resolve_tracking_uri(args.tracking_uri, "runs")  # a server that does not answer: seconds, not minutes
+        uri = resolve_tracking_uri(args.tracking_uri, "runs", create=False)  # a server that does not answer: seconds, not minutes
     except ConfigError as exc:
         print(f"error: {str(exc).replace('tracking.tracking_uri=', '--tracking-uri ', 1)}", file=sys.stderr)
         return 2

@@ -37,6 +37,12 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     from .visualize import feature_maps, ranked_lists
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a ureid run folder (no config.yaml; a run writes "
+                                f"runs/<method>-<time>-<id>/)")
+    if not (run_dir / "summary.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json): the pictures need its "
+                                f"selected stage; `ureid run <method> --resume {run_dir}` finishes it")
     cfg = load_config(run_dir / "config.yaml")
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = dict(stage_checkpoints(run_dir))

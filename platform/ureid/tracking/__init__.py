@@ -16,15 +16,16 @@ from typing import Any
 DEFAULT_DB = "mlflow.db"
 
 
-def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | os.PathLike) -> str:
-    """Config value, else ``$MLFLOW_TRACKING_URI``, else a local SQLite file in the output folder. A server
-    URI must answer (:func:`check_server`)."""
+def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | os.PathLike, create: bool = True) -> str:
+    """Config value, else ``$MLFLOW_TRACKING_URI``, else a local SQLite file in the output folder (the folder
+    made unless ``create`` is false: a reader makes nothing). A server URI must answer (:func:`check_server`)."""
     for uri in (tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")):
         if uri:
             check_server(uri)
             return uri
     path = Path(output_dir).expanduser().resolve() / DEFAULT_DB
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
 

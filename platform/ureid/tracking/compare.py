@@ -37,15 +37,29 @@ class RunRecord:
     parent: str | None = None
 
 
+def _check_store_exists(uri: str) -> None:
+    """A SQLite store that is not there is an error, not a new empty store: MLflow would create the file (and
+    its tables) at a mistyped path and report no experiment."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise FileNotFoundError(f"no MLflow store at {path} (a run writes <output_dir>/mlflow.db, runs/mlflow.db "
+                                    f"by default; --tracking-uri or $MLFLOW_TRACKING_URI names another)")
+
+
 def collect(uri: str, experiment: str | None = None, run_ids: list[str] | None = None) -> list[RunRecord]:
     """The finished method runs of ``experiment`` (or the given run ids), with their per-stage metrics."""
+    _check_store_exists(uri)
     client = _client(uri)
     if run_ids:
         runs = [client.get_run(r) for r in run_ids]
     else:
-        exp = client.get_experiment_by_name(experiment or "ureid")
+        name = experiment or "ureid"
+        exp = client.get_experiment_by_name(name)
         if exp is None:
-            raise FileNotFoundError(f"no MLflow experiment {experiment!r} at {uri}")
+            there = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+            raise FileNotFoundError(f"no MLflow experiment {name!r} at {uri} (experiments there: "
+                                    f"{', '.join(map(repr, there)) or 'none'}; --experiment picks one)")
         runs = client.search_runs([exp.experiment_id], max_results=5000)
     records = []
     for run in runs:
@@ -224,11 +238,11 @@ def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
 def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_ids: list[str] | None = None,
             log: bool = True, score: str = DEFAULT_SCORE) -> dict[str, list[Path]]:
     """Write the tables and plots per dataset into ``out_dir``; log them as a comparison run; return the files."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     records = collect(uri, experiment, run_ids)
     if not records:
-        raise FileNotFoundError(f"no finished ureid runs in experiment {experiment!r} at {uri}")
+        raise FileNotFoundError(f"no finished ureid runs in experiment {experiment or 'ureid'!r} at {uri}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     files: dict[str, list[Path]] = {}
     for dataset in sorted({r.dataset for r in records}):
         subset = sorted((r for r in records if r.dataset == dataset), key=lambda r: (r.method, r.name))
