@@ -123,6 +123,56 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         assert labels.size == summary["history"][0]["num_classes"] + n_fakes
 
 
+def _map_of(features_file, records):
+    """mAP of query against gallery from an embed file's features, looked up by each record's first path."""
+    from ureid.evaluation import evaluate, pairwise_distance
+
+    z = np.load(features_file)
+    by_path = dict(zip(z["paths"].tolist(), z["features"]))
+    q, g = records
+    res = evaluate(pairwise_distance(np.stack([by_path[r.paths[0]] for r in q]),
+                                     np.stack([by_path[r.paths[0]] for r in g]), metric="sqeuclidean"),
+                   np.array([r.pid for r in q]), np.array([r.pid for r in g]),
+                   np.array([r.camid for r in q]), np.array([r.camid for r in g]))
+    return float(res["mAP"])
+
+
+def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root, fakes, tmp_path_factory, tmp_path,
+                                                        capsys):
+    """`ureid embed RUN_DIR FOLDERS`: the selected stage's unit features of every image, the ones the run was
+    evaluated with (their mAP is the run's), another stage with --stage, and errors that name the path."""
+    from ureid.cli import main
+    from ureid.data.formats import load_dataset
+
+    summary = _run("buc", tiny_root, tmp_path_factory)
+    run_dir, selected = summary["run_dir"], summary["selected_stage"]
+    ds = load_dataset("market1501", tiny_root)
+    out = tmp_path / "features"
+    assert main(["embed", run_dir, str(tiny_root / "query"), str(tiny_root / "bounding_box_test"),
+                 "--out", str(out)]) == 0
+    z = np.load(tmp_path / "features.npz")
+    n = len(list((tiny_root / "query").glob("*.jpg"))) + len(list((tiny_root / "bounding_box_test").glob("*.jpg")))
+    dim = z["features"].shape[1]  # the pooled trunk feature the evaluation uses (MobileNetV2's 1280)
+    assert z["features"].shape == (n, dim) and z["features"].dtype == np.float32
+    assert np.allclose(np.linalg.norm(z["features"], axis=1), 1.0, atol=1e-5)
+    assert int(z["stage"]) == selected and str(z["method"]) == "buc"
+    assert f"{n} x {dim} features of stage {selected}" in capsys.readouterr().out
+    reported = next(h["mAP"] for h in summary["history"] if h["stage"] == selected)
+    assert abs(_map_of(tmp_path / "features.npz", (ds.query, ds.gallery)) - reported) < 1e-6
+
+    assert main(["embed", run_dir, str(tiny_root / "query"), "--stage", "0", "--out", str(tmp_path / "s0.npz")]) == 0
+    s0 = np.load(tmp_path / "s0.npz")
+    assert int(s0["stage"]) == 0 and not np.allclose(s0["features"], z["features"][:len(s0["features"])])
+
+    (tmp_path / "notes.txt").write_text("x")
+    for argv, says in [([str(tmp_path / "nope")], "no such file or folder"),
+                       ([str(tmp_path / "notes.txt")], "not an image file"),
+                       ([str(tiny_root / "query"), "--stage", "7"], "no checkpoint of stage 7 (it has stages 0, 1)")]:
+        assert main(["embed", run_dir, *argv, "--out", str(tmp_path / "bad.npz")]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
+
+
 @pytest.mark.parametrize("method", ["pul"])
 def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_factory):
     """A run stopped after stage 0 and resumed gives the labels of the uninterrupted run, PUL's original
@@ -208,3 +258,11 @@ def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):
     same = client.get_metric_history(summary["run_id"], "memory_replicas_identical")
     assert [x.value for x in same] == [1.0, 1.0]
     assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(summary["run_id"], "mAP"))
+    # `ureid embed` of the test folder: MARS tracklets (several to a folder) give the run's own mAP
+    from ureid.embed import embed_to_file
+
+    features, count, _, stage = embed_to_file(summary["run_dir"], [root / "bbox_test"], out / "embed.npz")
+    embedded = set(np.load(features)["paths"].tolist())
+    assert len(embedded) == count and {r.paths[0] for r in ds.query + ds.gallery} <= embedded  # + junk tracklets
+    reported = next(h["mAP"] for h in summary["history"] if h["stage"] == stage)
+    assert abs(_map_of(features, (ds.query, ds.gallery)) - reported) < 1e-6

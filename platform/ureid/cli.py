@@ -190,6 +190,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from ureid.embed import embed_to_file
+
+    out, n, dim, stage = embed_to_file(args.run_dir, args.images, args.out, stage=args.stage, device=args.device,
+                                       batch_size=args.batch_size)
+    print(f"wrote {out}: {n} x {dim} features of stage {stage}")
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ureid.run_pictures import visualize_run
 
@@ -238,6 +247,18 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("--num-queries", type=int, default=8)
     vis.add_argument("--seed", type=int, default=0)
     vis.set_defaults(func=_cmd_visualize)
+    emb = sub.add_parser("embed", help="a finished run's embedding of new images: features to a .npz",
+                         description="Embed images (files, or folders read recursively) with a run's trained model: "
+                         "L2-normalised features, compared by Euclidean distance as in the run's evaluation. "
+                         "A video run embeds tracklets: each folder that holds frames is one.")
+    emb.add_argument("run_dir")
+    emb.add_argument("images", nargs="+", help="image files and folders")
+    emb.add_argument("--out", default="features.npz", help="output .npz: features (N, D), paths, stage, method "
+                     "(default: %(default)s)")
+    emb.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
+    emb.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    emb.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
+    emb.set_defaults(func=_cmd_embed)
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -341,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{data,run,tune,compare,visualize,camstyle}")
+                                metavar="{data,run,tune,compare,visualize,embed,camstyle}")
     add_data_commands(sub)
     add_camstyle_commands(sub)
     add_run_commands(sub)

@@ -14,17 +14,9 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import load_config
-
-
-def _model(cfg, state_path: Path):
-    from .methods import get_method
-
-    net = get_method(cfg.method).build_model(cfg, weights="none")
-    net.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
-    return net.eval()
+from .embed import stage_model
 
 
 def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None) -> list[Path]:
@@ -59,7 +51,7 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     def unit(x):
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    models = {stage: _model(cfg, checkpoints[stage] / "state.pt") for stage in sorted({0, selected})}
+    models = {stage: stage_model(cfg, checkpoints[stage] / "state.pt") for stage in sorted({0, selected})}
     q = unit(extract_features(models[selected], query, **opts)["pooled"])
     g = unit(extract_features(models[selected], gallery, **opts)["pooled"])
     ranked_lists([r.path for r in query], [r.pid for r in query], [r.camid for r in query],

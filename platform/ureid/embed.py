@@ -1,0 +1,161 @@
+"""A finished run's embedding, applied to new images: ``ureid embed RUN_DIR IMAGES...`` and :func:`load_embedding`.
+
+What a run trains is an embedding: the model of its selected stage (``best_checkpoint/``), whose features
+are compared by squared Euclidean distance after L2 normalisation (the evaluation protocol of every run,
+``engine/evaluate.py``). This module loads that model with the run's own input size and gives the same
+features for any images, so a user can search, cluster or compare crops the run never saw::
+
+    from ureid.embed import load_embedding
+
+    emb = load_embedding("runs/buc-20261206-101500-1a2b3c")      # the selected stage; stage=N for another
+    features = emb(["a.jpg", "b.jpg"])                            # (2, D) float32, unit rows
+
+A video run (``data.name`` mars / dukevideo) embeds tracklets: each folder that holds frames is one
+tracklet, its feature the mean of (at most ``data.max_test_frames``) frame features, as in its evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass
+class Embedding:
+    """The model of one stage of a run, ready to embed images (or tracklets, for a video run)."""
+
+    model: object  # torch.nn.Module, in eval mode
+    cfg: object  # the run's Config
+    stage: int
+    run_dir: Path
+
+    def __call__(self, inputs: Sequence[str | Path], device: str = "cpu", batch_size: int | None = None,
+                 num_workers: int | None = None) -> np.ndarray:
+        """(len(records), D) float32 unit features of ``inputs`` (see :func:`collect_inputs`)."""
+        return self.embed(collect_inputs(inputs, self.video), device, batch_size, num_workers)
+
+    @property
+    def video(self) -> bool:
+        return bool(self.cfg.data.is_video)
+
+    def embed(self, records, device: str = "cpu", batch_size: int | None = None,
+              num_workers: int | None = None) -> np.ndarray:
+        from .engine.extract import extract_features
+
+        opts = self.cfg.extract_options()
+        if batch_size is not None:
+            opts["batch_size"] = batch_size
+        if num_workers is not None:
+            opts["num_workers"] = num_workers
+        self.model.to(device)
+        pooled = extract_features(self.model, records, device=device, **opts)["pooled"]
+        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def load_embedding(run_dir: str | Path, stage: int | None = None) -> Embedding:
+    """The model of ``stage`` of a run (None: the stage the run selected, its ``best_checkpoint/``)."""
+    from .config import load_config
+    from .runtime.job import stage_checkpoints
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a ureid run folder (no config.yaml; a run writes "
+                                f"runs/<method>-<time>-<id>/)")
+    cfg = load_config(run_dir / "config.yaml", check_paths=False)  # the dataset need not be on this machine
+    stages = dict(stage_checkpoints(run_dir))
+    if stage is None:
+        best = run_dir / "best_checkpoint" / "state.pt"
+        if not best.is_file() or not (run_dir / "summary.json").is_file():
+            raise FileNotFoundError(f"{run_dir}: the run has not finished (no best_checkpoint/ or summary.json), "
+                                    f"so it has selected no stage; --stage picks one of its checkpoints "
+                                    f"({_listing(stages)}), or `ureid run {cfg.method} --resume {run_dir}` "
+                                    f"finishes it")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        stage = int(summary.get("selected_stage", summary.get("best_stage")))
+    else:
+        if stage not in stages:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint of stage {stage} (it has {_listing(stages)})")
+        best = stages[stage] / "state.pt"
+    return Embedding(stage_model(cfg, best), cfg, stage, run_dir)
+
+
+def stage_model(cfg, state_path: Path):
+    """The network of a run's config with a stage checkpoint's weights (``state.pt``), in eval mode."""
+    import torch
+
+    from .methods import get_method
+
+    net = get_method(cfg.method).build_model(cfg, weights="none")  # the checkpoint's weights replace any start
+    net.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
+    return net.eval()
+
+
+def _listing(stages: dict) -> str:
+    return "stages " + ", ".join(map(str, sorted(stages))) if stages else "no stage checkpoints"
+
+
+# MARS names frames <pid>C<cam>T<tracklet>F<frame>.jpg, several tracklets to a folder
+_MARS_FRAME = re.compile(r"^(.+T\d{4})F\d{3}$")
+
+
+def _tracklet_key(frame: Path) -> tuple[Path, str]:
+    """The tracklet a frame belongs to: its folder, and within it the MARS name's tracklet part if it has one."""
+    mars = _MARS_FRAME.match(frame.stem)
+    return frame.parent, mars.group(1) if mars else ""
+
+
+def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
+    """Records of the images named: a file is one image; a folder, every image in it and below, in path order.
+    For a video run a folder's frames make one tracklet per folder that directly holds them (DukeMTMC-VideoReID's
+    ``<pid>/<tracklet>/``), or per MARS tracklet name (``0001C1T0002F003.jpg``: several to a folder), frames in
+    name order; a file is a tracklet of one frame. Errors name the path."""
+    from .data.records import Record
+
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    records = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or below")
+            if video:
+                tracklets: dict[tuple[Path, str], list[str]] = {}
+                for p in images:
+                    tracklets.setdefault(_tracklet_key(p), []).append(str(p))
+                records += [Record(tuple(frames), -1, -1) for _, frames in sorted(tracklets.items())]
+            else:
+                records += [Record((str(p),), -1, -1) for p in images]
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            records.append(Record((str(path),), -1, -1))
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    if not records:
+        raise ValueError("no images given")
+    return records
+
+
+def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, stage: int | None = None,
+                  device: str = "cpu", batch_size: int | None = None) -> tuple[Path, int, int, int]:
+    """``ureid embed``: write ``out`` (.npz) with ``features`` (N, D) float32 unit rows, ``paths`` (N,) (a
+    tracklet's first frame), ``stage`` and ``method``; return (out, N, D, stage)."""
+    emb = load_embedding(run_dir, stage)
+    records = collect_inputs(inputs, emb.video)
+    features = emb.embed(records, device, batch_size)
+    names = [r.paths[0] for r in records]
+    out = Path(out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")  # what np.savez would write; the path printed is the file's
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, features=features, paths=np.array(names), stage=emb.stage, method=emb.cfg.method)
+    return out, features.shape[0], features.shape[1], emb.stage
