@@ -140,7 +140,8 @@ def _map_of(features_file, records):
 def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root, fakes, tmp_path_factory, tmp_path,
                                                         capsys):
     """`ureid embed RUN_DIR FOLDERS`: the selected stage's unit features of every image, the ones the run was
-    evaluated with (their mAP is the run's), another stage with --stage, and errors that name the path."""
+    evaluated with (their mAP is the run's), another stage with --stage, and errors that name the path; and
+    `ureid evaluate RUN_DIR` scores the run's model on its own or a named dataset."""
     from ureid.cli import main
     from ureid.data.formats import load_dataset
 
@@ -163,6 +164,17 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
     assert main(["embed", run_dir, str(tiny_root / "query"), "--stage", "0", "--out", str(tmp_path / "s0.npz")]) == 0
     s0 = np.load(tmp_path / "s0.npz")
     assert int(s0["stage"]) == 0 and not np.allclose(s0["features"], z["features"][:len(s0["features"])])
+
+    # `ureid evaluate`: the run's own test split by default, or a dataset named by --format/--root (here the
+    # same folder, so the same numbers); the stage's reported mAP and rank-1 either way
+    reported_rank1 = next(h["rank1"] for h in summary["history"] if h["stage"] == selected)
+    for extra in ([], ["--format", "market1501", "--root", str(tiny_root)]):
+        assert main(["evaluate", run_dir, *extra]) == 0
+        said = capsys.readouterr().out
+        assert f"buc, stage {selected}, on market1501 at {tiny_root}" in said
+        assert f"mAP {100 * reported:.2f}%, rank-1 {100 * reported_rank1:.2f}%" in said, said
+    assert main(["evaluate", run_dir, "--format", "mars", "--root", str(tiny_root)]) == 2
+    assert "mars: expected" in capsys.readouterr().err
 
     (tmp_path / "notes.txt").write_text("x")
     for argv, says in [([str(tmp_path / "nope")], "no such file or folder"),

@@ -199,6 +199,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ureid.embed import evaluate_run
+
+    extra = {"pattern": args.pattern, "cuhk03_protocol": args.cuhk03_protocol, "bad_images": args.bad_images} \
+        if args.format else {}
+    r = evaluate_run(args.run_dir, stage=args.stage, data_format=args.format, root=args.root, device=args.device,
+                     batch_size=args.batch_size, **extra)
+    print(f"{r['method']}, stage {r['stage']}, on {r['dataset']} at {r['root']} ({r['num_query']} queries, "
+          f"{r['num_gallery']} gallery): mAP {100 * r['mAP']:.2f}%, rank-1 {100 * r['rank1']:.2f}%, "
+          f"rank-5 {100 * r['rank5']:.2f}%, rank-10 {100 * r['rank10']:.2f}%")
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ureid.run_pictures import visualize_run
 
@@ -259,6 +272,22 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     emb.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
     emb.set_defaults(func=_cmd_embed)
+    from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS, DATASETS
+
+    ev = sub.add_parser("evaluate", help="mAP and CMC of a finished run on its own or another labeled dataset",
+                        description="Score a run's model (the stage it selected, or --stage) on a query/gallery "
+                        "split with the run's evaluation protocol: its own dataset, or another one given by --format "
+                        "and --root (e.g. trained on Market-1501, tested on DukeMTMC-reID).")
+    ev.add_argument("run_dir")
+    ev.add_argument("--format", choices=sorted(DATASETS), help="another dataset's format (with --root)")
+    ev.add_argument("--root", help="another dataset's folder (with --format)")
+    ev.add_argument("--pattern", default=None, help="folder format: filename regex with (?P<pid>..), (?P<camid>..)")
+    ev.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
+    ev.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
+    ev.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    ev.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
+    ev.set_defaults(func=_cmd_evaluate)
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -362,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{data,run,tune,compare,visualize,embed,camstyle}")
+                                metavar="{data,run,tune,compare,visualize,embed,evaluate,camstyle}")
     add_data_commands(sub)
     add_camstyle_commands(sub)
     add_run_commands(sub)

@@ -159,3 +159,38 @@ def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, features=features, paths=np.array(names), stage=emb.stage, method=emb.cfg.method)
     return out, features.shape[0], features.shape[1], emb.stage
+
+
+def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str | None = None, root=None,
+                 device: str = "cpu", batch_size: int | None = None, **load_options) -> dict:
+    """mAP and rank-1/5/10 of a run's stage (None: the selected one) on a labeled query/gallery split: the run's
+    own dataset, or another (``data_format`` and ``root``, the names of ``ureid data info``), e.g. a model
+    trained without labels on one set and tested on another. The run's own evaluation protocol
+    (:func:`~ureid.engine.evaluate.evaluate_model`): unit pooled features, squared Euclidean distance,
+    Market-1501's CMC/mAP, the run's input size."""
+    from .engine.evaluate import evaluate_model
+
+    if (data_format is None) != (root is None):
+        raise ValueError("another dataset needs both its format and its root (--format and --root); "
+                         "with neither, the run's own dataset is used")
+    emb = load_embedding(run_dir, stage)
+    if data_format is None:
+        from .data.run_data import load_split_dataset
+
+        emb.cfg.data.check_paths()
+        ds = load_split_dataset(emb.cfg.data)
+    else:
+        from .data.formats import load_dataset
+
+        ds = load_dataset(data_format, root, **load_options)
+    if bool(ds.is_video) != emb.video:
+        kinds = {True: "video (tracklets)", False: "image"}
+        raise ValueError(f"{ds.name} at {ds.root} is an {kinds[bool(ds.is_video)]} dataset, but the run "
+                         f"{emb.run_dir} trained on {kinds[emb.video]} data")
+    opts = emb.cfg.extract_options()
+    if batch_size is not None:
+        opts["batch_size"] = batch_size
+    emb.model.to(device)
+    scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, **opts)
+    return {"method": emb.cfg.method, "stage": emb.stage, "dataset": ds.name, "root": str(ds.root),
+            "num_query": len(ds.query), "num_gallery": len(ds.gallery), **scores}
