@@ -123,6 +123,22 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         assert labels.size == summary["history"][0]["num_classes"] + n_fakes
 
 
+def test_resuming_a_finished_run_starts_nothing(ray_cluster, tiny_root, fakes, tmp_path_factory, capsys):
+    """`--resume` of a finished run with its own config: the summary back, no Ray job, trainer or store, the
+    MLflow run left FINISHED and the attempt not counted (it used to reopen the run, start a trainer for no
+    stage and print "continuing at stage 3")."""
+    from ureid.cli import main
+
+    summary = _run("buc", tiny_root, tmp_path_factory)
+    run_dir = Path(summary["run_dir"])
+    before = json.loads((run_dir / "run.json").read_text())
+    assert main(["run", "buc", "--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir} has finished (2 stages, summary.json): nothing to resume, nothing started" in out, out
+    assert "continuing at stage" not in out and json.loads((run_dir / "run.json").read_text()) == before
+    assert MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).info.status == "FINISHED"
+
+
 def _map_of(features_file, records):
     """mAP of query against gallery from an embed file's features, looked up by each record's first path."""
     from ureid.evaluation import evaluate, pairwise_distance

@@ -56,6 +56,18 @@ def _setting(cfg: Config, method) -> str:
                      for k in method.key_settings if k in block)
 
 
+def _finished_summary(run_dir: str | os.PathLike, cfg: Config) -> dict | None:
+    """The summary of a finished run resumed with its own config unchanged: there is nothing to run (Ray,
+    the store and a trainer would start only to find no stage left, and the MLflow run would be reopened).
+    None when it has no summary yet or the resumed config differs (e.g. asks for more stages)."""
+    path = Path(run_dir).expanduser() / "summary.json"
+    if not path.is_file():
+        return None
+    if load_run_config(run_dir).with_absolute_paths().to_dict() != cfg.to_dict():
+        return None
+    return json.loads(path.read_text())
+
+
 def _resume_point(job: Job) -> tuple[int, str | None]:
     """The first stage to run and the checkpoint to load: after the last stage that has both a checkpoint and
     its line in the history. A process killed after Ray Train persisted a stage's checkpoint but before the
@@ -126,6 +138,12 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     cfg = cfg.with_absolute_paths()
+    if resume and (finished := _finished_summary(resume, cfg)) is not None:
+        if not quiet:
+            print(f"[ureid] {Path(resume).expanduser().resolve()} has finished ({len(finished['history'])} stages, "
+                  f"summary.json): nothing to resume, nothing started. More stages, where the method has them: "
+                  f"--set schedule.max_stages=N (or the method's own stage count) with --resume.")
+        return finished
     if resume:
         job = Job.reopen(resume)
     else:
@@ -146,6 +164,13 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         num_stages = method.num_stages(cfg, data)
         if cfg.schedule.max_stages:
             num_stages = min(num_stages, cfg.schedule.max_stages)
+        if resume and start_stage >= num_stages and (job.run_dir / "summary.json").is_file():
+            # resumed with a config that asks for more stages than the method has on this data
+            job.finish()
+            if not quiet:
+                print(f"[ureid] no stage left: the run has all {num_stages} stages {cfg.method} runs on this data "
+                      f"with this config; nothing started", flush=True)
+            return json.loads((job.run_dir / "summary.json").read_text())
 
         from .job import check_worker_group, ensure_ray
         from .tasks import check_cluster_slots
@@ -211,7 +236,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
             **{f"best_{k}": best[k] for k in ("mAP", "rank1") if k in best}})
         job.finish()
     if not quiet:
-        print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stages in {summary['wall_time_s']:.0f}s")
+        print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stage{'s' * (len(history) != 1)} in {summary['wall_time_s']:.0f}s")
         how = "the last stage" if cfg.schedule.select == "last" else f"by {cfg.schedule.select}"
         print(f"[ureid] kept stage {selected} ({how}); the oracle (test-set mAP, labels an "
               f"unsupervised user does not have) would pick stage {oracle}")

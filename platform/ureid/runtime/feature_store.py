@@ -62,6 +62,18 @@ class StoreInputs:
     seed: int
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this actor. Ray 2.60's ``was_current_actor_reconstructed`` reads its own deprecated
+    ``actor_id`` on the way, a three-line RayDeprecationWarning in every run's output; the answer is the same."""
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 @contextmanager
 def _threads(count: int | None):
     """faiss's, torch's and NumPy's BLAS thread counts set to ``count`` for the block, then restored (None:
@@ -202,7 +214,7 @@ class FeatureStore:
         for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
             if stage not in self.results:
                 self.shards.setdefault(stage, {})[rank] = path
-        if first_stage is not None and not ray.get_runtime_context().was_current_actor_reconstructed:
+        if first_stage is not None and not _restarted():
             self.forget_from(first_stage)
         self.device = update_device(cfg.ray)
         _load_update_libraries()

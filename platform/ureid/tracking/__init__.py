@@ -54,8 +54,13 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 
 
 def _client(uri: str):
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    # "Creating initial MLflow database tables... / Updating database tables": two INFO lines at the top of a
+    # run's output whenever it makes a new SQLite store (MLflow gives its loggers handlers of their own)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 
