@@ -56,6 +56,10 @@ def _setting(cfg: Config, method) -> str:
                      for k in method.key_settings if k in block)
 
 
+def _stages(count: int) -> str:
+    return f"{count} stage" + "s" * (count != 1)
+
+
 def _finished_summary(run_dir: str | os.PathLike, cfg: Config) -> dict | None:
     """The summary of a finished run resumed with its own config unchanged: there is nothing to run (Ray,
     the store and a trainer would start only to find no stage left, and the MLflow run would be reopened).
@@ -140,7 +144,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     cfg = cfg.with_absolute_paths()
     if resume and (finished := _finished_summary(resume, cfg)) is not None:
         if not quiet:
-            print(f"[ureid] {Path(resume).expanduser().resolve()} has finished ({len(finished['history'])} stages, "
+            print(f"[ureid] {Path(resume).expanduser().resolve()} has finished ({_stages(len(finished['history']))}, "
                   f"summary.json): nothing to resume, nothing started. More stages, where the method has them: "
                   f"--set schedule.max_stages=N (or the method's own stage count) with --resume.")
         return finished
@@ -236,7 +240,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
             **{f"best_{k}": best[k] for k in ("mAP", "rank1") if k in best}})
         job.finish()
     if not quiet:
-        print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {len(history)} stage{'s' * (len(history) != 1)} in {summary['wall_time_s']:.0f}s")
+        print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {_stages(len(history))} in {summary['wall_time_s']:.0f}s")
         how = "the last stage" if cfg.schedule.select == "last" else f"by {cfg.schedule.select}"
         print(f"[ureid] kept stage {selected} ({how}); the oracle (test-set mAP, labels an "
               f"unsupervised user does not have) would pick stage {oracle}")
