@@ -263,7 +263,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     emb = sub.add_parser("embed", help="a finished run's embedding of new images: features to a .npz",
                          description="Embed images (files, or folders read recursively) with a run's trained model: "
                          "L2-normalised features, compared by Euclidean distance as in the run's evaluation. "
-                         "A video run embeds tracklets: each folder that holds frames is one.")
+                         "A video run embeds tracklets: a folder of frames, or a MARS tracklet name, is one.")
     emb.add_argument("run_dir")
     emb.add_argument("images", nargs="+", help="image files and folders")
     emb.add_argument("--out", default="features.npz", help="output .npz: features (N, D), paths, stage, method "
