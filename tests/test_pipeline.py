@@ -223,6 +223,11 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     assert json.loads((Path(run_dir) / "run.json").read_text())["attempts"] == 2
     steps = [m.step for m in MlflowClient(first["tracking_uri"]).get_metric_history(first["run_id"], "mAP")]
     assert sorted(steps) == [0, 1]
+    # the override is the run's setting from now on: config.yaml says so, the first attempt's is kept, a tag
+    assert load_run_config(run_dir).schedule.max_stages == 2
+    assert load_config(Path(run_dir) / "config.attempt1.yaml").schedule.max_stages == 1
+    tags = MlflowClient(first["tracking_uri"]).get_run(first["run_id"]).data.tags
+    assert tags["ureid.attempt2.set"] == "schedule.max_stages=2"
 
 
 def test_failed_run_is_marked_failed_with_the_reason(ray_cluster, tiny_root, tmp_path):

@@ -56,6 +56,25 @@ def _setting(cfg: Config, method) -> str:
                      for k in method.key_settings if k in block)
 
 
+def _record_resumed_config(job: Job, cfg: Config) -> None:
+    """A resume with ``--set`` overrides runs with them, so the run folder's ``config.yaml`` says so from then on
+    (the one before kept as ``config.attempt<N>.yaml``, N the attempt that used it) and the MLflow run gets a
+    tag naming the changed keys (its params are write-once). Without it a later resume, ``ureid embed`` or a
+    reader of the folder would see the first attempt's settings."""
+    path = job.run_dir / "config.yaml"
+    before = tracking.flatten(load_run_config(job.run_dir).with_absolute_paths().to_dict())
+    after = tracking.flatten(cfg.to_dict())
+    changed = {k: after.get(k) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+    if not changed:
+        return
+    kept = job.run_dir / f"config.attempt{job.attempt - 1}.yaml"
+    shutil.copyfile(path, kept)
+    save_config(cfg, path)
+    said = ", ".join(f"{k}={v}" for k, v in changed.items())
+    tracking.set_tags(job.tracking_uri, job.run_id, {f"ureid.attempt{job.attempt}.set": said[:5000]})
+    print(f"[ureid] resumed with {said}: config.yaml updated, the previous one kept as {kept.name}", flush=True)
+
+
 def _stages(count: int) -> str:
     return f"{count} stage" + "s" * (count != 1)
 
@@ -157,6 +176,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                         write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
     job.announce()
     with job.failing_loudly(leave_status):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
+        if resume:
+            _record_resumed_config(job, cfg)
         cfg.check_paths()
         method.prepare(cfg)
         ensure_synthetic(cfg.data)
