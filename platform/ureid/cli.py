@@ -268,11 +268,9 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("images", nargs="+", help="image files and folders")
     emb.add_argument("--out", default="features.npz", help="output .npz: features (N, D), paths, stage, method "
                      "(default: %(default)s)")
-    emb.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
-    emb.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
-    emb.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
+    _add_model_options(emb)
     emb.set_defaults(func=_cmd_embed)
-    from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS, DATASETS
+    from ureid.data.formats import DATASETS
 
     ev = sub.add_parser("evaluate", help="mAP and CMC of a finished run on its own or another labeled dataset",
                         description="Score a run's model (the stage it selected, or --stage) on a query/gallery "
@@ -281,17 +279,29 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("run_dir")
     ev.add_argument("--format", choices=sorted(DATASETS), help="another dataset's format (with --root)")
     ev.add_argument("--root", help="another dataset's folder (with --format)")
-    ev.add_argument("--pattern", default=None, help="folder format: filename regex with (?P<pid>..), (?P<camid>..)")
-    ev.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
-    ev.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
-    ev.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
-    ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
-    ev.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
+    _add_dataset_options(ev)
+    _add_model_options(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which of a run's models, and where it runs (``ureid embed``, ``ureid evaluate``)."""
+    p.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """How a dataset folder is read beyond its format and root (``ureid data info``, ``ureid evaluate``)."""
+    from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS
+
+    p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and optional (?P<camid>..)")
+    p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
+    p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
+
+
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
-    from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS, DATASETS
+    from ureid.data.formats import DATASETS
 
     data = sub.add_parser("data", help="datasets: generate synthetic data, inspect a dataset folder")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="{synth,info,camstyle}")
@@ -315,9 +325,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("info", help="read a dataset folder and print its split summary")
     i.add_argument("--format", required=True, choices=sorted(DATASETS))
     i.add_argument("--root", required=True)
-    i.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and optional (?P<camid>..)")
-    i.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
-    i.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
+    _add_dataset_options(i)
     i.add_argument("--no-verify", action="store_true", help="do not open every image to check it is readable")
     i.set_defaults(func=_cmd_info)
 

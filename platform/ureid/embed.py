@@ -49,14 +49,20 @@ class Embedding:
               num_workers: int | None = None) -> np.ndarray:
         from .engine.extract import extract_features
 
+        opts = self.on(device, batch_size, num_workers)
+        pooled = extract_features(self.model, records, device=device, **opts)["pooled"]
+        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def on(self, device: str, batch_size: int | None = None, num_workers: int | None = None) -> dict:
+        """The model moved to ``device``; the run's extraction options (its input size, eval batch, loader
+        workers) with the given ones in place of its own."""
         opts = self.cfg.extract_options()
         if batch_size is not None:
             opts["batch_size"] = batch_size
         if num_workers is not None:
             opts["num_workers"] = num_workers
         self.model.to(device)
-        pooled = extract_features(self.model, records, device=device, **opts)["pooled"]
-        return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return opts
 
 
 def load_embedding(run_dir: str | Path, stage: int | None = None) -> Embedding:
@@ -64,10 +70,7 @@ def load_embedding(run_dir: str | Path, stage: int | None = None) -> Embedding:
     from .config import load_config
     from .runtime.job import stage_checkpoints
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a ureid run folder (no config.yaml; a run writes "
-                                f"runs/<method>-<time>-<id>/)")
+    run_dir = run_folder(run_dir)
     cfg = load_config(run_dir / "config.yaml", check_paths=False)  # the dataset need not be on this machine
     stages = dict(stage_checkpoints(run_dir))
     if stage is None:
@@ -84,6 +87,15 @@ def load_embedding(run_dir: str | Path, stage: int | None = None) -> Embedding:
             raise FileNotFoundError(f"{run_dir}: no checkpoint of stage {stage} (it has {_listing(stages)})")
         best = stages[stage] / "state.pt"
     return Embedding(stage_model(cfg, best), cfg, stage, run_dir)
+
+
+def run_folder(run_dir: str | Path) -> Path:
+    """``run_dir`` as a Path, if it is a run folder (it holds the run's ``config.yaml``); else a clear error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a ureid run folder (no config.yaml; a run writes "
+                                f"runs/<method>-<time>-<id>/)")
+    return run_dir
 
 
 def stage_model(cfg, state_path: Path):
@@ -187,10 +199,6 @@ def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str
         kinds = {True: "video (tracklets)", False: "image"}
         raise ValueError(f"{ds.name} at {ds.root} is an {kinds[bool(ds.is_video)]} dataset, but the run "
                          f"{emb.run_dir} trained on {kinds[emb.video]} data")
-    opts = emb.cfg.extract_options()
-    if batch_size is not None:
-        opts["batch_size"] = batch_size
-    emb.model.to(device)
-    scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, **opts)
+    scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, **emb.on(device, batch_size))
     return {"method": emb.cfg.method, "stage": emb.stage, "dataset": ds.name, "root": str(ds.root),
             "num_query": len(ds.query), "num_gallery": len(ds.gallery), **scores}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import load_config
-from .embed import stage_model
+from .embed import run_folder, stage_model
 
 
 def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None) -> list[Path]:
@@ -28,10 +28,7 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     from .runtime.job import stage_checkpoints
     from .visualize import feature_maps, ranked_lists
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a ureid run folder (no config.yaml; a run writes "
-                                f"runs/<method>-<time>-<id>/)")
+    run_dir = run_folder(run_dir)
     if not (run_dir / "summary.json").is_file():
         raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json): the pictures need its "
                                 f"selected stage; `ureid run <method> --resume {run_dir}` finishes it")

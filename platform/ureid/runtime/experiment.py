@@ -56,17 +56,22 @@ def _setting(cfg: Config, method) -> str:
                      for k in method.key_settings if k in block)
 
 
-def _record_resumed_config(job: Job, cfg: Config) -> None:
+def _resumed_changes(run_dir: str | os.PathLike, cfg: Config) -> dict:
+    """The settings a resume changes: the flattened keys whose value in ``cfg`` differs from the run folder's
+    ``config.yaml`` (its ``--set`` overrides), with their new values."""
+    before = tracking.flatten(load_run_config(run_dir).with_absolute_paths().to_dict())
+    after = tracking.flatten(cfg.to_dict())
+    return {k: after.get(k) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+
+
+def _record_resumed_config(job: Job, cfg: Config, changed: dict) -> None:
     """A resume with ``--set`` overrides runs with them, so the run folder's ``config.yaml`` says so from then on
     (the one before kept as ``config.attempt<N>.yaml``, N the attempt that used it) and the MLflow run gets a
     tag naming the changed keys (its params are write-once). Without it a later resume, ``ureid embed`` or a
     reader of the folder would see the first attempt's settings."""
-    path = job.run_dir / "config.yaml"
-    before = tracking.flatten(load_run_config(job.run_dir).with_absolute_paths().to_dict())
-    after = tracking.flatten(cfg.to_dict())
-    changed = {k: after.get(k) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
     if not changed:
         return
+    path = job.run_dir / "config.yaml"
     kept = job.run_dir / f"config.attempt{job.attempt - 1}.yaml"
     shutil.copyfile(path, kept)
     save_config(cfg, path)
@@ -79,16 +84,11 @@ def _stages(count: int) -> str:
     return f"{count} stage" + "s" * (count != 1)
 
 
-def _finished_summary(run_dir: str | os.PathLike, cfg: Config) -> dict | None:
-    """The summary of a finished run resumed with its own config unchanged: there is nothing to run (Ray,
-    the store and a trainer would start only to find no stage left, and the MLflow run would be reopened).
-    None when it has no summary yet or the resumed config differs (e.g. asks for more stages)."""
+def _finished_summary(run_dir: str | os.PathLike) -> dict | None:
+    """The summary of a finished run (None: none yet). Resumed with its own config unchanged there is nothing to
+    run: Ray, the store and a trainer would start only to find no stage left, and the MLflow run be reopened."""
     path = Path(run_dir).expanduser() / "summary.json"
-    if not path.is_file():
-        return None
-    if load_run_config(run_dir).with_absolute_paths().to_dict() != cfg.to_dict():
-        return None
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _resume_point(job: Job) -> tuple[int, str | None]:
@@ -161,7 +161,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     t0 = time.perf_counter()
     method = get_method(cfg.method)
     cfg = cfg.with_absolute_paths()
-    if resume and (finished := _finished_summary(resume, cfg)) is not None:
+    changed = _resumed_changes(resume, cfg) if resume else {}
+    if resume and not changed and (finished := _finished_summary(resume)) is not None:
         if not quiet:
             print(f"[ureid] {Path(resume).expanduser().resolve()} has finished ({_stages(len(finished['history']))}, "
                   f"summary.json): nothing to resume, nothing started. More stages, where the method has them: "
@@ -177,7 +178,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     job.announce()
     with job.failing_loudly(leave_status):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
         if resume:
-            _record_resumed_config(job, cfg)
+            _record_resumed_config(job, cfg, changed)
         cfg.check_paths()
         method.prepare(cfg)
         ensure_synthetic(cfg.data)
@@ -189,13 +190,13 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         num_stages = method.num_stages(cfg, data)
         if cfg.schedule.max_stages:
             num_stages = min(num_stages, cfg.schedule.max_stages)
-        if resume and start_stage >= num_stages and (job.run_dir / "summary.json").is_file():
+        if resume and start_stage >= num_stages and (finished := _finished_summary(job.run_dir)) is not None:
             # resumed with a config that asks for more stages than the method has on this data
             job.finish()
             if not quiet:
                 print(f"[ureid] no stage left: the run has all {num_stages} stages {cfg.method} runs on this data "
                       f"with this config; nothing started", flush=True)
-            return json.loads((job.run_dir / "summary.json").read_text())
+            return finished
 
         from .job import check_worker_group, ensure_ray
         from .tasks import check_cluster_slots
