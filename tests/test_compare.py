@@ -83,3 +83,27 @@ def test_a_store_or_experiment_that_is_not_there_is_named_and_nothing_is_made(tm
     err = capsys.readouterr().err
     assert "no MLflow experiment 'ureid'" in err and "'sweeps-of-june'" in err, err
     assert not (tmp_path / "runs").exists()  # no comparison folder for nothing to compare
+
+
+def test_a_dataset_without_test_labels_is_compared_on_its_label_free_score(tmp_path):
+    """Runs on an unlabeled folder log no mAP: their table shows the label-free score where the run kept its
+    stage and the stage the score picks, and the per-stage plot is that score's."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for method, scores, selected in (("buc", [0.02, 0.05, 0.04], 1), ("ssl", [0.10, 0.08], 1)):
+        run_id = tracking.start_run(uri, "own", f"{method}-run", {"method": method},
+                                    {"method": method, "dataset": "folder"})
+        for stage, v in enumerate(scores):
+            tracking.log_stage(uri, run_id, stage, {"num_clusters": 50 - stage, "stage_time_s": 6.0,
+                                                    "lf_silhouette": v}, timestamp_ms=1)
+        tracking.log_summary(uri, run_id, {"selected_at_stage": selected, "wall_time_s": 60.0})
+        tracking.set_tags(uri, run_id, {"ureid.setting": f"{method}-setting", "ureid.selection": "last"})
+        tracking.finish_run(uri, run_id)
+    files = compare(uri, tmp_path / "out", experiment="own", log=False)
+    md, table_csv, per_stage_png, _ = files["folder"]
+    lines = md.read_text().splitlines()
+    assert "mAP" not in lines[0] and "| lf_silhouette there | lf_silhouette pick (stage) |" in lines[0]
+    assert lines[2] == "| buc | buc-setting | 1 of 3 (last) | 0.0500 | 1 | 48 | 1.0 min |"
+    assert lines[3] == "| ssl | ssl-setting | 1 of 2 (last) | 0.0800 | 0 | 49 | 1.0 min |"
+    assert per_stage_png.name == "lf_silhouette_per_stage_folder.png"
+    rows = list(csv.DictReader(table_csv.open()))
+    assert [r["label_free_at_selected"] for r in rows] == ["0.05", "0.08"] and not any(r["oracle_stage"] for r in rows)

@@ -239,14 +239,42 @@ def test_folder_without_camid_and_with_splits(tmp_path):
 
 def test_folder_pattern_errors(tmp_path):
     jpg(tmp_path / "1_c1.jpg")
-    with pytest.raises(ValueError, match=r"needs a named group \(\?P<pid>"):
+    with pytest.raises(ValueError, match=r"needs a named group \(\?P<pid>...\) and/or \(\?P<camid>"):
         load_dataset("folder", tmp_path, pattern=r"(\d+)_c(\d)")
     with pytest.raises(ValueError, match="no image under .* matching pattern " + re.escape(repr(r"zzz(?P<pid>\d+)"))):
         load_dataset("folder", tmp_path, pattern=r"zzz(?P<pid>\d+)")
-    with pytest.raises(ValueError, match="pattern is required"):
-        load_dataset("folder", tmp_path)
     with pytest.raises(ValueError, match="pattern applies only to the 'folder' format"):
         load_dataset("market1501", tmp_path, pattern=r"(?P<pid>\d+)")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"folder: no image under .*empty \(looked for \.bmp, \.jpeg, \.jpg, \.png"):
+        load_dataset("folder", tmp_path / "empty")
+
+
+def test_folder_of_unlabeled_crops(tmp_path):
+    """A user's own crops: no pattern (or a camera-only one) gives unlabeled training images, identity -1;
+    query/gallery subfolders are scored by identity, so they need a pid group."""
+    from ureid.config import CONFIG_DIR, load_config
+    from ureid.data.records import UNKNOWN_PID
+
+    for f in ["b/x_cam2.jpg", "a/y_cam1.png", "z_cam2.jpg"]:
+        jpg(tmp_path / "own" / f)
+    ds = load_dataset("folder", tmp_path / "own")
+    assert [Path(r.path).name for r in ds.train] == ["y_cam1.png", "x_cam2.jpg", "z_cam2.jpg"]  # sorted by path
+    assert {(r.pid, r.camid) for r in ds.train} == {(UNKNOWN_PID, 0)} and ds.query == [] and ds.gallery == []
+    assert "train         3 records unlabeled   1 cameras" in ds.summary()
+    ds = load_dataset("folder", tmp_path / "own", pattern=r"_cam(?P<camid>\d)")
+    assert by_name(ds.train) == {"y_cam1.png": (UNKNOWN_PID, 0), "x_cam2.jpg": (UNKNOWN_PID, 1),
+                                 "z_cam2.jpg": (UNKNOWN_PID, 1)}
+    for f in ["query/1_q.jpg", "gallery/1_g.jpg"]:
+        jpg(tmp_path / "split" / f)
+    for pattern in (None, r"_(?P<camid>[qg])"):
+        with pytest.raises(ValueError, match=r"has query/ and gallery/, which are scored by identity: give a pattern"):
+            load_dataset("folder", tmp_path / "split", pattern=pattern)
+    # the config takes a folder without a pattern, and a pattern only for the folder format
+    base = CONFIG_DIR / "buc_cpu.yaml"
+    assert load_config(base, ["data.name=folder", f"data.root={tmp_path / 'own'}"]).data.pattern is None
+    with pytest.raises(ValueError, match="data.pattern applies only to data.name='folder', not 'market1501'"):
+        load_config(base, ["data.name=market1501", r"data.pattern=(?P<pid>\d+)"], check_paths=False)
 
 
 # ----------------------------------------------------------------------------- unreadable images

@@ -230,6 +230,49 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     assert tags["ureid.attempt2.set"] == "schedule.max_stages=2"
 
 
+def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(ray_cluster, tiny_root,
+                                                                               tmp_path_factory):
+    """A user's own crops carry no identity: the same training images renamed to bare numbers (the camera kept
+    in the name), as a `folder` without query/gallery. BUC must give the labels and losses of the labeled run
+    (identities never reach training), skip what needs identities (mAP, merge precision), keep the stage its
+    label-free score ranks best, and draw pseudo-identities instead of ranked lists."""
+    import shutil
+
+    from ureid.data.formats import load_dataset
+
+    labeled = _run("buc", tiny_root, tmp_path_factory)
+    folder = tmp_path_factory.mktemp("own_crops")
+    for i, r in enumerate(load_dataset("market1501", tiny_root).train):  # the loader's order, kept by the names
+        shutil.copy(r.path, folder / f"crop{i:04d}_cam{r.camid + 1}.jpg")
+    out = tmp_path_factory.mktemp("unlabeled_run")
+    cfg = tiny_cfg("buc", tiny_root, out, "data.name=folder", f"data.root={folder}",
+                   r"data.pattern=_cam(?P<camid>\d+)", "schedule.select=label_free:lf_silhouette")
+    summary = run_experiment(cfg, quiet=True)
+
+    history = summary["history"]
+    assert [h["loss"] for h in history] == [h["loss"] for h in labeled["history"]]
+    assert np.array_equal(np.load(f"{summary['run_dir']}/labels.npy"), np.load(f"{labeled['run_dir']}/labels.npy"))
+    for h in history:
+        assert not {"mAP", "rank1", "merge_precision"} & set(h) and "lf_silhouette" in h
+    assert summary["selected_stage"] == max(history, key=lambda h: (h["lf_silhouette"], -h["stage"]))["stage"]
+    pictures = Path(summary["run_dir"]) / "pictures"
+    assert sorted(p.name for p in pictures.iterdir()) == ["feature_map.png", "pseudo_identities.png"]
+
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "folder"
+    assert client.get_metric_history(run.info.run_id, "mAP") == []
+    assert len(client.get_metric_history(run.info.run_id, "lf_silhouette")) == 2
+    assert "selected_mAP" not in run.data.metrics and run.data.metrics["selected_at_stage"] == summary["selected_stage"]
+
+    from ureid.embed import evaluate_run
+    with pytest.raises(ValueError, match="has no query/gallery split to score"):
+        evaluate_run(summary["run_dir"])
+    with pytest.raises(ValueError, match="'oracle_map' keeps the stage of best test-set mAP"):
+        run_experiment(tiny_cfg("buc", tiny_root, out, "data.name=folder", f"data.root={folder}",
+                                "schedule.select=oracle_map"), quiet=True)
+
+
 def test_failed_run_is_marked_failed_with_the_reason(ray_cluster, tiny_root, tmp_path):
     cfg = tiny_cfg("camstyle", tiny_root, tmp_path, f"clustering.fake_root={tmp_path / 'no_fakes'}")
     with pytest.raises(FileNotFoundError, match="camstyle needs camera-style fakes"):

@@ -128,3 +128,45 @@ def test_visualize_says_what_a_folder_lacks(tmp_path, capsys):
     assert main(["visualize", str(tmp_path)]) == 2
     assert "has not finished (no summary.json)" in capsys.readouterr().err
     assert not (tmp_path / "pictures").exists()
+
+
+def test_pseudo_identities_nearest_the_mean_first_and_frames(gallery_setup, tmp_path):
+    """Rows are seeded pseudo-labels of two or more samples (outliers, label -1, never), members ordered by
+    distance to the cluster mean; frames grey without identities, green/red against the row's majority with."""
+    _, _, _, paths, _, _, _ = gallery_setup
+    labels = np.array([0, 0, 0, 1, 1, 2, -1, -1, 3, 3, 3, 3])  # 2 and the -1s are no row
+    feats = np.zeros((12, 2))
+    feats[[0, 1, 2], 0] = [1.0, 0.0, 0.4]        # mean 0.467: 2 nearest, then 1 (0.467), then 0 (0.533)
+    feats[[8, 9, 10, 11], 1] = [3.0, 0.0, 1.0, 2.0]  # mean 1.5: ties (10, 11) and (8, 9) keep sample order
+    geom = dict(height=32, width=16, border=3, spacing=4, query_gap=10)
+    out = vis.pseudo_identities(paths, labels, feats, tmp_path / "p.png", num_clusters=8, members=5, **geom)
+    assert list(out["clusters"]) == [0, 1, 3]
+    assert out["cells"].shape == (3, 4)  # the largest drawn cluster has 4: no column empty in every row
+    assert out["cells"][0].tolist() == [2, 1, 0, -1] and out["cells"][2].tolist() == [10, 11, 8, 9]
+    with Image.open(out["path"]) as img:
+        assert img.size == vis.picture_size(3, 3, **geom) == out["size"]
+        px = img.convert("RGB").load()
+        x, y = vis.cell_origin(0, 0, **geom)
+        assert px[x, y] == vis.QUERY_FRAME
+        x, y = vis.cell_origin(0, 1, **geom)
+        assert px[x, y] == vis.MEMBER
+        x, y = vis.cell_origin(0, 3, **geom)
+        assert px[x, y] == vis.EMPTY
+    pids = np.array([7, 7, 8, 5, 5, 0, 0, 0, 4, 4, 4, 6])  # row 3: 11 is not the majority's 4
+    out = vis.pseudo_identities(paths, labels, feats, tmp_path / "q.png", num_clusters=3, members=5, seed=1,
+                                pids=pids, **geom)
+    assert len(out["clusters"]) == 3
+    with Image.open(out["path"]) as img:
+        px = img.convert("RGB").load()
+        seen = set()
+        for r, label in enumerate(out["clusters"]):
+            for j, i in enumerate(out["cells"][r]):
+                if j > 0 and i >= 0:
+                    majority = np.bincount(pids[labels == label]).argmax()
+                    seen.add(px[vis.cell_origin(r, j, **geom)])
+                    assert px[vis.cell_origin(r, j, **geom)] == (vis.GREEN if pids[i] == majority else vis.RED)
+        assert seen == {vis.GREEN, vis.RED}
+    with pytest.raises(ValueError, match="no pseudo-label with two or more samples"):
+        vis.pseudo_identities(paths, np.arange(12), feats, tmp_path / "r.png")
+    with pytest.raises(ValueError, match="one entry per sample"):
+        vis.pseudo_identities(paths[:3], labels, feats, tmp_path / "r.png")

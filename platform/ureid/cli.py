@@ -255,7 +255,8 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--out", default="runs/comparison", help="folder for the tables and plots")
     cmp.add_argument("--score", default=DEFAULT_SCORE, choices=sorted(LABEL_FREE_SCORES), help="label-free score whose stage pick every row shows")
     cmp.set_defaults(func=_cmd_compare)
-    vis = sub.add_parser("visualize", help="ranked lists and a t-SNE feature map of a finished run")
+    vis = sub.add_parser("visualize", help="ranked lists (pseudo-identities without a query set) and a t-SNE "
+                                           "feature map of a finished run")
     vis.add_argument("run_dir")
     vis.add_argument("--num-queries", type=int, default=8)
     vis.add_argument("--seed", type=int, default=0)
@@ -295,7 +296,7 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
     """How a dataset folder is read beyond its format and root (``ureid data info``, ``ureid evaluate``)."""
     from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS
 
-    p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and optional (?P<camid>..)")
+    p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and/or (?P<camid>..); none: unlabeled images")
     p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
     p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
 

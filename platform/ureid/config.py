@@ -56,8 +56,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _pattern_for_folder(self):
-        if self.name == "folder" and not self.pattern:
-            raise ValueError("data.pattern: the folder dataset needs a filename regex with a (?P<pid>...) group")
+        if self.pattern and self.name != "folder":
+            raise ValueError(f"data.pattern applies only to data.name='folder', not {self.name!r}")
         return self
 
     def check_paths(self, key: str = "data") -> None:

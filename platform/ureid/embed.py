@@ -199,6 +199,10 @@ def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str
         kinds = {True: "video (tracklets)", False: "image"}
         raise ValueError(f"{ds.name} at {ds.root} is an {kinds[bool(ds.is_video)]} dataset, but the run "
                          f"{emb.run_dir} trained on {kinds[emb.video]} data")
+    if not ds.query or not ds.gallery:
+        where = "the run's own dataset, " if data_format is None else ""
+        raise ValueError(f"{where}{ds.name} at {ds.root}, has no query/gallery split to score (an unlabeled folder "
+                         "trains only): give a labeled dataset with --format and --root")
     scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, **emb.on(device, batch_size))
     return {"method": emb.cfg.method, "stage": emb.stage, "dataset": ds.name, "root": str(ds.root),
             "num_query": len(ds.query), "num_gallery": len(ds.gallery), **scores}

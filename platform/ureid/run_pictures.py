@@ -2,7 +2,9 @@
 
 From the run's own files, so it works long after the run: the stage checkpoints (the model), the feature
 store's saved targets (the pseudo-labels) and the resolved config. It writes ``pictures/ranked_lists.png``
-(the selected stage's model on a fixed sample of queries) and ``pictures/feature_map.png`` (t-SNE of the
+(the selected stage's model on a fixed sample of queries; for a dataset without query/gallery, an unlabeled
+folder, ``pictures/pseudo_identities.png``: a sample of the selected stage's pseudo-identities, their members
+nearest the cluster mean first) and ``pictures/feature_map.png`` (t-SNE of the
 training features after stage 0 and after the selected stage, coloured by the pseudo-labels their update
 gave). No Ray here.
 """
@@ -22,11 +24,12 @@ from .embed import run_folder, stage_model
 def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None) -> list[Path]:
     """``records``: (train, query, gallery) record lists when the caller has them (the driver at the end of a
     run); otherwise the dataset the run's config names is read."""
+    from .data.records import UNKNOWN_PID
     from .data.run_data import load_split_dataset
     from .engine.extract import extract_features
     from .evaluation import pairwise_distance
     from .runtime.job import stage_checkpoints
-    from .visualize import feature_maps, ranked_lists
+    from .visualize import feature_maps, pseudo_identities, ranked_lists
 
     run_dir = run_folder(run_dir)
     if not (run_dir / "summary.json").is_file():
@@ -49,17 +52,25 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
     models = {stage: stage_model(cfg, checkpoints[stage] / "state.pt") for stage in sorted({0, selected})}
-    q = unit(extract_features(models[selected], query, **opts)["pooled"])
-    g = unit(extract_features(models[selected], gallery, **opts)["pooled"])
-    ranked_lists([r.path for r in query], [r.pid for r in query], [r.camid for r in query],
-                 [r.path for r in gallery], [r.pid for r in gallery], [r.camid for r in gallery],
-                          pairwise_distance(q, g, metric="sqeuclidean"), out / "ranked_lists.png",
-                          num_queries=num_queries, seed=seed)
+    train_features = {stage: extract_features(model, train, **opts)["pooled"] for stage, model in models.items()}
+    if query:
+        q = unit(extract_features(models[selected], query, **opts)["pooled"])
+        g = unit(extract_features(models[selected], gallery, **opts)["pooled"])
+        ranked_lists([r.path for r in query], [r.pid for r in query], [r.camid for r in query],
+                     [r.path for r in gallery], [r.pid for r in gallery], [r.camid for r in gallery],
+                     pairwise_distance(q, g, metric="sqeuclidean"), out / "ranked_lists.png",
+                     num_queries=num_queries, seed=seed)
+        first = out / "ranked_lists.png"
+    else:  # an unlabeled folder: what its pseudo-identities look like instead of what a query retrieves
+        pids = np.array([r.pid for r in train])
+        pseudo_identities([r.path for r in train], results[selected]["targets"].labels[: len(train)],
+                          unit(train_features[selected]), out / "pseudo_identities.png", num_clusters=num_queries,
+                          seed=seed, pids=None if (pids == UNKNOWN_PID).any() else pids)
+        first = out / "pseudo_identities.png"
     panels = []
-    for stage, model in models.items():
-        feats = extract_features(model, train, **opts)["pooled"]
+    for stage, feats in train_features.items():
         labels = results[stage]["targets"].labels[: len(train)]
         panels.append((feats, labels, f"after stage {stage}: {np.unique(labels).size} pseudo-classes"
                                       + (" (selected)" if stage == selected else "")))
     feature_maps(panels, out / "feature_map.png", seed=seed)
-    return [out / "ranked_lists.png", out / "feature_map.png"]
+    return [first, out / "feature_map.png"]

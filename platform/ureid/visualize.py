@@ -4,6 +4,8 @@
   images under the Market-1501 protocol (same identity *and* same camera, and pid -1, are junk and skipped),
   each gallery image framed green when it shows the query's identity and red when not, one row per query
   (as torchreid's ``visualize_ranked_results``).
+- :func:`pseudo_identities`: for a seeded sample of pseudo-labels, the members of each, nearest the cluster's
+  mean first (what a user without test labels looks at: do the clusters show one person each?).
 - :func:`feature_map` / :func:`feature_maps`: 2-D t-SNE maps (scikit-learn, seeded) of features coloured by
   (pseudo-)label, one panel per (features, labels, title), e.g. stage 0 beside the selected stage.
 """
@@ -21,6 +23,7 @@ RED = (220, 0, 0)
 QUERY_FRAME = (0, 0, 0)
 BACKGROUND = (255, 255, 255)
 EMPTY = (225, 225, 225)  # a cell with no gallery image left (fewer valid gallery images than topk)
+MEMBER = (150, 150, 150)  # a pseudo-identity's member whose true identity is not known
 
 
 def _sample(n: int, k: int, seed: int) -> np.ndarray:
@@ -96,6 +99,69 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png, format="PNG")
     return {"path": out_png, "size": size, "queries": queries, "gallery": ranked, "matches": matches}
+
+
+def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_png: str | os.PathLike,
+                      num_clusters: int = 8, members: int = 10, seed: int = 0, pids=None, *, height: int = 128,
+                      width: int = 64, border: int = 5, spacing: int = 6, query_gap: int = 30) -> dict:
+    """Write a picture of pseudo-identities to ``out_png``; return what it shows.
+
+    Rows are ``num_clusters`` pseudo-labels drawn with ``seed`` among those with two or more samples (labels < 0,
+    a density clustering's outliers, are none); each row is the member nearest the cluster's mean feature (black
+    frame), a gap, then the next ``members`` nearest (ties keep sample order). With ``pids`` (ground truth, for a
+    labeled dataset) a member is framed green when it shows the row's most frequent identity and red when not;
+    without, grey. The geometry is :func:`ranked_lists`' (``cell_origin``, ``picture_size``).
+
+    Returns ``dict(path, size=(W, H), clusters=labels drawn, cells=(n, m + 1) sample indices or -1)``, ``m`` =
+    ``members`` or fewer when no drawn cluster has that many more samples.
+    """
+    from PIL import Image
+
+    labels = np.asarray(labels)
+    feats = np.asarray(features, dtype=np.float64)
+    if not (len(paths) == len(labels) == len(feats)) or (pids is not None and len(pids) != len(labels)):
+        raise ValueError("paths, labels, features (and pids) must have one entry per sample")
+    if num_clusters <= 0 or members <= 0:
+        raise ValueError(f"num_clusters and members must be > 0, got {num_clusters}, {members}")
+    values, counts = np.unique(labels[labels >= 0], return_counts=True)
+    candidates = values[counts >= 2]
+    if candidates.size == 0:
+        raise ValueError("no pseudo-label with two or more samples to draw")
+    drawn = candidates[_sample(candidates.size, num_clusters, seed)]
+    members = min(members, int(counts[np.isin(values, drawn)].max()) - 1)  # no column left empty in every row
+
+    cells = np.full((len(drawn), members + 1), -1, dtype=np.int64)
+    frames = []
+    for r, label in enumerate(drawn):
+        idx = np.flatnonzero(labels == label)
+        centre = feats[idx].mean(0)
+        order = idx[np.argsort(((feats[idx] - centre) ** 2).sum(1), kind="stable")][: members + 1]
+        cells[r, : order.size] = order
+        if pids is None:
+            frames.append([MEMBER] * order.size)
+        else:
+            ids, n = np.unique(np.asarray(pids)[idx], return_counts=True)
+            major = ids[np.argmax(n)]
+            frames.append([GREEN if pids[i] == major else RED for i in order])
+
+    geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
+    size = picture_size(len(drawn), members, **geom)
+    canvas = Image.new("RGB", size, BACKGROUND)
+    cell = (width + 2 * border, height + 2 * border)
+    for r in range(len(drawn)):
+        for j in range(members + 1):
+            origin = cell_origin(r, j, **geom)
+            i = cells[r, j]
+            colour = EMPTY if i < 0 else QUERY_FRAME if j == 0 else frames[r][j]
+            canvas.paste(Image.new("RGB", cell, colour), origin)
+            if i >= 0:
+                with Image.open(paths[i]) as im:
+                    canvas.paste(im.convert("RGB").resize((width, height), Image.BILINEAR),
+                                 (origin[0] + border, origin[1] + border))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_png, format="PNG")
+    return {"path": out_png, "size": size, "clusters": drawn, "cells": cells}
 
 
 def cell_origin(row: int, col: int, *, height: int = 128, width: int = 64, border: int = 5, spacing: int = 6,

@@ -20,7 +20,7 @@ The layouts follow the published datasets and the reference loaders of torchreid
                  ``cuhk03_new_protocol_config_labeled.mat`` (``..._detected.mat``)
 ``mars``         ``bbox_train/ bbox_test/ info/`` with the name lists and track tables
 ``dukevideo``    DukeMTMC-VideoReID ``train|query|gallery/<pid>/<tracklet>/<frames>.jpg``
-``folder``       any tree of images + a filename regex with named groups ``pid`` and ``camid``
+``folder``       any tree of images: unlabeled crops, or a filename regex with groups ``pid``/``camid``
 ===============  ===========================================================================
 """
 
@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .records import Record, ReidDataset
+from .records import UNKNOWN_PID, Record, ReidDataset
 
 log = logging.getLogger(__name__)
 
@@ -354,22 +354,25 @@ def load_dukevideo(root) -> ReidDataset:
 
 # ----------------------------------------------------------------------------- generic folder
 def load_folder(root, pattern: str | None = None) -> ReidDataset:
-    """Any tree of images whose file names carry the identity (and optionally the camera).
+    """Any tree of images: your own crops, unlabeled, or file names that carry the identity and camera.
 
-    ``pattern`` is a regular expression searched in each file name, with a named group ``pid``
-    (an integer) and optionally ``camid``; camera values (numbers or strings such as ``cam_a``)
-    are mapped to 0..K-1 in sorted order, and without a ``camid`` group every image gets camera 0.
-    With subfolders ``query/`` and ``gallery/`` (and optionally ``train/``) those become the splits;
-    otherwise every image goes to train. Image files that do not match are listed in a warning.
+    ``pattern`` is a regular expression searched in each file name, with a named group ``pid`` (an
+    integer) and/or ``camid``; camera values (numbers or strings such as ``cam_a``) are mapped to 0..K-1
+    in sorted order, and without a ``camid`` group every image gets camera 0. Without a pattern, or
+    without a ``pid`` group, the images are unlabeled (identity :data:`UNKNOWN_PID`): the methods train on
+    them as they are, and the run reports only its label-free scores. With subfolders ``query/`` and
+    ``gallery/`` (and optionally ``train/``) those become the splits, scored by identity, so they need a
+    ``pid`` group; otherwise every image goes to train. Image files that do not match are listed in a warning.
     """
-    if not pattern:
-        raise ValueError("folder: a filename pattern is required, e.g. r'(?P<pid>\\d+)_c(?P<camid>\\d+)'")
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise ValueError(f"folder: pattern {pattern!r} is not a valid regular expression: {e}") from e
-    if "pid" not in regex.groupindex:
-        raise ValueError(f"folder: pattern {pattern!r} needs a named group (?P<pid>...); optional (?P<camid>...)")
+    regex = None
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"folder: pattern {pattern!r} is not a valid regular expression: {e}") from e
+        if not {"pid", "camid"} & set(regex.groupindex):
+            raise ValueError(f"folder: pattern {pattern!r} needs a named group (?P<pid>...) and/or (?P<camid>...); "
+                             "leave the pattern out for unlabeled images on one camera")
     base = Path(root).expanduser()
     if not base.is_dir():
         raise FileNotFoundError(f"folder: dataset root {base} is not a folder")
@@ -377,6 +380,10 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     if has_split:
         for d in ("query", "gallery"):
             _require("folder", base / d, "split layout: query/ and gallery/ (and optionally train/) under the root", is_dir=True)
+        if regex is None or "pid" not in regex.groupindex:
+            raise ValueError(f"folder: {base} has query/ and gallery/, which are scored by identity: give a pattern "
+                             "with a (?P<pid>...) group (e.g. r'(?P<pid>\\d+)_c(?P<camid>\\d+)'), or train on an "
+                             "unlabeled folder without those subfolders")
         split_dirs = {s: base / s for s in ("train", "query", "gallery") if (base / s).is_dir()}
     else:
         split_dirs = {"train": base}
@@ -386,19 +393,26 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     for split, d in split_dirs.items():
         raw[split] = []
         for p in _list_images(d, recursive=True):
+            if regex is None:
+                raw[split].append((str(p), UNKNOWN_PID, None))
+                continue
             m = regex.search(p.name)
             if m is None:
                 unmatched.append(str(p))
                 continue
-            try:
-                pid = int(m.group("pid"))
-            except (TypeError, ValueError):
-                raise ValueError(f"folder: file {p}: group pid={m.group('pid')!r} of pattern {pattern!r} is not an integer") from None
+            pid = UNKNOWN_PID
+            if "pid" in regex.groupindex:
+                try:
+                    pid = int(m.group("pid"))
+                except (TypeError, ValueError):
+                    raise ValueError(f"folder: file {p}: group pid={m.group('pid')!r} of pattern {pattern!r} is not an integer") from None
             cam = m.group("camid") if "camid" in regex.groupindex else None
             if "camid" in regex.groupindex and cam is None:
                 raise ValueError(f"folder: file {p}: group camid of pattern {pattern!r} did not match")
             raw[split].append((str(p), pid, cam))
     if not any(raw.values()):
+        if regex is None:
+            raise ValueError(f"folder: no image under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files in every subfolder)")
         raise ValueError(f"folder: no image under {base} has a file name matching pattern {pattern!r}")
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")

@@ -2,14 +2,16 @@
 
 An image dataset has one path per record; a video dataset (MARS, DukeMTMC-VideoReID) has one
 record per tracklet whose ``paths`` are its frames in temporal order. ``pid`` is the identity
-(-1 junk, 0 distractor in Market-style layouts; only used for evaluation and diagnostics in the
-unsupervised methods), ``camid`` the 0-based camera index, ``is_fake`` marks camera-style
-transferred images (camstyle), which are never evaluated.
+(-1 junk, 0 distractor in Market-style layouts' test splits, -1 unknown in the training images of an
+unlabeled folder; only used for evaluation and diagnostics in the unsupervised methods), ``camid`` the
+0-based camera index, ``is_fake`` marks camera-style transferred images (camstyle), which are never evaluated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+UNKNOWN_PID = -1  # a training image whose identity nobody knows (an unlabeled folder)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class ReidDataset:
         def stats(recs: list[Record]) -> str:
             pids = {r.pid for r in recs}
             cams = {r.camid for r in recs}
-            return f"{len(recs):>7} records {len(pids):>5} ids {len(cams):>3} cameras"
+            ids = "unlabeled" if recs and pids == {UNKNOWN_PID} else f"{len(pids):>5} ids"
+            return f"{len(recs):>7} records {ids:>9} {len(cams):>3} cameras"
 
         return "\n".join(
             f"  {split:<8}{stats(getattr(self, split))}" for split in ("train", "query", "gallery")

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 from ..config import MethodSettings as Settings  # unknown keys are errors; path_fields are made absolute
-from ..data.records import Record
+from ..data.records import UNKNOWN_PID, Record
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,11 @@ class RunData:
         fake = np.array([r.is_fake for r in self.train], dtype=bool)
         return fake if fake.any() else None
 
-    def identities(self) -> np.ndarray:
-        """Ground truth from the file names: for diagnostics and evaluation only."""
-        return np.array([r.pid for r in self.train], dtype=np.int64)
+    def identities(self) -> np.ndarray | None:
+        """Ground truth from the file names: for diagnostics and evaluation only. None when some training
+        image's identity is unknown (an unlabeled folder): no diagnostic is then measured."""
+        pids = np.array([r.pid for r in self.train], dtype=np.int64)
+        return None if (pids[: self.num_real] == UNKNOWN_PID).any() else pids
 
 
 @dataclass(frozen=True)

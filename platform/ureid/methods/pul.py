@@ -75,7 +75,14 @@ class PUL(Method):
     def load_data(self, cfg, data: RunData) -> RunData:
         from ..data.run_data import load_split_dataset
 
-        data.extra["source"] = [r for r in load_split_dataset(cfg.clustering.source).train if r.pid >= 0]
+        source_cfg = cfg.clustering.source
+        data.extra["source"] = [r for r in load_split_dataset(source_cfg).train if r.pid >= 0]
+        if not data.extra["source"]:
+            raise ValueError(f"clustering.source: no training image of {source_cfg.name} at {source_cfg.root!r} has an "
+                             "identity; PUL's original model is a classifier trained on a labeled source")
+        if cfg.clustering.labeled_ids_per_iteration and data.identities() is None:
+            raise ValueError("clustering.labeled_ids_per_iteration: the training images have no identities to give "
+                             f"(data.name={cfg.data.name!r} without a pid); set it to 0 for unlabeled data")
         return data
 
     def num_stages(self, cfg, data: RunData) -> int:

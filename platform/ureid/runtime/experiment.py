@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..config import Config, load_config, save_config
+from ..config import Config, ConfigError, load_config, save_config
 from ..data.run_data import ensure_synthetic, load_split_dataset
 from ..methods import RunData, get_method
 from .. import tracking
@@ -34,15 +34,25 @@ def load_run_data(cfg: Config, method) -> RunData:
     if cfg.schedule.validation is not None:
         val = load_split_dataset(cfg.schedule.validation)
         data.validation_query, data.validation_gallery = list(val.query), list(val.gallery)
+    if not data.query and cfg.schedule.select == "oracle_map":
+        raise ConfigError(f"schedule.select: 'oracle_map' keeps the stage of best test-set mAP, and {cfg.data.name} at "
+                          f"{cfg.data.root!r} has no query/gallery with identities; use last, validation or "
+                          "label_free:<score>")
     return method.load_data(cfg, data)
 
 
-def _print_table(history: list[dict], selected: int | None, oracle: int | None) -> None:
+def _print_table(history: list[dict], selected: int | None, oracle: int | None, criterion: str | None = None) -> None:
+    """The per-stage table; ``criterion``: the metric that selected the stage, shown as a column of its own.
+    Without any mAP (no labeled query/gallery) there is no oracle to mark."""
     cols = [("stage", "{:>5}"), ("mAP", "{:>6.1%}"), ("rank1", "{:>6.1%}"), ("num_clusters", "{:>8}"),
             ("merge_precision", "{:>9.3f}"), ("loss", "{:>7.3f}"), ("stage_time_s", "{:>7.0f}")]
+    if criterion is not None and criterion not in ("mAP", "rank1"):
+        cols.insert(3, (criterion, f"{{:>{max(len(criterion), 7)}.4f}}"))
     cols = [(k, f) for k, f in cols if any(k in h for h in history)]
     heads = {"num_clusters": "clusters", "merge_precision": "merge-prec", "stage_time_s": "time(s)"}
     print("  ".join(f"{heads.get(k, k):>{len(f.format(0)) if k != 'stage' else 5}}" for k, f in cols))
+    if not any("mAP" in h for h in history):
+        oracle = None
     for h in history:
         row = "  ".join(f.format(h[k]) if k in h else " " * len(f.format(0)) for k, f in cols)
         marks = [name for name, stage in (("selected", selected), ("oracle best", oracle)) if h["stage"] == stage]
@@ -264,9 +274,16 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     if not quiet:
         print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {_stages(len(history))} in {summary['wall_time_s']:.0f}s")
         how = "the last stage" if cfg.schedule.select == "last" else f"by {cfg.schedule.select}"
-        print(f"[ureid] kept stage {selected} ({how}); the oracle (test-set mAP, labels an "
-              f"unsupervised user does not have) would pick stage {oracle}")
-        _print_table(history, selected, oracle)
+        if any("mAP" in h for h in history):
+            print(f"[ureid] kept stage {selected} ({how}); the oracle (test-set mAP, labels an "
+                  f"unsupervised user does not have) would pick stage {oracle}")
+        else:
+            hint = (", and --set schedule.select=label_free:<score> keeps the stage one of them ranks best"
+                    if cfg.schedule.select == "last" else "")
+            print(f"[ureid] kept stage {selected} ({how}); no query/gallery with identities, so no mAP: every "
+                  f"label-free score (lf_*) is in {job.history_path.name} and MLflow{hint}")
+        criterion = cfg.schedule.criterion()
+        _print_table(history, selected, oracle, criterion[0] if criterion else None)
     return summary
 
 

@@ -201,9 +201,9 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["selected_stage"] = selection.selected_stage
         metrics["oracle_stage"] = selection.oracle_stage
         if rank == 0:
-            shown = ", ".join(f"{k} {metrics[k]:.1%}" for k in ("mAP", "rank1") if k in metrics)
-            line = (f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {shown}, loss "
-                    f"{metrics['loss']:.3f}, {metrics['num_classes']} classes -> {metrics['num_clusters']} clusters")
+            shown = [f"{k} {metrics[k]:.1%}" for k in ("mAP", "rank1") if k in metrics]
+            shown += [f"loss {metrics['loss']:.3f}", f"{metrics['num_classes']} classes -> {metrics['num_clusters']} clusters"]
+            line = f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {', '.join(shown)}"
             if relay is not None:
                 relay.push.remote(("end", f"[ureid] {line}"))
             else:

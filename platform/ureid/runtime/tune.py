@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import math
 import os
 import secrets
 import time
@@ -463,8 +462,8 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
             summary = {}
             if chosen:
                 summary.update({f"selected_{objective}": chosen.get(objective), "selected_at_stage": chosen["stage"],
-                                "selected_mAP": chosen.get("mAP", math.nan), "selected_rank1": chosen.get("rank1", math.nan)})
-            if oracle:
+                                **{f"selected_{k}": chosen[k] for k in ("mAP", "rank1") if k in chosen}})
+            if oracle and "mAP" in oracle:  # none without a labeled query/gallery (an unlabeled folder)
                 summary.update({"best_mAP": oracle["mAP"], "oracle_at_stage": oracle["stage"]})
             tracking.log_summary(uri, run_id, summary)
             if status == "early_stopped":
@@ -517,9 +516,11 @@ def _table(summary: dict) -> str:
              f"{summary['wall_time_s'] / 60:.1f} min, objective {objective} ({summary['mode']})"]
     for r in summary["trials"]:
         score = f"{r[objective]:.4f}" if r[objective] != "" else "-"
-        lines.append(f"  {r['trial']:<24} {r['status']:<14} stages {r['stages']}  {objective} {score}  "
-                     f"selected mAP {r['selected_mAP'] if r['selected_mAP'] == '' else format(r['selected_mAP'], '.1%')}"
+        line = f"  {r['trial']:<24} {r['status']:<14} stages {r['stages']}  {objective} {score}"
+        if r["selected_mAP"] != "" or r["oracle_mAP"] != "":
+            line += (f"  selected mAP {r['selected_mAP'] if r['selected_mAP'] == '' else format(r['selected_mAP'], '.1%')}"
                      f"  (oracle {r['oracle_mAP'] if r['oracle_mAP'] == '' else format(r['oracle_mAP'], '.1%')})")
+        lines.append(line)
     if summary["best"]:
         lines.append(f"[ureid] best trial {summary['best']['trial']}: {Path(summary['sweep_dir']) / 'best.yaml'}")
     return "\n".join(lines)

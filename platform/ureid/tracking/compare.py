@@ -1,6 +1,7 @@
 """The comparison of methods, read from MLflow: per dataset a Markdown and a CSV table and PNG plots
 (mAP and cluster count per stage for every run on one axis; for a sweep, each swept parameter against
-the objective), logged as the artifacts of a comparison run.
+the objective), logged as the artifacts of a comparison run. A dataset without test labels (an unlabeled
+folder) gets the label-free score in place of mAP, in the table and the per-stage plot.
 
 Every row shows the stage the run's own criterion selected (label-free, validation or last) and, beside
 it, the oracle-best stage by test-set mAP, which an unsupervised user could not have picked.
@@ -84,7 +85,8 @@ def _pct(v) -> str:
 def label_free_pick(r: RunRecord, score: str) -> int | None:
     """The stage ``score`` selects among a run's stages (ties: the earlier one, as runtime/selection.py)."""
     sign = SCORE_DIRECTION[score]
-    pts = [(st, sign * v) for st, v in r.stages.get(score, {}).items() if st in r.stages.get("mAP", {})]
+    scored = r.stages.get("mAP") or r.stages.get(score, {})  # the stages with mAP; every stage without test labels
+    pts = [(st, sign * v) for st, v in r.stages.get(score, {}).items() if st in scored]
     return max(pts, key=lambda p: (p[1], -p[0]))[0] if pts else None
 
 
@@ -105,9 +107,10 @@ def rows(records: list[RunRecord], score: str = DEFAULT_SCORE) -> list[dict]:
             "selected_mAP": s.get("selected_mAP"), "selected_rank1": s.get("selected_rank1"),
             "selected_rank5": s.get("selected_rank5"), "selected_rank10": s.get("selected_rank10"),
             "label_free_score": score, "label_free_stage": "" if pick is None else pick,
-            "label_free_mAP": r.stages["mAP"].get(pick), "label_free_rank1": r.stages.get("rank1", {}).get(pick),
-            "oracle_stage": "" if oracle is None else int(oracle), "oracle_mAP": s.get("best_mAP"),
-            "stage0_mAP": m.get(0), "stages": len(m),
+            "label_free_mAP": m.get(pick), "label_free_rank1": r.stages.get("rank1", {}).get(pick),
+            "oracle_stage": "" if oracle is None or not m else int(oracle), "oracle_mAP": s.get("best_mAP"),
+            "stage0_mAP": m.get(0), "stages": len(m) or len(clusters),
+            "label_free_at_selected": r.stages.get(score, {}).get(selected),
             "final_clusters": int(clusters[max(clusters)]) if clusters else "",
             "wall_time_min": (s["wall_time_s"] / 60) if "wall_time_s" in s else sum(times.values()) / 60,
         })
@@ -116,6 +119,8 @@ def rows(records: list[RunRecord], score: str = DEFAULT_SCORE) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     score = table[0]["label_free_score"] if table else ""
+    if not any(r["stage0_mAP"] is not None or r["selected_mAP"] is not None for r in table):
+        return markdown_unlabeled(table)
     head = ["method", "setting", "selected (how)", "mAP", "rank-1", "rank-5", "rank-10",
             f"{score} pick: mAP / rank-1 (stage)", "oracle-best mAP (stage)", "stage-0 mAP", "final clusters", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -126,6 +131,21 @@ def markdown(table: list[dict]) -> str:
             f"{_pct(r['label_free_mAP'])} / {_pct(r['label_free_rank1'])} ({r['label_free_stage']})",
             f"{_pct(r['oracle_mAP'])} ({r['oracle_stage']})", _pct(r["stage0_mAP"]), str(r["final_clusters"]),
             f"{r['wall_time_min']:.1f} min"]) + " |")
+    return "\n".join(lines)
+
+
+def markdown_unlabeled(table: list[dict]) -> str:
+    """The table of a dataset without test labels (an unlabeled folder): no mAP, so the label-free score at the
+    stage each run kept and the stage the score itself picks."""
+    score = table[0]["label_free_score"] if table else ""
+    head = ["method", "setting", "selected (how)", f"{score} there", f"{score} pick (stage)", "final clusters",
+            "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        value = "" if r["label_free_at_selected"] is None else f"{r['label_free_at_selected']:.4f}"
+        lines.append("| " + " | ".join([
+            r["method"], r["setting"], f"{r['selected_stage']} of {r['stages']} ({r['selected_by']})", value,
+            str(r["label_free_stage"]), str(r["final_clusters"]), f"{r['wall_time_min']:.1f} min"]) + " |")
     return "\n".join(lines)
 
 
@@ -259,8 +279,11 @@ def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_id
             score_md = out_dir / f"scores_{dataset}.md"
             score_md.write_text(score_markdown(scores) + "\n")
             files.setdefault(f"{dataset} label-free scores", []).append(score_md)
-        files[dataset] = [md, csv_path,
-                          _plot_stages(subset, "mAP", "mAP (%)", out_dir / f"map_per_stage_{dataset}.png", True),
+        if any(r.stages.get("mAP") for r in subset):
+            per_stage = _plot_stages(subset, "mAP", "mAP (%)", out_dir / f"map_per_stage_{dataset}.png", True)
+        else:  # no test labels: the label-free score the table shows, per stage
+            per_stage = _plot_stages(subset, score, score, out_dir / f"{score}_per_stage_{dataset}.png", False)
+        files[dataset] = [md, csv_path, per_stage,
                           _plot_stages(subset, "num_clusters", "clusters", out_dir / f"clusters_per_stage_{dataset}.png", False)]
     client = _client(uri)
     if experiment is not None or not run_ids:
