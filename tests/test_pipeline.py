@@ -257,6 +257,12 @@ def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(r
     assert summary["selected_stage"] == max(history, key=lambda h: (h["lf_silhouette"], -h["stage"]))["stage"]
     pictures = Path(summary["run_dir"]) / "pictures"
     assert sorted(p.name for p in pictures.iterdir()) == ["feature_map.png", "pseudo_identities.png"]
+    from ureid.run_pictures import visualize_run
+    other = 1 - summary["selected_stage"]  # the stage the run did not keep, into a folder of its own
+    assert visualize_run(summary["run_dir"], stage=other) == [pictures / f"stage{other}" / "pseudo_identities.png",
+                                                             pictures / f"stage{other}" / "feature_map.png"]
+    with pytest.raises(FileNotFoundError, match=r"no stage 5 to draw \(it has stages 0, 1\)"):
+        visualize_run(summary["run_dir"], stage=5)
 
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])

@@ -215,7 +215,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ureid.run_pictures import visualize_run
 
-    for path in visualize_run(args.run_dir, num_queries=args.num_queries, seed=args.seed):
+    for path in visualize_run(args.run_dir, num_queries=args.num_queries, seed=args.seed, stage=args.stage):
         print(f"wrote {path}")
     return 0
 
@@ -260,6 +260,8 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("run_dir")
     vis.add_argument("--num-queries", type=int, default=8)
     vis.add_argument("--seed", type=int, default=0)
+    vis.add_argument("--stage", type=int, default=None,
+                     help="draw another stage than the selected one, into pictures/stage<N>/")
     vis.set_defaults(func=_cmd_visualize)
     emb = sub.add_parser("embed", help="a finished run's embedding of new images: features to a .npz",
                          description="Embed images (files, or folders read recursively) with a run's trained model: "

@@ -21,9 +21,11 @@ from .config import load_config
 from .embed import run_folder, stage_model
 
 
-def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None) -> list[Path]:
+def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None,
+                  stage: int | None = None) -> list[Path]:
     """``records``: (train, query, gallery) record lists when the caller has them (the driver at the end of a
-    run); otherwise the dataset the run's config names is read."""
+    run); otherwise the dataset the run's config names is read. ``stage``: another stage than the selected one,
+    drawn into ``pictures/stage<N>/`` (the run's own pictures stay)."""
     from .data.records import UNKNOWN_PID
     from .data.run_data import load_split_dataset
     from .engine.extract import extract_features
@@ -39,20 +41,24 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = dict(stage_checkpoints(run_dir))
     results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
-    selected = summary.get("selected_stage", summary.get("best_stage"))  # runs before schedule.select: best_stage
+    kept = summary.get("selected_stage", summary.get("best_stage"))  # runs before schedule.select: best_stage
+    selected = kept if stage is None else stage
+    if selected not in checkpoints or selected not in results:
+        have = sorted(set(checkpoints) & set(results))
+        raise FileNotFoundError(f"{run_dir}: no stage {selected} to draw (it has stages {', '.join(map(str, have))})")
     if records is None:
         ds = load_split_dataset(cfg.data)
         records = (list(ds.train), ds.query, ds.gallery)
     train, query, gallery = records  # real training images only (camstyle fakes are not drawn)
-    out = run_dir / "pictures"
-    out.mkdir(exist_ok=True)
+    out = run_dir / "pictures" if selected == kept else run_dir / "pictures" / f"stage{selected}"
+    out.mkdir(parents=True, exist_ok=True)
     opts = cfg.extract_options()
 
     def unit(x):
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    models = {stage: stage_model(cfg, checkpoints[stage] / "state.pt") for stage in sorted({0, selected})}
-    train_features = {stage: extract_features(model, train, **opts)["pooled"] for stage, model in models.items()}
+    models = {st: stage_model(cfg, checkpoints[st] / "state.pt") for st in sorted({0, selected})}
+    train_features = {st: extract_features(model, train, **opts)["pooled"] for st, model in models.items()}
     if query:
         q = unit(extract_features(models[selected], query, **opts)["pooled"])
         g = unit(extract_features(models[selected], gallery, **opts)["pooled"])
@@ -68,9 +74,9 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
                           seed=seed, pids=None if (pids == UNKNOWN_PID).any() else pids)
         first = out / "pseudo_identities.png"
     panels = []
-    for stage, feats in train_features.items():
-        labels = results[stage]["targets"].labels[: len(train)]
-        panels.append((feats, labels, f"after stage {stage}: {np.unique(labels).size} pseudo-classes"
-                                      + (" (selected)" if stage == selected else "")))
+    for st, feats in train_features.items():
+        labels = results[st]["targets"].labels[: len(train)]
+        panels.append((feats, labels, f"after stage {st}: {np.unique(labels).size} pseudo-classes"
+                                      + (" (selected)" if st == kept else "")))
     feature_maps(panels, out / "feature_map.png", seed=seed)
     return [first, out / "feature_map.png"]
