@@ -312,3 +312,26 @@ def test_registry_and_unknown_format(tmp_path):
         load_dataset("market", tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load_dataset("market1501", tmp_path / "nope")
+
+
+def test_camstyle_fakes_of_a_folder_stay_out_of_its_training_images(tmp_path, capsys):
+    """camstyle writes its fakes (and a StarGAN) under the dataset root; a folder dataset reads its root
+    recursively, so it must skip them. The fakes need two cameras and one source per file stem."""
+    from ureid.cli import main
+    from ureid.data.camstyle import load_fakes, write_fakes
+
+    root = tmp_path / "own"
+    for f in ["a/x_cam1.jpg", "a/y_cam2.jpg", "b/z_cam2.jpg"]:
+        jpg(root / f)
+    assert main(["data", "camstyle", "--root", str(root), "--format", "folder", "--pattern", r"_cam(?P<camid>\d)"]) == 0
+    assert "wrote 3 camera-style fakes" in capsys.readouterr().out
+    jpg(root / "camstyle_stargan" / "key" / "samples" / "s_cam1.jpg")
+    ds = load_dataset("folder", root, pattern=r"_cam(?P<camid>\d)")
+    assert sorted(Path(r.path).name for r in ds.train) == ["x_cam1.jpg", "y_cam2.jpg", "z_cam2.jpg"]
+    assert len(load_fakes(root / "bounding_box_train_camstyle", ds.train)) == 3
+
+    with pytest.raises(ValueError, match=r"1 camera\(s\): camera-style transfer needs at least 2 .*\(\?P<camid>"):
+        write_fakes(load_dataset("folder", root).train, tmp_path / "fakes")
+    jpg(root / "c" / "x_cam1.jpg")
+    with pytest.raises(ValueError, match=r"a/x_cam1.jpg and .*c/x_cam1.jpg share the stem 'x_cam1'"):
+        write_fakes(load_dataset("folder", root, pattern=r"_cam(?P<camid>\d)").train, tmp_path / "fakes")

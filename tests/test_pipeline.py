@@ -230,22 +230,30 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     assert tags["ureid.attempt2.set"] == "schedule.max_stages=2"
 
 
-def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(ray_cluster, tiny_root,
-                                                                               tmp_path_factory):
-    """A user's own crops carry no identity: the same training images renamed to bare numbers (the camera kept
-    in the name), as a `folder` without query/gallery. BUC must give the labels and losses of the labeled run
-    (identities never reach training), skip what needs identities (mAP, merge precision), keep the stage its
-    label-free score ranks best, and draw pseudo-identities instead of ranked lists."""
+@pytest.fixture(scope="module")
+def own_crops(tiny_root, tmp_path_factory):
+    """The tiny set's training images renamed to bare numbers in the loader's order, the camera kept in the name:
+    a user's own crops, identity unknown."""
     import shutil
 
     from ureid.data.formats import load_dataset
 
-    labeled = _run("buc", tiny_root, tmp_path_factory)
     folder = tmp_path_factory.mktemp("own_crops")
-    for i, r in enumerate(load_dataset("market1501", tiny_root).train):  # the loader's order, kept by the names
+    for i, r in enumerate(load_dataset("market1501", tiny_root).train):
         shutil.copy(r.path, folder / f"crop{i:04d}_cam{r.camid + 1}.jpg")
-    out = tmp_path_factory.mktemp("unlabeled_run")
-    cfg = tiny_cfg("buc", tiny_root, out, "data.name=folder", f"data.root={folder}",
+    return folder
+
+
+@pytest.mark.parametrize("method", ["buc", "ssl"])
+def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(method, ray_cluster, tiny_root,
+                                                                               own_crops, tmp_path_factory):
+    """A `folder` without query/gallery whose names carry no identity. The method must give the labels and
+    losses of the labeled run (identities never reach training), skip what needs identities (mAP, merge and
+    neighbour precision), keep the stage its label-free score ranks best, and draw pseudo-identities (BUC) or
+    each image's nearest neighbours (SSL, a class per image) instead of ranked lists."""
+    labeled = _run(method, tiny_root, tmp_path_factory)
+    out = tmp_path_factory.mktemp(f"unlabeled_{method}")
+    cfg = tiny_cfg(method, tiny_root, out, "data.name=folder", f"data.root={own_crops}",
                    r"data.pattern=_cam(?P<camid>\d+)", "schedule.select=label_free:lf_silhouette")
     summary = run_experiment(cfg, quiet=True)
 
@@ -253,16 +261,11 @@ def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(r
     assert [h["loss"] for h in history] == [h["loss"] for h in labeled["history"]]
     assert np.array_equal(np.load(f"{summary['run_dir']}/labels.npy"), np.load(f"{labeled['run_dir']}/labels.npy"))
     for h in history:
-        assert not {"mAP", "rank1", "merge_precision"} & set(h) and "lf_silhouette" in h
+        assert not {"mAP", "rank1", "merge_precision", "neighbor_precision"} & set(h) and "lf_silhouette" in h
     assert summary["selected_stage"] == max(history, key=lambda h: (h["lf_silhouette"], -h["stage"]))["stage"]
     pictures = Path(summary["run_dir"]) / "pictures"
-    assert sorted(p.name for p in pictures.iterdir()) == ["feature_map.png", "pseudo_identities.png"]
-    from ureid.run_pictures import visualize_run
-    other = 1 - summary["selected_stage"]  # the stage the run did not keep, into a folder of its own
-    assert visualize_run(summary["run_dir"], stage=other) == [pictures / f"stage{other}" / "pseudo_identities.png",
-                                                             pictures / f"stage{other}" / "feature_map.png"]
-    with pytest.raises(FileNotFoundError, match=r"no stage 5 to draw \(it has stages 0, 1\)"):
-        visualize_run(summary["run_dir"], stage=5)
+    first = {"buc": "pseudo_identities.png", "ssl": "neighbours.png"}[method]
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(["feature_map.png", first])
 
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])
@@ -270,12 +273,20 @@ def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(r
     assert client.get_metric_history(run.info.run_id, "mAP") == []
     assert len(client.get_metric_history(run.info.run_id, "lf_silhouette")) == 2
     assert "selected_mAP" not in run.data.metrics and run.data.metrics["selected_at_stage"] == summary["selected_stage"]
+    if method != "buc":
+        return
 
+    from ureid.run_pictures import visualize_run
+    other = 1 - summary["selected_stage"]  # the stage the run did not keep, into a folder of its own
+    assert visualize_run(summary["run_dir"], stage=other) == [pictures / f"stage{other}" / "pseudo_identities.png",
+                                                             pictures / f"stage{other}" / "feature_map.png"]
+    with pytest.raises(FileNotFoundError, match=r"no stage 5 to draw \(it has stages 0, 1\)"):
+        visualize_run(summary["run_dir"], stage=5)
     from ureid.embed import evaluate_run
     with pytest.raises(ValueError, match="has no query/gallery split to score"):
         evaluate_run(summary["run_dir"])
     with pytest.raises(ValueError, match="'oracle_map' keeps the stage of best test-set mAP"):
-        run_experiment(tiny_cfg("buc", tiny_root, out, "data.name=folder", f"data.root={folder}",
+        run_experiment(tiny_cfg("buc", tiny_root, out, "data.name=folder", f"data.root={own_crops}",
                                 "schedule.select=oracle_map"), quiet=True)
 
 

@@ -170,3 +170,28 @@ def test_pseudo_identities_nearest_the_mean_first_and_frames(gallery_setup, tmp_
         vis.pseudo_identities(paths, np.arange(12), feats, tmp_path / "r.png")
     with pytest.raises(ValueError, match="one entry per sample"):
         vis.pseudo_identities(paths[:3], labels, feats, tmp_path / "r.png")
+
+
+def test_nearest_neighbours_within_one_set(gallery_setup, tmp_path):
+    """For a class per image (SSL): each drawn image, then its nearest others (itself never), ties in sample
+    order; grey frames without identities, green/red for the drawn image's identity with."""
+    _, _, _, paths, _, _, _ = gallery_setup
+    feats = np.arange(12, dtype=float)[:, None] ** 1.5  # distinct gaps: neighbours are index-near, nearer below
+    geom = dict(height=32, width=16, border=3, spacing=4, query_gap=10)
+    out = vis.nearest_neighbours(paths, feats, tmp_path / "n.png", num_queries=12, topk=3, **geom)
+    assert list(out["queries"]) == list(range(12))
+    assert out["cells"][0].tolist() == [1, 2, 3] and out["cells"][5].tolist() == [4, 6, 3]
+    assert not any(q in row for q, row in zip(out["queries"], out["cells"].tolist()))
+    with Image.open(out["path"]) as img:
+        assert img.size == vis.picture_size(12, 3, **geom)
+        assert img.convert("RGB").getpixel(vis.cell_origin(0, 1, **geom)) == vis.MEMBER
+    pids = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2])
+    out = vis.nearest_neighbours(paths, feats, tmp_path / "m.png", num_queries=1, topk=20, seed=4, pids=pids, **geom)
+    assert out["cells"].shape == (1, 11)  # every other image, no more
+    (q,) = out["queries"]
+    with Image.open(out["path"]) as img:
+        px = img.convert("RGB").load()
+        frames = [px[vis.cell_origin(0, j + 1, **geom)] for j in range(11)]
+    assert frames == [vis.GREEN if pids[i] == pids[q] else vis.RED for i in out["cells"][0]]
+    with pytest.raises(ValueError, match="one entry per sample"):
+        vis.nearest_neighbours(paths[:3], feats, tmp_path / "x.png")

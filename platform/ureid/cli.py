@@ -64,7 +64,7 @@ def _cmd_camstyle(args: argparse.Namespace) -> int:
     from ureid.data.formats import load_dataset
 
     t0 = time.perf_counter()
-    ds = load_dataset(args.format, args.root, verify=False)
+    ds = load_dataset(args.format, args.root, pattern=args.pattern, verify=False)
     out = args.out or default_fake_folder(ds.root)
     n = write_fakes(ds.train, out)
     print(f"wrote {n} camera-style fakes (colour-statistics stand-in) for {len(ds.train)} training images "
@@ -333,8 +333,10 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_cmd_info)
 
     c = dsub.add_parser("camstyle", help="write camera-style fakes with the colour-statistics stand-in for StarGAN")
-    c.add_argument("--root", required=True, help="dataset folder (Market-1501 layout)")
-    c.add_argument("--format", default="market1501", choices=["market1501", "dukemtmc"])
+    c.add_argument("--root", required=True, help="dataset folder (Market-1501 or DukeMTMC-reID layout, or a folder)")
+    c.add_argument("--format", default="market1501", choices=["market1501", "dukemtmc", "folder"])
+    c.add_argument("--pattern", default=None, help="folder format: filename regex whose (?P<camid>..) group names "
+                   "each image's camera")
     c.add_argument("--out", default=None, help="default: <root>/bounding_box_train_camstyle")
     c.set_defaults(func=_cmd_camstyle)
 

@@ -4,7 +4,8 @@ From the run's own files, so it works long after the run: the stage checkpoints 
 store's saved targets (the pseudo-labels) and the resolved config. It writes ``pictures/ranked_lists.png``
 (the selected stage's model on a fixed sample of queries; for a dataset without query/gallery, an unlabeled
 folder, ``pictures/pseudo_identities.png``: a sample of the selected stage's pseudo-identities, their members
-nearest the cluster mean first) and ``pictures/feature_map.png`` (t-SNE of the
+nearest the cluster mean first, or ``pictures/neighbours.png`` where every image is a class of its own, SSL:
+a sample of images and their nearest neighbours) and ``pictures/feature_map.png`` (t-SNE of the
 training features after stage 0 and after the selected stage, coloured by the pseudo-labels their update
 gave). No Ray here.
 """
@@ -31,7 +32,7 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     from .engine.extract import extract_features
     from .evaluation import pairwise_distance
     from .runtime.job import stage_checkpoints
-    from .visualize import feature_maps, pseudo_identities, ranked_lists
+    from .visualize import feature_maps, nearest_neighbours, pseudo_identities, ranked_lists
 
     run_dir = run_folder(run_dir)
     if not (run_dir / "summary.json").is_file():
@@ -69,10 +70,17 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
         first = out / "ranked_lists.png"
     else:  # an unlabeled folder: what its pseudo-identities look like instead of what a query retrieves
         pids = np.array([r.pid for r in train])
-        pseudo_identities([r.path for r in train], results[selected]["targets"].labels[: len(train)],
-                          unit(train_features[selected]), out / "pseudo_identities.png", num_clusters=num_queries,
-                          seed=seed, pids=None if (pids == UNKNOWN_PID).any() else pids)
-        first = out / "pseudo_identities.png"
+        pids = None if (pids == UNKNOWN_PID).any() else pids
+        labels = results[selected]["targets"].labels[: len(train)]
+        _, counts = np.unique(labels[labels >= 0], return_counts=True)
+        if (counts >= 2).any():
+            first = out / "pseudo_identities.png"
+            pseudo_identities([r.path for r in train], labels, unit(train_features[selected]), first,
+                              num_clusters=num_queries, seed=seed, pids=pids)
+        else:  # a class per image (SSL): what each image's nearest neighbours are
+            first = out / "neighbours.png"
+            nearest_neighbours([r.path for r in train], unit(train_features[selected]), first,
+                               num_queries=num_queries, seed=seed, pids=pids)
     panels = []
     for st, feats in train_features.items():
         labels = results[st]["targets"].labels[: len(train)]

@@ -49,7 +49,6 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
     matches=(n, topk) bool)``; cell ``(r, j)`` (``j = 0`` the query, ``1..topk`` the ranks) has its top-left
     frame corner at :func:`cell_origin`.
     """
-    from PIL import Image
 
     qp, qc = np.asarray(query_pids), np.asarray(query_cams)
     gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
@@ -75,29 +74,11 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
         ranked[r, : keep.size] = keep
         matches[r, : keep.size] = gp[keep] == qp[q]
 
-    size = picture_size(n, topk, height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
-    canvas = Image.new("RGB", size, BACKGROUND)
-    cell = (width + 2 * border, height + 2 * border)
-
-    def paste(path, colour, origin):
-        canvas.paste(Image.new("RGB", cell, colour), origin)
-        if path is not None:
-            with Image.open(path) as im:
-                tile = im.convert("RGB").resize((width, height), Image.BILINEAR)
-            canvas.paste(tile, (origin[0] + border, origin[1] + border))
-
+    rows = [[(query_paths[q], QUERY_FRAME)]
+            + [(None, EMPTY) if g < 0 else (gallery_paths[g], GREEN if m else RED) for g, m in zip(ranked[r], matches[r])]
+            for r, q in enumerate(queries)]
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
-    for r, q in enumerate(queries):
-        paste(query_paths[q], QUERY_FRAME, cell_origin(r, 0, **geom))
-        for j in range(topk):
-            g = ranked[r, j]
-            if g < 0:
-                paste(None, EMPTY, cell_origin(r, j + 1, **geom))
-            else:
-                paste(gallery_paths[g], GREEN if matches[r, j] else RED, cell_origin(r, j + 1, **geom))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png, format="PNG")
+    out_png, size = _draw_rows(rows, out_png, **geom)
     return {"path": out_png, "size": size, "queries": queries, "gallery": ranked, "matches": matches}
 
 
@@ -115,7 +96,6 @@ def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_
     Returns ``dict(path, size=(W, H), clusters=labels drawn, cells=(n, m + 1) sample indices or -1)``, ``m`` =
     ``members`` or fewer when no drawn cluster has that many more samples.
     """
-    from PIL import Image
 
     labels = np.asarray(labels)
     feats = np.asarray(features, dtype=np.float64)
@@ -144,24 +124,66 @@ def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_
             major = ids[np.argmax(n)]
             frames.append([GREEN if pids[i] == major else RED for i in order])
 
+    rows = [[(None, EMPTY) if i < 0 else (paths[i], QUERY_FRAME if j == 0 else frames[r][j])
+             for j, i in enumerate(cells[r])] for r in range(len(drawn))]
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
-    size = picture_size(len(drawn), members, **geom)
+    out_png, size = _draw_rows(rows, out_png, **geom)
+    return {"path": out_png, "size": size, "clusters": drawn, "cells": cells}
+
+
+def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: str | os.PathLike,
+                       num_queries: int = 8, topk: int = 10, seed: int = 0, pids=None, *, height: int = 128,
+                       width: int = 64, border: int = 5, spacing: int = 6, query_gap: int = 30) -> dict:
+    """Write a picture of what the embedding retrieves within one set of images; return what it shows.
+
+    Rows are ``num_queries`` images drawn with ``seed``; each is the image (black frame), a gap, then its
+    ``topk`` nearest other images by squared Euclidean distance of ``features`` (ties keep sample order),
+    framed grey, or with ``pids`` green for the same identity and red for another. For pseudo-labels that keep
+    every image a class of its own (SSL), in place of :func:`pseudo_identities`.
+
+    Returns ``dict(path, size=(W, H), queries=indices, cells=(n, topk) sample indices)``.
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    if len(paths) != len(feats) or (pids is not None and len(pids) != len(feats)):
+        raise ValueError("paths, features (and pids) must have one entry per sample")
+    if len(feats) < 2 or num_queries <= 0 or topk <= 0:
+        raise ValueError(f"need two or more images and num_queries, topk > 0; got {len(feats)}, {num_queries}, {topk}")
+    topk = min(topk, len(feats) - 1)
+    queries = _sample(len(feats), num_queries, seed)
+    sq = (feats ** 2).sum(1)
+    cells = np.empty((len(queries), topk), dtype=np.int64)
+    for r, q in enumerate(queries):
+        dist = sq - 2 * feats @ feats[q] + sq[q]
+        dist[q] = np.inf
+        cells[r] = np.argsort(dist, kind="stable")[:topk]
+    rows = [[(paths[q], QUERY_FRAME)] + [(paths[i], MEMBER if pids is None else GREEN if pids[i] == pids[q] else RED)
+                                          for i in cells[r]] for r, q in enumerate(queries)]
+    geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
+    out_png, size = _draw_rows(rows, out_png, **geom)
+    return {"path": out_png, "size": size, "queries": queries, "cells": cells}
+
+
+def _draw_rows(rows: list[list[tuple]], out_png, **geom) -> tuple[Path, tuple[int, int]]:
+    """Rows of ``(image path or None, frame colour)`` cells, the first of each set apart by the query gap,
+    resized to the geometry's cell and written as a PNG: the drawing every picture here shares."""
+    from PIL import Image
+
+    height, width, border = geom["height"], geom["width"], geom["border"]
+    size = picture_size(len(rows), max(len(r) for r in rows) - 1, **geom)
     canvas = Image.new("RGB", size, BACKGROUND)
     cell = (width + 2 * border, height + 2 * border)
-    for r in range(len(drawn)):
-        for j in range(members + 1):
+    for r, row in enumerate(rows):
+        for j, (path, colour) in enumerate(row):
             origin = cell_origin(r, j, **geom)
-            i = cells[r, j]
-            colour = EMPTY if i < 0 else QUERY_FRAME if j == 0 else frames[r][j]
             canvas.paste(Image.new("RGB", cell, colour), origin)
-            if i >= 0:
-                with Image.open(paths[i]) as im:
+            if path is not None:
+                with Image.open(path) as im:
                     canvas.paste(im.convert("RGB").resize((width, height), Image.BILINEAR),
                                  (origin[0] + border, origin[1] + border))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png, format="PNG")
-    return {"path": out_png, "size": size, "clusters": drawn, "cells": cells}
+    return out_png, size
 
 
 def cell_origin(row: int, col: int, *, height: int = 128, width: int = 64, border: int = 5, spacing: int = 6,

@@ -79,7 +79,7 @@ def load_fakes(folder: str | Path, train: list[Record], root_hint: str = "<root>
             f"camera); make them with `ureid data camstyle --root {root_hint}` (colour-statistics stand-in) "
             f"or with a StarGAN, or set clustering.fake_root"
         )
-    by_stem = {Path(r.path).stem: i for i, r in enumerate(train)}
+    by_stem = _stems(train)
     fakes = []
     for path in sorted(folder.iterdir()):
         parsed = parse_fake_filename(path.name)
@@ -95,6 +95,19 @@ def load_fakes(folder: str | Path, train: list[Record], root_hint: str = "<root>
     return fakes
 
 
+def _stems(records: list[Record]) -> dict[str, int]:
+    """Each training image's file stem -> its index: a fake names its source by stem alone, so two images of one
+    stem (a folder's subfolders) would be the same source."""
+    by_stem: dict[str, int] = {}
+    for i, r in enumerate(records):
+        stem = Path(r.path).stem
+        if stem in by_stem:
+            raise ValueError(f"camera-style fakes name their source by file stem, and {records[by_stem[stem]].path} "
+                             f"and {r.path} share the stem {stem!r}: rename one")
+        by_stem[stem] = i
+    return by_stem
+
+
 def camera_statistics(records: list[Record]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per camera: the mean over its images of each image's channel mean and channel std."""
     per_cam: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -107,6 +120,12 @@ def camera_statistics(records: list[Record]) -> dict[int, tuple[np.ndarray, np.n
 
 def write_fakes(records: list[Record], out_dir: str | Path, *, quality: int = 95) -> int:
     """Write one fake per (real training image, other camera); returns the number written."""
+    cameras = sorted({r.camid for r in records})
+    if len(cameras) < 2:
+        raise ValueError(f"the training images come from {len(cameras)} camera(s): camera-style transfer needs at "
+                         "least 2 (for a folder of your own crops, data.pattern / --pattern with a (?P<camid>...) "
+                         "group names each image's camera)")
+    _stems(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = camera_statistics(records)

@@ -362,7 +362,9 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     without a ``pid`` group, the images are unlabeled (identity :data:`UNKNOWN_PID`): the methods train on
     them as they are, and the run reports only its label-free scores. With subfolders ``query/`` and
     ``gallery/`` (and optionally ``train/``) those become the splits, scored by identity, so they need a
-    ``pid`` group; otherwise every image goes to train. Image files that do not match are listed in a warning.
+    ``pid`` group; otherwise every image goes to train, except what ureid writes under the root itself
+    (camstyle's ``bounding_box_train_camstyle/`` and ``camstyle_stargan/``). Image files that do not match are
+    listed in a warning.
     """
     regex = None
     if pattern:
@@ -387,12 +389,17 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
         split_dirs = {s: base / s for s in ("train", "query", "gallery") if (base / s).is_dir()}
     else:
         split_dirs = {"train": base}
+    from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
+
+    generated = {base / DEFAULT_FOLDER, base / STARGAN_FOLDER}  # camstyle's fakes and StarGAN, kept under the root
 
     raw: dict[str, list[tuple[str, int, str | None]]] = {}
     unmatched: list[str] = []
     for split, d in split_dirs.items():
         raw[split] = []
         for p in _list_images(d, recursive=True):
+            if generated.intersection(p.parents):
+                continue
             if regex is None:
                 raw[split].append((str(p), UNKNOWN_PID, None))
                 continue

@@ -125,7 +125,10 @@ class Camstyle(BUC):
         train = list(data.train)
         support = [[i] for i in range(data.num_real)]
         owner = list(range(data.num_real))
-        for src, rec in load_fakes(folder, train[: data.num_real], root_hint=cfg.data.root):
+        d = cfg.data
+        hint = d.root + ("" if d.name in ("synthetic", "market1501") else f" --format {d.name}")
+        hint += f" --pattern '{d.pattern}'" if d.pattern else ""
+        for src, rec in load_fakes(folder, train[: data.num_real], root_hint=hint):
             support[src].append(len(train))
             owner.append(src)
             train.append(rec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -260,8 +261,12 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         if cfg.tracking.pictures:
             from ..run_pictures import visualize_run
 
-            visualize_run(job.run_dir, records=(data.train[: data.num_real], data.query, data.gallery))
-            pictures = job.run_dir / "pictures"
+            try:
+                visualize_run(job.run_dir, records=(data.train[: data.num_real], data.query, data.gallery))
+                pictures = job.run_dir / "pictures"
+            except Exception as exc:  # a picture is worth less than the trained run it would show
+                print(f"[ureid] warning: the run's pictures failed ({type(exc).__name__}: {exc}); "
+                      f"`ureid visualize {job.run_dir}` draws them again", file=sys.stderr, flush=True)
         job.log_artifacts({"": job.run_dir / "labels.npy", "plots": plot, "best_checkpoint": job.run_dir / "best_checkpoint",
                            "summary": job.run_dir / "summary.json", "pictures": pictures})
         # Summary metrics under names of their own (MLflow's search returns a metric's latest value only).
