@@ -156,10 +156,14 @@ def _map_of(features_file, records):
 def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root, fakes, tmp_path_factory, tmp_path,
                                                         capsys):
     """`ureid embed RUN_DIR FOLDERS`: the selected stage's unit features of every image, the ones the run was
-    evaluated with (their mAP is the run's), another stage with --stage, and errors that name the path; and
-    `ureid evaluate RUN_DIR` scores the run's model on its own or a named dataset."""
+    evaluated with (their mAP is the run's), another stage with --stage, and errors that name the path;
+    `ureid search` ranks a gallery by those features; and `ureid evaluate RUN_DIR` scores the run's model on
+    its own or a named dataset."""
+    from PIL import Image
+
     from ureid.cli import main
     from ureid.data.formats import load_dataset
+    from ureid.visualize import picture_size
 
     summary = _run("buc", tiny_root, tmp_path_factory)
     run_dir, selected = summary["run_dir"], summary["selected_stage"]
@@ -191,6 +195,27 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
         assert f"mAP {100 * reported:.2f}%, rank-1 {100 * reported_rank1:.2f}%" in said, said
     assert main(["evaluate", run_dir, "--format", "mars", "--root", str(tiny_root)]) == 2
     assert "mars: expected" in capsys.readouterr().err
+
+    # `ureid search`: the gallery ranked by those features and the run's distance, a query's own file skipped
+    from ureid.embed import search
+
+    paths = [str(p) for p in z["paths"]]
+    queries = sorted(str(p) for p in (tiny_root / "query").glob("*.jpg"))[:2]
+    found = search(run_dir, queries, [str(tiny_root / "bounding_box_test"), queries[0]], top=4)
+    assert found["gallery"][-1] == queries[0] and found["indices"].shape == (2, 4)
+    for i, q in enumerate(queries):
+        g = np.array([paths.index(p) for p in found["gallery"]])
+        dist = ((z["features"][g] - z["features"][paths.index(q)]) ** 2).sum(1).astype(np.float64)
+        if i == 0:
+            dist[-1] = np.inf  # its own file
+        assert found["indices"][i].tolist() == np.argsort(dist, kind="stable")[:4].tolist()
+        assert np.allclose(found["distances"][i], np.sort(dist)[:4], atol=1e-5)
+    assert main(["search", run_dir, queries[0], "--gallery", str(tiny_root / "bounding_box_test"), "--top", "2",
+                 "--picture", str(tmp_path / "search.png")]) == 0
+    said = capsys.readouterr().out
+    assert f"buc, stage {selected}: the 2 nearest of" in said and said.count("\n    1  ") == 1, said
+    with Image.open(tmp_path / "search.png") as img:
+        assert img.size == picture_size(1, 2)
 
     (tmp_path / "notes.txt").write_text("x")
     for argv, says in [([str(tmp_path / "nope")], "no such file or folder"),

@@ -199,6 +199,25 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ureid.embed import search
+
+    r = search(args.run_dir, args.queries, args.gallery, top=args.top, stage=args.stage, device=args.device,
+               batch_size=args.batch_size)
+    print(f"{r['method']}, stage {r['stage']}: the {r['indices'].shape[1]} nearest of {len(r['gallery'])} gallery "
+          f"items for each of {len(r['queries'])} queries (squared distance of unit features, 0 to 4)")
+    for query, row, dist in zip(r["queries"], r["indices"], r["distances"]):
+        print(query)
+        for rank, (g, d) in enumerate(zip(row, dist), 1):
+            if g >= 0:
+                print(f"  {rank:>3}  {d:.4f}  {r['gallery'][g]}")
+    if args.picture:
+        from ureid.visualize import search_results
+
+        print(f"wrote {search_results(r['queries'], r['gallery'], r['indices'], args.picture)['path']}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ureid.embed import evaluate_run
 
@@ -273,6 +292,17 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
                      "(default: %(default)s)")
     _add_model_options(emb)
     emb.set_defaults(func=_cmd_embed)
+    sea = sub.add_parser("search", help="a finished run's nearest gallery images for query images",
+                         description="Rank gallery images (files, or folders read recursively) for each query image "
+                         "by a run's embedding and distance, as its evaluation does; print them, and draw them with "
+                         "--picture. A query's own file in the gallery is skipped. A video run ranks tracklets.")
+    sea.add_argument("run_dir")
+    sea.add_argument("queries", nargs="+", help="query images or folders")
+    sea.add_argument("--gallery", nargs="+", required=True, help="gallery images or folders")
+    sea.add_argument("--top", type=int, default=10, help="how many per query (default: %(default)s)")
+    sea.add_argument("--picture", default=None, help="write the ranked lists as a PNG here")
+    _add_model_options(sea)
+    sea.set_defaults(func=_cmd_search)
     from ureid.data.formats import DATASETS
 
     ev = sub.add_parser("evaluate", help="mAP and CMC of a finished run on its own or another labeled dataset",
@@ -288,7 +318,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """Which of a run's models, and where it runs (``ureid embed``, ``ureid evaluate``)."""
+    """Which of a run's models, and where it runs (``ureid embed``, ``ureid search``, ``ureid evaluate``)."""
     p.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
@@ -404,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{data,run,tune,compare,visualize,embed,evaluate,camstyle}")
+                                metavar="{data,run,tune,compare,visualize,embed,search,evaluate,camstyle}")
     add_data_commands(sub)
     add_camstyle_commands(sub)
     add_run_commands(sub)

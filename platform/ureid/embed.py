@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+from .data.formats import IMAGE_SUFFIXES
 
 
 @dataclass
@@ -124,10 +124,12 @@ def _tracklet_key(frame: Path) -> tuple[Path, str]:
 
 
 def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
-    """Records of the images named: a file is one image; a folder, every image in it and below, in path order.
+    """Records of the images named: a file is one image; a folder, every image in it and below, in path order
+    (camstyle's fakes and StarGAN under it left out, as the ``folder`` format does).
     For a video run a folder's frames make one tracklet per folder that directly holds them (DukeMTMC-VideoReID's
     ``<pid>/<tracklet>/``), or per MARS tracklet name (``0001C1T0002F003.jpg``: several to a folder), frames in
     name order; a file is a tracklet of one frame. Errors name the path."""
+    from .data.formats import images_below
     from .data.records import Record
 
     if isinstance(inputs, (str, Path)):
@@ -136,7 +138,7 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            images = images_below(path)
             if not images:
                 raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or below")
             if video:
@@ -155,6 +157,36 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
     if not records:
         raise ValueError("no images given")
     return records
+
+
+def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence[str | Path], top: int = 10,
+           stage: int | None = None, device: str = "cpu", batch_size: int | None = None) -> dict:
+    """``ureid search``: the ``top`` gallery images (or tracklets) nearest each query under a run's embedding,
+    by the run's own distance (squared Euclidean of unit features), ties in gallery path order; a query's own
+    file in the gallery is skipped. Returns ``queries`` and ``gallery`` (paths; a tracklet's first frame),
+    ``indices`` (nq, k) into ``gallery`` and their ``distances``, ``stage`` and ``method``."""
+    emb = load_embedding(run_dir, stage)
+    q_recs, g_recs = collect_inputs(queries, emb.video), collect_inputs(gallery, emb.video)
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    q = emb.embed(q_recs, device, batch_size).astype(np.float64)
+    g = emb.embed(g_recs, device, batch_size).astype(np.float64)
+    g_paths = [r.paths[0] for r in g_recs]
+    where = {str(Path(p).resolve()): i for i, p in enumerate(g_paths)}
+    k = min(top, len(g_recs))
+    indices = np.full((len(q_recs), k), -1, dtype=np.int64)
+    distances = np.full((len(q_recs), k), np.nan)
+    g_sq = (g ** 2).sum(1)
+    for i, (rec, row) in enumerate(zip(q_recs, q)):
+        dist = g_sq - 2 * g @ row + row @ row
+        own = where.get(str(Path(rec.paths[0]).resolve()))
+        if own is not None and len(rec.paths) == len(g_recs[own].paths):
+            dist[own] = np.inf
+        order = np.argsort(dist, kind="stable")[:k]
+        order = order[np.isfinite(dist[order])]
+        indices[i, : order.size], distances[i, : order.size] = order, dist[order]
+    return {"queries": [r.paths[0] for r in q_recs], "gallery": g_paths, "indices": indices,
+            "distances": distances, "stage": emb.stage, "method": emb.cfg.method}
 
 
 def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, stage: int | None = None,

@@ -5,7 +5,9 @@
   each gallery image framed green when it shows the query's identity and red when not, one row per query
   (as torchreid's ``visualize_ranked_results``).
 - :func:`pseudo_identities`: for a seeded sample of pseudo-labels, the members of each, nearest the cluster's
-  mean first (what a user without test labels looks at: do the clusters show one person each?).
+  mean first (what a user without test labels looks at: do the clusters show one person each?);
+  :func:`nearest_neighbours` where every image is a class of its own (SSL).
+- :func:`search_results`: queries and the gallery images a search ranked for them (``ureid search``).
 - :func:`feature_map` / :func:`feature_maps`: 2-D t-SNE maps (scikit-learn, seeded) of features coloured by
   (pseudo-)label, one panel per (features, labels, title), e.g. stage 0 beside the selected stage.
 """
@@ -161,6 +163,20 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
     out_png, size = _draw_rows(rows, out_png, **geom)
     return {"path": out_png, "size": size, "queries": queries, "cells": cells}
+
+
+def search_results(query_paths: Sequence[str | os.PathLike], gallery_paths: Sequence[str | os.PathLike], indices,
+                   out_png: str | os.PathLike, *, height: int = 128, width: int = 64, border: int = 5,
+                   spacing: int = 6, query_gap: int = 30) -> dict:
+    """Write the picture of a search (``ureid search``): each query (black frame), a gap, then the gallery images
+    ``indices`` names in order (grey frames; -1 an empty cell). Returns ``dict(path, size=(W, H))``."""
+    rows = [[(query_paths[r], QUERY_FRAME)] + [(None, EMPTY) if g < 0 else (gallery_paths[g], MEMBER) for g in row]
+            for r, row in enumerate(np.asarray(indices))]
+    if not rows:
+        raise ValueError("no query to draw")
+    geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
+    out_png, size = _draw_rows(rows, out_png, **geom)
+    return {"path": out_png, "size": size}
 
 
 def _draw_rows(rows: list[list[tuple]], out_png, **geom) -> tuple[Path, tuple[int, int]]:

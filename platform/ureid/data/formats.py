@@ -73,6 +73,15 @@ def _list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     return sorted(p for p in it if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def images_below(folder: Path) -> list[Path]:
+    """Every image in and below ``folder``, in path order, except what ureid writes under a dataset root (camstyle's
+    ``bounding_box_train_camstyle/`` and ``camstyle_stargan/`` at its top): a user's folder of crops, read whole."""
+    from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
+
+    generated = {folder / DEFAULT_FOLDER, folder / STARGAN_FOLDER}
+    return [p for p in _list_images(folder, recursive=True) if not generated.intersection(p.parents)]
+
+
 def _check_policy(bad_images: str) -> None:
     if bad_images not in BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
@@ -389,17 +398,12 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
         split_dirs = {s: base / s for s in ("train", "query", "gallery") if (base / s).is_dir()}
     else:
         split_dirs = {"train": base}
-    from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
-
-    generated = {base / DEFAULT_FOLDER, base / STARGAN_FOLDER}  # camstyle's fakes and StarGAN, kept under the root
 
     raw: dict[str, list[tuple[str, int, str | None]]] = {}
     unmatched: list[str] = []
     for split, d in split_dirs.items():
         raw[split] = []
-        for p in _list_images(d, recursive=True):
-            if generated.intersection(p.parents):
-                continue
+        for p in images_below(d):
             if regex is None:
                 raw[split].append((str(p), UNKNOWN_PID, None))
                 continue
