@@ -335,3 +335,26 @@ def test_camstyle_fakes_of_a_folder_stay_out_of_its_training_images(tmp_path, ca
     jpg(root / "c" / "x_cam1.jpg")
     with pytest.raises(ValueError, match=r"a/x_cam1.jpg and .*c/x_cam1.jpg share the stem 'x_cam1'"):
         write_fakes(load_dataset("folder", root, pattern=r"_cam(?P<camid>\d)").train, tmp_path / "fakes")
+
+
+def test_tracklets_of_your_own(tmp_path):
+    """`tracklets`: every folder of frames is one tracklet (a MARS tracklet name, several to a folder), frames in
+    name order, unlabeled, camera 0, training only; camstyle's output under the root is not read."""
+    from ureid.config import CONFIG_DIR, load_config
+    from ureid.data.records import UNKNOWN_PID
+
+    root = tmp_path / "tracks"
+    for f in ["cam1/t2/f010.jpg", "cam1/t2/f002.jpg", "cam1/t1/f001.jpg", "mars/0001C1T0001F002.jpg",
+              "mars/0001C1T0001F001.jpg", "mars/0001C1T0002F001.jpg", "bounding_box_train_camstyle/x_fake_c1.jpg"]:
+        jpg(root / f)
+    ds = load_dataset("tracklets", root)
+    assert ds.is_video and ds.query == [] and ds.gallery == []
+    assert [[Path(p).relative_to(root).as_posix() for p in r.paths] for r in ds.train] == [
+        ["cam1/t1/f001.jpg"], ["cam1/t2/f002.jpg", "cam1/t2/f010.jpg"],
+        ["mars/0001C1T0001F001.jpg", "mars/0001C1T0001F002.jpg"], ["mars/0001C1T0002F001.jpg"]]
+    assert {(r.pid, r.camid) for r in ds.train} == {(UNKNOWN_PID, 0)}
+    assert "train         4 records unlabeled   1 cameras" in ds.summary()
+    assert load_config(CONFIG_DIR / "buc_video_cpu.yaml", ["data.name=tracklets", f"data.root={root}"]).data.is_video
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"tracklets: no frame under .*empty"):
+        load_dataset("tracklets", tmp_path / "empty")

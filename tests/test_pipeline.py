@@ -348,7 +348,8 @@ def test_compare_reads_the_runs_of_two_methods_from_mlflow(ray_cluster, tiny_roo
 
 
 def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):
-    """Tracklets through the same loop: a tracklet is one sample, frames drawn in order, DDP on 2 workers."""
+    """Tracklets through the same loop: a tracklet is one sample, frames drawn in order, DDP on 2 workers; and
+    the same tracklets as an unlabeled `tracklets` folder train alike."""
     root = tmp_path_factory.mktemp("video") / "tiny_video"
     out = tmp_path_factory.mktemp("video_run")
     synth = {**TINY_SYNTH, "video": True, "min_frames": 2, "max_frames": 5, "mean_frames": 3}
@@ -384,3 +385,20 @@ def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):
     assert len(embedded) == count and {r.paths[0] for r in ds.query + ds.gallery} <= embedded  # + junk tracklets
     reported = next(h["mAP"] for h in summary["history"] if h["stage"] == stage)
     assert abs(_map_of(features, (ds.query, ds.gallery)) - reported) < 1e-6
+
+    # your own tracklets (`data.name=tracklets`): the training tracklets as bare folders of frames, no identity,
+    # in the loader's order; the same losses and pseudo-labels as the labeled run, and label-free reports
+    import shutil
+
+    own = tmp_path_factory.mktemp("own_tracklets")
+    for i, r in enumerate(ds.train):
+        (own / f"track{i:04d}").mkdir()
+        for f in r.paths:
+            shutil.copy(f, own / f"track{i:04d}" / f"frame_{Path(f).name}")
+    unlabeled = run_experiment(cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"name": "tracklets", "root": str(own)}),
+        "output_dir": str(tmp_path_factory.mktemp("own_tracklets_run"))}), quiet=True)
+    assert [h["loss"] for h in unlabeled["history"]] == [h["loss"] for h in summary["history"]]
+    assert np.array_equal(np.load(f"{unlabeled['run_dir']}/labels.npy"), labels)
+    assert not any("mAP" in h or "merge_precision" in h for h in unlabeled["history"])
+    assert (Path(unlabeled["run_dir"]) / "pictures" / "pseudo_identities.png").is_file()

@@ -24,7 +24,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
-DATASET_NAMES = ("synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder")
+DATASET_NAMES = ("synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder",
+                 "tracklets")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -67,7 +68,7 @@ class DataConfig(_Strict):
 
     @property
     def is_video(self) -> bool:
-        return self.name in ("mars", "dukevideo") or bool(self.synthetic.get("video", False))
+        return self.name in ("mars", "dukevideo", "tracklets") or bool(self.synthetic.get("video", False))
 
 
 class ModelConfig(_Strict):

@@ -10,14 +10,13 @@ features for any images, so a user can search, cluster or compare crops the run 
     emb = load_embedding("runs/buc-20261206-101500-1a2b3c")      # the selected stage; stage=N for another
     features = emb(["a.jpg", "b.jpg"])                            # (2, D) float32, unit rows
 
-A video run (``data.name`` mars / dukevideo) embeds tracklets: each folder that holds frames is one
+A video run (``data.name`` mars / dukevideo / tracklets) embeds tracklets: each folder that holds frames is one
 tracklet, its feature the mean of (at most ``data.max_test_frames``) frame features, as in its evaluation.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -113,23 +112,13 @@ def _listing(stages: dict) -> str:
     return "stages " + ", ".join(map(str, sorted(stages))) if stages else "no stage checkpoints"
 
 
-# MARS names frames <pid>C<cam>T<tracklet>F<frame>.jpg, several tracklets to a folder
-_MARS_FRAME = re.compile(r"^(.+T\d{4})F\d{3}$")
-
-
-def _tracklet_key(frame: Path) -> tuple[Path, str]:
-    """The tracklet a frame belongs to: its folder, and within it the MARS name's tracklet part if it has one."""
-    mars = _MARS_FRAME.match(frame.stem)
-    return frame.parent, mars.group(1) if mars else ""
-
-
 def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
     """Records of the images named: a file is one image; a folder, every image in it and below, in path order
     (camstyle's fakes and StarGAN under it left out, as the ``folder`` format does).
     For a video run a folder's frames make one tracklet per folder that directly holds them (DukeMTMC-VideoReID's
     ``<pid>/<tracklet>/``), or per MARS tracklet name (``0001C1T0002F003.jpg``: several to a folder), frames in
     name order; a file is a tracklet of one frame. Errors name the path."""
-    from .data.formats import images_below
+    from .data.formats import images_below, tracklets_below
     from .data.records import Record
 
     if isinstance(inputs, (str, Path)):
@@ -142,10 +131,7 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
             if not images:
                 raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or below")
             if video:
-                tracklets: dict[tuple[Path, str], list[str]] = {}
-                for p in images:
-                    tracklets.setdefault(_tracklet_key(p), []).append(str(p))
-                records += [Record(tuple(frames), -1, -1) for _, frames in sorted(tracklets.items())]
+                records += [Record(frames, -1, -1) for frames in tracklets_below(path)]
             else:
                 records += [Record((str(p),), -1, -1) for p in images]
         elif path.is_file():

@@ -21,6 +21,7 @@ The layouts follow the published datasets and the reference loaders of torchreid
 ``mars``         ``bbox_train/ bbox_test/ info/`` with the name lists and track tables
 ``dukevideo``    DukeMTMC-VideoReID ``train|query|gallery/<pid>/<tracklet>/<frames>.jpg``
 ``folder``       any tree of images: unlabeled crops, or a filename regex with groups ``pid``/``camid``
+``tracklets``    any tree of frame folders (a folder of frames, or a MARS tracklet name, is one), unlabeled
 ===============  ===========================================================================
 """
 
@@ -80,6 +81,21 @@ def images_below(folder: Path) -> list[Path]:
 
     generated = {folder / DEFAULT_FOLDER, folder / STARGAN_FOLDER}
     return [p for p in _list_images(folder, recursive=True) if not generated.intersection(p.parents)]
+
+
+# MARS names frames <pid>C<cam>T<tracklet>F<frame>.jpg, several tracklets to a folder
+_MARS_FRAME = re.compile(r"^(.+T\d{4})F\d{3}$")
+
+
+def tracklets_below(folder: Path) -> list[tuple[str, ...]]:
+    """The tracklets in and below ``folder`` (:func:`images_below`'s frames): one per folder that directly holds
+    frames (DukeMTMC-VideoReID's ``<pid>/<tracklet>/``, a tracker's output), or per MARS tracklet name in it
+    (``0001C1T0002F003.jpg``: several to a folder); frames in name order, tracklets in path order."""
+    tracklets: dict[tuple[Path, str], list[str]] = {}
+    for p in images_below(folder):
+        mars = _MARS_FRAME.match(p.stem)
+        tracklets.setdefault((p.parent, mars.group(1) if mars else ""), []).append(str(p))
+    return [tuple(frames) for _, frames in sorted(tracklets.items())]
 
 
 def _check_policy(bad_images: str) -> None:
@@ -438,6 +454,22 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     return ds
 
 
+# ----------------------------------------------------------------------------- your own tracklets
+def load_tracklets(root) -> ReidDataset:
+    """Your own tracklets, unlabeled (a tracker's crops, say): :func:`tracklets_below` the root, each a training
+    sample of unknown identity (:data:`UNKNOWN_PID`) on camera 0; no query/gallery, so a run reports its
+    label-free scores only. camstyle's output under the root is left out, as for ``folder``."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"tracklets: dataset root {base} is not a folder")
+    ds = ReidDataset("tracklets", str(base), is_video=True)
+    ds.train = [Record(frames, UNKNOWN_PID, 0) for frames in tracklets_below(base)]
+    if not ds.train:
+        raise ValueError(f"tracklets: no frame under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files "
+                         "in every subfolder; one tracklet per folder of frames)")
+    return ds
+
+
 # ----------------------------------------------------------------------------- dispatch
 DATASETS: dict[str, Callable[..., ReidDataset]] = {
     "market1501": load_market1501,
@@ -447,6 +479,7 @@ DATASETS: dict[str, Callable[..., ReidDataset]] = {
     "mars": load_mars,
     "dukevideo": load_dukevideo,
     "folder": load_folder,
+    "tracklets": load_tracklets,
 }
 
 
