@@ -307,7 +307,7 @@ def test_verify_images_drops_bad_frames_of_tracklets(tmp_path, caplog):
 
 
 def test_registry_and_unknown_format(tmp_path):
-    assert set(DATASETS) == {"market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder"}
+    assert set(DATASETS) == {"market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder", "tracklets"}
     with pytest.raises(ValueError, match="unknown dataset format 'market'; choose one of"):
         load_dataset("market", tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
