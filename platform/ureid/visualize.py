@@ -25,7 +25,7 @@ RED = (220, 0, 0)
 QUERY_FRAME = (0, 0, 0)
 BACKGROUND = (255, 255, 255)
 EMPTY = (225, 225, 225)  # a cell with no gallery image left (fewer valid gallery images than topk)
-MEMBER = (150, 150, 150)  # a pseudo-identity's member whose true identity is not known
+MEMBER = (150, 150, 150)  # an image whose identity is not known (an unlabeled folder, a search)
 
 
 def _sample(n: int, k: int, seed: int) -> np.ndarray:
@@ -51,7 +51,6 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
     matches=(n, topk) bool)``; cell ``(r, j)`` (``j = 0`` the query, ``1..topk`` the ranks) has its top-left
     frame corner at :func:`cell_origin`.
     """
-
     qp, qc = np.asarray(query_pids), np.asarray(query_cams)
     gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
     dist = np.asarray(distances)
@@ -98,7 +97,6 @@ def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_
     Returns ``dict(path, size=(W, H), clusters=labels drawn, cells=(n, m + 1) sample indices or -1)``, ``m`` =
     ``members`` or fewer when no drawn cluster has that many more samples.
     """
-
     labels = np.asarray(labels)
     feats = np.asarray(features, dtype=np.float64)
     if not (len(paths) == len(labels) == len(feats)) or (pids is not None and len(pids) != len(labels)):

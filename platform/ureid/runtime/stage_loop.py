@@ -202,6 +202,10 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["oracle_stage"] = selection.oracle_stage
         if rank == 0:
             shown = [f"{k} {metrics[k]:.1%}" for k in ("mAP", "rank1") if k in metrics]
+            criterion = cfg.schedule.criterion()  # what keeps a stage, when not the last one or mAP: shown too
+            if criterion and criterion[0] not in ("mAP", "rank1") and criterion[0] in metrics:
+                name, value = criterion[0], metrics[criterion[0]]
+                shown.append(f"{name} {value:.1%}" if name.endswith("mAP") else f"{name} {value:.4f}")
             shown += [f"loss {metrics['loss']:.3f}", f"{metrics['num_classes']} classes -> {metrics['num_clusters']} clusters"]
             line = f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {', '.join(shown)}"
             if relay is not None:
