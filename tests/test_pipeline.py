@@ -210,6 +210,15 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
             dist[-1] = np.inf  # its own file
         assert found["indices"][i].tolist() == np.argsort(dist, kind="stable")[:4].tolist()
         assert np.allclose(found["distances"][i], np.sort(dist)[:4], atol=1e-5)
+    # a gallery embedded once (`ureid embed`'s file of the same run and stage) ranks as the images do
+    stored = search(run_dir, queries, [str(tmp_path / "features.npz")], top=4)
+    assert stored["gallery"] == paths
+    for i, q in enumerate(queries):
+        dist = ((z["features"] - z["features"][paths.index(q)]) ** 2).sum(1).astype(np.float64)
+        dist[paths.index(q)] = np.inf  # its own file
+        assert stored["indices"][i].tolist() == np.argsort(dist, kind="stable")[:4].tolist()
+    with pytest.raises(ValueError, match=r"s0.npz: features of run .* stage 0\); this search uses run .* stage "):
+        search(run_dir, queries, [str(tmp_path / "s0.npz")])
     assert main(["search", run_dir, queries[0], "--gallery", str(tiny_root / "bounding_box_test"), "--top", "2",
                  "--picture", str(tmp_path / "search.png")]) == 0
     said = capsys.readouterr().out

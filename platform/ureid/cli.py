@@ -298,7 +298,8 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
                          "--picture. A query's own file in the gallery is skipped. A video run ranks tracklets.")
     sea.add_argument("run_dir")
     sea.add_argument("queries", nargs="+", help="query images or folders")
-    sea.add_argument("--gallery", nargs="+", required=True, help="gallery images or folders")
+    sea.add_argument("--gallery", nargs="+", required=True,
+                     help="gallery images or folders, or a .npz `ureid embed` wrote with the same run and stage")
     sea.add_argument("--top", type=int, default=10, help="how many per query (default: %(default)s)")
     sea.add_argument("--picture", default=None, help="write the ranked lists as a PNG here")
     _add_model_options(sea)

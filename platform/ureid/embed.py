@@ -148,25 +148,39 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
 def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence[str | Path], top: int = 10,
            stage: int | None = None, device: str = "cpu", batch_size: int | None = None) -> dict:
     """``ureid search``: the ``top`` gallery images (or tracklets) nearest each query under a run's embedding,
-    by the run's own distance (squared Euclidean of unit features), ties in gallery path order; a query's own
-    file in the gallery is skipped. Returns ``queries`` and ``gallery`` (paths; a tracklet's first frame),
-    ``indices`` (nq, k) into ``gallery`` and their ``distances``, ``stage`` and ``method``."""
-    emb = load_embedding(run_dir, stage)
-    q_recs, g_recs = collect_inputs(queries, emb.video), collect_inputs(gallery, emb.video)
+    by the run's own distance (squared Euclidean of unit features), ties in gallery order; a query's own
+    file in the gallery is skipped. A gallery item ending in ``.npz`` is a ``ureid embed`` file of the same run
+    and stage: its features are used as they are (stored files first, then the images, each in their order).
+    Returns ``queries`` and ``gallery`` (paths; a tracklet's first frame), ``indices`` (nq, k) into ``gallery``
+    and their ``distances``, ``stage`` and ``method``."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
+    emb = load_embedding(run_dir, stage)
+    q_recs = collect_inputs(queries, emb.video)
     q = emb.embed(q_recs, device, batch_size).astype(np.float64)
-    g = emb.embed(g_recs, device, batch_size).astype(np.float64)
-    g_paths = [r.paths[0] for r in g_recs]
+    items = [gallery] if isinstance(gallery, (str, Path)) else list(gallery)
+    images = [g for g in items if not str(g).endswith(".npz")]
+    g_parts, g_paths, g_frames = [], [], []
+    for f in (Path(g) for g in items if str(g).endswith(".npz")):  # embedded once with this model, searched often
+        z = _embedded(f, emb)
+        g_parts.append(z["features"].astype(np.float64))
+        g_paths += [str(p) for p in z["paths"]]
+        g_frames += [None] * len(z["paths"])  # frame counts are not stored: the first frame alone says "its own"
+    if images or not g_parts:
+        g_recs = collect_inputs(images, emb.video)
+        g_parts.append(emb.embed(g_recs, device, batch_size).astype(np.float64))
+        g_paths += [r.paths[0] for r in g_recs]
+        g_frames += [len(r.paths) for r in g_recs]
+    g = np.concatenate(g_parts)
     where = {str(Path(p).resolve()): i for i, p in enumerate(g_paths)}
-    k = min(top, len(g_recs))
+    k = min(top, len(g_paths))
     indices = np.full((len(q_recs), k), -1, dtype=np.int64)
     distances = np.full((len(q_recs), k), np.nan)
     g_sq = (g ** 2).sum(1)
     for i, (rec, row) in enumerate(zip(q_recs, q)):
         dist = g_sq - 2 * g @ row + row @ row
         own = where.get(str(Path(rec.paths[0]).resolve()))
-        if own is not None and len(rec.paths) == len(g_recs[own].paths):
+        if own is not None and g_frames[own] in (None, len(rec.paths)):
             dist[own] = np.inf
         order = np.argsort(dist, kind="stable")[:k]
         order = order[np.isfinite(dist[order])]
@@ -175,10 +189,28 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
             "distances": distances, "stage": emb.stage, "method": emb.cfg.method}
 
 
+def _embedded(path: Path, emb: Embedding) -> dict:
+    """A ``ureid embed`` file, checked to hold features of ``emb``'s own run and stage (other features would be
+    compared in another space)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such features file")
+    with np.load(path) as z:
+        got = {k: z[k] for k in z.files}
+    if "features" not in got or "paths" not in got:
+        raise ValueError(f"{path}: not a `ureid embed` file (it has {', '.join(sorted(got)) or 'nothing'})")
+    theirs = (str(got.get("run", "?")), str(got.get("method", "?")), int(got.get("stage", -1)))
+    ours = (emb.run_dir.name, emb.cfg.method, emb.stage)
+    if theirs != ours:
+        raise ValueError(f"{path}: features of run {theirs[0]} ({theirs[1]}, stage {theirs[2]}); this search uses "
+                         f"run {ours[0]} ({ours[1]}, stage {ours[2]}): embed the gallery with the same run and stage")
+    return got
+
+
 def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, stage: int | None = None,
                   device: str = "cpu", batch_size: int | None = None) -> tuple[Path, int, int, int]:
     """``ureid embed``: write ``out`` (.npz) with ``features`` (N, D) float32 unit rows, ``paths`` (N,) (a
-    tracklet's first frame), ``stage`` and ``method``; return (out, N, D, stage)."""
+    tracklet's first frame), ``stage``, ``method`` and ``run`` (the run folder's name); return (out, N, D,
+    stage). ``ureid search`` takes such a file as its gallery."""
     emb = load_embedding(run_dir, stage)
     records = collect_inputs(inputs, emb.video)
     features = emb.embed(records, device, batch_size)
@@ -187,7 +219,8 @@ def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")  # what np.savez would write; the path printed is the file's
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, features=features, paths=np.array(names), stage=emb.stage, method=emb.cfg.method)
+    np.savez(out, features=features, paths=np.array(names), stage=emb.stage, method=emb.cfg.method,
+             run=emb.run_dir.name)
     return out, features.shape[0], features.shape[1], emb.stage
 
 
