@@ -157,28 +157,28 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         raise ValueError(f"top must be >= 1, got {top}")
     emb = load_embedding(run_dir, stage)
     q_recs = collect_inputs(queries, emb.video)
-    q = emb.embed(q_recs, device, batch_size).astype(np.float64)
+    q = emb.embed(q_recs, device, batch_size)
     items = [gallery] if isinstance(gallery, (str, Path)) else list(gallery)
     images = [g for g in items if not str(g).endswith(".npz")]
     g_parts, g_paths, g_frames = [], [], []
     for f in (Path(g) for g in items if str(g).endswith(".npz")):  # embedded once with this model, searched often
         z = _embedded(f, emb)
-        g_parts.append(z["features"].astype(np.float64))
+        g_parts.append(z["features"])
         g_paths += [str(p) for p in z["paths"]]
         g_frames += [None] * len(z["paths"])  # frame counts are not stored: the first frame alone says "its own"
     if images or not g_parts:
         g_recs = collect_inputs(images, emb.video)
-        g_parts.append(emb.embed(g_recs, device, batch_size).astype(np.float64))
+        g_parts.append(emb.embed(g_recs, device, batch_size))
         g_paths += [r.paths[0] for r in g_recs]
         g_frames += [len(r.paths) for r in g_recs]
+    from .evaluation import pairwise_distance
+
     g = np.concatenate(g_parts)
     where = {str(Path(p).resolve()): i for i, p in enumerate(g_paths)}
     k = min(top, len(g_paths))
     indices = np.full((len(q_recs), k), -1, dtype=np.int64)
     distances = np.full((len(q_recs), k), np.nan)
-    g_sq = (g ** 2).sum(1)
-    for i, (rec, row) in enumerate(zip(q_recs, q)):
-        dist = g_sq - 2 * g @ row + row @ row
+    for i, (rec, dist) in enumerate(zip(q_recs, pairwise_distance(q, g, metric="sqeuclidean"))):
         own = where.get(str(Path(rec.paths[0]).resolve()))
         if own is not None and g_frames[own] in (None, len(rec.paths)):
             dist[own] = np.inf

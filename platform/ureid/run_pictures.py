@@ -27,12 +27,12 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     """``records``: (train, query, gallery) record lists when the caller has them (the driver at the end of a
     run); otherwise the dataset the run's config names is read. ``stage``: another stage than the selected one,
     drawn into ``pictures/stage<N>/`` (the run's own pictures stay)."""
-    from .data.records import UNKNOWN_PID
+    from .data.records import known_identities
     from .data.run_data import load_split_dataset
     from .engine.extract import extract_features
     from .evaluation import pairwise_distance
     from .runtime.job import stage_checkpoints
-    from .visualize import feature_maps, nearest_neighbours, pseudo_identities, ranked_lists
+    from .visualize import drawable_clusters, feature_maps, nearest_neighbours, pseudo_identities, ranked_lists
 
     run_dir = run_folder(run_dir)
     if not (run_dir / "summary.json").is_file():
@@ -69,11 +69,9 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
                      num_queries=num_queries, seed=seed)
         first = out / "ranked_lists.png"
     else:  # an unlabeled folder: what its pseudo-identities look like instead of what a query retrieves
-        pids = np.array([r.pid for r in train])
-        pids = None if (pids == UNKNOWN_PID).any() else pids
+        pids = known_identities(train)
         labels = results[selected]["targets"].labels[: len(train)]
-        _, counts = np.unique(labels[labels >= 0], return_counts=True)
-        if (counts >= 2).any():
+        if drawable_clusters(labels)[0].size:
             first = out / "pseudo_identities.png"
             pseudo_identities([r.path for r in train], labels, unit(train_features[selected]), first,
                               num_clusters=num_queries, seed=seed, pids=pids)

@@ -83,6 +83,14 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
     return {"path": out_png, "size": size, "queries": queries, "gallery": ranked, "matches": matches}
 
 
+def drawable_clusters(labels) -> tuple[np.ndarray, np.ndarray]:
+    """The pseudo-labels :func:`pseudo_identities` can draw, those of two or more samples (labels < 0, a density
+    clustering's outliers, are none), and their sizes; empty where every sample is a class of its own (SSL)."""
+    labels = np.asarray(labels)
+    values, counts = np.unique(labels[labels >= 0], return_counts=True)
+    return values[counts >= 2], counts[counts >= 2]
+
+
 def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_png: str | os.PathLike,
                       num_clusters: int = 8, members: int = 10, seed: int = 0, pids=None, *, height: int = 128,
                       width: int = 64, border: int = 5, spacing: int = 6, query_gap: int = 30) -> dict:
@@ -103,12 +111,12 @@ def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_
         raise ValueError("paths, labels, features (and pids) must have one entry per sample")
     if num_clusters <= 0 or members <= 0:
         raise ValueError(f"num_clusters and members must be > 0, got {num_clusters}, {members}")
-    values, counts = np.unique(labels[labels >= 0], return_counts=True)
-    candidates = values[counts >= 2]
+    candidates, counts = drawable_clusters(labels)
     if candidates.size == 0:
         raise ValueError("no pseudo-label with two or more samples to draw")
-    drawn = candidates[_sample(candidates.size, num_clusters, seed)]
-    members = min(members, int(counts[np.isin(values, drawn)].max()) - 1)  # no column left empty in every row
+    pick = _sample(candidates.size, num_clusters, seed)
+    drawn = candidates[pick]
+    members = min(members, int(counts[pick].max()) - 1)  # no column left empty in every row
 
     cells = np.full((len(drawn), members + 1), -1, dtype=np.int64)
     frames = []
@@ -137,23 +145,24 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
     """Write a picture of what the embedding retrieves within one set of images; return what it shows.
 
     Rows are ``num_queries`` images drawn with ``seed``; each is the image (black frame), a gap, then its
-    ``topk`` nearest other images by squared Euclidean distance of ``features`` (ties keep sample order),
+    ``topk`` nearest other images by squared Euclidean distance of ``features`` (the evaluation's
+    ``pairwise_distance``; ties keep sample order),
     framed grey, or with ``pids`` green for the same identity and red for another. For pseudo-labels that keep
     every image a class of its own (SSL), in place of :func:`pseudo_identities`.
 
     Returns ``dict(path, size=(W, H), queries=indices, cells=(n, topk) sample indices)``.
     """
-    feats = np.asarray(features, dtype=np.float64)
+    from .evaluation import pairwise_distance
+
+    feats = np.asarray(features)
     if len(paths) != len(feats) or (pids is not None and len(pids) != len(feats)):
         raise ValueError("paths, features (and pids) must have one entry per sample")
     if len(feats) < 2 or num_queries <= 0 or topk <= 0:
         raise ValueError(f"need two or more images and num_queries, topk > 0; got {len(feats)}, {num_queries}, {topk}")
     topk = min(topk, len(feats) - 1)
     queries = _sample(len(feats), num_queries, seed)
-    sq = (feats ** 2).sum(1)
     cells = np.empty((len(queries), topk), dtype=np.int64)
-    for r, q in enumerate(queries):
-        dist = sq - 2 * feats @ feats[q] + sq[q]
+    for r, (q, dist) in enumerate(zip(queries, pairwise_distance(feats[queries], feats, metric="sqeuclidean"))):
         dist[q] = np.inf
         cells[r] = np.argsort(dist, kind="stable")[:topk]
     rows = [[(paths[q], QUERY_FRAME)] + [(paths[i], MEMBER if pids is None else GREEN if pids[i] == pids[q] else RED)

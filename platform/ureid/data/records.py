@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 UNKNOWN_PID = -1  # a training image whose identity nobody knows (an unlabeled folder)
 
 
+def known_identities(records) -> np.ndarray | None:
+    """The records' identities (int64), or None when any is :data:`UNKNOWN_PID` (an unlabeled folder): for
+    diagnostics and pictures only, which then measure or frame nothing by identity."""
+    import numpy as np
+
+    pids = np.array([r.pid for r in records], dtype=np.int64)
+    return None if (pids == UNKNOWN_PID).any() else pids
+
+
 @dataclass(frozen=True)
 class Record:
     paths: tuple[str, ...]

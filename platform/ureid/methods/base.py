@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 from ..config import MethodSettings as Settings  # unknown keys are errors; path_fields are made absolute
-from ..data.records import UNKNOWN_PID, Record
+from ..data.records import Record, known_identities
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,9 @@ class RunData:
 
     def identities(self) -> np.ndarray | None:
         """Ground truth from the file names: for diagnostics and evaluation only. None when some training
-        image's identity is unknown (an unlabeled folder): no diagnostic is then measured."""
-        pids = np.array([r.pid for r in self.train], dtype=np.int64)
-        return None if (pids[: self.num_real] == UNKNOWN_PID).any() else pids
+        image's identity is unknown (an unlabeled folder; camstyle's fakes carry their source's): no diagnostic
+        is then measured."""
+        return known_identities(self.train)
 
 
 @dataclass(frozen=True)

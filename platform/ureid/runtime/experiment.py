@@ -43,8 +43,8 @@ def load_run_data(cfg: Config, method) -> RunData:
 
 
 def _print_table(history: list[dict], selected: int | None, oracle: int | None, criterion: str | None = None) -> None:
-    """The per-stage table; ``criterion``: the metric that selected the stage, shown as a column of its own.
-    Without any mAP (no labeled query/gallery) there is no oracle to mark."""
+    """The per-stage table; ``criterion``: the metric that selected the stage, shown as a column of its own;
+    ``oracle`` None: no oracle to mark (no labeled query/gallery)."""
     cols = [("stage", "{:>5}"), ("mAP", "{:>6.1%}"), ("rank1", "{:>6.1%}"), ("num_clusters", "{:>8}"),
             ("merge_precision", "{:>9.3f}"), ("loss", "{:>7.3f}"), ("stage_time_s", "{:>7.0f}")]
     if criterion is not None and criterion not in ("mAP", "rank1"):
@@ -52,8 +52,6 @@ def _print_table(history: list[dict], selected: int | None, oracle: int | None, 
     cols = [(k, f) for k, f in cols if any(k in h for h in history)]
     heads = {"num_clusters": "clusters", "merge_precision": "merge-prec", "stage_time_s": "time(s)"}
     print("  ".join(f"{heads.get(k, k):>{len(f.format(0)) if k != 'stage' else 5}}" for k, f in cols))
-    if not any("mAP" in h for h in history):
-        oracle = None
     for h in history:
         row = "  ".join(f.format(h[k]) if k in h else " " * len(f.format(0)) for k, f in cols)
         marks = [name for name, stage in (("selected", selected), ("oracle best", oracle)) if h["stage"] == stage]
@@ -279,7 +277,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     if not quiet:
         print(f"\n[ureid] {cfg.method} on {cfg.data.name}: {_stages(len(history))} in {summary['wall_time_s']:.0f}s")
         how = "the last stage" if cfg.schedule.select == "last" else f"by {cfg.schedule.select}"
-        if any("mAP" in h for h in history):
+        labeled = any("mAP" in h for h in history)
+        if labeled:
             print(f"[ureid] kept stage {selected} ({how}); the oracle (test-set mAP, labels an "
                   f"unsupervised user does not have) would pick stage {oracle}")
         else:
@@ -288,7 +287,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
             print(f"[ureid] kept stage {selected} ({how}); no query/gallery with identities, so no mAP: every "
                   f"label-free score (lf_*) is in {job.history_path.name} and MLflow{hint}")
         criterion = cfg.schedule.criterion()
-        _print_table(history, selected, oracle, criterion[0] if criterion else None)
+        _print_table(history, selected, oracle if labeled else None, criterion[0] if criterion else None)
     return summary
 
 
