@@ -32,6 +32,11 @@ PY
 # A small synthetic set (40 training identities, generated here as the default is): the default adds ~40 s.
 "$scratch/venv/bin/ureid" run buc --set schedule.max_stages=1 --set train.first_stage_epochs=1 \
     --set data.root=data/small --set data.synthetic.num_train_ids=40 --set data.synthetic.num_test_ids=20 \
-    --set data.synthetic.num_distractors=50
+    --set data.synthetic.num_distractors=50 2>&1 | tee run.log
+# A clean run prints no error line of Ray's own (e.g. the PreemptionWatcher's, before job_env turned it off).
+if grep -E "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:,]+ E [0-9]+ [0-9]+\]" run.log; then
+    echo "[check_wheel] failed: the run above printed a Ray error line" >&2
+    exit 1
+fi
 test -f "$(ls -d runs/buc-*/ | head -1)summary.json"
 echo "[check_wheel] ok: one BUC stage from the installed wheel in $scratch/work"

@@ -295,7 +295,10 @@ def test_the_tracking_uri_and_mlflow_credentials_reach_both_nodes_through_runtim
     """A driver joining the cluster (``ensure_ray`` with an address, as ``ray submit`` runs it, or with
     ``$RAY_ADDRESS`` and no ``ray.address``, as a ``ray job submit`` driver runs: Ray's own lookup there used
     to refuse the local start's resources) hands the tracking URI and its MLflow credentials to every process
-    of the job, on either node, through ``runtime_env``; the nodes themselves were started without them."""
+    of the job, on either node, through ``runtime_env``; the nodes themselves were started without them. Ray
+Train's PreemptionWatcher is off for the job (``job_env``) unless the driver's environment turns it on: that
+value reaches both nodes too (theirs is the suite's "0"; the default run's output is checked by
+``scripts/check_wheel.sh``, outside this suite)."""
     import json
     import os
     import subprocess
@@ -310,7 +313,8 @@ ensure_ray(load_config(CONFIG_DIR / "buc_cpu.yaml", ["ray.address=" + sys.argv[1
            "http://10.0.0.1:5000")
 @ray.remote(num_cpus=0)
 def seen():
-    return ray.get_runtime_context().get_node_id(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    return (ray.get_runtime_context().get_node_id(), os.environ.get("MLFLOW_TRACKING_URI"),
+            os.environ.get("MLFLOW_TRACKING_PASSWORD"), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes])))
 """
@@ -319,14 +323,17 @@ print(json.dumps(ray.get([seen.options(scheduling_strategy=NodeAffinitySchedulin
         env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "s3cret"}
         env.pop("MLFLOW_TRACKING_URI", None)
         env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
         if how == "env":
             env["RAY_ADDRESS"] = gcs
+            env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"  # the user's choice wins
         out = subprocess.run([sys.executable, "-c", code, gcs, how], env=env, capture_output=True, text=True,
                              timeout=180)
         assert out.returncode == 0, (how, out.stderr[-3000:])
         seen = json.loads(out.stdout.strip().splitlines()[-1])
-        assert len({node for node, _, _ in seen}) == 2, how  # both nodes of the test cluster: it joined
-        assert all(uri == "http://10.0.0.1:5000" and password == "s3cret" for _, uri, password in seen), how
+        assert len({node for node, *_ in seen}) == 2, how  # both nodes of the test cluster: it joined
+        assert all(uri == "http://10.0.0.1:5000" and password == "s3cret" for _, uri, password, _ in seen), how
+        assert {watcher for *_, watcher in seen} == {"1" if how == "env" else "0"}, (how, seen)
 
 
 def test_a_ray_address_where_no_head_listens_fails_fast(ray_cluster):

@@ -45,9 +45,19 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
                  "MLFLOW_TRACKING_INSECURE_TLS")
 
 
+#: Ray Train 2.60 starts a PreemptionWatcher actor beside each worker group. It serves only
+#: ``ray.train.get_preemption_info()``, which the stage loop does not read (a drained node is a lost worker:
+#: the group restarts from the stage checkpoint), and its start printed a core_worker error line ("has
+#: constructor arguments in the object store and max_restarts > 0") in every run. Off for the job's
+#: processes unless the driver's environment sets it (that value is forwarded).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def job_env(tracking_uri: str | None = None) -> dict[str, str]:
-    """The ``runtime_env`` env vars of a job: the tracking URI and the driver's MLflow credentials."""
+    """The ``runtime_env`` env vars of a job: the tracking URI, the driver's MLflow credentials and
+    ``PREEMPTION_WATCHER_ENV`` (``"0"`` unless the driver set it)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env[PREEMPTION_WATCHER_ENV] = os.environ.get(PREEMPTION_WATCHER_ENV, "0")
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
@@ -142,7 +152,7 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
             local["dashboard_port"] = port
             _our_api_server = env[API_SERVER_ENV] = os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     context = ray.init(address=address, log_to_driver=True, include_dashboard=ray_cfg.include_dashboard,
-                       **({"runtime_env": {"env_vars": env}} if env else {}), **local)
+                       runtime_env={"env_vars": env}, **local)
     _dashboard_url = context.dashboard_url or ""
     _started_here = address is None  # ray.init with resources and no address (none in the env) starts its own
     if _started_here and not ray_cfg.include_dashboard:
