@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/evaluation.py               # 3,368 queries x 19,732 gallery
     .venv/bin/python benchmarks/evaluation.py --queries 500 # quicker
+    .venv/bin/python benchmarks/evaluation.py --search      # `ureid search`'s ranking instead (below)
 
 Identities mimic Market-1501: ~750 ids over 6 cameras, some gallery images with id 0 (distractors)
 and -1 (junk). Distances are random with matches pulled closer by a per-query amount, so mAP and rank-1 are
@@ -9,6 +10,11 @@ non-trivial (not a trained model: only the timing and the agreement matter).
 Peak memory is measured with ``tracemalloc`` (numpy registers its buffers with it) around the
 evaluation call only, so the input distance matrix is not counted; times include tracemalloc's
 (small) overhead, identically for both implementations.
+
+``--search``: what ``ureid search`` does with a large gallery, ``ureid.evaluation.nearest`` (queries in
+chunks, each row's top k by a partition) against what it did before 7 December 2026 (the whole query x
+gallery matrix from ``pairwise_distance``, then a stable argsort of every row): random unit features,
+``--search-queries`` x ``--search-gallery`` (d = ``--dim``), top ``--top``; same indices required.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import tracemalloc
 
 import numpy as np
 
-from ureid.evaluation import evaluate
+from ureid.evaluation import evaluate, nearest, pairwise_distance
 from ureid.evaluation.reference import reference_evaluate
 
 
@@ -50,13 +56,46 @@ def measure(fn):
     return result, seconds, peak
 
 
+def full_sort_search(q, g, k):
+    """The search before ``nearest``: the whole distance matrix, a stable argsort of each row."""
+    d = pairwise_distance(q, g)
+    return np.stack([np.argsort(row, kind="stable")[:k] for row in d])
+
+
+def search_table(num_query: int, num_gallery: int, dim: int, k: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((num_gallery, dim), dtype=np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = g[rng.choice(num_gallery, num_query, replace=False)] + 0.1 * rng.standard_normal((num_query, dim),
+                                                                                         dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    print(f"search: {num_query} queries x {num_gallery:,} gallery, d = {dim}, top {k} (features "
+          f"{g.nbytes / 2**20:.0f} MB, not counted)\n")
+    (ours, _), t_ours, m_ours = measure(lambda: nearest(q, g, k))
+    ref, t_ref, m_ref = measure(lambda: full_sort_search(q, g, k))
+    print("| implementation | time (s) | peak memory (MB) |")
+    print("|---|---:|---:|")
+    print(f"| `nearest` (chunks, partition) | {t_ours:.2f} | {m_ours:.0f} |")
+    print(f"| full matrix + stable argsort per row | {t_ref:.2f} | {m_ref:.0f} |")
+    print(f"\nsame indices: {'yes' if np.array_equal(ours, ref) else 'NO'}; speed-up x{t_ref / t_ours:.1f}, "
+          f"memory x{m_ref / max(m_ours, 1e-9):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=3368, help="number of queries (Market-1501: 3,368)")
     parser.add_argument("--gallery", type=int, default=19732, help="gallery size (Market-1501: 19,732)")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search", action="store_true", help="ureid search's ranking instead (see above)")
+    parser.add_argument("--search-queries", type=int, default=2000)
+    parser.add_argument("--search-gallery", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=1280, help="feature size (the CPU presets' MobileNetV2: 1280)")
+    parser.add_argument("--top", type=int, default=10)
     args = parser.parse_args()
+    if args.search:
+        search_table(args.search_queries, args.search_gallery, args.dim, args.top, args.seed)
+        return
 
     data = market_like(args.queries, args.gallery, args.seed)
     print(f"distmat {args.queries} x {args.gallery} float32 ({data[0].nbytes / 2**20:.0f} MB, not counted)\n")

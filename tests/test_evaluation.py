@@ -150,6 +150,36 @@ def test_pairwise_distance():
         pairwise_distance(q, g[:, :4])
 
 
+@pytest.mark.parametrize("k", [1, 3, 40, 200])
+def test_nearest_is_the_stable_argsort_of_each_row_in_chunks(k):
+    """``nearest`` gives each query's ``argsort(kind="stable")[:k]`` of ``pairwise_distance`` exactly, ties
+    in gallery order (features on a coarse grid: many exact ties, also at the k-th place), whatever the
+    chunk of queries, with a skipped gallery row per query and rows padded when too few are left."""
+    from ureid.evaluation import nearest
+
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 3, size=(40, 4)).astype(np.float32)
+    q = np.concatenate([g[:5], rng.integers(0, 3, size=(6, 4)).astype(np.float32)])
+    skip = np.array([0, 1, 2, 3, 4] + [-1] * 6)
+    full = pairwise_distance(q, g)
+    full[np.arange(5), skip[:5]] = np.inf
+    want = np.argsort(full, axis=1, kind="stable")[:, :min(k, 40)]
+    ordered = np.sort(full, axis=1)
+    assert k >= 40 or (ordered[:, k - 1] == ordered[:, k]).any()  # ties across the k-th place
+    for chunk_bytes in (1, 4 * 40 * 4, 2**20):
+        idx, dist = nearest(q, g, k, skip=skip, chunk_bytes=chunk_bytes)
+        assert idx.shape == dist.shape == (11, min(k, 40)) and dist.dtype == np.float32
+        finite = np.isfinite(np.take_along_axis(full, want, 1))
+        np.testing.assert_array_equal(np.where(finite, want, -1), idx)
+        np.testing.assert_array_equal(np.where(finite, np.take_along_axis(full, want, 1), np.nan), dist)
+        if k >= 40:  # a skipped query has 39 rows: its last place is empty
+            assert (idx[:5, -1] == -1).all() and np.isnan(dist[:5, -1]).all() and (idx[5:, -1] >= 0).all()
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        nearest(q, g, 0)
+    with pytest.raises(ValueError, match="skip must hold one gallery index"):
+        nearest(q, g, 3, skip=[40] * 11)
+
+
 def euclidean_blocks(q, g):
     return (pairwise_distance(q, g, "euclidean"), pairwise_distance(q, q, "euclidean"),
             pairwise_distance(g, g, "euclidean"))

@@ -171,20 +171,15 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         g_parts.append(emb.embed(g_recs, device, batch_size))
         g_paths += [r.paths[0] for r in g_recs]
         g_frames += [len(r.paths) for r in g_recs]
-    from .evaluation import pairwise_distance
+    from .evaluation import nearest
 
-    g = np.concatenate(g_parts)
     where = {str(Path(p).resolve()): i for i, p in enumerate(g_paths)}
-    k = min(top, len(g_paths))
-    indices = np.full((len(q_recs), k), -1, dtype=np.int64)
-    distances = np.full((len(q_recs), k), np.nan)
-    for i, (rec, dist) in enumerate(zip(q_recs, pairwise_distance(q, g, metric="sqeuclidean"))):
+    skip = np.full(len(q_recs), -1, dtype=np.int64)
+    for i, rec in enumerate(q_recs):
         own = where.get(str(Path(rec.paths[0]).resolve()))
         if own is not None and g_frames[own] in (None, len(rec.paths)):
-            dist[own] = np.inf
-        order = np.argsort(dist, kind="stable")[:k]
-        order = order[np.isfinite(dist[order])]
-        indices[i, : order.size], distances[i, : order.size] = order, dist[order]
+            skip[i] = own
+    indices, distances = nearest(q, np.concatenate(g_parts), top, skip=skip)
     return {"queries": [r.paths[0] for r in q_recs], "gallery": g_paths, "indices": indices,
             "distances": distances, "stage": emb.stage, "method": emb.cfg.method}
 

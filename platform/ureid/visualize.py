@@ -146,13 +146,13 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
 
     Rows are ``num_queries`` images drawn with ``seed``; each is the image (black frame), a gap, then its
     ``topk`` nearest other images by squared Euclidean distance of ``features`` (the evaluation's
-    ``pairwise_distance``; ties keep sample order),
+    ``nearest``; ties keep sample order),
     framed grey, or with ``pids`` green for the same identity and red for another. For pseudo-labels that keep
     every image a class of its own (SSL), in place of :func:`pseudo_identities`.
 
     Returns ``dict(path, size=(W, H), queries=indices, cells=(n, topk) sample indices)``.
     """
-    from .evaluation import pairwise_distance
+    from .evaluation import nearest
 
     feats = np.asarray(features)
     if len(paths) != len(feats) or (pids is not None and len(pids) != len(feats)):
@@ -161,10 +161,7 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
         raise ValueError(f"need two or more images and num_queries, topk > 0; got {len(feats)}, {num_queries}, {topk}")
     topk = min(topk, len(feats) - 1)
     queries = _sample(len(feats), num_queries, seed)
-    cells = np.empty((len(queries), topk), dtype=np.int64)
-    for r, (q, dist) in enumerate(zip(queries, pairwise_distance(feats[queries], feats, metric="sqeuclidean"))):
-        dist[q] = np.inf
-        cells[r] = np.argsort(dist, kind="stable")[:topk]
+    cells, _ = nearest(feats[queries], feats, topk, skip=queries)
     rows = [[(paths[q], QUERY_FRAME)] + [(paths[i], MEMBER if pids is None else GREEN if pids[i] == pids[q] else RED)
                                           for i in cells[r]] for r, q in enumerate(queries)]
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)

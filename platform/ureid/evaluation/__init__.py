@@ -3,7 +3,7 @@
 Pure numpy (torch tensors accepted): arrays in, arrays and dicts out.
 """
 
-from .metrics import AP_MODES, evaluate, pairwise_distance
+from .metrics import AP_MODES, evaluate, nearest, pairwise_distance
 from .rerank import re_ranking
 
-__all__ = ["AP_MODES", "evaluate", "pairwise_distance", "re_ranking"]
+__all__ = ["AP_MODES", "evaluate", "nearest", "pairwise_distance", "re_ranking"]

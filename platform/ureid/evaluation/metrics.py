@@ -10,6 +10,7 @@ gallery index (stable sort), so results never depend on the sorting algorithm.
 
 from __future__ import annotations
 
+import numbers
 import sys
 
 import numpy as np
@@ -242,3 +243,47 @@ def pairwise_distance(query_features, gallery_features, metric: str = "sqeuclide
         np.maximum(d, 0.0, out=d)  # round-off can make self-distances slightly negative
         out[s : s + len(qb)] = np.sqrt(d) if metric == "euclidean" else d
     return out
+
+
+def nearest(query_features, gallery_features, k: int, skip=None, metric: str = "sqeuclidean",
+            chunk_bytes: int = 64 * 2**20) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` gallery rows nearest each query by :func:`pairwise_distance`, ascending, ties in gallery order
+    (``np.argsort(d, kind="stable")[:k]`` of each query's row, exactly), without the whole query x gallery
+    matrix: queries go in chunks of about ``chunk_bytes`` of distances (the peak is a few times that: the
+    product's temporaries), each row's ``k`` smallest found by a partition and only the entries at or below its
+    k-th value sorted. Memory O(chunk + nq k), time O(ng) per query besides the product, not O(ng log ng):
+    ``benchmarks/evaluation.py --search``.
+
+    ``skip``: optional (nq,) gallery index per query to leave out (its own image; -1 for none). Returns
+    ``(indices, distances)``, (nq, min(k, ng)), int64 and float32; a query with fewer than that many gallery
+    rows left gets -1 and NaN in its last places.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    q = _as_numpy(query_features)
+    g = _as_numpy(gallery_features)
+    nq, ng = len(q), len(g)
+    if skip is not None:
+        skip = np.asarray(skip, dtype=np.int64)
+        if skip.shape != (nq,) or (skip >= ng).any():
+            raise ValueError(f"skip must hold one gallery index (< {ng}, or -1) per query ({nq})")
+    k = min(int(k), ng)
+    indices = np.full((nq, k), -1, dtype=np.int64)
+    distances = np.full((nq, k), np.nan, dtype=np.float32)
+    rows = max(1, min(nq, int(chunk_bytes) // max(1, 4 * ng)))
+    for s in range(0, nq, rows):
+        dist = pairwise_distance(q[s:s + rows], g, metric=metric, chunk_size=rows)
+        if skip is not None:
+            own = np.flatnonzero(skip[s:s + rows] >= 0)
+            dist[own, skip[s + own]] = np.inf
+        if k < ng:  # each row's k-th smallest value; every entry at or below it is a candidate
+            kth = np.partition(dist, k - 1, axis=1)[:, k - 1]
+        else:
+            kth = np.full(len(dist), np.inf, dtype=dist.dtype)
+        for r, (row, bound) in enumerate(zip(dist, kth)):
+            cand = np.flatnonzero(row <= bound)  # ascending: a stable sort keeps gallery order on ties
+            order = cand[np.argsort(row[cand], kind="stable")][:k]
+            order = order[np.isfinite(row[order])]
+            indices[s + r, :order.size], distances[s + r, :order.size] = order, row[order]
+    return indices, distances
+
