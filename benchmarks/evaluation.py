@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/evaluation.py               # 3,368 queries x 19,732 gallery
     .venv/bin/python benchmarks/evaluation.py --queries 500 # quicker
     .venv/bin/python benchmarks/evaluation.py --search      # `ureid search`'s ranking instead (below)
+    .venv/bin/python benchmarks/evaluation.py --rerank      # re-ranking from features vs from three matrices
 
 Identities mimic Market-1501: ~750 ids over 6 cameras, some gallery images with id 0 (distractors)
 and -1 (junk). Distances are random with matches pulled closer by a per-query amount, so mAP and rank-1 are
@@ -15,6 +16,11 @@ evaluation call only, so the input distance matrix is not counted; times include
 chunks, each row's top k by a partition) against what it did before 7 December 2026 (the whole query x
 gallery matrix from ``pairwise_distance``, then a stable argsort of every row): random unit features,
 ``--search-queries`` x ``--search-gallery`` (d = ``--dim``), top ``--top``; same indices required.
+
+``--rerank``: k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) as ``ureid evaluate --rerank`` runs it,
+``re_ranking_features`` (rows of the distance matrix computed from the features when needed), against
+``re_ranking`` of the three Euclidean matrices (Q x G, Q x Q, G x G, their building counted): clustered unit
+features of ``--queries`` x ``--gallery`` (Market-1501's sizes by default, d = ``--dim``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import tracemalloc
 
 import numpy as np
 
-from ureid.evaluation import evaluate, nearest, pairwise_distance
+from ureid.evaluation import evaluate, nearest, pairwise_distance, re_ranking, re_ranking_features
 from ureid.evaluation.reference import reference_evaluate
 
 
@@ -81,6 +87,29 @@ def search_table(num_query: int, num_gallery: int, dim: int, k: int, seed: int) 
           f"memory x{m_ref / max(m_ours, 1e-9):.1f}")
 
 
+def rerank_table(num_query: int, num_gallery: int, dim: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = num_query + num_gallery
+    centres = rng.standard_normal((max(1, n // 16), dim), dtype=np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.04 * rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q, g = x[:num_query], x[num_query:]
+    print(f"re-ranking: {num_query:,} queries x {num_gallery:,} gallery, d = {dim} (features "
+          f"{x.nbytes / 2**20:.0f} MB, not counted)\n")
+    ours, t_ours, m_ours = measure(lambda: re_ranking_features(q, g))
+
+    def matrices():
+        return re_ranking(pairwise_distance(q, g, "euclidean"), pairwise_distance(q, q, "euclidean"),
+                          pairwise_distance(g, g, "euclidean"))
+
+    ref, t_ref, m_ref = measure(matrices)
+    print("| implementation | time (s) | peak memory (MB) |")
+    print("|---|---:|---:|")
+    print(f"| `re_ranking_features` (rows from the features) | {t_ours:.1f} | {m_ours:.0f} |")
+    print(f"| `re_ranking` of the three distance matrices (built) | {t_ref:.1f} | {m_ref:.0f} |")
+    print(f"\nmax |difference| {np.abs(ours - ref).max():.1e}; memory x{m_ref / max(m_ours, 1e-9):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=3368, help="number of queries (Market-1501: 3,368)")
@@ -92,7 +121,11 @@ def main() -> None:
     parser.add_argument("--search-gallery", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=1280, help="feature size (the CPU presets' MobileNetV2: 1280)")
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--rerank", action="store_true", help="re-ranking from features vs from matrices (above)")
     args = parser.parse_args()
+    if args.rerank:
+        rerank_table(args.queries, args.gallery, args.dim, args.seed)
+        return
     if args.search:
         search_table(args.search_queries, args.search_gallery, args.dim, args.top, args.seed)
         return

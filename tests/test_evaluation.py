@@ -222,6 +222,31 @@ def test_re_ranking_helps_on_clustered_toy_problem():
     assert after > before  # deterministic seed: 0.61 -> 0.69
 
 
+def test_re_ranking_from_features_equals_the_three_matrices():
+    """``re_ranking_features`` computes ``original_dist`` rows from the features (no Q x Q, Q x G or G x G
+    matrix): the reference's re-ranking of the three Euclidean blocks, on clustered unit features (as a run's)
+    and on features with many exact ties, for any chunk; and a NaN feature is named."""
+    from ureid.evaluation import re_ranking_features
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(12, 32))
+    feats = centres[rng.integers(0, 12, 70)] + 0.6 * rng.normal(size=(70, 32))
+    feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).astype(np.float32)
+    ties = rng.integers(0, 3, (55, 3)).astype(np.float32)
+    for x, nq, k1, k2 in ((feats, 14, 20, 6), (ties, 15, 20, 6), (feats, 10, 5, 1)):
+        ref = reference_re_ranking(*euclidean_blocks(x[:nq], x[nq:]), k1=k1, k2=k2)
+        for chunk in (1, 9, 500):
+            got = re_ranking_features(x[:nq], torch.from_numpy(x[nq:]), k1=k1, k2=k2, chunk_size=chunk)
+            assert got.shape == (nq, len(x) - nq) and got.dtype == np.float32
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+    bad = feats.copy()
+    bad[20, 3] = np.nan
+    with pytest.raises(ValueError, match=r"gallery_features has a NaN or infinite value in row 6"):
+        re_ranking_features(bad[:14], bad[14:])
+    with pytest.raises(ValueError, match="must be non-empty"):
+        re_ranking_features(feats[:3], feats[3:, :5])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -195,6 +195,19 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
         assert f"mAP {100 * reported:.2f}%, rank-1 {100 * reported_rank1:.2f}%" in said, said
     assert main(["evaluate", run_dir, "--format", "mars", "--root", str(tiny_root)]) == 2
     assert "mars: expected" in capsys.readouterr().err
+    # --rerank: also the scores after k-reciprocal re-ranking of the same features (here k1 = 5 for a tiny set)
+    from ureid.evaluation import evaluate, re_ranking_features
+
+    by_path = dict(zip(z["paths"].tolist(), z["features"]))
+    qf, gf = (np.stack([by_path[r.paths[0]] for r in part]) for part in (ds.query, ds.gallery))
+    ids = [np.array([getattr(r, a) for r in part]) for a in ("pid", "camid") for part in (ds.query, ds.gallery)]
+    want = evaluate(re_ranking_features(qf, gf, k1=5, k2=3, lambda_value=0.2), *ids)
+    assert abs(want["mAP"] - reported) > 1e-4  # re-ranking moved the score: the line below tells them apart
+    assert main(["evaluate", run_dir, "--rerank", "--rerank-k1", "5", "--rerank-k2", "3", "--rerank-lambda", "0.2"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert f"mAP {100 * reported:.2f}%" in said[0] and said[1].startswith("  with k-reciprocal re-ranking (k1 5, k2 3, "
+                                                                          "lambda 0.2): "), said
+    assert f"mAP {100 * want['mAP']:.2f}%, rank-1 {100 * want['rank1']:.2f}%" in said[1], (said, want["mAP"])
 
     # `ureid search`: the gallery ranked by those features and the run's distance, a query's own file skipped
     from ureid.embed import search

@@ -218,16 +218,46 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ureid.embed import evaluate_run
 
     extra = {"pattern": args.pattern, "cuhk03_protocol": args.cuhk03_protocol, "bad_images": args.bad_images} \
         if args.format else {}
+    rerank = None
+    if args.rerank:
+        rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda_value": args.rerank_lambda}
     r = evaluate_run(args.run_dir, stage=args.stage, data_format=args.format, root=args.root, device=args.device,
-                     batch_size=args.batch_size, **extra)
+                     batch_size=args.batch_size, rerank=rerank, **extra)
+
+    def scores(p: str = "") -> str:
+        return (f"mAP {100 * r[p + 'mAP']:.2f}%, rank-1 {100 * r[p + 'rank1']:.2f}%, "
+                f"rank-5 {100 * r[p + 'rank5']:.2f}%, rank-10 {100 * r[p + 'rank10']:.2f}%")
+
     print(f"{r['method']}, stage {r['stage']}, on {r['dataset']} at {r['root']} ({r['num_query']} queries, "
-          f"{r['num_gallery']} gallery): mAP {100 * r['mAP']:.2f}%, rank-1 {100 * r['rank1']:.2f}%, "
-          f"rank-5 {100 * r['rank5']:.2f}%, rank-10 {100 * r['rank10']:.2f}%")
+          f"{r['num_gallery']} gallery): {scores()}")
+    if rerank is not None:
+        print(f"  with k-reciprocal re-ranking (k1 {args.rerank_k1}, k2 {args.rerank_k2}, lambda "
+              f"{args.rerank_lambda:g}): {scores('rerank_')}")
     return 0
 
 
@@ -313,6 +343,12 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("run_dir")
     ev.add_argument("--format", choices=sorted(DATASETS), help="another dataset's format (with --root)")
     ev.add_argument("--root", help="another dataset's folder (with --format)")
+    ev.add_argument("--rerank", action="store_true", help="also the scores after k-reciprocal re-ranking (Zhong et "
+                    "al., CVPR 2017), as papers report them beside the plain ones")
+    ev.add_argument("--rerank-k1", type=_positive_int, default=20, help="re-ranking's k1 (default: %(default)s)")
+    ev.add_argument("--rerank-k2", type=_positive_int, default=6, help="re-ranking's k2 (default: %(default)s)")
+    ev.add_argument("--rerank-lambda", type=_unit_interval, default=0.3,
+                    help="re-ranking's lambda, the original distance's weight (default: %(default)s)")
     _add_dataset_options(ev)
     _add_model_options(ev)
     ev.set_defaults(func=_cmd_evaluate)

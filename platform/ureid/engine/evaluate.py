@@ -12,17 +12,30 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def evaluate_model(model, query: list[Record], gallery: list[Record], device="cpu", **extract_options) -> dict:
+#: Zhong et al.'s k-reciprocal re-ranking settings (CVPR 2017, Sec. 4.2): k1, k2, lambda.
+RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
+
+
+def evaluate_model(model, query: list[Record], gallery: list[Record], device="cpu", rerank: dict | None = None,
+                   **extract_options) -> dict:
     """mAP and rank-1/5/10 of ``model`` on query/gallery. ``extract_options`` go to
-    :func:`~ureid.engine.extract.extract_features` (``Config.extract_options()`` gives them for a config)."""
-    from ..evaluation import evaluate, pairwise_distance
+    :func:`~ureid.engine.extract.extract_features` (``Config.extract_options()`` gives them for a config).
+    ``rerank``: also the scores after k-reciprocal re-ranking of the same features (keys ``rerank_mAP``, ...;
+    ``{}`` for :data:`RERANK_DEFAULTS`, or some of ``k1``, ``k2``, ``lambda_value``), the "+RR" numbers
+    papers report beside the plain ones; never used to pick anything in a run."""
+    from ..evaluation import evaluate, pairwise_distance, re_ranking_features
 
     q = _unit(extract_features(model, query, device=device, **extract_options)["pooled"])
     g = _unit(extract_features(model, gallery, device=device, **extract_options)["pooled"])
-    res = evaluate(
-        pairwise_distance(q, g, metric="sqeuclidean"),
-        np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
-        np.array([r.camid for r in query]), np.array([r.camid for r in gallery]),
-    )
-    return {"mAP": float(res["mAP"]), "rank1": float(res["rank1"]), "rank5": float(res["rank5"]),
-            "rank10": float(res["rank10"])}
+    ids = (np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
+           np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
+
+    def scores(dist) -> dict:
+        res = evaluate(dist, *ids)
+        return {k: float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10")}
+
+    out = scores(pairwise_distance(q, g, metric="sqeuclidean"))
+    if rerank is not None:
+        settings = {**RERANK_DEFAULTS, **rerank}
+        out.update({f"rerank_{k}": v for k, v in scores(re_ranking_features(q, g, **settings)).items()})
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import _as_numpy, _check_chunk, stable_argsort_rows
+from .metrics import _as_numpy, _check_chunk, pairwise_distance, stable_argsort_rows
 
 
 def _topk_stable(d: np.ndarray, k: int) -> np.ndarray:
@@ -97,13 +97,7 @@ def re_ranking(
         raise ValueError(f"q_q_dist must have shape (Q, Q) = {(nq, nq)} to match q_g_dist {qg.shape}, got {qq.shape}")
     if gg.shape != (ng, ng):
         raise ValueError(f"g_g_dist must have shape (G, G) = {(ng, ng)} to match q_g_dist {qg.shape}, got {gg.shape}")
-    for name, k in (("k1", k1), ("k2", k2)):
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"{name} must be a positive int, got {k!r}")
-    if not 0.0 <= float(lambda_value) <= 1.0:
-        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value!r}")
-    chunk = _check_chunk(chunk_size)
-    n = nq + ng
+    _check_settings(k1, k2, lambda_value)
     dtype = np.result_type(qg, qq, gg)
 
     def orig_rows(a: int, b: int) -> np.ndarray:
@@ -116,9 +110,63 @@ def re_ranking(
         if b > nq:
             s, e = max(a, nq) - nq, b - nq
             parts.append(np.concatenate([qg[:, s:e].T, gg[:, s:e].T], axis=1))
-        sq = np.power(np.concatenate(parts, axis=0).astype(dtype, copy=False), 2).astype(np.float32)
-        mx = sq.max(axis=1, keepdims=True)
-        return sq / np.where(mx > 0, mx, np.float32(1))  # all-zero column: the reference divides 0/0
+        return _normalised(np.power(np.concatenate(parts, axis=0).astype(dtype, copy=False), 2))
+
+    return _re_rank(orig_rows, nq, ng, k1, k2, lambda_value, _check_chunk(chunk_size),
+                    ("q_q_dist or q_g_dist", "q_g_dist or g_g_dist"))
+
+
+def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                        chunk_size: int = 256):
+    """:func:`re_ranking` of the Euclidean distances between features, without any of the three distance
+    matrices: each ``chunk_size`` rows of ``original_dist`` are computed from the features when a pass needs
+    them (row i: sample i's squared Euclidean distances to every query and gallery sample, by
+    :func:`~ureid.evaluation.metrics.pairwise_distance`, divided by their maximum). Memory O(chunk_size x N)
+    beside the sparse V and the (Q, G) output, so a gallery whose G x G matrix would not fit (MSMT17's 82,161:
+    27 GB) is re-ranked too; the price is computing the N x N products twice (the neighbour lists, then V)
+    and the queries' rows a third time. Equal to :func:`re_ranking` of ``pairwise_distance(..., "euclidean")``
+    blocks up to the products' float32 rounding (tested).
+
+    Args: ``query_features`` (Q, d), ``gallery_features`` (G, d), numpy arrays or torch tensors; the rest as
+    :func:`re_ranking`. Returns the (Q, G) float32 re-ranked distances."""
+    q = _as_numpy(query_features).astype(np.float32, copy=False)
+    g = _as_numpy(gallery_features).astype(np.float32, copy=False)
+    if q.ndim != 2 or g.ndim != 2 or not len(q) or not len(g) or q.shape[1] != g.shape[1]:
+        raise ValueError(f"query_features and gallery_features must be non-empty (Q, d) and (G, d) arrays, "
+                         f"got shapes {q.shape} and {g.shape}")
+    for name, f in (("query_features", q), ("gallery_features", g)):
+        bad = np.flatnonzero(~np.isfinite(f).all(axis=1))  # every row of original_dist would be NaN
+        if bad.size:
+            raise ValueError(f"{name} has a NaN or infinite value in row {bad[0]}")
+    _check_settings(k1, k2, lambda_value)
+    x = np.concatenate([q, g])
+
+    def orig_rows(a: int, b: int) -> np.ndarray:
+        return _normalised(np.power(pairwise_distance(x[a:b], x, metric="euclidean"), 2))
+
+    return _re_rank(orig_rows, len(q), len(g), k1, k2, lambda_value, _check_chunk(chunk_size),
+                    ("query_features", "gallery_features"))
+
+
+def _check_settings(k1, k2, lambda_value) -> None:
+    for name, k in (("k1", k1), ("k2", k2)):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{name} must be a positive int, got {k!r}")
+    if not 0.0 <= float(lambda_value) <= 1.0:
+        raise ValueError(f"lambda_value must be in [0, 1], got {lambda_value!r}")
+
+
+def _normalised(sq: np.ndarray) -> np.ndarray:
+    """Squared distances as float32, each row divided by its maximum (the reference's column maxima)."""
+    sq = sq.astype(np.float32)
+    mx = sq.max(axis=1, keepdims=True)
+    return sq / np.where(mx > 0, mx, np.float32(1))  # all-zero column: the reference divides 0/0
+
+
+def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float, chunk: int, names) -> np.ndarray:
+    """Passes 1-4 of :func:`re_ranking` over ``orig_rows(a, b)`` (rows [a, b) of the normalised
+    ``original_dist``); ``names``: what to blame for a NaN in a query's row and in a gallery sample's."""
+    n = nq + ng
 
     # Pass 1: nearest neighbours of every row (the reference's initial_rank, first columns only).
     kk = min(max(k1 + 1, k2), n)
@@ -127,7 +175,7 @@ def re_ranking(
         rows = orig_rows(a, min(a + chunk, n))
         if np.isnan(rows).any():  # checked block by block: a whole-matrix isnan would cost N^2 bytes
             bad = a + int(np.flatnonzero(np.isnan(rows).any(axis=1))[0])
-            which = ("q_q_dist or q_g_dist", "q_g_dist or g_g_dist")[bad >= nq]
+            which = names[bad >= nq]
             raise ValueError(f"{which} contains NaN (column {bad if bad < nq else bad - nq})")
         topk.append(_topk_stable(rows, kk))
     topk = np.concatenate(topk)
