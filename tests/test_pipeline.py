@@ -43,6 +43,7 @@ def tiny_cfg(method, root, out, *extra):
     if method == "ssl":
         # two stripes need a final feature map two rows high: 64-pixel-high inputs
         overrides += ["clustering.num_neighbors=2", "model.num_stripes=2", "data.height=64", "data.width=32"]
+        overrides += ["train.eval_rerank=true"]  # each stage's re-ranked scores too (checked below)
     return load_config(CONFIG_DIR / f"{method}_cpu.yaml", overrides + list(extra))
 
 
@@ -111,9 +112,15 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
         # Both CPUs are held by the two train workers: the store must not queue Ray tasks for them.
         tasks = client.get_metric_history(run.info.run_id, "cluster_tasks")
         assert [x.value for x in tasks] == [0.0, 0.0]
+    reranked = [h.get("rerank_mAP") for h in history]
     if method == "ssl":
         assert len(client.get_metric_history(run.info.run_id, "neighbor_precision")) == 2
+        # train.eval_rerank: every stage's re-ranked scores, logged beside the plain ones (and not equal to them)
+        assert all(0.0 <= r <= 1.0 for r in reranked) and reranked != [h["mAP"] for h in history], history
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "rerank_rank1")] == [0, 1]
         assert np.array_equal(labels, np.arange(labels.size)), "SSL keeps one class per image"
+    else:
+        assert reranked == [None, None]
     if method == "pul":
         assert len(client.get_metric_history(run.info.run_id, "selected_fraction")) == 2
         (source,) = client.get_metric_history(run.info.run_id, "source_model_mAP")  # direct transfer, step 0

@@ -96,6 +96,11 @@ class TrainConfig(_Strict):
     stage_lr: Annotated[float, Field(gt=0)] = 0.01
     max_batches_per_epoch: PosInt | None = None
     eval_batch_size: PosInt = 64
+    # Each stage's scores after k-reciprocal re-ranking too (rerank_mAP, rerank_rank1, ...; Zhong et al., CVPR
+    # 2017, k1 20, k2 6, lambda 0.3, as `ureid evaluate --rerank`): the "+RR" numbers papers report. Logged
+    # beside mAP, never a selection criterion. Off by default: the re-ranking costs about as much as the
+    # query and gallery's pairwise products twice more.
+    eval_rerank: bool = False
     # BatchNorm statistics over the global batch instead of each worker's share (torch's SyncBatchNorm on
     # GPUs, ureid.models.invariance.GlobalBatchNorm elsewhere). With per_sample_dropout too, N workers at
     # batch_size B train as one worker at N*B up to float summation order (README, "Train workers at equal

@@ -112,7 +112,9 @@ def train_loop_per_worker(config: dict) -> None:
             log(f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
 
     def evaluate() -> dict:
-        scores = evaluate_model(model, data.query, data.gallery, device, **cfg.extract_options()) if rank == 0 else None
+        rerank = {} if cfg.train.eval_rerank else None
+        scores = None if rank else evaluate_model(model, data.query, data.gallery, device, rerank=rerank,
+                                                  **cfg.extract_options())
         return _broadcast(scores, rank, world)
 
     def validate() -> dict:  # another labeled dataset than the target (schedule.validation)
