@@ -10,14 +10,15 @@ from ureid import tracking
 from ureid.tracking.compare import compare
 
 
-def _run(uri, method, maps, selected, parent=None, params=None):
+def _run(uri, method, maps, selected, parent=None, params=None, reranked=False):
     run_id = tracking.start_run(uri, "cmp", f"{method}-run", {"method": method, **(params or {})},
                                 {"method": method, "dataset": "synthetic"}, parent_run_id=parent)
     for stage, m in enumerate(maps):
         # silhouette ranks stages as mAP does; Davies-Bouldin (lower is better) the other way round
         tracking.log_stage(uri, run_id, stage, {"mAP": m, "rank1": m / 2, "num_clusters": 100 - 10 * stage,
-                                                "stage_time_s": 6.0, "lf_silhouette": 10 * m,
-                                                "lf_davies_bouldin": m}, timestamp_ms=1)
+                                                "stage_time_s": 6.0, "lf_silhouette": 10 * m, "lf_davies_bouldin": m,
+                                                **({"rerank_mAP": m + 0.004 * (stage + 1)} if reranked else {})},
+                           timestamp_ms=1)
     best = max(range(len(maps)), key=lambda s: maps[s])
     tracking.log_summary(uri, run_id, {"selected_at_stage": selected, "selected_mAP": maps[selected],
                                        "selected_rank1": maps[selected] / 2, "best_mAP": maps[best],
@@ -30,7 +31,7 @@ def _run(uri, method, maps, selected, parent=None, params=None):
 
 def test_compare_two_methods_and_a_sweep(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _run(uri, "buc", [0.01, 0.03, 0.02], selected=2)
+    _run(uri, "buc", [0.01, 0.03, 0.02], selected=2, reranked=True)  # train.eval_rerank
     _run(uri, "dbc", [0.02, 0.025], selected=1)
     parent = tracking.start_run(uri, "cmp", "sweep-buc", {"space": '{"clustering.size_penalty": {"loguniform": [0.001, 0.01]}}',
                                                           "objective": "lf_silhouette (max)"},
@@ -45,6 +46,9 @@ def test_compare_two_methods_and_a_sweep(tmp_path):
     assert text.count("\n| buc |") == 3 and text.count("\n| dbc |") == 1
     assert "2 of 3 (label_free:lf_silhouette) | 2.0% |" in text and "3.0% (1)" in text  # selected beside the oracle
     assert "| 3.0% / 1.5% (1) |" in text  # the stage silhouette picks, shown whatever the run kept
+    # the re-ranked mAP of the selected stage, where the run logged it (stage 2: 2.0% + 1.2%), empty elsewhere
+    assert "| re-ranked mAP |" in text.splitlines()[0] and "(label_free:lf_silhouette) | 2.0% | 1.0% |  |  | 3.2% |" in text, text
+    assert "| dbc | dbc-setting | 1 of 2 (label_free:lf_silhouette) | 2.5% | 1.2% |  |  |  |" in text, text
     rows = list(csv.DictReader(table_csv.open()))
     assert {r["method"] for r in rows} == {"buc", "dbc"} and all(r["oracle_mAP"] for r in rows)
     for png in (map_png, clusters_png, *files["sweeps"]):

@@ -20,7 +20,7 @@ from ..config import DEFAULT_SCORE, LABEL_FREE_SCORES
 from . import _client, log_artifacts, start_run, finish_run
 
 SCORE_DIRECTION = {k: 1 if higher else -1 for k, higher in LABEL_FREE_SCORES.items()}  # +1: higher is better
-STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "num_clusters", "stage_time_s", *SCORE_DIRECTION)
+STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "rerank_mAP", "num_clusters", "stage_time_s", *SCORE_DIRECTION)
 
 
 @dataclass
@@ -106,6 +106,7 @@ def rows(records: list[RunRecord], score: str = DEFAULT_SCORE) -> list[dict]:
             "selected_stage": "" if selected is None else int(selected), "selected_by": r.selection,
             "selected_mAP": s.get("selected_mAP"), "selected_rank1": s.get("selected_rank1"),
             "selected_rank5": s.get("selected_rank5"), "selected_rank10": s.get("selected_rank10"),
+            "selected_rerank_mAP": r.stages.get("rerank_mAP", {}).get(selected),  # train.eval_rerank runs only
             "label_free_score": score, "label_free_stage": "" if pick is None else pick,
             "label_free_mAP": m.get(pick), "label_free_rank1": r.stages.get("rank1", {}).get(pick),
             "oracle_stage": "" if oracle is None or not m else int(oracle), "oracle_mAP": s.get("best_mAP"),
@@ -121,13 +122,16 @@ def markdown(table: list[dict]) -> str:
     score = table[0]["label_free_score"] if table else ""
     if not any(r["stage0_mAP"] is not None or r["selected_mAP"] is not None for r in table):
         return markdown_unlabeled(table)
+    reranked = any(r["selected_rerank_mAP"] is not None for r in table)  # a column only where some run has it
     head = ["method", "setting", "selected (how)", "mAP", "rank-1", "rank-5", "rank-10",
+            *(["re-ranked mAP"] if reranked else []),
             f"{score} pick: mAP / rank-1 (stage)", "oracle-best mAP (stage)", "stage-0 mAP", "final clusters", "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         lines.append("| " + " | ".join([
             r["method"], r["setting"], f"{r['selected_stage']} of {r['stages']} ({r['selected_by']})",
             _pct(r["selected_mAP"]), _pct(r["selected_rank1"]), _pct(r["selected_rank5"]), _pct(r["selected_rank10"]),
+            *([_pct(r["selected_rerank_mAP"])] if reranked else []),
             f"{_pct(r['label_free_mAP'])} / {_pct(r['label_free_rank1'])} ({r['label_free_stage']})",
             f"{_pct(r['oracle_mAP'])} ({r['oracle_stage']})", _pct(r["stage0_mAP"]), str(r["final_clusters"]),
             f"{r['wall_time_min']:.1f} min"]) + " |")
