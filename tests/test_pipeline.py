@@ -215,6 +215,11 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
     assert f"mAP {100 * reported:.2f}%" in said[0] and said[1].startswith("  with k-reciprocal re-ranking (k1 5, k2 3, "
                                                                           "lambda 0.2): "), said
     assert f"mAP {100 * want['mAP']:.2f}%, rank-1 {100 * want['rank1']:.2f}%" in said[1], (said, want["mAP"])
+    for bad, says in ((["--rerank-lambda", "1.5"], "--rerank-lambda: expected a number in [0, 1], got '1.5'"),
+                      (["--rerank-k1", "0"], "--rerank-k1: expected an integer >= 1, got '0'")):
+        with pytest.raises(SystemExit):  # refused before any image is read
+            main(["evaluate", run_dir, "--rerank", *bad])
+        assert says in capsys.readouterr().err
 
     # `ureid search`: the gallery ranked by those features and the run's distance, a query's own file skipped
     from ureid.embed import search
