@@ -136,7 +136,9 @@ def test_extract_shapes_determinism_and_mode_restored(images, net):
     assert net.training  # restored
     assert f0["pooled"].shape == (8, 512) and f0["pooled"].dtype == np.float32
     assert f0["parts"].shape == (8, 2, 512)
-    f1 = extract_features(net, images, parts=True, **kw)
+    seen = []
+    f1 = extract_features(net, images, parts=True, progress=lambda done, total: seen.append((done, total)), **kw)
+    assert seen == [(3, 8), (6, 8), (8, 8)]  # after each batch of 3
     f2 = extract_features(net, images, parts=True, num_workers=2, **kw)
     for f in (f1, f2):
         assert np.array_equal(f0["pooled"], f["pooled"]) and np.array_equal(f0["parts"], f["parts"])

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ureid.progress import StageProgress
+from ureid.progress import ItemsBar, StageProgress
 
 STAGE_LINES = [f"stage {s}: mAP {10 + s}.0% rank-1 {20 + s}.0% ({100 - s} clusters)" for s in range(3)]
 
@@ -77,3 +77,22 @@ def test_elapsed_suffix_and_errors():
 
 # A real run's output, with and without --verbose: tests/test_faults.py, the killed-driver test (its drivers
 # are real `experiments/buc.py` and `ureid run --resume` processes).
+
+
+def test_items_bar_on_a_terminal_only_and_one_per_set():
+    """``ItemsBar`` (ureid embed / search / evaluate): a bar of images on a terminal, erased when closed; a new
+    set (the gallery after the queries) gets a bar of its own; nothing at all on a plain stream."""
+    out = FakeTTY()
+    with ItemsBar("embedding", out, mininterval=0) as bar:
+        for done in (3, 6, 8):
+            bar(done, 8)
+        bar(4, 20)  # the next set
+        bar(20, 20)
+    raw = out.getvalue()
+    assert "embedding" in raw and "8/8" in raw and "20/20" in raw and "6/20" not in raw
+    assert _screen_lines(raw) == []  # nothing left on screen
+    plain = io.StringIO()
+    with ItemsBar("embedding", plain) as bar:
+        bar(8, 8)
+    assert plain.getvalue() == ""
+

@@ -193,8 +193,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_embed(args: argparse.Namespace) -> int:
     from ureid.embed import embed_to_file
 
-    out, n, dim, stage = embed_to_file(args.run_dir, args.images, args.out, stage=args.stage, device=args.device,
-                                       batch_size=args.batch_size)
+    from ureid.progress import ItemsBar
+
+    with ItemsBar("embedding") as bar:  # a terminal only
+        out, n, dim, stage = embed_to_file(args.run_dir, args.images, args.out, stage=args.stage,
+                                           device=args.device, batch_size=args.batch_size, progress=bar)
     print(f"wrote {out}: {n} x {dim} features of stage {stage}")
     return 0
 
@@ -202,8 +205,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from ureid.embed import search
 
-    r = search(args.run_dir, args.queries, args.gallery, top=args.top, stage=args.stage, device=args.device,
-               batch_size=args.batch_size)
+    from ureid.progress import ItemsBar
+
+    with ItemsBar("embedding") as bar:
+        r = search(args.run_dir, args.queries, args.gallery, top=args.top, stage=args.stage, device=args.device,
+                   batch_size=args.batch_size, progress=bar)
     print(f"{r['method']}, stage {r['stage']}: the {r['indices'].shape[1]} nearest of {len(r['gallery'])} gallery "
           f"items for each of {len(r['queries'])} queries (squared distance of unit features, 0 to 4)")
     for query, row, dist in zip(r["queries"], r["indices"], r["distances"]):
@@ -246,8 +252,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     rerank = None
     if args.rerank:
         rerank = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda_value": args.rerank_lambda}
-    r = evaluate_run(args.run_dir, stage=args.stage, data_format=args.format, root=args.root, device=args.device,
-                     batch_size=args.batch_size, rerank=rerank, **extra)
+    from ureid.progress import ItemsBar
+
+    with ItemsBar("embedding") as bar:
+        r = evaluate_run(args.run_dir, stage=args.stage, data_format=args.format, root=args.root,
+                         device=args.device, batch_size=args.batch_size, rerank=rerank, progress=bar, **extra)
 
     def scores(p: str = "") -> str:
         return (f"mAP {100 * r[p + 'mAP']:.2f}%, rank-1 {100 * r[p + 'rank1']:.2f}%, "

@@ -36,20 +36,21 @@ class Embedding:
     run_dir: Path
 
     def __call__(self, inputs: Sequence[str | Path], device: str = "cpu", batch_size: int | None = None,
-                 num_workers: int | None = None) -> np.ndarray:
-        """(len(records), D) float32 unit features of ``inputs`` (see :func:`collect_inputs`)."""
-        return self.embed(collect_inputs(inputs, self.video), device, batch_size, num_workers)
+                 num_workers: int | None = None, progress=None) -> np.ndarray:
+        """(len(records), D) float32 unit features of ``inputs`` (see :func:`collect_inputs`); ``progress`` as
+        for ``engine.extract.extract_features``."""
+        return self.embed(collect_inputs(inputs, self.video), device, batch_size, num_workers, progress)
 
     @property
     def video(self) -> bool:
         return bool(self.cfg.data.is_video)
 
     def embed(self, records, device: str = "cpu", batch_size: int | None = None,
-              num_workers: int | None = None) -> np.ndarray:
+              num_workers: int | None = None, progress=None) -> np.ndarray:
         from .engine.extract import extract_features
 
         opts = self.on(device, batch_size, num_workers)
-        pooled = extract_features(self.model, records, device=device, **opts)["pooled"]
+        pooled = extract_features(self.model, records, device=device, progress=progress, **opts)["pooled"]
         return (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     def on(self, device: str, batch_size: int | None = None, num_workers: int | None = None) -> dict:
@@ -146,7 +147,7 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
 
 
 def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence[str | Path], top: int = 10,
-           stage: int | None = None, device: str = "cpu", batch_size: int | None = None) -> dict:
+           stage: int | None = None, device: str = "cpu", batch_size: int | None = None, progress=None) -> dict:
     """``ureid search``: the ``top`` gallery images (or tracklets) nearest each query under a run's embedding,
     by the run's own distance (squared Euclidean of unit features), ties in gallery order; a query's own
     file in the gallery is skipped. A gallery item ending in ``.npz`` is a ``ureid embed`` file of the same run
@@ -157,7 +158,7 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         raise ValueError(f"top must be >= 1, got {top}")
     emb = load_embedding(run_dir, stage)
     q_recs = collect_inputs(queries, emb.video)
-    q = emb.embed(q_recs, device, batch_size)
+    q = emb.embed(q_recs, device, batch_size, progress=progress)
     items = [gallery] if isinstance(gallery, (str, Path)) else list(gallery)
     images = [g for g in items if not str(g).endswith(".npz")]
     g_parts, g_paths, g_frames = [], [], []
@@ -168,7 +169,7 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         g_frames += [None] * len(z["paths"])  # frame counts are not stored: the first frame alone says "its own"
     if images or not g_parts:
         g_recs = collect_inputs(images, emb.video)
-        g_parts.append(emb.embed(g_recs, device, batch_size))
+        g_parts.append(emb.embed(g_recs, device, batch_size, progress=progress))
         g_paths += [r.paths[0] for r in g_recs]
         g_frames += [len(r.paths) for r in g_recs]
     from .evaluation import nearest
@@ -202,13 +203,13 @@ def _embedded(path: Path, emb: Embedding) -> dict:
 
 
 def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, stage: int | None = None,
-                  device: str = "cpu", batch_size: int | None = None) -> tuple[Path, int, int, int]:
+                  device: str = "cpu", batch_size: int | None = None, progress=None) -> tuple[Path, int, int, int]:
     """``ureid embed``: write ``out`` (.npz) with ``features`` (N, D) float32 unit rows, ``paths`` (N,) (a
     tracklet's first frame), ``stage``, ``method`` and ``run`` (the run folder's name); return (out, N, D,
     stage). ``ureid search`` takes such a file as its gallery."""
     emb = load_embedding(run_dir, stage)
     records = collect_inputs(inputs, emb.video)
-    features = emb.embed(records, device, batch_size)
+    features = emb.embed(records, device, batch_size, progress=progress)
     names = [r.paths[0] for r in records]
     out = Path(out)
     if out.suffix != ".npz":
@@ -221,7 +222,7 @@ def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | 
 
 def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str | None = None, root=None,
                  device: str = "cpu", batch_size: int | None = None, rerank: dict | None = None,
-                 **load_options) -> dict:
+                 progress=None, **load_options) -> dict:
     """mAP and rank-1/5/10 of a run's stage (None: the selected one) on a labeled query/gallery split: the run's
     own dataset, or another (``data_format`` and ``root``, the names of ``ureid data info``), e.g. a model
     trained without labels on one set and tested on another. The run's own evaluation protocol
@@ -251,7 +252,7 @@ def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str
         where = "the run's own dataset, " if data_format is None else ""
         raise ValueError(f"{where}{ds.name} at {ds.root}, has no query/gallery split to score (an unlabeled folder "
                          "trains only): give a labeled dataset with --format and --root")
-    scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, rerank=rerank,
+    scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, rerank=rerank, progress=progress,
                             **emb.on(device, batch_size))
     return {"method": emb.cfg.method, "stage": emb.stage, "dataset": ds.name, "root": str(ds.root),
             "num_query": len(ds.query), "num_gallery": len(ds.gallery), **scores}

@@ -129,3 +129,40 @@ def _fmt_seconds(s: float) -> str:
         return f"{m}m{s:02d}s"
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s"
+
+
+class ItemsBar:
+    """A bar over ``total`` items (images embedded, say) on ``stream`` when it is a terminal, nothing otherwise
+    (the module's rule: no redrawn bar in a log). Call it as ``progress(done, total)`` (what
+    ``engine.extract.extract_features`` takes); :meth:`close` removes it. A context manager."""
+
+    def __init__(self, desc: str, stream: TextIO | None = None, tty: bool | None = None, unit: str = "img",
+                 mininterval: float = 0.5):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = _isatty(self.stream) if tty is None else bool(tty)
+        self.desc, self.unit, self.mininterval = desc, unit, mininterval
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.tty:
+            return
+        if self._bar is not None and (total != self._bar.total or done < self._bar.n):
+            self.close()  # the next set (the gallery after the queries): a bar of its own
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=self.stream, leave=False,
+                             mininterval=self.mininterval, miniters=1, dynamic_ncols=True)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "ItemsBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -17,16 +17,17 @@ RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
 
 
 def evaluate_model(model, query: list[Record], gallery: list[Record], device="cpu", rerank: dict | None = None,
-                   **extract_options) -> dict:
+                   progress=None, **extract_options) -> dict:
     """mAP and rank-1/5/10 of ``model`` on query/gallery. ``extract_options`` go to
     :func:`~ureid.engine.extract.extract_features` (``Config.extract_options()`` gives them for a config).
     ``rerank``: also the scores after k-reciprocal re-ranking of the same features (keys ``rerank_mAP``, ...;
     ``{}`` for :data:`RERANK_DEFAULTS`, or some of ``k1``, ``k2``, ``lambda_value``), the "+RR" numbers
-    papers report beside the plain ones; never used to pick anything in a run."""
+    papers report beside the plain ones; never used to pick anything in a run. ``progress``: passed to both
+    extractions (``progress(done, total)``)."""
     from ..evaluation import evaluate, pairwise_distance, re_ranking_features
 
-    q = _unit(extract_features(model, query, device=device, **extract_options)["pooled"])
-    g = _unit(extract_features(model, gallery, device=device, **extract_options)["pooled"])
+    q = _unit(extract_features(model, query, device=device, progress=progress, **extract_options)["pooled"])
+    g = _unit(extract_features(model, gallery, device=device, progress=progress, **extract_options)["pooled"])
     ids = (np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
            np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
 

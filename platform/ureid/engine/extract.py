@@ -36,12 +36,13 @@ class _FrameDataset(Dataset):
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, records: Sequence[Record], *, height: int, width: int,
                      batch_size: int = 64, num_workers: int = 0, device="cpu", video: bool = False,
-                     max_frames: int | None = 256, parts: bool = False) -> dict:
+                     max_frames: int | None = 256, parts: bool = False, progress=None) -> dict:
     """Return ``dict(pooled=(N, D) float32, parts=(N, p, C) float32 or None)``, unnormalised, one row per record.
 
     Image records use their first path; video records (``video=True``) average all their frames (at most
     ``max_frames``, evenly spaced). The model runs in eval mode without gradients; its previous train/eval
-    mode is restored afterwards.
+    mode is restored afterwards. ``progress``: optional ``progress(done, total)`` after each batch, counting
+    images (frames for video records).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -66,6 +67,7 @@ def extract_features(model: torch.nn.Module, records: Sequence[Record], *, heigh
     counts = torch.zeros(n, dtype=torch.float64)
     was_training = net.training
     net.eval()
+    done = 0
     try:
         for imgs, owner in loader:
             out = net(imgs.to(device, non_blocking=True))
@@ -85,6 +87,9 @@ def extract_features(model: torch.nn.Module, records: Sequence[Record], *, heigh
                 else:
                     part_sum[owner] = p.double()
             counts.index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
+            done += len(owner)
+            if progress is not None:
+                progress(done, len(items))
     finally:
         net.train(was_training)
 
