@@ -88,6 +88,22 @@ def stable_argsort_rows(d: np.ndarray) -> np.ndarray:
     return order
 
 
+def stable_topk_rows(d: np.ndarray, k: int) -> np.ndarray:
+    """First ``k`` columns of ``np.argsort(d, axis=1, kind="stable")`` without sorting whole rows.
+
+    A partition finds each row's k-th smallest value; everything <= it (usually exactly k entries,
+    more only with ties) is sorted by (value, column), which is what a stable sort would produce.
+    """
+    if k >= d.shape[1]:
+        return stable_argsort_rows(d)[:, :k]
+    kth = np.partition(d, k - 1, axis=1)[:, k - 1 : k]
+    rows, cols = np.nonzero(d <= kth)
+    order = np.lexsort((cols, d[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    start = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=d.shape[0]))[:-1]))
+    return cols[np.arange(rows.size) - start[rows] < k].reshape(d.shape[0], k)
+
+
 def _evaluate_block(block, q_pids, q_cams, g_pids, g_cams, ap):
     """AP (NaN when skipped) and first-hit position (0 when skipped) of each query row of ``block``.
 
@@ -250,9 +266,9 @@ def nearest(query_features, gallery_features, k: int, skip=None, metric: str = "
     """The ``k`` gallery rows nearest each query by :func:`pairwise_distance`, ascending, ties in gallery order
     (``np.argsort(d, kind="stable")[:k]`` of each query's row, exactly), without the whole query x gallery
     matrix: queries go in chunks of about ``chunk_bytes`` of distances (the peak is a few times that: the
-    product's temporaries), each row's ``k`` smallest found by a partition and only the entries at or below its
-    k-th value sorted. Memory O(chunk + nq k), time O(ng) per query besides the product, not O(ng log ng):
-    ``benchmarks/evaluation.py --search``.
+    product's temporaries), each row's ``k`` smallest by :func:`stable_topk_rows` (a partition, then only the
+    entries at or below the k-th value sorted). Memory O(chunk + nq k), time O(ng) per query besides the
+    product, not O(ng log ng): ``benchmarks/evaluation.py --search``.
 
     ``skip``: optional (nq,) gallery index per query to leave out (its own image; -1 for none). Returns
     ``(indices, distances)``, (nq, min(k, ng)), int64 and float32; a query with fewer than that many gallery
@@ -276,14 +292,9 @@ def nearest(query_features, gallery_features, k: int, skip=None, metric: str = "
         if skip is not None:
             own = np.flatnonzero(skip[s:s + rows] >= 0)
             dist[own, skip[s + own]] = np.inf
-        if k < ng:  # each row's k-th smallest value; every entry at or below it is a candidate
-            kth = np.partition(dist, k - 1, axis=1)[:, k - 1]
-        else:
-            kth = np.full(len(dist), np.inf, dtype=dist.dtype)
-        for r, (row, bound) in enumerate(zip(dist, kth)):
-            cand = np.flatnonzero(row <= bound)  # ascending: a stable sort keeps gallery order on ties
-            order = cand[np.argsort(row[cand], kind="stable")][:k]
-            order = order[np.isfinite(row[order])]
-            indices[s + r, :order.size], distances[s + r, :order.size] = order, row[order]
+        top = stable_topk_rows(dist, k)
+        value = np.take_along_axis(dist, top, axis=1)
+        left = np.isfinite(value)  # a skipped row sorts last: it is the padding
+        indices[s:s + rows] = np.where(left, top, -1)
+        distances[s:s + rows] = np.where(left, value, np.nan)
     return indices, distances
-

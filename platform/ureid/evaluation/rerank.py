@@ -5,23 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import _as_numpy, _check_chunk, pairwise_distance, stable_argsort_rows
-
-
-def _topk_stable(d: np.ndarray, k: int) -> np.ndarray:
-    """First ``k`` columns of ``np.argsort(d, axis=1, kind="stable")`` without sorting whole rows.
-
-    A partition finds each row's k-th smallest value; everything <= it (usually exactly k entries,
-    more only with ties) is sorted by (value, column), which is what a stable sort would produce.
-    """
-    if k >= d.shape[1]:
-        return stable_argsort_rows(d)[:, :k]
-    kth = np.partition(d, k - 1, axis=1)[:, k - 1 : k]
-    rows, cols = np.nonzero(d <= kth)
-    order = np.lexsort((cols, d[rows, cols], rows))
-    rows, cols = rows[order], cols[order]
-    start = np.concatenate(([0], np.cumsum(np.bincount(rows, minlength=d.shape[0]))[:-1]))
-    return cols[np.arange(rows.size) - start[rows] < k].reshape(d.shape[0], k)
+from .metrics import _as_numpy, _check_chunk, pairwise_distance, stable_topk_rows
 
 
 def _reciprocal(topk: np.ndarray, k: int, chunk: int) -> np.ndarray:
@@ -177,7 +161,7 @@ def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float,
             bad = a + int(np.flatnonzero(np.isnan(rows).any(axis=1))[0])
             which = names[bad >= nq]
             raise ValueError(f"{which} contains NaN (column {bad if bad < nq else bad - nq})")
-        topk.append(_topk_stable(rows, kk))
+        topk.append(stable_topk_rows(rows, kk))
     topk = np.concatenate(topk)
     R = _reciprocal(topk, min(k1 + 1, n), chunk)
     R_half = _reciprocal(topk, min(int(np.around(k1 / 2.0)) + 1, n), chunk)
