@@ -165,4 +165,3 @@ class ItemsBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

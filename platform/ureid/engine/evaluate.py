@@ -12,18 +12,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-#: Zhong et al.'s k-reciprocal re-ranking settings (CVPR 2017, Sec. 4.2): k1, k2, lambda.
-RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
-
-
 def evaluate_model(model, query: list[Record], gallery: list[Record], device="cpu", rerank: dict | None = None,
                    progress=None, **extract_options) -> dict:
     """mAP and rank-1/5/10 of ``model`` on query/gallery. ``extract_options`` go to
     :func:`~ureid.engine.extract.extract_features` (``Config.extract_options()`` gives them for a config).
     ``rerank``: also the scores after k-reciprocal re-ranking of the same features (keys ``rerank_mAP``, ...;
-    ``{}`` for :data:`RERANK_DEFAULTS`, or some of ``k1``, ``k2``, ``lambda_value``), the "+RR" numbers
-    papers report beside the plain ones; never used to pick anything in a run. ``progress``: passed to both
-    extractions (``progress(done, total)``)."""
+    ``{}`` for the paper's settings, ``re_ranking_features``' defaults, or some of ``k1``, ``k2``,
+    ``lambda_value``), the "+RR" numbers papers report beside the plain ones; never used to pick anything in
+    a run. ``progress``: passed to both extractions (``progress(done, total)``)."""
     from ..evaluation import evaluate, pairwise_distance, re_ranking_features
 
     q = _unit(extract_features(model, query, device=device, progress=progress, **extract_options)["pooled"])
@@ -37,6 +33,5 @@ def evaluate_model(model, query: list[Record], gallery: list[Record], device="cp
 
     out = scores(pairwise_distance(q, g, metric="sqeuclidean"))
     if rerank is not None:
-        settings = {**RERANK_DEFAULTS, **rerank}
-        out.update({f"rerank_{k}": v for k, v in scores(re_ranking_features(q, g, **settings)).items()})
+        out.update({f"rerank_{k}": v for k, v in scores(re_ranking_features(q, g, **rerank)).items()})
     return out
