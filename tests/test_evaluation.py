@@ -247,6 +247,25 @@ def test_re_ranking_from_features_equals_the_three_matrices():
         re_ranking_features(feats[:3], feats[3:, :5])
 
 
+def test_re_ranking_reports_the_rows_of_every_pass():
+    """``progress(done, total)`` after each chunk of each pass: ``done`` rises to ``total`` = 3N + Q (2N + Q
+    without the query expansion, k2 = 1), and the distances are those of a call without it."""
+    from ureid.evaluation import re_ranking_features
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    for k2, total in ((6, 3 * 40 + 12), (1, 2 * 40 + 12)):
+        calls = []
+        got = re_ranking_features(x[:12], x[12:], k1=5, k2=k2, chunk_size=7, progress=lambda *a: calls.append(a))
+        np.testing.assert_array_equal(got, re_ranking_features(x[:12], x[12:], k1=5, k2=k2, chunk_size=7))
+        done = [c[0] for c in calls]
+        assert {c[1] for c in calls} == {total} and done[-1] == total
+        assert all(0 < b - a <= 7 for a, b in zip([0, *done], done)), done
+    calls = []
+    re_ranking(*euclidean_blocks(x[:12], x[12:]), k1=5, progress=lambda *a: calls.append(a))
+    assert calls[-1] == (3 * 40 + 12, 3 * 40 + 12) and len(calls) == 4  # one chunk (256 rows) per pass
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

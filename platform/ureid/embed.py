@@ -222,13 +222,13 @@ def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | 
 
 def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str | None = None, root=None,
                  device: str = "cpu", batch_size: int | None = None, rerank: dict | None = None,
-                 progress=None, **load_options) -> dict:
+                 progress=None, rerank_progress=None, **load_options) -> dict:
     """mAP and rank-1/5/10 of a run's stage (None: the selected one) on a labeled query/gallery split: the run's
     own dataset, or another (``data_format`` and ``root``, the names of ``ureid data info``), e.g. a model
     trained without labels on one set and tested on another. The run's own evaluation protocol
     (:func:`~ureid.engine.evaluate.evaluate_model`): unit pooled features, squared Euclidean distance,
     Market-1501's CMC/mAP, the run's input size; with ``rerank`` (a dict, see ``evaluate_model``) the scores
-    after k-reciprocal re-ranking too."""
+    after k-reciprocal re-ranking too. ``progress``, ``rerank_progress``: as ``evaluate_model``'s."""
     from .engine.evaluate import evaluate_model
 
     if (data_format is None) != (root is None):
@@ -253,6 +253,6 @@ def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str
         raise ValueError(f"{where}{ds.name} at {ds.root}, has no query/gallery split to score (an unlabeled folder "
                          "trains only): give a labeled dataset with --format and --root")
     scores = evaluate_model(emb.model, ds.query, ds.gallery, device=device, rerank=rerank, progress=progress,
-                            **emb.on(device, batch_size))
+                            rerank_progress=rerank_progress, **emb.on(device, batch_size))
     return {"method": emb.cfg.method, "stage": emb.stage, "dataset": ds.name, "root": str(ds.root),
             "num_query": len(ds.query), "num_gallery": len(ds.gallery), **scores}

@@ -13,13 +13,14 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def evaluate_model(model, query: list[Record], gallery: list[Record], device="cpu", rerank: dict | None = None,
-                   progress=None, **extract_options) -> dict:
+                   progress=None, rerank_progress=None, **extract_options) -> dict:
     """mAP and rank-1/5/10 of ``model`` on query/gallery. ``extract_options`` go to
     :func:`~ureid.engine.extract.extract_features` (``Config.extract_options()`` gives them for a config).
     ``rerank``: also the scores after k-reciprocal re-ranking of the same features (keys ``rerank_mAP``, ...;
     ``{}`` for the paper's settings, ``re_ranking_features``' defaults, or some of ``k1``, ``k2``,
     ``lambda_value``), the "+RR" numbers papers report beside the plain ones; never used to pick anything in
-    a run. ``progress``: passed to both extractions (``progress(done, total)``)."""
+    a run. ``progress``: passed to both extractions (``progress(done, total)``); ``rerank_progress``: to the
+    re-ranking (rows of its passes, see ``re_ranking``)."""
     from ..evaluation import evaluate, pairwise_distance, re_ranking_features
 
     q = _unit(extract_features(model, query, device=device, progress=progress, **extract_options)["pooled"])
@@ -33,5 +34,5 @@ def evaluate_model(model, query: list[Record], gallery: list[Record], device="cp
 
     out = scores(pairwise_distance(q, g, metric="sqeuclidean"))
     if rerank is not None:
-        out.update({f"rerank_{k}": v for k, v in scores(re_ranking_features(q, g, **rerank)).items()})
+        out.update({f"rerank_{k}": v for k, v in scores(re_ranking_features(q, g, progress=rerank_progress, **rerank)).items()})
     return out

@@ -33,7 +33,8 @@ def _ragged_gather(ptr: np.ndarray, which: np.ndarray):
 
 
 def re_ranking(
-    q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, chunk_size: int = 256
+    q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_value: float = 0.3, chunk_size: int = 256,
+    progress=None,
 ):
     """k-reciprocal re-ranked query x gallery distances (Zhong et al., CVPR 2017).
 
@@ -67,6 +68,8 @@ def re_ranking(
         k2: neighbours averaged in the local query expansion (paper: 6; 1 disables it).
         lambda_value: weight of the original distance in the final mix (paper: 0.3).
         chunk_size: rows processed at once.
+        progress: optional ``progress(done, total)``, called after each chunk of rows of each pass (``total``
+            counts the rows of all passes: 2N, 3N with the query expansion, plus Q).
 
     Returns:
         (Q, G) float32 numpy array of re-ranked distances.
@@ -97,11 +100,11 @@ def re_ranking(
         return _normalised(np.power(np.concatenate(parts, axis=0).astype(dtype, copy=False), 2))
 
     return _re_rank(orig_rows, nq, ng, k1, k2, lambda_value, _check_chunk(chunk_size),
-                    ("q_q_dist or q_g_dist", "q_g_dist or g_g_dist"))
+                    ("q_q_dist or q_g_dist", "q_g_dist or g_g_dist"), progress)
 
 
 def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                        chunk_size: int = 256):
+                        chunk_size: int = 256, progress=None):
     """:func:`re_ranking` of the Euclidean distances between features, without any of the three distance
     matrices: each ``chunk_size`` rows of ``original_dist`` are computed from the features when a pass needs
     them (row i: sample i's squared Euclidean distances to every query and gallery sample, by
@@ -129,7 +132,7 @@ def re_ranking_features(query_features, gallery_features, k1: int = 20, k2: int 
         return _normalised(np.power(pairwise_distance(x[a:b], x, metric="euclidean"), 2))
 
     return _re_rank(orig_rows, len(q), len(g), k1, k2, lambda_value, _check_chunk(chunk_size),
-                    ("query_features", "gallery_features"))
+                    ("query_features", "gallery_features"), progress)
 
 
 def _check_settings(k1, k2, lambda_value) -> None:
@@ -147,10 +150,20 @@ def _normalised(sq: np.ndarray) -> np.ndarray:
     return sq / np.where(mx > 0, mx, np.float32(1))  # all-zero column: the reference divides 0/0
 
 
-def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float, chunk: int, names) -> np.ndarray:
+def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float, chunk: int, names,
+             progress=None) -> np.ndarray:
     """Passes 1-4 of :func:`re_ranking` over ``orig_rows(a, b)`` (rows [a, b) of the normalised
-    ``original_dist``); ``names``: what to blame for a NaN in a query's row and in a gallery sample's."""
+    ``original_dist``); ``names``: what to blame for a NaN in a query's row and in a gallery sample's;
+    ``progress(done, total)`` after each chunk, counting the rows of every pass."""
     n = nq + ng
+    all_rows = (3 if k2 != 1 else 2) * n + nq
+    done = 0
+
+    def advance(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if progress is not None:
+            progress(done, all_rows)
 
     # Pass 1: nearest neighbours of every row (the reference's initial_rank, first columns only).
     kk = min(max(k1 + 1, k2), n)
@@ -162,6 +175,7 @@ def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float,
             which = names[bad >= nq]
             raise ValueError(f"{which} contains NaN (column {bad if bad < nq else bad - nq})")
         topk.append(stable_topk_rows(rows, kk))
+        advance(len(rows))
     topk = np.concatenate(topk)
     R = _reciprocal(topk, min(k1 + 1, n), chunk)
     R_half = _reciprocal(topk, min(int(np.around(k1 / 2.0)) + 1, n), chunk)
@@ -188,6 +202,7 @@ def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float,
         counts.append(np.bincount(rows, minlength=b - a))
         indices.append(cols)
         data.append((w / total[rows]).astype(np.float32))
+        advance(b - a)
     indptr = np.concatenate(([0], np.cumsum(np.concatenate(counts))))
     indices, data = np.concatenate(indices), np.concatenate(data)
 
@@ -203,6 +218,7 @@ def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float,
             new_data.append((np.bincount(inv, weights=data[pos]) / k2n).astype(np.float32))
             new_idx.append(uniq % n)
             counts.append(np.bincount(uniq // n, minlength=b - a))
+            advance(b - a)
         indptr = np.concatenate(([0], np.cumsum(np.concatenate(counts))))
         indices, data = np.concatenate(new_idx), np.concatenate(new_data)
 
@@ -223,4 +239,5 @@ def _re_rank(orig_rows, nq: int, ng: int, k1: int, k2: int, lambda_value: float,
         tmin = np.bincount(flat, weights=contrib, minlength=(b - a) * ng).reshape(b - a, ng)
         jaccard = 1.0 - tmin / (2.0 - tmin)
         out[a:b] = jaccard * (1 - lambda_value) + orig_rows(a, b)[:, nq:] * lambda_value
+        advance(b - a)
     return out
