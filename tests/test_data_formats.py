@@ -243,7 +243,7 @@ def test_folder_pattern_errors(tmp_path):
         load_dataset("folder", tmp_path, pattern=r"(\d+)_c(\d)")
     with pytest.raises(ValueError, match="no image under .* matching pattern " + re.escape(repr(r"zzz(?P<pid>\d+)"))):
         load_dataset("folder", tmp_path, pattern=r"zzz(?P<pid>\d+)")
-    with pytest.raises(ValueError, match="pattern applies only to the 'folder' format"):
+    with pytest.raises(ValueError, match="pattern applies only to the 'folder' and 'tracklets' formats"):
         load_dataset("market1501", tmp_path, pattern=r"(?P<pid>\d+)")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"folder: no image under .*empty \(looked for \.bmp, \.jpeg, \.jpg, \.png"):
@@ -273,7 +273,7 @@ def test_folder_of_unlabeled_crops(tmp_path):
     # the config takes a folder without a pattern, and a pattern only for the folder format
     base = CONFIG_DIR / "buc_cpu.yaml"
     assert load_config(base, ["data.name=folder", f"data.root={tmp_path / 'own'}"]).data.pattern is None
-    with pytest.raises(ValueError, match="data.pattern applies only to data.name='folder', not 'market1501'"):
+    with pytest.raises(ValueError, match="data.pattern applies only to data.name='folder' or 'tracklets', not 'market1501'"):
         load_config(base, ["data.name=market1501", r"data.pattern=(?P<pid>\d+)"], check_paths=False)
 
 
@@ -358,3 +358,37 @@ def test_tracklets_of_your_own(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"tracklets: no frame under .*empty"):
         load_dataset("tracklets", tmp_path / "empty")
+
+
+def test_tracklets_cameras_from_a_path_pattern(tmp_path, caplog):
+    """`tracklets` with a pattern: each tracklet's camera from its first frame's path below the root (a
+    tracker's per-camera folders, or MARS names), numbered in sorted order; an unmatched tracklet is named in a
+    warning and left out; a pattern without camid, or with pid, is refused; so is one nothing matches."""
+    import logging
+
+    from ureid.config import CONFIG_DIR, load_config
+
+    root = tmp_path / "tracks"
+    for f in ["cam10/t1/f001.jpg", "cam2/t1/f001.jpg", "cam2/t2/f001.jpg", "cam2/t2/f002.jpg", "other/t9/f001.jpg"]:
+        jpg(root / f)
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("tracklets", root, pattern=r"^cam(?P<camid>\d+)/")
+    got = [(Path(r.paths[0]).relative_to(root).as_posix(), len(r.paths), r.camid) for r in ds.train]
+    assert got == [("cam10/t1/f001.jpg", 1, 1), ("cam2/t1/f001.jpg", 1, 0), ("cam2/t2/f001.jpg", 2, 0)]
+    assert "1 tracklet(s) do not match pattern" in caplog.text and "other/t9/f001.jpg" in caplog.text
+    assert "2 cameras" in ds.summary()
+    mars = tmp_path / "mars"
+    for f in ["a/0001C1T0001F001.jpg", "a/0001C1T0001F002.jpg", "a/0001C3T0002F001.jpg", "b/0002C3T0001F001.jpg"]:
+        jpg(mars / f)
+    assert [r.camid for r in load_dataset("tracklets", mars, pattern=r"C(?P<camid>\d+)T").train] == [0, 1, 1]
+    for bad, says in ((r"cam\d+", "needs a named group"), (r"(?P<pid>\d+)C(?P<camid>\d)", "and no"),
+                      (r"cam(?P<camid>[", "not a valid regular expression")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            load_dataset("tracklets", root, pattern=bad)
+    with pytest.raises(ValueError, match=r"no tracklet under .* matches pattern 'zz.*' \(e\.g\. cam10/t1/f001\.jpg\)"):
+        load_dataset("tracklets", root, pattern=r"zz(?P<camid>\d)")
+    cfg = load_config(CONFIG_DIR / "buc_video_cpu.yaml",
+                      ["data.name=tracklets", f"data.root={root}", r"data.pattern=^cam(?P<camid>\d+)/"])
+    from ureid.data.run_data import load_split_dataset
+
+    assert [r.camid for r in load_split_dataset(cfg.data).train] == [1, 0, 0]

@@ -381,7 +381,9 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
     """How a dataset folder is read beyond its format and root (``ureid data info``, ``ureid evaluate``)."""
     from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS
 
-    p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and/or (?P<camid>..); none: unlabeled images")
+    p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and/or "
+                   "(?P<camid>..), none: unlabeled images; tracklets format: regex with a (?P<camid>..) group searched "
+                   "in each tracklet's first frame's path below the root, none: one camera")
     p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
     p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
 

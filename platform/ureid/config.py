@@ -57,8 +57,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _pattern_for_folder(self):
-        if self.pattern and self.name != "folder":
-            raise ValueError(f"data.pattern applies only to data.name='folder', not {self.name!r}")
+        if self.pattern and self.name not in ("folder", "tracklets"):
+            raise ValueError(f"data.pattern applies only to data.name='folder' or 'tracklets', not {self.name!r}")
         return self
 
     def check_paths(self, key: str = "data") -> None:

@@ -21,7 +21,8 @@ The layouts follow the published datasets and the reference loaders of torchreid
 ``mars``         ``bbox_train/ bbox_test/ info/`` with the name lists and track tables
 ``dukevideo``    DukeMTMC-VideoReID ``train|query|gallery/<pid>/<tracklet>/<frames>.jpg``
 ``folder``       any tree of images: unlabeled crops, or a filename regex with groups ``pid``/``camid``
-``tracklets``    any tree of frame folders (a folder of frames, or a MARS tracklet name, is one), unlabeled
+``tracklets``    any tree of frame folders (a folder of frames, or a MARS tracklet name, is one), unlabeled;
+                 cameras from a path regex with group ``camid``
 ===============  ===========================================================================
 """
 
@@ -378,6 +379,15 @@ def load_dukevideo(root) -> ReidDataset:
 
 
 # ----------------------------------------------------------------------------- generic folder
+def _compile(name: str, pattern: str | None) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{name}: pattern {pattern!r} is not a valid regular expression: {e}") from e
+
+
 def load_folder(root, pattern: str | None = None) -> ReidDataset:
     """Any tree of images: your own crops, unlabeled, or file names that carry the identity and camera.
 
@@ -391,12 +401,8 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     (camstyle's ``bounding_box_train_camstyle/`` and ``camstyle_stargan/``). Image files that do not match are
     listed in a warning.
     """
-    regex = None
-    if pattern:
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"folder: pattern {pattern!r} is not a valid regular expression: {e}") from e
+    regex = _compile("folder", pattern)
+    if regex is not None:
         if not {"pid", "camid"} & set(regex.groupindex):
             raise ValueError(f"folder: pattern {pattern!r} needs a named group (?P<pid>...) and/or (?P<camid>...); "
                              "leave the pattern out for unlabeled images on one camera")
@@ -441,13 +447,9 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
         if regex is None:
             raise ValueError(f"folder: no image under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files in every subfolder)")
         raise ValueError(f"folder: no image under {base} has a file name matching pattern {pattern!r}")
-    if unmatched:
-        shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
-        log.warning("folder: %d image(s) do not match pattern %r and were ignored: %s", len(unmatched), pattern, shown)
+    _warn_unmatched("folder", "image(s)", unmatched, pattern)
 
-    cams = {c for recs in raw.values() for _, _, c in recs if c is not None}
-    numeric = all(re.fullmatch(r"-?\d+", c) for c in cams)
-    cam_index = {c: i for i, c in enumerate(sorted(cams, key=(lambda c: int(c)) if numeric else None))}
+    cam_index = _camera_index({c for recs in raw.values() for _, _, c in recs if c is not None})
     ds = ReidDataset("folder", str(base))
     for split, recs in raw.items():
         setattr(ds, split, [Record((p,), pid, cam_index[c] if c is not None else 0) for p, pid, c in recs])
@@ -455,18 +457,60 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
 
 
 # ----------------------------------------------------------------------------- your own tracklets
-def load_tracklets(root) -> ReidDataset:
-    """Your own tracklets, unlabeled (a tracker's crops, say): :func:`tracklets_below` the root, each a training
-    sample of unknown identity (:data:`UNKNOWN_PID`) on camera 0; no query/gallery, so a run reports its
-    label-free scores only. camstyle's output under the root is left out, as for ``folder``."""
+def _camera_index(cams: set[str]) -> dict[str, int]:
+    """Camera values (numbers, or strings such as ``cam_a``) -> 0..K-1 in sorted order (numerically when all
+    are numbers)."""
+    numeric = all(re.fullmatch(r"-?\d+", c) for c in cams)
+    return {c: i for i, c in enumerate(sorted(cams, key=(lambda c: int(c)) if numeric else None))}
+
+
+def _warn_unmatched(name: str, what: str, unmatched: list[str], pattern: str) -> None:
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        log.warning("%s: %d %s do not match pattern %r and were ignored: %s", name, len(unmatched), what, pattern,
+                    shown)
+
+
+def load_tracklets(root, pattern: str | None = None) -> ReidDataset:
+    r"""Your own tracklets, unlabeled (a tracker's crops, say): :func:`tracklets_below` the root, each a training
+    sample of unknown identity (:data:`UNKNOWN_PID`); no query/gallery, so a run reports its label-free
+    scores only. camstyle's output under the root is left out, as for ``folder``.
+
+    Cameras: ``pattern``, a regular expression with a named group ``camid``, is searched in each tracklet's
+    first frame's path below the root (``/``-separated), e.g. ``r"^cam(?P<camid>\d+)/"`` for a tracker's
+    ``cam1/track_0007/*.jpg`` or ``r"C(?P<camid>\d+)T"`` for MARS-named frames; values are numbered as the
+    ``folder`` format's. Tracklets that do not match are listed in a warning and left out. Without a pattern
+    every tracklet is on camera 0, so what compares cameras (SSL's cross-camera encouragement) sees one."""
+    regex = _compile("tracklets", pattern)
+    if regex is not None:
+        if "camid" not in regex.groupindex or "pid" in regex.groupindex:
+            raise ValueError(f"tracklets: pattern {pattern!r} needs a named group (?P<camid>...) and no (?P<pid>...) "
+                             "(your tracklets are unlabeled; labeled video sets: the mars and dukevideo formats)")
     base = Path(root).expanduser()
     if not base.is_dir():
         raise FileNotFoundError(f"tracklets: dataset root {base} is not a folder")
-    ds = ReidDataset("tracklets", str(base), is_video=True)
-    ds.train = [Record(frames, UNKNOWN_PID, 0) for frames in tracklets_below(base)]
-    if not ds.train:
+    found = tracklets_below(base)
+    if not found:
         raise ValueError(f"tracklets: no frame under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files "
                          "in every subfolder; one tracklet per folder of frames)")
+    ds = ReidDataset("tracklets", str(base), is_video=True)
+    if regex is None:
+        ds.train = [Record(frames, UNKNOWN_PID, 0) for frames in found]
+        return ds
+    cams: list[tuple[tuple[str, ...], str]] = []
+    unmatched: list[str] = []
+    for frames in found:
+        m = regex.search(Path(frames[0]).relative_to(base).as_posix())
+        if m is None or m.group("camid") is None:
+            unmatched.append(frames[0])
+        else:
+            cams.append((frames, m.group("camid")))
+    if not cams:
+        raise ValueError(f"tracklets: no tracklet under {base} has a first frame whose path below the root matches "
+                         f"pattern {pattern!r} (e.g. {Path(found[0][0]).relative_to(base).as_posix()})")
+    _warn_unmatched("tracklets", "tracklet(s)", unmatched, pattern)
+    index = _camera_index({c for _, c in cams})
+    ds.train = [Record(frames, UNKNOWN_PID, index[c]) for frames, c in cams]
     return ds
 
 
@@ -481,6 +525,8 @@ DATASETS: dict[str, Callable[..., ReidDataset]] = {
     "folder": load_folder,
     "tracklets": load_tracklets,
 }
+#: The formats that take a ``pattern``.
+PATTERN_FORMATS = ("folder", "tracklets")
 
 
 def load_dataset(
@@ -494,7 +540,7 @@ def load_dataset(
 ) -> ReidDataset:
     """Read dataset ``name`` (a key of :data:`DATASETS`) from ``root``.
 
-    ``pattern`` is the filename regex of the ``folder`` format, ``cuhk03_protocol`` picks the
+    ``pattern`` is the regex of the ``folder`` format (file names) and ``tracklets`` (cameras), ``cuhk03_protocol`` picks the
     labeled or detected boxes of CUHK03. ``verify`` (default: on for image datasets, off for the
     video sets, whose million frames would make it slow) checks each image with
     :func:`verify_images`, handling unreadable ones by ``bad_images`` ("fail" or "skip").
@@ -502,10 +548,10 @@ def load_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset format {name!r}; choose one of {sorted(DATASETS)}")
     _check_policy(bad_images)
-    if pattern is not None and name != "folder":
-        raise ValueError(f"pattern applies only to the 'folder' format, not {name!r}")
-    if name == "folder":
-        ds = load_folder(root, pattern)
+    if pattern is not None and name not in PATTERN_FORMATS:
+        raise ValueError(f"pattern applies only to the {' and '.join(map(repr, PATTERN_FORMATS))} formats, not {name!r}")
+    if name in PATTERN_FORMATS:
+        ds = DATASETS[name](root, pattern)
     elif name == "cuhk03":
         ds = load_cuhk03(root, cuhk03_protocol)
     else:
