@@ -155,7 +155,7 @@ def test_nearest_is_the_stable_argsort_of_each_row_in_chunks(k):
     """``nearest`` gives each query's ``argsort(kind="stable")[:k]`` of ``pairwise_distance`` exactly, ties
     in gallery order (features on a coarse grid: many exact ties, also at the k-th place), whatever the
     chunk of queries, with a skipped gallery row per query and rows padded when too few are left."""
-    from ureid.evaluation import nearest
+    from ureid.evaluation import nearest, nearest_by_distance
 
     rng = np.random.default_rng(3)
     g = rng.integers(0, 3, size=(40, 4)).astype(np.float32)
@@ -174,6 +174,15 @@ def test_nearest_is_the_stable_argsort_of_each_row_in_chunks(k):
         np.testing.assert_array_equal(np.where(finite, np.take_along_axis(full, want, 1), np.nan), dist)
         if k >= 40:  # a skipped query has 39 rows: its last place is empty
             assert (idx[:5, -1] == -1).all() and np.isnan(dist[:5, -1]).all() and (idx[5:, -1] >= 0).all()
+    # the same on a given matrix (re-ranked distances, say), which it leaves as it was
+    given = pairwise_distance(q, g)
+    kept = given.copy()
+    by_matrix = nearest_by_distance(given, k, skip=skip)
+    np.testing.assert_array_equal(by_matrix[0], nearest(q, g, k, skip=skip)[0])
+    np.testing.assert_array_equal(by_matrix[1], nearest(q, g, k, skip=skip)[1])
+    np.testing.assert_array_equal(given, kept)
+    with pytest.raises(ValueError, match="dist must be a 2-D"):
+        nearest_by_distance(given[0], 3)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):
         nearest(q, g, 0)
     with pytest.raises(ValueError, match="skip must hold one gallery index"):

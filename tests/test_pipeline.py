@@ -242,6 +242,19 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
         dist = ((z["features"] - z["features"][paths.index(q)]) ** 2).sum(1).astype(np.float64)
         dist[paths.index(q)] = np.inf  # its own file
         assert stored["indices"][i].tolist() == np.argsort(dist, kind="stable")[:4].tolist()
+    # --rerank: ranked by the k-reciprocal re-ranked distances of the queries and the whole gallery
+    from ureid.evaluation import nearest_by_distance, re_ranking_features
+
+    own = [paths.index(q) for q in queries]
+    reranked = search(run_dir, queries, [str(tmp_path / "features.npz")], top=4, rerank={"k1": 5, "k2": 3})
+    want = nearest_by_distance(re_ranking_features(z["features"][own], z["features"], k1=5, k2=3), 4, skip=own)
+    np.testing.assert_array_equal(reranked["indices"], want[0])
+    np.testing.assert_allclose(reranked["distances"], want[1], atol=1e-6)
+    assert main(["search", run_dir, *queries, "--gallery", str(tmp_path / "features.npz"), "--top", "4", "--rerank",
+                 "--rerank-k1", "5", "--rerank-k2", "3"]) == 0
+    said = capsys.readouterr().out
+    assert "k-reciprocal re-ranked distance, k1 5, k2 3, lambda 0.3" in said
+    assert f"\n    1  {want[1][1][0]:.4f}  {paths[want[0][1][0]]}\n" in said and said.count("\n    1  ") == 2, said
     with pytest.raises(ValueError, match=r"s0.npz: features of run .* stage 0\); this search uses run .* stage "):
         search(run_dir, queries, [str(tmp_path / "s0.npz")])
     assert main(["search", run_dir, queries[0], "--gallery", str(tiny_root / "bounding_box_test"), "--top", "2",

@@ -147,13 +147,19 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
 
 
 def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence[str | Path], top: int = 10,
-           stage: int | None = None, device: str = "cpu", batch_size: int | None = None, progress=None) -> dict:
+           stage: int | None = None, device: str = "cpu", batch_size: int | None = None, progress=None,
+           rerank: dict | None = None, rerank_progress=None) -> dict:
     """``ureid search``: the ``top`` gallery images (or tracklets) nearest each query under a run's embedding,
     by the run's own distance (squared Euclidean of unit features), ties in gallery order; a query's own
     file in the gallery is skipped. A gallery item ending in ``.npz`` is a ``ureid embed`` file of the same run
     and stage: its features are used as they are (stored files first, then the images, each in their order).
     Returns ``queries`` and ``gallery`` (paths; a tracklet's first frame), ``indices`` (nq, k) into ``gallery``
-    and their ``distances``, ``stage`` and ``method``."""
+    and their ``distances``, ``stage`` and ``method``.
+
+    ``rerank``: rank by the k-reciprocal re-ranked distances instead (a dict of
+    :func:`~ureid.evaluation.re_ranking_features`' settings, ``{}`` for the paper's), computed over the
+    queries and the whole gallery: two (Q + G)^2 products and a (Q, G) float32 matrix; ``rerank_progress`` is
+    its ``progress``."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     emb = load_embedding(run_dir, stage)
@@ -172,7 +178,7 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         g_parts.append(emb.embed(g_recs, device, batch_size, progress=progress))
         g_paths += [r.paths[0] for r in g_recs]
         g_frames += [len(r.paths) for r in g_recs]
-    from .evaluation import nearest
+    from .evaluation import nearest, nearest_by_distance, re_ranking_features
 
     where = {str(Path(p).resolve()): i for i, p in enumerate(g_paths)}
     skip = np.full(len(q_recs), -1, dtype=np.int64)
@@ -180,7 +186,12 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         own = where.get(str(Path(rec.paths[0]).resolve()))
         if own is not None and g_frames[own] in (None, len(rec.paths)):
             skip[i] = own
-    indices, distances = nearest(q, np.concatenate(g_parts), top, skip=skip)
+    g = np.concatenate(g_parts)
+    if rerank is None:
+        indices, distances = nearest(q, g, top, skip=skip)
+    else:
+        indices, distances = nearest_by_distance(re_ranking_features(q, g, progress=rerank_progress, **rerank), top,
+                                                 skip=skip)
     return {"queries": [r.paths[0] for r in q_recs], "gallery": g_paths, "indices": indices,
             "distances": distances, "stage": emb.stage, "method": emb.cfg.method}
 

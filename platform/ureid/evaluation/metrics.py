@@ -274,27 +274,45 @@ def nearest(query_features, gallery_features, k: int, skip=None, metric: str = "
     ``(indices, distances)``, (nq, min(k, ng)), int64 and float32; a query with fewer than that many gallery
     rows left gets -1 and NaN in its last places.
     """
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     q = _as_numpy(query_features)
     g = _as_numpy(gallery_features)
     nq, ng = len(q), len(g)
-    if skip is not None:
-        skip = np.asarray(skip, dtype=np.int64)
-        if skip.shape != (nq,) or (skip >= ng).any():
-            raise ValueError(f"skip must hold one gallery index (< {ng}, or -1) per query ({nq})")
-    k = min(int(k), ng)
+    k, skip = _check_top(k, skip, nq, ng)
     indices = np.full((nq, k), -1, dtype=np.int64)
     distances = np.full((nq, k), np.nan, dtype=np.float32)
     rows = max(1, min(nq, int(chunk_bytes) // max(1, 4 * ng)))
     for s in range(0, nq, rows):
         dist = pairwise_distance(q[s:s + rows], g, metric=metric, chunk_size=rows)
-        if skip is not None:
-            own = np.flatnonzero(skip[s:s + rows] >= 0)
-            dist[own, skip[s + own]] = np.inf
-        top = stable_topk_rows(dist, k)
-        value = np.take_along_axis(dist, top, axis=1)
-        left = np.isfinite(value)  # a skipped row sorts last: it is the padding
-        indices[s:s + rows] = np.where(left, top, -1)
-        distances[s:s + rows] = np.where(left, value, np.nan)
+        indices[s:s + rows], distances[s:s + rows] = _top(dist, k, None if skip is None else skip[s:s + rows])
     return indices, distances
+
+
+def nearest_by_distance(dist, k: int, skip=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`nearest` on a given (nq, ng) distance matrix (re-ranked distances, say): each row's ``k``
+    smallest, ascending, ties in gallery order; ``skip`` and the returns as :func:`nearest`'s."""
+    d = _as_numpy(dist)
+    if d.ndim != 2:
+        raise ValueError(f"dist must be a 2-D (queries, gallery) array, got shape {d.shape}")
+    k, skip = _check_top(k, skip, *d.shape)
+    return _top(d.astype(np.float32, copy=True), k, skip)
+
+
+def _check_top(k, skip, nq: int, ng: int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if skip is not None:
+        skip = np.asarray(skip, dtype=np.int64)
+        if skip.shape != (nq,) or (skip >= ng).any():
+            raise ValueError(f"skip must hold one gallery index (< {ng}, or -1) per query ({nq})")
+    return min(int(k), ng), skip
+
+
+def _top(dist: np.ndarray, k: int, skip) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest of each row of ``dist`` (changed in place: skipped entries set to inf)."""
+    if skip is not None:
+        own = np.flatnonzero(skip >= 0)
+        dist[own, skip[own]] = np.inf
+    top = stable_topk_rows(dist, k)
+    value = np.take_along_axis(dist, top, axis=1)
+    left = np.isfinite(value)  # a skipped row sorts last: it is the padding
+    return np.where(left, top, -1), np.where(left, value, np.nan).astype(np.float32)
