@@ -540,16 +540,17 @@ def load_dataset(
 ) -> ReidDataset:
     """Read dataset ``name`` (a key of :data:`DATASETS`) from ``root``.
 
-    ``pattern`` is the regex of the ``folder`` format (file names) and ``tracklets`` (cameras), ``cuhk03_protocol`` picks the
-    labeled or detected boxes of CUHK03. ``verify`` (default: on for image datasets, off for the
-    video sets, whose million frames would make it slow) checks each image with
+    ``pattern`` is the regex of the ``folder`` format (file names) and of ``tracklets`` (cameras),
+    ``cuhk03_protocol`` picks the labeled or detected boxes of CUHK03. ``verify`` (default: on for image
+    datasets, off for the video sets, whose million frames would make it slow) checks each image with
     :func:`verify_images`, handling unreadable ones by ``bad_images`` ("fail" or "skip").
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset format {name!r}; choose one of {sorted(DATASETS)}")
     _check_policy(bad_images)
     if pattern is not None and name not in PATTERN_FORMATS:
-        raise ValueError(f"pattern applies only to the {' and '.join(map(repr, PATTERN_FORMATS))} formats, not {name!r}")
+        raise ValueError(f"pattern applies only to the {' and '.join(map(repr, PATTERN_FORMATS))} formats, "
+                         f"not {name!r}")
     if name in PATTERN_FORMATS:
         ds = DATASETS[name](root, pattern)
     elif name == "cuhk03":

@@ -34,5 +34,6 @@ def evaluate_model(model, query: list[Record], gallery: list[Record], device="cp
 
     out = scores(pairwise_distance(q, g, metric="sqeuclidean"))
     if rerank is not None:
-        out.update({f"rerank_{k}": v for k, v in scores(re_ranking_features(q, g, progress=rerank_progress, **rerank)).items()})
+        reranked = scores(re_ranking_features(q, g, progress=rerank_progress, **rerank))
+        out.update({f"rerank_{k}": v for k, v in reranked.items()})
     return out
