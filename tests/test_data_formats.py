@@ -360,7 +360,7 @@ def test_tracklets_of_your_own(tmp_path):
         load_dataset("tracklets", tmp_path / "empty")
 
 
-def test_tracklets_cameras_from_a_path_pattern(tmp_path, caplog):
+def test_tracklets_cameras_from_a_path_pattern(tmp_path, caplog, capsys):
     """`tracklets` with a pattern: each tracklet's camera from its first frame's path below the root (a
     tracker's per-camera folders, or MARS names), numbered in sorted order; an unmatched tracklet is named in a
     warning and left out; a pattern without camid, or with pid, is refused; so is one nothing matches."""
@@ -377,6 +377,11 @@ def test_tracklets_cameras_from_a_path_pattern(tmp_path, caplog):
     assert got == [("cam10/t1/f001.jpg", 1, 1), ("cam2/t1/f001.jpg", 1, 0), ("cam2/t2/f001.jpg", 2, 0)]
     assert "1 tracklet(s) do not match pattern" in caplog.text and "other/t9/f001.jpg" in caplog.text
     assert "2 cameras" in ds.summary()
+    from ureid.cli import main
+
+    capsys.readouterr()
+    assert main(["data", "info", "--format", "tracklets", "--root", str(root), "--pattern", r"^cam(?P<camid>\d+)/"]) == 0
+    assert "  train   per camera: 0: 2, 1: 1\n" in capsys.readouterr().out
     mars = tmp_path / "mars"
     for f in ["a/0001C1T0001F001.jpg", "a/0001C1T0001F002.jpg", "a/0001C3T0002F001.jpg", "b/0002C3T0001F001.jpg"]:
         jpg(mars / f)

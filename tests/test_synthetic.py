@@ -235,7 +235,13 @@ def test_cli_synth_and_info(tmp_path, capsys):
     assert "wrote synthetic market1501 dataset" in out and re.search(r"query\s+\d+ images", out) and " s)" in out
     assert main(args) == 0 and "reused" in capsys.readouterr().out
     assert main(["data", "info", "--format", "market1501", "--root", str(tmp_path / "s")]) == 0
-    assert re.search(r"train\s+\d+ records\s+3 ids", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"train\s+\d+ records\s+3 ids", out)
+    # the records per camera of each split: as many cameras as the summary's, summing to the split's records
+    for split in ("train", "query", "gallery"):
+        total, cameras = map(int, re.search(rf"{split}\s+(\d+) records.* (\d+) cameras", out).groups())
+        counts = re.search(rf"{split}\s+per camera: (.*)", out).group(1).split(", ")
+        assert len(counts) == cameras and sum(int(c.split(": ")[1]) for c in counts) == total, out
     assert main(["data", "info", "--format", "mars", "--root", str(tmp_path / "s")]) == 2
     assert "mars: expected" in capsys.readouterr().err
 

@@ -56,6 +56,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     kind = "video (records are tracklets)" if ds.is_video else "image"
     print(f"{ds.name} {kind} dataset at {ds.root} (read in {time.perf_counter() - t0:.1f} s)")
     print(ds.summary())
+    # records per camera: what shows at a glance whether a --pattern read the cameras as meant
+    from collections import Counter
+
+    for split in ("train", "query", "gallery"):
+        cams = Counter(r.camid for r in getattr(ds, split))
+        if cams:
+            print(f"  {split:<8}per camera: " + ", ".join(f"{c}: {cams[c]}" for c in sorted(cams)))
     return 0
 
 
