@@ -57,8 +57,12 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _pattern_for_folder(self):
-        if self.pattern and self.name not in ("folder", "tracklets"):
-            raise ValueError(f"data.pattern applies only to data.name='folder' or 'tracklets', not {self.name!r}")
+        if self.pattern:
+            from .data.formats import PATTERN_FORMATS  # here: the data package imports NumPy
+
+            if self.name not in PATTERN_FORMATS:
+                raise ValueError(f"data.pattern applies only to data.name={' or '.join(map(repr, PATTERN_FORMATS))}, "
+                                 f"not {self.name!r}")
         return self
 
     def check_paths(self, key: str = "data") -> None:
