@@ -61,6 +61,7 @@ def test_momentum_update_equals_the_codes_plain_loop(momentum):
 def test_cluster_memory_loss_gradient_and_update():
     torch.manual_seed(0)
     centroids = torch.randn(5, 8)
+    original = centroids.clone()
     loss_fn = ClusterMemory(8, temperature=0.05, momentum=0.2)
     loss_fn.reset(centroids)
     assert torch.allclose(loss_fn.memory.norm(dim=1), torch.ones(5))
@@ -74,6 +75,11 @@ def test_cluster_memory_loss_gradient_and_update():
     loss.backward()
     assert feats.grad is not None and torch.isfinite(feats.grad).all()
     assert torch.allclose(loss_fn.memory, _loop_update(before, q, y, 0.2), atol=1e-6)
+    assert torch.equal(centroids, original)  # the memory is a copy: the caller's tensor is left alone
+    read_only = centroids.numpy().copy()
+    read_only.flags.writeable = False  # as the feature store's results come
+    loss_fn.reset(read_only)
+    assert torch.equal(loss_fn.memory, before)
     with pytest.raises(ValueError, match="centroids"):
         loss_fn.reset(torch.randn(3, 4))
     with pytest.raises(ValueError, match="momentum"):
