@@ -181,6 +181,12 @@ def test_nearest_is_the_stable_argsort_of_each_row_in_chunks(k):
     np.testing.assert_array_equal(by_matrix[0], nearest(q, g, k, skip=skip)[0])
     np.testing.assert_array_equal(by_matrix[1], nearest(q, g, k, skip=skip)[1])
     np.testing.assert_array_equal(given, kept)
+    given.flags.writeable = False  # nothing to skip: read in place, no copy of the matrix
+    for none in (None, np.full(11, -1)):
+        got = nearest_by_distance(given, k, skip=none)
+        np.testing.assert_array_equal(got[0], nearest(q, g, k)[0])
+        np.testing.assert_array_equal(got[1], nearest(q, g, k)[1])
+    np.testing.assert_array_equal(given, kept)
     with pytest.raises(ValueError, match="dist must be a 2-D"):
         nearest_by_distance(given[0], 3)
     with pytest.raises(ValueError, match="k must be an integer >= 1"):

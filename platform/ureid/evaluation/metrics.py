@@ -294,7 +294,8 @@ def nearest_by_distance(dist, k: int, skip=None) -> tuple[np.ndarray, np.ndarray
     if d.ndim != 2:
         raise ValueError(f"dist must be a 2-D (queries, gallery) array, got shape {d.shape}")
     k, skip = _check_top(k, skip, *d.shape)
-    return _top(d.astype(np.float32, copy=True), k, skip)
+    writes = skip is not None and bool((skip >= 0).any())  # _top sets skipped entries: a copy only then
+    return _top(d.astype(np.float32, copy=writes), k, skip)
 
 
 def _check_top(k, skip, nq: int, ng: int):
@@ -311,7 +312,8 @@ def _top(dist: np.ndarray, k: int, skip) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` smallest of each row of ``dist`` (changed in place: skipped entries set to inf)."""
     if skip is not None:
         own = np.flatnonzero(skip >= 0)
-        dist[own, skip[own]] = np.inf
+        if own.size:  # a read-only matrix with nothing to skip is read in place
+            dist[own, skip[own]] = np.inf
     top = stable_topk_rows(dist, k)
     value = np.take_along_axis(dist, top, axis=1)
     left = np.isfinite(value)  # a skipped row sorts last: it is the padding
