@@ -247,7 +247,7 @@ class ClusterMemory(_ResizableMemory):
     def reset(self, centroids) -> None:
         """A new stage's memory: the L2-normalised ``centroids`` (C, d), one row per cluster."""
         if isinstance(centroids, torch.Tensor):  # NumPy 2 deprecates torch's __array__ (no copy keyword)
-            c = centroids.detach().to("cpu", torch.float32, copy=True)
+            c = centroids.detach().to("cpu", torch.float32)  # no copy needed: F.normalize below makes the memory
         else:
             c = torch.tensor(np.array(centroids, dtype=np.float32))  # a copy: store results are read-only
         if c.ndim != 2 or c.shape[0] == 0 or c.shape[1] != self.num_features:
