@@ -70,6 +70,16 @@ def test_inheritance_and_overrides(tmp_path):
     assert load_config(saved).to_dict() == cfg.to_dict()
 
 
+def test_packaged_config_by_bare_name(tmp_path, monkeypatch):
+    """`--config buc_cpu` finds the packaged file from any folder; a name that is none lists the packaged ones."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("buc_cpu").to_dict() == load_config(CONFIG_DIR / "buc_cpu.yaml").to_dict()
+    assert load_config("buc_cpu.yaml").to_dict() == load_config("buc_cpu").to_dict()
+    with pytest.raises(ConfigError, match=r"config file 'bcu_cpu' not found; the packaged configs in .*: "
+                                          r"base, buc, buc_cpu, .*cluster_contrast_cpu, .*ssl_cpu"):
+        load_config("bcu_cpu")
+
+
 def _err(overrides, path=CONFIG_DIR / "buc.yaml"):
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)

@@ -10,8 +10,9 @@ method's own ``Settings`` (:mod:`ureid.methods`, the OpenUnReID convention). Val
 file system: the driver checks paths once with :meth:`Config.check_paths` (on a cluster, the nodes that
 validate a config need not see the dataset).
 
-Configs named by a bare file name (``buc_cpu.yaml``) are found in :data:`CONFIG_DIR`, the configs shipped
-inside the package (``platform/ureid/configs/``, also reachable as ``experiments/configs/`` in a checkout).
+Configs named by a bare file name (``buc_cpu.yaml``, or ``buc_cpu``) are found in :data:`CONFIG_DIR`, the
+configs shipped inside the package (``platform/ureid/configs/``, also reachable as ``experiments/configs/`` in a
+checkout).
 """
 
 from __future__ import annotations
@@ -397,11 +398,15 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
     if not path.is_file():
         # `ray submit` runs entry points from another folder: fall back to the packaged configs.
         candidates = [CONFIG_DIR / path, CONFIG_DIR / path.name]
+        if not path.suffix:  # `--config buc_cpu` names the packaged buc_cpu.yaml, as `ureid run` lists them
+            candidates += [CONFIG_DIR / f"{path}.yaml", CONFIG_DIR / f"{path.name}.yaml"]
         found = [c for c in candidates if not path.is_absolute() and c.is_file()]
         if found:
             path = found[0]
         else:
-            raise ConfigError(f"config file {str(path)!r} not found (configs live in {CONFIG_DIR})")
+            packaged = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.yaml")))
+            raise ConfigError(f"config file {str(path)!r} not found; the packaged configs in {CONFIG_DIR}: "
+                              f"{packaged}")
     path = path.resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'base' inheritance loops back to itself")
