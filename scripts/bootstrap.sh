@@ -12,7 +12,11 @@ fi
 stamp=.venv/.ureid-install-stamp
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "[ureid] installing pinned dependencies (first time: about 2-3 minutes, 6.5 GB)"
+  if [ -f "$stamp" ]; then
+    echo "[ureid] pyproject.toml or constraints.txt changed since .venv/ was installed: installing again"
+  else
+    echo "[ureid] installing pinned dependencies (first time: about 2-3 minutes, 6.5 GB)"
+  fi
   .venv/bin/python -m pip install -q --upgrade "pip>=24"
   .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
