@@ -132,3 +132,44 @@ def test_the_store_and_clustering_tasks_do_not_import_ray_train():
             "assert 'stargan_fakes' in jobs.RUNNERS; "
             "import ureid.runtime.stargan; print('ok')")
     _prints_ok(code)
+
+
+def test_a_local_start_makes_rays_token_the_users_alone(tmp_path, monkeypatch, capsys):
+    """Ray 2.60's local start generates ~/.ray/auth_token readable by every local user (mode 644, umask 022):
+    ``private_local_token`` makes it first, mode 600 in a 700 folder, and Ray's own loader reads that token;
+    an existing readable one is named with its fix and left alone; nothing when auth is off or given."""
+    import os
+    import stat
+
+    from ureid.runtime.job import private_local_token
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    token = home / ".ray" / "auth_token"
+    assert private_local_token() == token
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    value = token.read_text()
+    assert len(value) == 64 and int(value, 16) >= 0
+    code = ("from ray._raylet import AuthenticationTokenLoader as L; "
+            "print(L.instance().get_raw_token() if L.instance().has_token(ignore_auth_mode=True) else 'none')")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RAY_AUTH_MODE": "token"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == value, out.stderr[-2000:]
+
+    assert private_local_token() == token and token.read_text() == value  # kept, not replaced
+    assert capsys.readouterr().out == ""
+    token.chmod(0o644)
+    private_local_token()
+    assert f"{token} may be read by other users (mode 644)" in capsys.readouterr().out
+    assert stat.S_IMODE(token.stat().st_mode) == 0o644 and token.read_text() == value  # the user's file
+
+    token.unlink()
+    for var, val in (("RAY_AUTH_MODE", "disabled"), ("RAY_AUTH_TOKEN", "x" * 64), ("RAY_AUTH_TOKEN_PATH", "/t")):
+        with monkeypatch.context() as m:
+            m.setenv(var, val)
+            assert private_local_token() is None and not token.exists()
+    monkeypatch.setenv("RAY_AUTH_MODE", "TOKEN")
+    assert private_local_token() == token and token.exists()

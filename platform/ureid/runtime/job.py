@@ -125,6 +125,39 @@ def check_address(address: str | None, timeout: float = 10.0) -> None:
                           f"ray.address unset to start a local instance")
 
 
+def private_local_token() -> Path | None:
+    """Before a local start under Ray 2.60's default token auth: make sure its token is the user's alone.
+
+    With ``RAY_AUTH_MODE`` unset (or ``token``) and no token given (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``), ``ray.init()`` generates ``~/.ray/auth_token`` with the process's umask:
+    mode 644 under a 755 ``~/.ray`` here (measured), so on a shared machine any local user who can read the
+    home folder could read it and run code as this user through the instance's dashboard on 127.0.0.1.
+    When the file is missing it is created first, mode 600 in a 700 ``~/.ray``, with Ray's own kind of
+    token (256 random bits as 64 hex digits), which Ray then finds and uses; an existing one that others may
+    read is named with the command that fixes it (it is the user's file; it is not changed). Returns the
+    token file checked, or None when auth is off or the token comes from elsewhere."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if (mode is not None and mode.lower() != "token") or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it in between: check that one below
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            return path
+    if path.stat().st_mode & 0o077:
+        print(f"[ureid] warning: Ray's token file {path} may be read by other users (mode "
+              f"{path.stat().st_mode & 0o777:o}); anyone who reads it can run code as you on the Ray instance "
+              f"this run starts. Make it yours alone: chmod 600 {path}", flush=True)
+    return path
+
+
 def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     """Join ``ray.address`` (else ``$RAY_ADDRESS``, which Ray's job supervisor sets for a ``ray job submit``
     driver) or start a local Ray instance (workers import the installed ``ureid``). The job's processes get
@@ -142,6 +175,8 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS") or None
     check_address(address)
     local = {"resources": local_resources()} if address is None else {}
+    if address is None:
+        private_local_token()
     env = job_env(tracking_uri)
     if os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server:  # unset, or an earlier start's
         os.environ.pop(API_SERVER_ENV, None)
