@@ -213,7 +213,9 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
 
 def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     """The searcher a sweep builds for ``--search optuna``: its first suggestion is the paper point, later
-    ones are Optuna's own samples. (Its trials through Tune and Ray Train: Cluster Contrast's sweep test.)"""
+    ones are Optuna's own samples. (Its trials through Tune and Ray Train: Cluster Contrast's sweep test.) A
+    searcher that does not fit the space, or that does not exist, is refused before Ray starts and before the
+    sweep folder or its MLflow parent run is made (a grid over a range once failed after both)."""
     from ureid.runtime.tune import _searcher, paper_point, tune_domains
 
     space = {"clustering.size_penalty": {"loguniform": [0.001, 0.01]}, "clustering.merge_percent": {"choice": [0.2, 0.3]}}
@@ -236,7 +238,14 @@ def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="grid; Optuna samples"):
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="optuna")
+    file.write_text("space:\n  clustering.size_penalty: {loguniform: [0.001, 0.01]}\n")
+    with pytest.raises(ConfigError, match="--search grid: clustering.size_penalty is a loguniform range; a grid "
+                                          "needs choice or grid lists"):
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="grid")
+    with pytest.raises(ConfigError, match="--search 'bayes': allowed: random, grid, optuna"):
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="bayes")
     assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"
+    assert not (out / "mlflow.db").exists(), "no MLflow parent run for a refused sweep"
 
 
 @pytest.mark.parametrize("sets", [[], ["ray.clustering_tasks=false"], ["ray.store_gpus=1"]],

@@ -290,9 +290,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         method = get_method(method_name)
         space, source = load_space(method, space_file)
         check_space(base, space, source)  # before Ray starts
-        grids = [key for key, spec in space.items() if next(iter(spec)) == "grid"]
-        if search == "optuna" and grids:
-            raise ConfigError(f"--search optuna: {', '.join(grids)} is a grid; Optuna samples, use choice: [...]")
+        _check_search(search, space)
         cfg = cfg.with_absolute_paths()
         base = _set(cfg.to_dict(), "tracking.tracking_uri",
                     tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir))
@@ -412,19 +410,36 @@ def paper_point(base: dict, space: dict) -> dict:
     return point
 
 
+def _check_search(search: str, space: dict) -> None:
+    """The searcher fits the space, and Optuna is installed when asked for: checked before Ray starts and
+    before the sweep folder and its MLflow parent run are made (a grid over a range once failed after both)."""
+    if search not in ("random", "grid", "optuna"):
+        raise ConfigError(f"--search {search!r}: allowed: random, grid, optuna")
+    if search == "grid":
+        _as_grid(space)
+    if search == "optuna":
+        grids = [key for key, spec in space.items() if next(iter(spec)) == "grid"]
+        if grids:
+            raise ConfigError(f"--search optuna: {', '.join(grids)} is a grid; Optuna samples, use choice: [...]")
+        _optuna()
+
+
+def _optuna():
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna
+    except ImportError:
+        raise ConfigError("--search optuna needs the optional extra: pip install 'ureid[optuna]' (optuna)") from None
+    return OptunaSearch, optuna
+
+
 def _searcher(search: str, seed: int, concurrent: int, first: dict | None = None):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if search in ("random", "grid"):  # Tune ignores max_concurrent_trials for this one: it takes its own
         return BasicVariantGenerator(max_concurrent=concurrent, random_state=seed)
     if search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("--search optuna needs the optional extra: pip install 'ureid[optuna]' (optuna)") from None
-        import optuna
-
+        OptunaSearch, optuna = _optuna()
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
                             points_to_evaluate=[first] if first else None)
     raise ConfigError(f"--search {search!r}: allowed: random, grid, optuna")
