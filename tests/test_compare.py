@@ -111,3 +111,25 @@ def test_a_dataset_without_test_labels_is_compared_on_its_label_free_score(tmp_p
     assert per_stage_png.name == "lf_silhouette_per_stage_folder.png"
     rows = list(csv.DictReader(table_csv.open()))
     assert [r["label_free_at_selected"] for r in rows] == ["0.05", "0.08"] and not any(r["oracle_stage"] for r in rows)
+
+
+def test_runs_named_by_id_that_cannot_be_compared_are_named(tmp_path, capsys):
+    """`ureid compare --runs` with an id that is not there printed MLflow's traceback, and a named sweep or
+    unfinished run was skipped in silence ("no finished ureid runs in experiment 'ureid'"): now each is named
+    with why, and nothing is written."""
+    from ureid.cli import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    good = _run(uri, "buc", [0.01, 0.03], selected=1)
+    sweep = tracking.start_run(uri, "cmp", "sweep-buc", {}, {"ureid.kind": "sweep", "method": "buc"})
+    tracking.finish_run(uri, sweep)
+    running = tracking.start_run(uri, "cmp", "dbc-run", {"method": "dbc"}, {"method": "dbc", "dataset": "synthetic"})
+    out = tmp_path / "out"
+    assert main(["compare", "--tracking-uri", uri, "--out", str(out), "--runs", good, "deadbeef", sweep,
+                 running]) == 2
+    err = capsys.readouterr().err
+    assert (f"--runs at {uri}: deadbeef (no such run); {sweep} (a sweep run, not a method's; its trials are its "
+            f"child runs); {running} (RUNNING, not finished)") in err, err
+    assert "Traceback" not in err and not out.exists()
+    files = compare(uri, out, run_ids=[good], log=False)
+    assert "| buc |" in files["synthetic"][0].read_text()

@@ -48,12 +48,40 @@ def _check_store_exists(uri: str) -> None:
                                     f"by default; --tracking-uri or $MLFLOW_TRACKING_URI names another)")
 
 
+def _named_runs(client, uri: str, run_ids: list[str]) -> list:
+    """The runs ``--runs`` names, each a finished (or ASHA-stopped) method run: an id that is not there, or
+    names a sweep, a comparison or an unfinished run, is an error naming it (not a traceback, not a silent
+    skip)."""
+    from mlflow.exceptions import MlflowException
+
+    runs, wrong = [], []
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            wrong.append(f"{run_id} (no such run)")
+            continue
+        kind = run.data.tags.get("ureid.kind")
+        if kind in ("sweep", "comparison") or "method" not in run.data.tags:
+            children = "; its trials are its child runs" if kind == "sweep" else ""
+            wrong.append(f"{run_id} (a {kind or 'non-ureid'} run, not a method's{children})")
+        elif run.info.status not in ("FINISHED", "KILLED"):
+            wrong.append(f"{run_id} ({run.info.status}, not finished)")
+        else:
+            runs.append(run)
+    if wrong:
+        raise ValueError(f"--runs at {uri}: {'; '.join(wrong)}")
+    return runs
+
+
 def collect(uri: str, experiment: str | None = None, run_ids: list[str] | None = None) -> list[RunRecord]:
     """The finished method runs of ``experiment`` (or the given run ids), with their per-stage metrics."""
     _check_store_exists(uri)
     client = _client(uri)
     if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
+        runs = _named_runs(client, uri, run_ids)
     else:
         name = experiment or "ureid"
         exp = client.get_experiment_by_name(name)
