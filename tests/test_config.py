@@ -163,6 +163,16 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_ray_address_of_the_wrong_form_is_refused_with_the_config():
+    """'localhost' (no port) used to pass the schema and fail only where the job joined Ray, after its run
+    folder and MLflow run were made; the form is checked when the config is read (a reachable head, later)."""
+    for bad in ("localhost", ":6379", "head:port"):
+        msg = _err([f"ray.address={bad}"])
+        assert "ray.address: expected the head's host:port" in msg and repr(bad) in msg, msg
+    for fine in ("auto", "local", "10.0.0.1:6379", "[::1]:6379", "ray://head:10001", "null"):
+        load_config(CONFIG_DIR / "buc.yaml", [f"ray.address={fine}"])
+
+
 def test_invalid_config_fails_before_ray_starts(tmp_path):
     """The entry point rejects a bad value without starting Ray or creating outputs."""
     out = tmp_path / "runs"

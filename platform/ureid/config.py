@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 DATASET_NAMES = ("synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder",
                  "tracklets")
@@ -191,6 +191,19 @@ class ScheduleConfig(_Strict):
         return score, LABEL_FREE_SCORES[score]
 
 
+def ray_address_form(address: str) -> str | None:
+    """What is wrong with the form of a Ray address, or None: a GCS ``host:port``, ``auto``, ``local`` or a
+    ``scheme://`` address (Ray Client's ``ray://``). Checked when a config is read, and again for
+    ``$RAY_ADDRESS`` where the job starts (``runtime.job.check_address``, which then probes a host:port)."""
+    if address in ("auto", "local") or "://" in address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host.strip("[]") or not port.isdigit():  # [..]: an IPv6 literal
+        return ("expected the head's host:port (its GCS port, 6379 unless `ray start --head --port` said "
+                "otherwise), 'auto', or ray://host:port")
+    return None
+
+
 class RayConfig(_Strict):
     address: str | None = None
     num_workers: PosInt = 1
@@ -217,6 +230,14 @@ class RayConfig(_Strict):
     # slots. Reserved like a train worker's GPU, so the workers cannot take it: a fixed cluster without room
     # for the worker group and this share is refused at start-up. In a sweep each trial reserves its share.
     store_gpus: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+    @field_validator("address")
+    @classmethod
+    def _address_form(cls, value):
+        if value is not None and (why := ray_address_form(value)):
+            raise ValueError(why)
+        return value
 
 
 class TrackingConfig(_Strict):

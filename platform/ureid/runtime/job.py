@@ -109,13 +109,12 @@ def check_address(address: str | None, timeout: float = 10.0) -> None:
     (Ray Client) addresses are left to Ray, which fails fast on them."""
     if address is None or address in ("auto", "local") or "://" in address:
         return
-    from ..config import ConfigError
+    from ..config import ConfigError, ray_address_form
 
+    if why := ray_address_form(address):
+        raise ConfigError(f"ray.address={address!r}: {why}")
     host, _, port = address.rpartition(":")
     host = host.strip("[]")  # an IPv6 literal
-    if not host or not port.isdigit():
-        raise ConfigError(f"ray.address={address!r}: expected the head's host:port (its GCS port, 6379 unless "
-                          f"`ray start --head --port` said otherwise), 'auto', or ray://host:port")
     from .._net import tcp_refusal
 
     why = tcp_refusal(host, int(port), timeout)
