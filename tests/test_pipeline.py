@@ -274,7 +274,7 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
 
 
 @pytest.mark.parametrize("method", ["pul"])
-def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_factory):
+def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_factory, capsys):
     """A run stopped after stage 0 and resumed gives the labels of the uninterrupted run, PUL's original
     (source-trained) model restored too. BUC's resume: tests/test_faults.py, after its driver is SIGKILLed."""
     full = _run(method, tiny_root, tmp_path_factory)
@@ -300,6 +300,13 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     assert load_config(Path(run_dir) / "config.attempt1.yaml").schedule.max_stages == 1
     tags = MlflowClient(first["tracking_uri"]).get_run(first["run_id"]).data.tags
     assert tags["ureid.attempt2.set"] == "schedule.max_stages=2"
+    # a resume that leaves nothing to run (fewer stages than done) starts nothing and keeps config.yaml as
+    # the stages ran with it (it used to be rewritten with the override before the stage count was known)
+    again = run_experiment(load_run_config(run_dir, ["schedule.max_stages=1"]), resume=run_dir)
+    assert "no stage left: the run has 2 stages done and pul runs 1" in capsys.readouterr().out
+    assert again["history"] == resumed["history"] and load_run_config(run_dir).schedule.max_stages == 2
+    assert not (Path(run_dir) / "config.attempt2.yaml").exists()
+    assert MlflowClient(first["tracking_uri"]).get_run(first["run_id"]).info.status == "FINISHED"
 
 
 @pytest.fixture(scope="module")

@@ -186,8 +186,6 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                         write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
     job.announce()
     with job.failing_loudly(leave_status):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
-        if resume:
-            _record_resumed_config(job, cfg, changed)
         cfg.check_paths()
         method.prepare(cfg)
         ensure_synthetic(cfg.data)
@@ -202,10 +200,13 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         if resume and start_stage >= num_stages and (finished := _finished_summary(job.run_dir)) is not None:
             # resumed with a config that asks for more stages than the method has on this data
             job.finish()
-            if not quiet:
-                print(f"[ureid] no stage left: the run has all {num_stages} stages {cfg.method} runs on this data "
-                      f"with this config; nothing started", flush=True)
+            if not quiet:  # its config.yaml stays the one its stages ran with
+                print(f"[ureid] no stage left: the run has {_stages(start_stage)} done and {cfg.method} runs "
+                      f"{num_stages} on this data with this config; nothing started"
+                      + (", config.yaml left as it was" if changed else ""), flush=True)
             return finished
+        if resume:
+            _record_resumed_config(job, cfg, changed)
 
         from .job import check_worker_group, ensure_ray
         from .tasks import check_cluster_slots
