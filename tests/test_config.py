@@ -211,3 +211,21 @@ def test_start_up_errors_say_what_is_wrong_and_make_nothing(tmp_path, capsys):
 
     run = MlflowClient(job.tracking_uri).get_run(job.run_id)
     assert run.info.status == "FAILED"
+
+
+def test_resume_refuses_the_settings_it_would_ignore(tmp_path, capsys):
+    """A resumed run, sweep or StarGAN run keeps the settings in its folder: --config (and, for a sweep,
+    --space, --set, --name) beside --resume used to be ignored in silence; now each is refused, naming the file
+    the resume reads. Nothing is started."""
+    from ureid.cli import main
+
+    run = tmp_path / "buc-run"
+    for argv, says in ((["run", "buc", "--resume", str(run), "--config", "dbc_cpu"],
+                        f"--config dbc_cpu with --resume: a resumed run keeps its own {run / 'config.yaml'}"),
+                       (["tune", "buc", "--resume", str(run), "--space", "s.yaml", "--set", "seed=1"],
+                        f"--space, --set with --resume: a resumed sweep keeps the settings of its {run / 'sweep.json'}"),
+                       (["camstyle", "train", "--resume", str(run), "--config", "stargan_cpu"],
+                        f"--config stargan_cpu with --resume: a resumed StarGAN run keeps its own {run / 'config.yaml'}")):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -116,6 +117,9 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
         if args.resume:
             from ureid.runtime.experiment import load_run_config
 
+            if args.config:
+                raise ConfigError(f"--config {args.config} with --resume: a resumed run keeps its own "
+                                  f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
             cfg = load_run_config(args.resume, args.overrides)
         else:
             cfg = load_config(args.config or CONFIG_DIR / f"{method}_cpu.yaml", args.overrides)
@@ -165,6 +169,11 @@ def tune_entry_point(argv: list[str] | None = None, prog: str = "ureid tune") ->
     from ureid.runtime.tune import run_sweep
 
     try:
+        ignored = [flag for flag, value in (("--config", args.config), ("--space", args.space),
+                                            ("--set", args.overrides), ("--name", args.name)) if value]
+        if args.resume and ignored:
+            raise ConfigError(f"{', '.join(ignored)} with --resume: a resumed sweep keeps the settings of its "
+                              f"{Path(args.resume) / 'sweep.json'}")
         run_sweep(args.config or CONFIG_DIR / f"{args.method}_cpu.yaml", args.method, args.overrides,
                   space_file=args.space, num_samples=args.num_samples, search=args.search,
                   scheduler=args.scheduler, max_concurrent=args.max_concurrent, name=args.name, resume=args.resume)
@@ -464,8 +473,9 @@ def _cmd_gan_train(args: argparse.Namespace) -> int:
 
     try:
         if args.resume:
-            from pathlib import Path
-
+            if args.config:
+                raise ConfigError(f"--config {args.config} with --resume: a resumed StarGAN run keeps its own "
+                                  f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
             gcfg = load_gan_config(Path(args.resume) / "config.yaml", args.overrides)
         else:
             gcfg = load_gan_config(args.config or CONFIG_DIR / "stargan_cpu.yaml", args.overrides)
