@@ -398,6 +398,8 @@ def test_a_trial_leaves_its_failure_status_to_the_sweep(tmp_path):
         assert run.info.status == status, (error, status)
         if status == "FAILED":
             assert str(error.code if isinstance(error, SystemExit) else error) in run.data.tags.get("error", "")
+            # an exit is named as a stop from outside (Ctrl-C ends a Ray Train run in SystemExit: 1)
+            assert ("stopped from outside the run: Ctrl-C" in run.data.tags["error"]) == isinstance(error, SystemExit)
 
     # the sweep's verdict: one trial stopped by the scheduler, one failed, each with its run folder
     sweep_dir = tmp_path / "sweep"

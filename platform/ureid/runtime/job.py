@@ -324,7 +324,8 @@ class Job:
                 kept = f"checkpoints kept in {self.run_dir / 'ray'}; continue with --resume {self.run_dir}"
             else:  # failed before its first stage ended (a bad dataset path, say): nothing to resume from
                 kept = f"no stage finished, no checkpoint to resume from (run folder {self.run_dir})"
-            print(f"[ureid] run failed: {type(exc).__name__}: {exc}\n[ureid] {kept}", flush=True)
+            how = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+            print(f"[ureid] run {how}: {tracking.failure_text(exc)}\n[ureid] {kept}", flush=True)
             raise
 
     def fit(self, train_fn: Callable[[dict], None], loop_config: dict, ray_cfg, callbacks: Sequence = (),

@@ -150,11 +150,21 @@ def reopen_run(uri: str, run_id: str) -> None:
     _client(uri).update_run(run_id, status="RUNNING")
 
 
+def failure_text(error: BaseException) -> str:
+    """The error as a run's ``error`` tag and its last line say it. A stop from outside gets its likely cause:
+    after Ctrl-C Ray Train aborts the run and its driver ends in ``SystemExit: 1``, which alone says nothing."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        text += " (stopped from outside the run: Ctrl-C, or a signal that Ray Train turns into an exit)"
+    return text
+
+
 def finish_run(uri: str, run_id: str, error: BaseException | None = None, status: str | None = None) -> None:
-    """FAILED with the error as a tag when ``error`` is given, else ``status`` (default FINISHED)."""
+    """FAILED with the error as a tag (:func:`failure_text`) when ``error`` is given, else ``status`` (default
+    FINISHED)."""
     client = _client(uri)
     if error is not None:
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_tag(run_id, "error", failure_text(error)[:5000])
         client.set_terminated(run_id, status="FAILED")
     else:
         client.set_terminated(run_id, status=status or "FINISHED")
