@@ -282,7 +282,7 @@ def test_bad_image_fail_names_path_and_skip_warns(tmp_path, caplog):
     root = market(tmp_path / "m")
     bad = root / "bounding_box_test" / "0003_c6s1_000007_01.jpg"
     bad.write_bytes(b"\xff\xd8 truncated garbage")
-    with pytest.raises(OSError, match=f"unreadable image {bad}"):
+    with pytest.raises(OSError, match=f"unreadable image {bad} \\(data.bad_images=skip in a config or --set"):
         load_dataset("market1501", root)
     with caplog.at_level(logging.WARNING):
         ds = load_dataset("market1501", root, bad_images="skip")

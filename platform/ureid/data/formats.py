@@ -131,7 +131,8 @@ def verify_images(records: list[Record], bad_images: str = "fail") -> list[Recor
             if readable(p):
                 good.append(p)
             elif bad_images == "fail":
-                raise OSError(f"unreadable image {p} (pass bad_images='skip' to drop unreadable images)")
+                raise OSError(f"unreadable image {p} (data.bad_images=skip in a config or --set, --bad-images skip for "
+                              f"`ureid data info`, drops unreadable images and names them)")
             else:
                 bad.append(p)
         if len(good) == len(rec.paths):
