@@ -136,3 +136,19 @@ def test_each_update_on_a_torch_device_gives_the_cpu_paths_targets(method, sets)
     if not cuda:  # the device reaches the clustering: without CUDA, asking for it fails in torch
         with pytest.raises((AssertionError, RuntimeError), match="CUDA|cuda|NVIDIA"):
             METHODS[method].update(cfg, x.copy(), Targets(labels=previous.astype(np.int64)), replace(ctx, device="cuda"))
+
+
+def test_pul_refuses_more_clusters_than_training_images(tiny_root):
+    """PUL's update clamped K to N in silence: a preset's K = 80 on a folder of 10 crops ran k-means with every
+    image its own cluster. The driver now refuses K > N with both numbers, before Ray starts."""
+    from ureid.runtime.experiment import load_run_data
+
+    from conftest import TINY_SYNTH
+
+    sets = [f"data.root={tiny_root}", f"clustering.source.root={tiny_root}",
+            *[f"{part}.synthetic.{k}={v}" for part in ("data", "clustering.source") for k, v in TINY_SYNTH.items()]]
+    n = len(load_run_data(load_config(CONFIG_DIR / "pul_cpu.yaml", sets + ["clustering.num_clusters=5"]),
+                          get_method("pul")).train)
+    cfg = load_config(CONFIG_DIR / "pul_cpu.yaml", sets + [f"clustering.num_clusters={n + 1}"])
+    with pytest.raises(ValueError, match=rf"clustering.num_clusters={n + 1} is more than the {n} training images"):
+        load_run_data(cfg, get_method("pul"))

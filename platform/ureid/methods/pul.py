@@ -80,6 +80,10 @@ class PUL(Method):
         if not data.extra["source"]:
             raise ValueError(f"clustering.source: no training image of {source_cfg.name} at {source_cfg.root!r} has an "
                              "identity; PUL's original model is a classifier trained on a labeled source")
+        if cfg.clustering.num_clusters > len(data.train):  # the update's k-means would quietly run with K = N
+            raise ValueError(f"clustering.num_clusters={cfg.clustering.num_clusters} is more than the "
+                             f"{len(data.train)} training images of {cfg.data.name} at {cfg.data.root!r}: k-means "
+                             "needs K <= N, and PUL wants K near the identity count (750 on Market-1501)")
         if cfg.clustering.labeled_ids_per_iteration and data.identities() is None:
             raise ValueError("clustering.labeled_ids_per_iteration: the training images have no identities to give "
                              f"(data.name={cfg.data.name!r} without a pid); set it to 0 for unlabeled data")
