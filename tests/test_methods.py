@@ -152,3 +152,18 @@ def test_pul_refuses_more_clusters_than_training_images(tiny_root):
     cfg = load_config(CONFIG_DIR / "pul_cpu.yaml", sets + [f"clustering.num_clusters={n + 1}"])
     with pytest.raises(ValueError, match=rf"clustering.num_clusters={n + 1} is more than the {n} training images"):
         load_run_data(cfg, get_method("pul"))
+
+
+def test_cluster_contrast_refuses_k1_above_the_training_images(tiny_root):
+    """Its update refuses k1 > N inside the feature store, after Ray and the trainer started; the driver
+    says it first."""
+    from conftest import TINY_SYNTH
+
+    from ureid.runtime.experiment import load_run_data
+
+    sets = [f"data.root={tiny_root}", *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]]
+    n = len(load_run_data(load_config(CONFIG_DIR / "cluster_contrast_cpu.yaml", sets + ["clustering.k1=2"]),
+                          get_method("cluster_contrast")).train)
+    cfg = load_config(CONFIG_DIR / "cluster_contrast_cpu.yaml", sets + [f"clustering.k1={n + 1}"])
+    with pytest.raises(ValueError, match=rf"clustering.k1={n + 1} exceeds the {n} training images"):
+        load_run_data(cfg, get_method("cluster_contrast"))

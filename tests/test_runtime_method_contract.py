@@ -141,6 +141,56 @@ def test_a_store_that_cannot_start_fails_the_run_with_its_own_error(ray_cluster,
     assert run.info.status == "FAILED" and "the store cannot read its inputs" in run.data.tags["error"]
 
 
+class NoClusterAtThisEps(PairUp):
+    """Its first update after training fails as Cluster Contrast's does when DBSCAN finds no cluster at its
+    eps: a ValueError the same features raise again. Each worker notes every stage it starts training."""
+
+    name = "toy_no_cluster"
+
+    def start_stage(self, worker, stage, state):
+        with open(Path(self.spy, f"trained_rank{worker.rank}.txt"), "a") as f:
+            f.write(f"{stage}\n")
+
+    def update(self, cfg, features, targets, ctx):
+        if ctx.stage >= 0:
+            raise ValueError("DBSCAN found no cluster at clustering.eps=0.1")
+        return super().update(cfg, features, targets, ctx)
+
+
+def test_a_label_update_that_fails_alike_every_time_is_not_trained_for_again(ray_cluster, tiny_root, tmp_path):
+    """Ray Train restarts the worker group after any worker error (ray.max_failures), and every restart trained
+    the stage again only to meet the same error of the update: with the default 3 that was four trainings of
+    the stage (measured on Cluster Contrast with a k1 above N), each printing the traceback. The store keeps
+    such an error, a restarted group asks first and stops, and the run ends with the update's own error."""
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    method = NoClusterAtThisEps()
+    method.spy = str(spy)
+    register(method, replace=True)
+    try:
+        out = tmp_path / "out"
+        config = tmp_path / "toy.yaml"
+        config.write_text(f"base: {CONFIG_DIR / 'cpu_base.yaml'}\nmethod: toy_no_cluster\n"
+                          f"clustering: {{spy_dir: {spy}}}\n")
+        cfg = load_config(config, [
+            f"data.root={tiny_root}", "data.height=32", "data.width=16", "model.embedding_dim=32",
+            "train.batch_size=8", "train.eval_batch_size=32", "train.first_stage_epochs=1",
+            "train.max_batches_per_epoch=1", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.max_failures=2",
+            f"output_dir={out}", f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-toy-eps",
+            "tracking.pictures=false", *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]])
+        with pytest.raises(ValueError, match=r"stage 1's label update failed: ValueError: DBSCAN found no cluster "
+                                             r"at clustering.eps=0.1"):
+            run_experiment(cfg, quiet=True)
+    finally:
+        METHODS.pop(method.name, None)
+    for rank in (0, 1):  # stage 0 trained once, not once per restart (three attempts with max_failures=2)
+        assert (spy / f"trained_rank{rank}.txt").read_text().split() == ["0"]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("test-toy-eps").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "LabelUpdateError: stage 1's label update failed: ValueError: DBSCAN found no cluster" in run.data.tags["error"]
+
+
 RUNTIME_PACKAGES = ("runtime", "tracking", "engine")
 
 

@@ -73,6 +73,12 @@ class ClusterContrast(Method):
             raise ValueError(f"cluster_contrast trains on images; data.name={cfg.data.name!r} holds tracklets "
                              "(use buc with buc_video.yaml for video)")
 
+    def load_data(self, cfg, data: RunData) -> RunData:
+        if cfg.clustering.k1 > len(data.train):  # what the update refuses, said before Ray starts
+            raise ValueError(f"clustering.k1={cfg.clustering.k1} exceeds the {len(data.train)} training images of "
+                             f"{cfg.data.name} at {cfg.data.root!r}: the k-reciprocal lists need k1 <= N")
+        return data
+
     def num_stages(self, cfg, data: RunData) -> int:
         return cfg.clustering.epochs
 

@@ -117,18 +117,25 @@ def _resume_point(job: Job) -> tuple[int, str | None]:
 @contextmanager
 def _store_errors_first(store):
     """A store that failed to start fails the workers that call it, after Ray Train's retries; then its own
-    error is the one raised (chained to the trainer's), not the trainer's wrapper of it."""
+    error is the one raised (chained to the trainer's), not the trainer's wrapper of it. So is a label update
+    that failed with one of the store's ``DETERMINISTIC_ERRORS`` (:class:`.feature_store.LabelUpdateError`)."""
     import ray
+
+    from .feature_store import LabelUpdateError
 
     try:
         yield
     except Exception as exc:
         try:
-            ray.get(store.pid.remote(), timeout=60)
+            failed = ray.get(store.update_failure.remote(), timeout=60)
         except ray.exceptions.RayActorError as store_error:
             raise store_error from exc
         except Exception:  # the store answered late or oddly: it did not fail to start, the trainer's error stands
-            pass
+            failed = None
+        if failed is not None:  # a method's update failed in a way no retry changes: that is the run's error
+            which = "the first label update (before any training)" if failed[0] < 0 else \
+                f"stage {failed[0] + 1}'s label update"
+            raise LabelUpdateError(f"{which} failed: {failed[1]}") from exc
         raise
 
 

@@ -191,6 +191,17 @@ def save_inputs(inputs: StoreInputs, state_dir: str | Path) -> str:
     return str(path)
 
 
+# Errors of a method's update that the same features raise again (a setting that does not fit the data, say
+# DBSCAN finding no cluster at its eps): Ray Train's worker-group restarts would only train the stage again
+# to meet them again. A Ray error (a lost node or block task) is not one of them: its restart is the point.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, ArithmeticError, AssertionError, LookupError, NotImplementedError)
+
+
+class LabelUpdateError(ValueError):
+    """A label update failed with one of ``DETERMINISTIC_ERRORS``; the run ends with it (see
+    :meth:`FeatureStore.update_failure`)."""
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": UPDATE_ENV})
 class FeatureStore:
     def __init__(self, method, cfg, inputs: StoreInputs | str, world_size: int, state_dir: str, placement_group=None,
@@ -209,6 +220,7 @@ class FeatureStore:
         self.shard_dir = Path(state_dir) / "shards"
         self.shards: dict[int, dict[int, Path]] = {}  # stage -> rank -> its shard file
         self.results: dict[int, dict] = {}
+        self.failures: dict[int, str] = {}  # stage -> a deterministic error of its update (kept in memory only)
         if self.state_path.exists():  # restarted after a crash, or a resumed run: keep the finished updates
             self.results = pickle.loads(self.state_path.read_bytes())
         for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
@@ -218,6 +230,14 @@ class FeatureStore:
             self.forget_from(first_stage)
         self.device = update_device(cfg.ray)
         _load_update_libraries()
+
+    def update_failure(self, stage: int | None = None) -> tuple[int, str] | None:
+        """(stage, error) of an update of ``stage`` (None: of any stage) that failed with one of
+        ``DETERMINISTIC_ERRORS`` in this store process. A restarted worker group asks before it trains the stage
+        again, so such an error costs one stage's training, not one per Ray Train retry; the driver ends the
+        run with it (:class:`LabelUpdateError`)."""
+        found = [(s, e) for s, e in self.failures.items() if stage is None or s == stage]
+        return found[0] if found else None
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it)."""
@@ -308,9 +328,14 @@ class FeatureStore:
             faiss = import_faiss()
             threads = faiss.omp_get_max_threads()
             blas = min((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=threads)
-            new = self.method.update(self.cfg, pooled, previous, ctx)
-        if not isinstance(new, Targets):
-            raise TypeError(f"{type(self.method).__name__}.update must return Targets, got {type(new).__name__}")
+            try:
+                new = self.method.update(self.cfg, pooled, previous, ctx)
+                if not isinstance(new, Targets):
+                    raise TypeError(f"{type(self.method).__name__}.update must return Targets, got "
+                                    f"{type(new).__name__}")
+            except DETERMINISTIC_ERRORS as exc:
+                self.failures[stage] = f"{type(exc).__name__}: {exc}"
+                raise
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
                 "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0}),
                 **({"store_gpu": 1.0} if self.device is not None else {})}

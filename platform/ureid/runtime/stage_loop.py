@@ -151,6 +151,10 @@ def train_loop_per_worker(config: dict) -> None:
         _barrier(world)
         return ray.get(store.update.remote(stage))
 
+    failed = ray.get(store.update_failure.remote())
+    if failed is not None:  # a restart after a label update that would fail the same way: do not train for it
+        raise RuntimeError(f"a label update failed in an earlier attempt with {failed[1]}; not extracting or "
+                           f"training again to meet the same error")
     targets = ray.get(store.targets_for.remote(start_stage))
     if targets is None:  # no initial targets: the first update runs on the prepared model's features
         targets = extract_and_update(PRE_STAGE)["targets"]
