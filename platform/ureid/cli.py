@@ -94,8 +94,8 @@ def build_run_parser(method: str | None = None, prog: str | None = None) -> argp
         description="Run an unsupervised re-ID method on Ray Train, tracked in MLflow. "
         + (f"Without arguments: the CPU preset {method}_cpu.yaml on the synthetic default." if method else ""),
     )
-    p.add_argument("--config", help=f"YAML config; a bare name (buc_cpu or buc_cpu.yaml) is looked up in {CONFIG_DIR} "
-                                    "(default: <method>_cpu.yaml from there)")
+    p.add_argument("--config", help=f"YAML config; a bare name (buc_cpu or buc_cpu.yaml) is looked up in "
+                                    f"{CONFIG_DIR} (default: <method>_cpu.yaml from there)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable, e.g. --set clustering.size_penalty=0.003")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last stage checkpoint")

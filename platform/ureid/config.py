@@ -231,7 +231,6 @@ class RayConfig(_Strict):
     # for the worker group and this share is refused at start-up. In a sweep each trial reserves its share.
     store_gpus: Annotated[float, Field(ge=0, le=1)] = 0.0
 
-
     @field_validator("address")
     @classmethod
     def _address_form(cls, value):
