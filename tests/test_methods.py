@@ -167,3 +167,16 @@ def test_cluster_contrast_refuses_k1_above_the_training_images(tiny_root):
     cfg = load_config(CONFIG_DIR / "cluster_contrast_cpu.yaml", sets + [f"clustering.k1={n + 1}"])
     with pytest.raises(ValueError, match=rf"clustering.k1={n + 1} exceeds the {n} training images"):
         load_run_data(cfg, get_method("cluster_contrast"))
+
+
+@pytest.mark.parametrize("method", ["buc", "dbc", "camstyle"])
+def test_merge_schedules_end_before_the_clusters_run_out(method):
+    """int(1 / mp) - 1 stages, each merging int(mp N0) pairs and at least one: on fewer than 1 / mp images the
+    last updates had nothing to merge (5 crops at mp 0.1: stage 5 of 9 failed). The schedule stops at one
+    cluster there and is the paper's everywhere else."""
+    from ureid.methods import RunData
+
+    cfg = load_config(CONFIG_DIR / f"{method}_cpu.yaml", ["clustering.merge_percent=0.1"])
+    stages = {n: get_method(method).num_stages(cfg, RunData(train=[], query=[], gallery=[], num_real=n))
+              for n in (5, 9, 10, 625, 12936)}
+    assert stages == {5: 4, 9: 8, 10: 9, 625: 9, 12936: 9}

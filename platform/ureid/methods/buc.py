@@ -56,7 +56,12 @@ class BUC(Method):
     }
 
     def num_stages(self, cfg, data: RunData) -> int:
-        return int(1 / cfg.clustering.merge_percent) - 1
+        """``int(1 / mp) - 1``, the paper's schedule, unless the clusters run out first: every update merges
+        ``num_merges`` pairs, at least one, so a set of fewer than ``1 / mp`` images (one merge a stage) reaches a
+        single cluster sooner, and the next update had nothing left to merge (measured: 5 crops at mp 0.1 failed
+        in stage 5 of 9). Unchanged wherever ``int(mp N0) >= 1``."""
+        mp = cfg.clustering.merge_percent
+        return max(1, min(int(1 / mp) - 1, (data.num_real - 1) // num_merges(mp, data.num_real)))
 
     def update(self, cfg, features, targets: Targets, ctx: UpdateContext) -> Targets:
         """Eqs. (5)-(6): merge ``int(mp * N0)`` pairs by minimum distance + diversity penalty."""
