@@ -107,6 +107,15 @@ def build_run_parser(method: str | None = None, prog: str | None = None) -> argp
     return p
 
 
+def _refuse_config_on_resume(args: argparse.Namespace, what: str) -> None:
+    """A resume reads the folder's own config.yaml: a --config beside it would be ignored, so it is refused."""
+    if args.config:
+        from ureid.config import ConfigError
+
+        raise ConfigError(f"--config {args.config} with --resume: a resumed {what} keeps its own "
+                          f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
+
+
 def run_entry_point(method: str | None = None, argv: list[str] | None = None, prog: str | None = None) -> int:
     """``experiments/<method>.py`` and ``ureid run <method>``: load the config, then run or resume."""
     from ureid.config import CONFIG_DIR, ConfigError, load_config
@@ -117,9 +126,7 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
         if args.resume:
             from ureid.runtime.experiment import load_run_config
 
-            if args.config:
-                raise ConfigError(f"--config {args.config} with --resume: a resumed run keeps its own "
-                                  f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
+            _refuse_config_on_resume(args, "run")
             cfg = load_run_config(args.resume, args.overrides)
         else:
             cfg = load_config(args.config or CONFIG_DIR / f"{method}_cpu.yaml", args.overrides)
@@ -473,9 +480,7 @@ def _cmd_gan_train(args: argparse.Namespace) -> int:
 
     try:
         if args.resume:
-            if args.config:
-                raise ConfigError(f"--config {args.config} with --resume: a resumed StarGAN run keeps its own "
-                                  f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
+            _refuse_config_on_resume(args, "StarGAN run")
             gcfg = load_gan_config(Path(args.resume) / "config.yaml", args.overrides)
         else:
             gcfg = load_gan_config(args.config or CONFIG_DIR / "stargan_cpu.yaml", args.overrides)

@@ -220,7 +220,7 @@ class FeatureStore:
         self.shard_dir = Path(state_dir) / "shards"
         self.shards: dict[int, dict[int, Path]] = {}  # stage -> rank -> its shard file
         self.results: dict[int, dict] = {}
-        self.failures: dict[int, str] = {}  # stage -> a deterministic error of its update (kept in memory only)
+        self.failure: tuple[int, str] | None = None  # (stage, error) of a deterministic update failure, in memory
         if self.state_path.exists():  # restarted after a crash, or a resumed run: keep the finished updates
             self.results = pickle.loads(self.state_path.read_bytes())
         for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
@@ -231,13 +231,12 @@ class FeatureStore:
         self.device = update_device(cfg.ray)
         _load_update_libraries()
 
-    def update_failure(self, stage: int | None = None) -> tuple[int, str] | None:
-        """(stage, error) of an update of ``stage`` (None: of any stage) that failed with one of
-        ``DETERMINISTIC_ERRORS`` in this store process. A restarted worker group asks before it trains the stage
-        again, so such an error costs one stage's training, not one per Ray Train retry; the driver ends the
-        run with it (:class:`LabelUpdateError`)."""
-        found = [(s, e) for s, e in self.failures.items() if stage is None or s == stage]
-        return found[0] if found else None
+    def update_failure(self) -> tuple[int, str] | None:
+        """(stage, error) of an update that failed with one of ``DETERMINISTIC_ERRORS`` in this store process,
+        or None. A restarted worker group asks before it trains the stage again, so such an error costs one
+        stage's training, not one per Ray Train retry; the driver ends the run with it
+        (:class:`LabelUpdateError`)."""
+        return self.failure
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it)."""
@@ -334,7 +333,7 @@ class FeatureStore:
                     raise TypeError(f"{type(self.method).__name__}.update must return Targets, got "
                                     f"{type(new).__name__}")
             except DETERMINISTIC_ERRORS as exc:
-                self.failures[stage] = f"{type(exc).__name__}: {exc}"
+                self.failure = (stage, f"{type(exc).__name__}: {exc}")
                 raise
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
                 "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0}),

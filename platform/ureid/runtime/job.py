@@ -150,9 +150,10 @@ def private_local_token() -> Path | None:
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
             return path
-    if path.stat().st_mode & 0o077:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
         print(f"[ureid] warning: Ray's token file {path} may be read by other users (mode "
-              f"{path.stat().st_mode & 0o777:o}); anyone who reads it can run code as you on the Ray instance "
+              f"{mode:o}); anyone who reads it can run code as you on the Ray instance "
               f"this run starts. Make it yours alone: chmod 600 {path}", flush=True)
     return path
 

@@ -410,11 +410,14 @@ def paper_point(base: dict, space: dict) -> dict:
     return point
 
 
+SEARCHES = ("random", "grid", "optuna")
+
+
 def _check_search(search: str, space: dict) -> None:
     """The searcher fits the space, and Optuna is installed when asked for: checked before Ray starts and
     before the sweep folder and its MLflow parent run are made (a grid over a range once failed after both)."""
-    if search not in ("random", "grid", "optuna"):
-        raise ConfigError(f"--search {search!r}: allowed: random, grid, optuna")
+    if search not in SEARCHES:
+        raise ConfigError(f"--search {search!r}: allowed: {', '.join(SEARCHES)}")
     if search == "grid":
         _as_grid(space)
     if search == "optuna":
@@ -442,7 +445,7 @@ def _searcher(search: str, seed: int, concurrent: int, first: dict | None = None
         OptunaSearch, optuna = _optuna()
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=3),
                             points_to_evaluate=[first] if first else None)
-    raise ConfigError(f"--search {search!r}: allowed: random, grid, optuna")
+    raise ConfigError(f"--search {search!r}: allowed: {', '.join(SEARCHES)}")
 
 
 def _trial_runs(sweep_dir: Path) -> dict[str, Path]:

@@ -48,6 +48,18 @@ def _check_store_exists(uri: str) -> None:
                                     f"by default; --tracking-uri or $MLFLOW_TRACKING_URI names another)")
 
 
+def _not_comparable(run) -> str | None:
+    """Why ``run`` is not one of the method runs a comparison reads (a sweep or comparison run, a run of
+    something else, an unfinished run), or None."""
+    kind = run.data.tags.get("ureid.kind")
+    if kind in ("sweep", "comparison") or "method" not in run.data.tags:
+        children = "; its trials are its child runs" if kind == "sweep" else ""
+        return f"a {kind or 'non-ureid'} run, not a method's{children}"
+    if run.info.status not in ("FINISHED", "KILLED"):
+        return f"{run.info.status}, not finished"
+    return None
+
+
 def _named_runs(client, uri: str, run_ids: list[str]) -> list:
     """The runs ``--runs`` names, each a finished (or ASHA-stopped) method run: an id that is not there, or
     names a sweep, a comparison or an unfinished run, is an error naming it (not a traceback, not a silent
@@ -63,12 +75,8 @@ def _named_runs(client, uri: str, run_ids: list[str]) -> list:
                 raise
             wrong.append(f"{run_id} (no such run)")
             continue
-        kind = run.data.tags.get("ureid.kind")
-        if kind in ("sweep", "comparison") or "method" not in run.data.tags:
-            children = "; its trials are its child runs" if kind == "sweep" else ""
-            wrong.append(f"{run_id} (a {kind or 'non-ureid'} run, not a method's{children})")
-        elif run.info.status not in ("FINISHED", "KILLED"):
-            wrong.append(f"{run_id} ({run.info.status}, not finished)")
+        if why := _not_comparable(run):
+            wrong.append(f"{run_id} ({why})")
         else:
             runs.append(run)
     if wrong:
@@ -92,11 +100,9 @@ def collect(uri: str, experiment: str | None = None, run_ids: list[str] | None =
         runs = client.search_runs([exp.experiment_id], max_results=5000)
     records = []
     for run in runs:
+        if _not_comparable(run):
+            continue
         tags = run.data.tags
-        if tags.get("ureid.kind") in ("sweep", "comparison") or "method" not in tags:
-            continue
-        if run.info.status not in ("FINISHED", "KILLED"):
-            continue
         rec = RunRecord(run.info.run_id, run.info.run_name, tags["method"], tags.get("dataset", "?"), run.info.status,
                         tags.get("ureid.setting", ""), tags.get("ureid.selection", ""), run.data.params,
                         dict(run.data.metrics), parent=tags.get("mlflow.parentRunId"))
