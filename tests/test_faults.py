@@ -347,7 +347,7 @@ def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_clu
         run_dir = _wait(lambda: next(out.glob("buc-*/run.json"), None), alive=lambda: driver.poll() is None).parent
         _wait(lambda: _checkpointed(run_dir, 0) and _recorded(run_dir) == 1, alive=lambda: driver.poll() is None)
         # Ray forwards the workers' lines a moment after they are printed
-        _wait(lambda: re.search(r"\(RayTrainWorker pid=\d+.*\[ureid\] stage 1/3 done in", log_path.read_text()),
+        _wait(lambda: re.search(r"\(RayTrainWorker pid=\d+.*\[ureid\] stage 0 \(1/3\) done in", log_path.read_text()),
               timeout=60, alive=lambda: driver.poll() is None)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -362,9 +362,9 @@ def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_clu
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     text = "\n".join(lines)
-    stage_lines = [line for line in lines if re.search(r"\[ureid\] stage \d/3 done in", line)]
+    stage_lines = [line for line in lines if re.search(r"\[ureid\] stage \d \(\d/3\) done in", line)]
     assert len(stage_lines) == 2 and all(line.startswith("[ureid] stage") for line in stage_lines), text
-    assert "stage 2/3" in stage_lines[0] and "stage 3/3" in stage_lines[1], text
+    assert "stage 1 (2/3)" in stage_lines[0] and "stage 2 (3/3)" in stage_lines[1], text
     assert "Reporting training result" not in text and "Checkpoint successfully created" not in text, text
     assert "RayTrainWorker" not in text, text  # nothing forwarded from the workers' stdout
     repeated = {line for line in lines if lines.count(line) > 1}

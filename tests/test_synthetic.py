@@ -131,6 +131,45 @@ def test_manifest_reuse_mismatch_and_overwrite(small, tmp_path):
     assert not list(tmp_path.glob(".*partial*"))  # no temporary folders left behind
 
 
+def test_a_run_on_a_folder_of_other_parameters_is_told_the_settings_that_read_it(small, capsys):
+    """`ureid data synth` with its own sizes, then a run naming that folder with the config's sizes: refused
+    with the --set lines that read it as it is (they then work) and the real format's name; the CLI's own
+    refusal names --overwrite, not a Python argument."""
+    from ureid.config import DataConfig
+    from ureid.data.run_data import ensure_synthetic, load_split_dataset
+
+    other = DataConfig(root=str(small), synthetic=dict(SMALL, seed=3, num_train_ids=9))
+    with pytest.raises(FileExistsError) as info:
+        ensure_synthetic(other, "schedule.validation")
+    msg = str(info.value)
+    assert "num_train_ids 6 (the config's: 9)" in msg and "--set schedule.validation.name=market1501" in msg, msg
+    sets = re.findall(r"--set (schedule\.validation\.synthetic\.\w+)=(\S+)", msg)
+    assert sets == [("schedule.validation.synthetic.num_train_ids", "6")], msg
+    as_it_is = DataConfig(root=str(small), synthetic=dict(SMALL, seed=3, num_train_ids=6))
+    assert len(load_split_dataset(as_it_is).train) == len(load_dataset("market1501", small).train)
+    video = DataConfig(root=str(small), synthetic=dict(SMALL, seed=3, video=True))
+    with pytest.raises(FileExistsError, match=r"--set data\.synthetic\.video=false .*--set data\.name=market1501"):
+        ensure_synthetic(video)
+    with pytest.raises(SystemExit, match=r"other parameters .*'seed': \(3, 4\).*pass --overwrite to replace it$"):
+        main(["data", "synth", "--out", str(small), "--seed", "4", *[a for k, v in SMALL.items()
+                                                                       for a in (f"--{k.replace('_', '-')}", str(v))]])
+
+
+@pytest.mark.parametrize("block, msg", [(dict(foo=1), r"unknown synthetic parameter\(s\) \['foo'\]; known: seed, "),
+                                        (dict(num_train_ids="many"), "num_train_ids must be an integer, got 'many'"),
+                                        (dict(num_cameras=True), "num_cameras must be an integer, got True"),
+                                        (dict(video="yes"), "video must be true or false"),
+                                        (dict(camera_strength=2.0), "camera_strength must be in")])
+def test_a_config_synthetic_block_is_checked_when_read(tmp_path, block, msg):
+    """A bad data.synthetic block is a ConfigError naming the key when the config is read (it was a TypeError
+    from generate(), after the run folder and its MLflow run existed)."""
+    from ureid.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.synthetic: .*" + msg):
+        load_config("buc_cpu", [f"data.synthetic={json.dumps(block)}", f"data.root={tmp_path / 'x'}"])
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("kw, msg", [(dict(num_cameras=1), "num_cameras must be in 2..9"),
                                      (dict(min_images=1), "need 2 <= min_images"),
                                      (dict(num_train_ids=0), "num_train_ids must be >= 1"),

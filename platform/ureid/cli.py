@@ -26,13 +26,17 @@ from pathlib import Path
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from ureid.data.synthetic import generate, read_manifest
+    from ureid.data.synthetic import OtherParameters, generate, read_manifest
 
     kw = {k: getattr(args, k) for k in ("seed", "num_train_ids", "num_test_ids", "num_cameras", "num_distractors",
                                         "num_junk", "height", "width", "video", "camera_strength", "overwrite")}
     t0 = time.perf_counter()
     before = read_manifest(args.out)
-    out = generate(args.out, **kw)
+    try:
+        out = generate(args.out, **kw)
+    except OtherParameters as exc:
+        raise SystemExit(f"ureid data synth: {exc.out} holds a synthetic dataset with other parameters "
+                         f"{exc.diff or '(generator version)'} (old, new); pass --overwrite to replace it") from None
     secs = time.perf_counter() - t0
     manifest = read_manifest(out)
     counts = manifest["counts"]

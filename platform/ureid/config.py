@@ -56,6 +56,16 @@ class DataConfig(_Strict):
     max_test_frames: PosInt = 200
     synthetic: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("synthetic")
+    @classmethod
+    def _synthetic_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """The generator's own check (names, types, ranges), so a bad block is refused when the config is read."""
+        if value:
+            from .data.synthetic import make_params  # here: the data package imports NumPy
+
+            make_params(**value)
+        return value
+
     @model_validator(mode="after")
     def _pattern_for_folder(self):
         if self.pattern:

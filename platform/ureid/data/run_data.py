@@ -6,12 +6,31 @@ from ..config import DataConfig
 from .records import ReidDataset
 
 
-def ensure_synthetic(data: DataConfig) -> None:
-    """Generate the synthetic default on first use (a no-op when the manifest matches)."""
+def ensure_synthetic(data: DataConfig, key: str = "data") -> None:
+    """Generate the synthetic default on first use (a no-op when the manifest matches).
+
+    A folder holding a synthetic dataset made with other parameters (e.g. by ``ureid data synth``) is refused
+    with the settings that read it as it is; ``key`` is where ``data`` sits in the config (for the message)."""
     if data.name == "synthetic":
         from . import synthetic
 
-        synthetic.generate(data.root, **data.synthetic)
+        try:
+            synthetic.generate(data.root, **data.synthetic)
+        except synthetic.OtherParameters as exc:
+            if not exc.diff:
+                raise
+            have = " ".join(f"--set {key}.synthetic.{name}={_yaml_value(old)}" for name, (old, _) in exc.diff.items())
+            differ = ", ".join(f"{name} {old!r} (the config's: {new!r})" for name, (old, new) in exc.diff.items())
+            layout = "mars" if exc.diff.get("video", (data.synthetic.get("video", False),))[0] else "market1501"
+            raise FileExistsError(
+                f"{key}.root={data.root!r} holds a synthetic dataset made with other parameters: {differ}. "
+                f"To use it as it is: {have} (or read it as a real dataset: --set {key}.name={layout}); "
+                f"to use the config's parameters: another {key}.root, or replace the folder with "
+                f"`ureid data synth --out {data.root} --overwrite ...`") from None
+
+
+def _yaml_value(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def load_split_dataset(data: DataConfig) -> ReidDataset:

@@ -38,10 +38,11 @@ import colorsys
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -1018,6 +1019,49 @@ def read_manifest(out_dir) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# Parameters whose default depends on the mode (images or tracklets): None picks it.
+_MODE_DEFAULTS = {"num_distractors": (250, 30), "num_junk": (100, 12), "min_images": (4, 2), "max_images": (20, 6),
+                  "mean_images": (8.0, 3.5)}
+
+
+def make_params(**kw) -> Params:
+    """The checked :class:`Params` of ``generate``'s keyword arguments (a None takes the mode's default).
+
+    Raises ValueError naming an unknown parameter (with the known ones) or a value of the wrong type or range,
+    so that a config's ``data.synthetic`` block is refused when it is read, before any run starts."""
+    names = [f.name for f in fields(Params)]
+    unknown = sorted(set(kw) - set(names))
+    if unknown:
+        raise ValueError(f"unknown synthetic parameter(s) {unknown}; known: {', '.join(names)}")
+    video = kw.get("video", False)
+    if not isinstance(video, bool):
+        raise ValueError(f"video must be true or false, got {video!r}")
+    values = {}
+    for f in fields(Params):
+        v = kw.get(f.name)
+        if v is None:
+            v = _MODE_DEFAULTS[f.name][video] if f.name in _MODE_DEFAULTS else f.default
+        kind = {"int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+        ok = isinstance(v, bool) if kind is bool else \
+            (isinstance(v, numbers.Integral) if kind is int else isinstance(v, numbers.Real)) and not isinstance(v, bool)
+        if not ok:
+            raise ValueError(f"{f.name} must be {'an integer' if kind is int else 'a number' if kind is float else 'true or false'}, "
+                             f"got {v!r}")
+        values[f.name] = kind(v)
+    p = Params(**values)
+    p.check()
+    return p
+
+
+class OtherParameters(FileExistsError):
+    """A folder holds a synthetic dataset generated with other parameters; ``diff``: name -> (old, new)."""
+
+    def __init__(self, out: Path, diff: dict):
+        self.out, self.diff = out, diff
+        super().__init__(f"{out} holds a synthetic dataset with other parameters {diff or '(generator version)'} "
+                         f"(old, new); pass overwrite=True to replace it")
+
+
 def generate(
     out_dir,
     *,
@@ -1065,19 +1109,13 @@ def generate(
     built in a sibling temporary folder and moved into place at the end, so an interrupted run
     never leaves a half-written dataset behind.
     """
-    p = Params(
-        seed=seed, num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_cameras=num_cameras,
-        num_distractors=(30 if video else 250) if num_distractors is None else num_distractors,
-        num_junk=(12 if video else 100) if num_junk is None else num_junk,
-        height=height, width=width, video=video,
-        min_images=(2 if video else 4) if min_images is None else min_images,
-        max_images=(6 if video else 20) if max_images is None else max_images,
-        mean_images=(3.5 if video else 8.0) if mean_images is None else mean_images,
-        queries_per_id=queries_per_id, min_frames=min_frames, max_frames=max_frames, mean_frames=mean_frames,
-        jpeg_quality=jpeg_quality, camera_strength=camera_strength, max_tracks_per_camera=max_tracks_per_camera,
-        box_jitter=box_jitter, pose_variation=pose_variation, occlusion=occlusion, clutter=clutter, degradation=degradation,
-    )
-    p.check()
+    p = make_params(seed=seed, num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_cameras=num_cameras,
+                    num_distractors=num_distractors, num_junk=num_junk, height=height, width=width, video=video,
+                    min_images=min_images, max_images=max_images, mean_images=mean_images,
+                    queries_per_id=queries_per_id, min_frames=min_frames, max_frames=max_frames,
+                    mean_frames=mean_frames, jpeg_quality=jpeg_quality, camera_strength=camera_strength,
+                    max_tracks_per_camera=max_tracks_per_camera, box_jitter=box_jitter,
+                    pose_variation=pose_variation, occlusion=occlusion, clutter=clutter, degradation=degradation)
     out = Path(out_dir).expanduser()
     wanted = {"generator": "ureid.data.synthetic", "version": GENERATOR_VERSION, "params": asdict(p)}
     existing = read_manifest(out)
@@ -1092,7 +1130,7 @@ def generate(
         if not overwrite and not stale:
             have = {**asdict(Params()), **existing.get("params", {})}
             diff = {k: (have.get(k), v) for k, v in wanted["params"].items() if have.get(k) != v}
-            raise FileExistsError(f"{out} holds a synthetic dataset with other parameters {diff or '(generator version)'} (old, new); pass overwrite=True to replace it")
+            raise OtherParameters(out, diff)
         foreign = sorted(x.name for x in out.iterdir() if x.name not in _OWNED)
         if foreign:
             why = f" (it was written by generator version {existing.get('version')}, this is version {GENERATOR_VERSION}: remove them or the folder)" if stale else ""

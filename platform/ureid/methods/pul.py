@@ -70,7 +70,7 @@ class PUL(Method):
         if cfg.clustering.source is None:
             raise ValueError("pul needs clustering.source: the labeled source dataset of its original model")
         cfg.clustering.source.check_paths("clustering.source")
-        ensure_synthetic(cfg.clustering.source)
+        ensure_synthetic(cfg.clustering.source, "clustering.source")
 
     def load_data(self, cfg, data: RunData) -> RunData:
         from ..data.run_data import load_split_dataset

@@ -197,7 +197,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         method.prepare(cfg)
         ensure_synthetic(cfg.data)
         if cfg.schedule.validation is not None:
-            ensure_synthetic(cfg.schedule.validation)
+            ensure_synthetic(cfg.schedule.validation, "schedule.validation")
         data = load_run_data(cfg, method)  # fail here, in the driver, on a bad dataset
         start_stage, resume_from = _resume_point(job)
         read_history(job.history_path, before=start_stage)

@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
                 name, value = criterion[0], metrics[criterion[0]]
                 shown.append(f"{name} {value:.1%}" if name.endswith("mAP") else f"{name} {value:.4f}")
             shown += [f"loss {metrics['loss']:.3f}", f"{metrics['num_classes']} classes -> {metrics['num_clusters']} clusters"]
-            line = f"stage {stage + 1}/{num_stages} done in {metrics['stage_time_s']:.0f}s: {', '.join(shown)}"
+            line = f"stage {stage} ({stage + 1}/{num_stages}) done in {metrics['stage_time_s']:.0f}s: {', '.join(shown)}"
             if relay is not None:
                 relay.push.remote(("end", f"[ureid] {line}"))
             else:
