@@ -246,7 +246,7 @@ def test_folder_pattern_errors(tmp_path):
     with pytest.raises(ValueError, match="pattern applies only to the 'folder' and 'tracklets' formats"):
         load_dataset("market1501", tmp_path, pattern=r"(?P<pid>\d+)")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"folder: no image under .*empty \(looked for \.bmp, \.jpeg, \.jpg, \.png"):
+    with pytest.raises(ValueError, match=r"folder: no image under .*empty \(looked for \.bmp, \.gif, \.jpeg, \.jpg, \.pgm, \.png, \.ppm, \.tif, \.tiff, \.webp"):
         load_dataset("folder", tmp_path / "empty")
 
 
@@ -275,6 +275,41 @@ def test_folder_of_unlabeled_crops(tmp_path):
     assert load_config(base, ["data.name=folder", f"data.root={tmp_path / 'own'}"]).data.pattern is None
     with pytest.raises(ValueError, match="data.pattern applies only to data.name='folder' or 'tracklets', not 'market1501'"):
         load_config(base, ["data.name=market1501", r"data.pattern=(?P<pid>\d+)"], check_paths=False)
+
+
+def test_folder_reads_every_image_kind_and_names_the_files_it_does_not(tmp_path, caplog):
+    """Crops saved as WebP, TIFF, GIF, PGM, grayscale or RGBA PNG are read (WebP and GIF ones were skipped in
+    silence) and load as RGB for training; a file without an image suffix is named in a warning, not hidden
+    files, and not a tracklet tree's camstyle output."""
+    from ureid.data.records import UNKNOWN_PID
+    from ureid.engine.datasets import load_image
+
+    root = tmp_path / "own"
+    (root / "sub").mkdir(parents=True)
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 16, 3), dtype=np.uint8))
+    saved = {"a.webp": rgb, "b.tif": rgb, "c.gif": rgb.convert("P"), "d.pgm": rgb.convert("L"),
+             "sub/e.png": rgb.convert("RGBA"), "sub/f.JPG": rgb.convert("L"), "sub/g.tiff": rgb}
+    for name, im in saved.items():
+        im.save(root / name)
+    (root / "notes.txt").write_text("field notes")
+    (root / "sub" / "h.heic").write_bytes(b"not read")
+    (root / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING):
+        ds = load_dataset("folder", root)
+    assert sorted(Path(r.path).relative_to(root).as_posix() for r in ds.train) == sorted(saved)
+    assert {r.pid for r in ds.train} == {UNKNOWN_PID}
+    assert all(load_image(r.path).mode == "RGB" and load_image(r.path).size == (16, 32) for r in ds.train)
+    warned = [m for m in caplog.messages if "are not read" in m]
+    assert len(warned) == 1 and "2 file(s)" in warned[0] and ".heic 1, .txt 1" in warned[0], caplog.messages
+    assert ".DS_Store" not in warned[0]
+    caplog.clear()
+    tracks = tmp_path / "tracks"
+    for f in ["t1/f1.webp", "t1/f2.webp", "bounding_box_train_camstyle/readme.md"]:
+        (tracks / f).parent.mkdir(parents=True, exist_ok=True)
+        rgb.save(tracks / f, format="WEBP")
+    with caplog.at_level(logging.WARNING):
+        assert [len(r.paths) for r in load_dataset("tracklets", tracks).train] == [2]
+    assert not [m for m in caplog.messages if "are not read" in m]
 
 
 # ----------------------------------------------------------------------------- unreadable images

@@ -38,7 +38,9 @@ from .records import UNKNOWN_PID, Record, ReidDataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# What PIL opens in the wheels ureid pins (WebP and TIFF included); other files are listed in a warning by the
+# formats that read a whole tree (folder, tracklets), since a crop in a format not read would vanish in silence.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 CUHK03_PROTOCOLS = ("labeled", "detected")
 
@@ -73,6 +75,27 @@ def _list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     """Image files in ``folder``, sorted so that record order never depends on the file system."""
     it = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in it if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def warn_unread(name: str, folder: Path) -> None:
+    """Log the files in and below ``folder`` that the tree formats do not read (no image suffix), by suffix, with
+    examples: a folder of ``.heic`` or ``.avif`` crops would otherwise train on what is left, unannounced. Hidden
+    files and folders (``.DS_Store``, ``.git``) and what ureid writes under the root are not counted."""
+    from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
+
+    by_suffix: dict[str, list[str]] = {}
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not (Path(top) == folder and d in (DEFAULT_FOLDER, STARGAN_FOLDER)))
+        for n in sorted(names):
+            if not n.startswith(".") and Path(n).suffix.lower() not in IMAGE_SUFFIXES:
+                by_suffix.setdefault(Path(n).suffix.lower() or "(none)", []).append(os.path.join(top, n))
+    if by_suffix:
+        count = sum(map(len, by_suffix.values()))
+        kinds = ", ".join(f"{k} {len(v)}" for k, v in sorted(by_suffix.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+        shown = ", ".join([p for v in by_suffix.values() for p in v][:3])
+        log.warning("%s: %d file(s) under %s are not read, not being images by their suffix (%s; e.g. %s); "
+                    "ureid reads %s", name, count, folder, kinds, shown, ", ".join(IMAGE_SUFFIXES))
 
 
 def images_below(folder: Path) -> list[Path]:
@@ -444,6 +467,8 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
             if "camid" in regex.groupindex and cam is None:
                 raise ValueError(f"folder: file {p}: group camid of pattern {pattern!r} did not match")
             raw[split].append((str(p), pid, cam))
+    for d in split_dirs.values():  # before a refusal for want of images: the files there may be why
+        warn_unread("folder", d)
     if not any(raw.values()):
         if regex is None:
             raise ValueError(f"folder: no image under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files in every subfolder)")
@@ -491,6 +516,7 @@ def load_tracklets(root, pattern: str | None = None) -> ReidDataset:
     if not base.is_dir():
         raise FileNotFoundError(f"tracklets: dataset root {base} is not a folder")
     found = tracklets_below(base)
+    warn_unread("tracklets", base)
     if not found:
         raise ValueError(f"tracklets: no frame under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files "
                          "in every subfolder; one tracklet per folder of frames)")
