@@ -153,7 +153,7 @@ def test_update_outliers_are_singletons_outside_training():
     from ureid.methods import UpdateContext
 
     cfg = load_config(CONFIG_DIR / "cluster_contrast_cpu.yaml", ["clustering.k1=10", "clustering.k2=2",
-                                                                 "clustering.eps=0.6"])
+                                                                 "clustering.eps=0.6", "train.batch_size=8"])
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 32))
     feats = np.concatenate([c + 0.05 * rng.normal(size=(10, 32)) for c in centres] + [rng.normal(size=(3, 32)) * 5])
@@ -170,6 +170,10 @@ def test_update_outliers_are_singletons_outside_training():
     assert np.allclose(np.linalg.norm(t.centroids, axis=1), 1.0, atol=0.01)
     d = method.diagnostics(cfg, t, t, np.r_[truth, [7, 8, 9]])
     assert d["cluster_pair_precision"] == 1.0 and d["outlier_fraction"] == pytest.approx(n_out / len(feats))
+    cfg.train.batch_size, cfg.ray.num_workers = 21, 2  # 42 > the 40 clustered samples: refused in the update
+    with pytest.raises(ValueError, match=r"kept 40 of 43 samples in clusters, fewer than one global batch of 42 "
+                                         r"\(train.batch_size 21 x ray.num_workers 2\)"):
+        method.update(cfg, feats.astype(np.float32), None, ctx)
     with pytest.raises(ValueError, match="no cluster"):
         cfg.clustering.eps = 1e-4
         method.update(cfg, rng.normal(size=(20, 32)).astype(np.float32), None,

@@ -152,6 +152,12 @@ class ClusterContrast(Method):
             raise ValueError(f"DBSCAN found no cluster at clustering.eps={c.eps} (min_samples {c.min_samples}): "
                              "every sample is an outlier; raise eps")
         outliers = found < 0
+        batch = cfg.train.batch_size * cfg.ray.num_workers
+        if n - int(outliers.sum()) < batch:  # what the train loader would refuse, after a worker-group start each
+            raise ValueError(f"DBSCAN at clustering.eps={c.eps} (min_samples {c.min_samples}) kept "
+                             f"{n - int(outliers.sum())} of {n} samples in clusters, fewer than one global batch of "
+                             f"{batch} (train.batch_size {cfg.train.batch_size} x ray.num_workers "
+                             f"{cfg.ray.num_workers}): raise eps or lower the batch")
         labels = found.copy()
         labels[outliers] = num_clusters + np.arange(int(outliers.sum()))
         return Targets(labels=labels, selected=~outliers,
