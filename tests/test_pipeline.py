@@ -361,6 +361,25 @@ def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(m
                                                              pictures / f"stage{other}" / "feature_map.png"]
     with pytest.raises(FileNotFoundError, match=r"no stage 5 to draw \(it has stages 0, 1\)"):
         visualize_run(summary["run_dir"], stage=5)
+    # the run copied to a machine where the crops sit elsewhere: told about --root, drawn with it; a folder
+    # of other images is refused by its count
+    import shutil
+
+    import yaml
+    copied = out / "copied_run"
+    shutil.copytree(summary["run_dir"], copied, ignore=shutil.ignore_patterns("pictures"))
+    conf = yaml.safe_load((copied / "config.yaml").read_text())
+    conf["data"]["root"] = str(out / "crops_on_the_cluster")
+    (copied / "config.yaml").write_text(yaml.safe_dump(conf))
+    with pytest.raises(FileNotFoundError, match=r"crops_on_the_cluster' does not exist .*ureid visualize .*--root DIR"):
+        visualize_run(copied)
+    assert visualize_run(copied, root=own_crops) == [copied / "pictures" / "pseudo_identities.png",
+                                                     copied / "pictures" / "feature_map.png"]
+    fewer = out / "fewer_crops"
+    shutil.copytree(own_crops, fewer, ignore=lambda d, names: sorted(names)[::2])
+    with pytest.raises(ValueError, match=rf"has {len(list(fewer.iterdir()))} training images, but the run trained on "
+                                         rf"{len(list(own_crops.iterdir()))}: not the dataset the run trained on"):
+        visualize_run(copied, root=fewer)
     from ureid.embed import evaluate_run
     with pytest.raises(ValueError, match="has no query/gallery split to score"):
         evaluate_run(summary["run_dir"])

@@ -333,7 +333,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from ureid.run_pictures import visualize_run
 
-    for path in visualize_run(args.run_dir, num_queries=args.num_queries, seed=args.seed, stage=args.stage):
+    for path in visualize_run(args.run_dir, num_queries=args.num_queries, seed=args.seed, stage=args.stage,
+                              root=args.root):
         print(f"wrote {path}")
     return 0
 
@@ -380,6 +381,9 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("--seed", type=int, default=0)
     vis.add_argument("--stage", type=int, default=None,
                      help="draw another stage than the selected one, into pictures/stage<N>/")
+    vis.add_argument("--root", default=None,
+                     help="the run's dataset at another folder (moved, or copied to this machine); default: "
+                          "the data.root of the run's config.yaml")
     vis.set_defaults(func=_cmd_visualize)
     emb = sub.add_parser("embed", help="a finished run's embedding of new images: features to a .npz",
                          description="Embed images (files, or folders read recursively) with a run's trained model: "

@@ -23,10 +23,11 @@ from .embed import run_folder, stage_model
 
 
 def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None,
-                  stage: int | None = None) -> list[Path]:
+                  stage: int | None = None, root: str | Path | None = None) -> list[Path]:
     """``records``: (train, query, gallery) record lists when the caller has them (the driver at the end of a
-    run); otherwise the dataset the run's config names is read. ``stage``: another stage than the selected one,
-    drawn into ``pictures/stage<N>/`` (the run's own pictures stay)."""
+    run); otherwise the dataset the run's config names is read, at ``root`` when given (the same dataset in
+    another folder: a run made on a cluster, drawn on a laptop). ``stage``: another stage than the selected
+    one, drawn into ``pictures/stage<N>/`` (the run's own pictures stay)."""
     from .data.records import known_identities
     from .data.run_data import load_split_dataset
     from .engine.extract import extract_features
@@ -38,7 +39,17 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     if not (run_dir / "summary.json").is_file():
         raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json): the pictures need its "
                                 f"selected stage; `ureid run <method> --resume {run_dir}` finishes it")
-    cfg = load_config(run_dir / "config.yaml")
+    try:
+        cfg = load_config(run_dir / "config.yaml", check_paths=root is None)
+    except ValueError as exc:
+        if "does not exist" not in str(exc):
+            raise
+        raise FileNotFoundError(f"{exc}; if the dataset was moved or the run copied from another machine, "
+                                f"`ureid visualize {run_dir} --root DIR` reads it there") from None
+    if root is not None:
+        if not Path(root).expanduser().is_dir():
+            raise FileNotFoundError(f"--root {root}: no such folder (the run's {cfg.data.name} dataset)")
+        cfg.data.root = str(Path(root).expanduser())
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = dict(stage_checkpoints(run_dir))
     results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
@@ -50,6 +61,12 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     if records is None:
         ds = load_split_dataset(cfg.data)
         records = (list(ds.train), ds.query, ds.gallery)
+        trained = summary.get("num_train_images")  # the real ones (camstyle's fakes come after them)
+        covered = len(results[selected]["targets"].labels)
+        if (len(ds.train) != trained) if trained is not None else (not ds.train or covered % len(ds.train)):
+            raise ValueError(f"{cfg.data.name} at {cfg.data.root} has {len(ds.train)} training images, but the run "
+                             f"trained on {trained if trained is not None else f'{covered} samples'}: not the "
+                             "dataset the run trained on")
     train, query, gallery = records  # real training images only (camstyle fakes are not drawn)
     out = run_dir / "pictures" if selected == kept else run_dir / "pictures" / f"stage{selected}"
     out.mkdir(parents=True, exist_ok=True)
