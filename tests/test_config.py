@@ -123,6 +123,21 @@ def test_temperature_not_positive():
     assert "loss.temperature" in msg and "greater than 0" in msg
 
 
+@pytest.mark.parametrize("key", ["data.root", "output_dir", "tracking.tracking_uri", "tracking.experiment",
+                                 "tracking.run_name", "model.weights"])
+def test_an_empty_path_or_name_is_refused(key, tmp_path, monkeypatch):
+    """`--set data.root=$DATA` with DATA unset gave data.root '' (the working folder, read as the dataset: a
+    `folder` run read every image below it); now refused, naming the key and the likely cause."""
+    monkeypatch.chdir(tmp_path)
+    msg = _err(["data.name=folder", f"{key}="])
+    assert f"{key}: empty; give a value (`--set key=$VAR` with VAR unset gives an empty one)" in msg, msg
+
+
+def test_sgd_momentum_below_one():
+    assert "train.momentum" in _err(["train.momentum=1"]) and load_config(
+        CONFIG_DIR / "buc_cpu.yaml", ["train.momentum=0.99"], check_paths=False).train.momentum == 0.99
+
+
 def test_missing_dataset_root(tmp_path):
     missing = tmp_path / "nowhere"
     msg = _err(["data.name=market1501", f"data.root={missing}"])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 DATASET_NAMES = ("synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "mars", "dukevideo", "folder",
                  "tracklets")
@@ -32,6 +32,17 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
+
+
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty; give a value (`--set key=$VAR` with VAR unset gives an empty one)")
+    return value
+
+
+# A path, URI or name: an empty one would mean the current folder (data.root '' read the working directory as
+# the dataset) or a default the user did not choose.
+Text = Annotated[str, AfterValidator(_not_empty)]
 
 
 class ConfigError(ValueError):
@@ -44,7 +55,7 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     name: Literal[DATASET_NAMES] = "synthetic"
-    root: str = "data/synthetic"
+    root: Text = "data/synthetic"
     pattern: str | None = None
     cuhk03_protocol: Literal["labeled", "detected"] = "labeled"
     height: PosInt = 256
@@ -88,7 +99,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     arch: Literal["resnet18", "resnet34", "resnet50", "mobilenet_v2"] = "resnet50"
-    weights: str = "imagenet"
+    weights: Text = "imagenet"
     embedding_dim: PosInt = 2048
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.5
     num_stripes: Annotated[int, Field(ge=0)] = 0
@@ -102,7 +113,7 @@ class TrainConfig(_Strict):
     batch_size: PosInt = 16
     lr: Annotated[float, Field(gt=0)] = 0.1
     backbone_lr_mult: NonNegFloat = 0.1
-    momentum: NonNegFloat = 0.9
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: NonNegFloat = 5e-4
     nesterov: bool = True
     first_stage_epochs: PosInt = 20
@@ -250,9 +261,9 @@ class RayConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str | None = None
-    experiment: str = "ureid"
-    run_name: str | None = None
+    tracking_uri: Text | None = None
+    experiment: Text = "ureid"
+    run_name: Text | None = None
     # Ranked lists and a t-SNE map of the training features at the end of a run (run folder + MLflow).
     pictures: bool = True
 
@@ -260,7 +271,7 @@ class TrackingConfig(_Strict):
 class Config(_Strict):
     method: str
     seed: Annotated[int, Field(ge=0)] = 0
-    output_dir: str = "runs"
+    output_dir: Text = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -376,7 +387,7 @@ class GanConfig(_Strict):
     """A StarGAN training job (``ureid camstyle train``): the dataset, the ``gan`` block, Ray and MLflow."""
 
     seed: Annotated[int, Field(ge=0)] = 0
-    output_dir: str = "runs"
+    output_dir: Text = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     gan: StarGANSettings = Field(default_factory=StarGANSettings)
     ray: RayConfig = Field(default_factory=RayConfig)
