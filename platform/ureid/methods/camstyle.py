@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 from pydantic import model_validator
 
+from ..config import Text
 from ..data.camstyle import default_fake_folder, load_fakes
 from . import register
 from .base import RunData, Targets, labeled_dataset
@@ -40,9 +41,9 @@ class CamstyleSettings(BUCSettings):
 
     path_fields = ("fake_root",)
     style_transfer: Literal["stargan", "colour"] = "stargan"
-    stargan: str = "stargan.yaml"
+    stargan: Text = "stargan.yaml"
     stargan_set: list[str] = []
-    fake_root: str | None = None
+    fake_root: Text | None = None
     fake_fake: Literal["ignore", "use"] = "ignore"
     lambda_on: Literal["diversity", "distance"] = "diversity"
 
