@@ -173,3 +173,31 @@ def test_a_local_start_makes_rays_token_the_users_alone(tmp_path, monkeypatch, c
             assert private_local_token() is None and not token.exists()
     monkeypatch.setenv("RAY_AUTH_MODE", "TOKEN")
     assert private_local_token() == token and token.exists()
+
+
+def test_rays_opt_out_advice_is_dropped_and_its_auth_off_warning_kept():
+    """Ray 2.60 logs "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out" at every local
+    start; the filter a local start of ensure_ray puts on Ray's logger drops that line and no other."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    from ureid.runtime import job
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(job.RAY_AUTH_LOGGER)
+    assert ray_auth.logger is logger
+    logger.addHandler(handler)
+    try:
+        ray_auth._warn_token_auth_enabled()
+        assert len(seen) == 1 and "to opt out" in seen[0]  # what every local run printed
+        seen.clear()
+        logger.addFilter(job._NO_OPT_OUT_ADVICE)
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+        assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled"), seen
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(job._NO_OPT_OUT_ADVICE)

@@ -16,6 +16,7 @@ A failed job is marked FAILED in MLflow with the error, and its checkpoints stay
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -158,6 +159,21 @@ def private_local_token() -> Path | None:
     return path
 
 
+class _NoOptOutAdvice(logging.Filter):
+    """Drops the warning Ray 2.60 logs at every local start whose ``RAY_AUTH_MODE`` is unset ("Token
+    authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."): it advises the
+    opposite of this project's rule that nothing it starts is reachable without the token. Ray's warning for
+    a start with auth turned off stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_NO_OPT_OUT_ADVICE = _NoOptOutAdvice()
+# Ray's own logger of that warning (ray/_private/authentication/authentication_token_setup.py).
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     """Join ``ray.address`` (else ``$RAY_ADDRESS``, which Ray's job supervisor sets for a ``ray job submit``
     driver) or start a local Ray instance (workers import the installed ``ureid``). The job's processes get
@@ -177,6 +193,7 @@ def ensure_ray(ray_cfg, tracking_uri: str | None = None) -> None:
     local = {"resources": local_resources()} if address is None else {}
     if address is None:
         private_local_token()
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_NO_OPT_OUT_ADVICE)  # the same object: added once
     env = job_env(tracking_uri)
     if os.environ.get(API_SERVER_ENV, _our_api_server) == _our_api_server:  # unset, or an earlier start's
         os.environ.pop(API_SERVER_ENV, None)
