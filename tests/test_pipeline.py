@@ -307,6 +307,16 @@ def test_resume_gives_the_same_labels(method, ray_cluster, tiny_root, tmp_path_f
     assert again["history"] == resumed["history"] and load_run_config(run_dir).schedule.max_stages == 2
     assert not (Path(run_dir) / "config.attempt2.yaml").exists()
     assert MlflowClient(first["tracking_uri"]).get_run(first["run_id"]).info.status == "FINISHED"
+    # a resume on another training set (one image fewer) is refused in the driver, before Ray: it failed in
+    # every train worker on the labels' length ("labels must have one entry per record")
+    import shutil
+    fewer = out / "fewer"
+    shutil.copytree(tiny_root, fewer)
+    sorted((fewer / "bounding_box_train").iterdir())[0].unlink()
+    n = len(list((tiny_root / "bounding_box_train").iterdir()))
+    with pytest.raises(ValueError, match=rf"not the training set the run started on: {n - 1} training images under "
+                                         rf".*fewer, the run's stages trained on {n} under .*Resume on the same images"):
+        run_experiment(load_run_config(run_dir, [f"data.root={fewer}", "schedule.max_stages=3"]), resume=run_dir)
 
 
 @pytest.fixture(scope="module")

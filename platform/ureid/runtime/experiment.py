@@ -199,6 +199,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
         if cfg.schedule.validation is not None:
             ensure_synthetic(cfg.schedule.validation, "schedule.validation")
         data = load_run_data(cfg, method)  # fail here, in the driver, on a bad dataset
+        job.check_training_set(cfg.data.root, [r.paths for r in data.train[: data.num_real]])
         start_stage, resume_from = _resume_point(job)
         read_history(job.history_path, before=start_stage)
         num_stages = method.num_stages(cfg, data)

@@ -6,7 +6,7 @@ joins Ray, and launches one ``TorchTrainer`` with the callbacks its caller gives
 
 Layout of a run folder ``<output_dir>/<kind>-<time>-<id>/``::
 
-    run.json        MLflow run id, tracking URI, attempts (read by --resume)
+    run.json        MLflow run id, tracking URI, attempts, the training set it runs on (read by --resume)
     history.jsonl   one line of metrics per reported stage (written by HistoryCallback)
     ray/            Ray Train storage: one checkpoint per report (stage_000/, stage_001/, ...)
 
@@ -15,6 +15,7 @@ A failed job is marked FAILED in MLflow with the error, and its checkpoints stay
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -276,6 +277,7 @@ class Job:
     tracking_uri: str
     run_id: str
     attempt: int = 1
+    training_set: dict | None = None  # what check_training_set recorded: a resume must run on the same
 
     @property
     def resumed(self) -> bool:
@@ -309,14 +311,37 @@ class Job:
         if not (run_dir / "run.json").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: not a ureid run folder (no run.json)")
         info = json.loads((run_dir / "run.json").read_text())
-        job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1)
+        job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1, info.get("training_set"))
         tracking.reopen_run(job.tracking_uri, job.run_id)
         job._write_info()
         return job
 
     def _write_info(self) -> None:
-        info = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "attempts": self.attempt}
+        info = {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "attempts": self.attempt,
+                **({"training_set": self.training_set} if self.training_set else {})}
         (self.run_dir / "run.json").write_text(json.dumps(info))
+
+    def check_training_set(self, root: str, paths: Sequence[Sequence[str]]) -> None:
+        """Record the training set (its size and a digest of its file paths below ``root``) on the first
+        attempt; on a resume, refuse another one. The stages' checkpoints, pseudo-labels and the store's shards
+        are indexed by training sample, so another set (other images, or the same in another order) would fail
+        inside the train workers, or train on labels of other images; the same set moved to another root, or
+        read from a copy on another machine, digests the same."""
+        digest = hashlib.sha256()
+        for sample in paths:
+            digest.update(("\t".join(os.path.relpath(p, root) for p in sample) + "\n").encode())
+        now = {"num_samples": len(paths), "root": str(root), "sha256": digest.hexdigest()}
+        before = self.training_set
+        if before is not None and (before["num_samples"], before["sha256"]) != (now["num_samples"], now["sha256"]):
+            what = (f"{now['num_samples']} training images under {now['root']}, the run's stages trained on "
+                    f"{before['num_samples']} under {before['root']}")
+            if before["num_samples"] == now["num_samples"]:
+                what += " (as many, but other files or another order)"
+            raise ValueError(f"--resume {self.run_dir}: not the training set the run started on: {what}. Resume "
+                             f"on the same images (they may sit elsewhere now: --set data.root=DIR), or start a "
+                             f"new run")
+        self.training_set = now
+        self._write_info()
 
     def announce(self) -> None:
         print(f"[ureid] run folder {self.run_dir}\n[ureid] MLflow run {self.run_id} at {self.tracking_uri}",
