@@ -1042,11 +1042,13 @@ def make_params(**kw) -> Params:
         if v is None:
             v = _MODE_DEFAULTS[f.name][video] if f.name in _MODE_DEFAULTS else f.default
         kind = {"int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
-        ok = isinstance(v, bool) if kind is bool else \
-            (isinstance(v, numbers.Integral) if kind is int else isinstance(v, numbers.Real)) and not isinstance(v, bool)
+        if kind is bool:
+            ok, wanted = isinstance(v, bool), "true or false"
+        else:  # YAML's true is no count
+            number = numbers.Integral if kind is int else numbers.Real
+            ok, wanted = isinstance(v, number) and not isinstance(v, bool), "an integer" if kind is int else "a number"
         if not ok:
-            raise ValueError(f"{f.name} must be {'an integer' if kind is int else 'a number' if kind is float else 'true or false'}, "
-                             f"got {v!r}")
+            raise ValueError(f"{f.name} must be {wanted}, got {v!r}")
         values[f.name] = kind(v)
     p = Params(**values)
     p.check()
