@@ -32,7 +32,7 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     from .data.run_data import load_split_dataset
     from .engine.extract import extract_features
     from .evaluation import pairwise_distance
-    from .runtime.job import stage_checkpoints
+    from .runtime.job import stage_checkpoints, training_set_mismatch, training_set_record
     from .visualize import drawable_clusters, feature_maps, nearest_neighbours, pseudo_identities, ranked_lists
 
     run_dir = run_folder(run_dir)
@@ -61,12 +61,16 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     if records is None:
         ds = load_split_dataset(cfg.data)
         records = (list(ds.train), ds.query, ds.gallery)
-        trained = summary.get("num_train_images")  # the real ones (camstyle's fakes come after them)
-        covered = len(results[selected]["targets"].labels)
-        if (len(ds.train) != trained) if trained is not None else (not ds.train or covered % len(ds.train)):
-            raise ValueError(f"{cfg.data.name} at {cfg.data.root} has {len(ds.train)} training images, but the run "
-                             f"trained on {trained if trained is not None else f'{covered} samples'}: not the "
-                             "dataset the run trained on")
+        # the pseudo-labels are indexed by training image: drawn on other images they would be wrong
+        recorded = json.loads((run_dir / "run.json").read_text()).get("training_set")
+        if recorded is not None:  # runs since 7 December 2026
+            why = training_set_mismatch(recorded, training_set_record(cfg.data.root, [r.paths for r in ds.train]))
+        else:  # the real images, then camstyle's fakes: a multiple
+            covered = len(results[selected]["targets"].labels)
+            why = f"{len(ds.train)} training images, the run's labels cover {covered} samples" \
+                if not ds.train or covered % len(ds.train) else None
+        if why:
+            raise ValueError(f"{cfg.data.name} at {cfg.data.root}: not the dataset the run trained on ({why})")
     train, query, gallery = records  # real training images only (camstyle fakes are not drawn)
     out = run_dir / "pictures" if selected == kept else run_dir / "pictures" / f"stage{selected}"
     out.mkdir(parents=True, exist_ok=True)

@@ -260,8 +260,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
             "tracking_uri": job.tracking_uri, "selection": cfg.schedule.select, "selected_stage": selected,
             "selected": by_stage[selected], "oracle_stage": oracle, "oracle": by_stage[oracle], "first": history[0],
             "setting": _setting(cfg, method),
-            "final_num_clusters": history[-1]["num_clusters"], "num_train_images": data.num_real,
-            "wall_time_s": time.perf_counter() - t0,
+            "final_num_clusters": history[-1]["num_clusters"], "wall_time_s": time.perf_counter() - t0,
             "history": history,
         }
         (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -271,6 +271,25 @@ def check_worker_group(ray_cfg, fixed: bool | None = None, nodes: list[dict] | N
           f"says 'worker group startup timed out' every 60 s meanwhile", flush=True)
 
 
+def training_set_record(root: str, paths: Sequence[Sequence[str]]) -> dict:
+    """A training set's size, root and a digest of its samples' file paths below the root (in sample order):
+    the same images under another root digest the same."""
+    digest = hashlib.sha256()
+    for sample in paths:
+        digest.update(("\t".join(os.path.relpath(p, root) for p in sample) + "\n").encode())
+    return {"num_samples": len(paths), "root": str(root), "sha256": digest.hexdigest()}
+
+
+def training_set_mismatch(before: dict, now: dict) -> str | None:
+    """How ``now`` differs from the recorded ``before`` (:func:`training_set_record`), or None."""
+    if (before["num_samples"], before["sha256"]) == (now["num_samples"], now["sha256"]):
+        return None
+    what = (f"{now['num_samples']} training images under {now['root']}, the run's stages trained on "
+            f"{before['num_samples']} under {before['root']}")
+    return what + (" (as many, but other files or another order)" if before["num_samples"] == now["num_samples"]
+                   else "")
+
+
 @dataclass
 class Job:
     run_dir: Path
@@ -322,22 +341,14 @@ class Job:
         (self.run_dir / "run.json").write_text(json.dumps(info))
 
     def check_training_set(self, root: str, paths: Sequence[Sequence[str]]) -> None:
-        """Record the training set (its size and a digest of its file paths below ``root``) on the first
-        attempt; on a resume, refuse another one. The stages' checkpoints, pseudo-labels and the store's shards
-        are indexed by training sample, so another set (other images, or the same in another order) would fail
-        inside the train workers, or train on labels of other images; the same set moved to another root, or
-        read from a copy on another machine, digests the same."""
-        digest = hashlib.sha256()
-        for sample in paths:
-            digest.update(("\t".join(os.path.relpath(p, root) for p in sample) + "\n").encode())
-        now = {"num_samples": len(paths), "root": str(root), "sha256": digest.hexdigest()}
-        before = self.training_set
-        if before is not None and (before["num_samples"], before["sha256"]) != (now["num_samples"], now["sha256"]):
-            what = (f"{now['num_samples']} training images under {now['root']}, the run's stages trained on "
-                    f"{before['num_samples']} under {before['root']}")
-            if before["num_samples"] == now["num_samples"]:
-                what += " (as many, but other files or another order)"
-            raise ValueError(f"--resume {self.run_dir}: not the training set the run started on: {what}. Resume "
+        """Record the training set (:func:`training_set_record`) on the first attempt; on a resume, refuse
+        another one. The stages' checkpoints, pseudo-labels and the store's shards are indexed by training
+        sample, so another set (other images, or the same in another order) would fail inside the train
+        workers, or train on labels of other images; the same set moved to another root, or read from a copy
+        on another machine, resumes."""
+        now = training_set_record(root, paths)
+        if self.training_set is not None and (why := training_set_mismatch(self.training_set, now)):
+            raise ValueError(f"--resume {self.run_dir}: not the training set the run started on: {why}. Resume "
                              f"on the same images (they may sit elsewhere now: --set data.root=DIR), or start a "
                              f"new run")
         self.training_set = now
