@@ -142,6 +142,11 @@ def test_missing_dataset_root(tmp_path):
     missing = tmp_path / "nowhere"
     msg = _err(["data.name=market1501", f"data.root={missing}"])
     assert "data.root" in msg and str(missing) in msg and "does not exist" in msg
+    archive = tmp_path / "Market-1501-v15.09.15.zip"
+    archive.write_bytes(b"PK")
+    msg = _err(["data.name=market1501", f"data.root={archive}"])
+    assert f"data.root: '{archive}' is a file, not a dataset folder (data.name='market1501'); extract the " \
+           "archive and give the folder it makes" in msg, msg
 
 
 def test_validation_itself_never_touches_the_file_system(tmp_path):

@@ -89,7 +89,12 @@ class DataConfig(_Strict):
 
     def check_paths(self, key: str = "data") -> None:
         """The synthetic default is generated on first use; every real dataset must already be there."""
-        if self.name != "synthetic" and not Path(self.root).expanduser().is_dir():
+        root = Path(self.root).expanduser()
+        if self.name != "synthetic" and not root.is_dir():
+            if root.is_file():  # the downloaded archive, most often
+                raise ConfigError(f"{key}.root: {self.root!r} is a file, not a dataset folder ({key}.name={self.name!r})"
+                                  + ("; extract the archive and give the folder it makes"
+                                     if root.suffix.lower() in (".zip", ".tar", ".gz", ".tgz", ".rar", ".7z") else ""))
             raise ConfigError(f"{key}.root: dataset folder {self.root!r} does not exist ({key}.name={self.name!r})")
 
     @property
