@@ -123,6 +123,24 @@ def test_light_modules_do_not_import_torchvision():
     _prints_ok(code)
 
 
+def test_the_cli_and_the_method_registry_do_not_import_torch():
+    # `ureid --help` and `ureid run --help` (which lists the registered methods) took 4 s on two cores,
+    # 2 of them importing torch through ureid.clustering; the clustering exports now load on first use.
+    code = "\n".join([
+        "import sys, contextlib, io, ureid.methods, ureid.clustering",
+        "from ureid.cli import main",
+        "out = io.StringIO()",
+        "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):",
+        "    main(['run', '--help'])",
+        "assert '{buc,camstyle,cluster_contrast,dbc,pul,ssl}' in out.getvalue(), out.getvalue()",
+        "assert 'torch' not in sys.modules and 'faiss' not in sys.modules, 'eager'",
+        "assert ureid.clustering.bottom_up_merge.__module__ == 'ureid.clustering.buc'",
+        "from ureid.clustering import kmeans, dbscan",
+        "assert 'torch' in sys.modules",
+        "print('ok')"])
+    _prints_ok(code)
+
+
 def test_the_store_and_clustering_tasks_do_not_import_ray_train():
     # The feature store and every clustering task's worker import ureid.runtime; StarGAN's job module (Ray
     # Train, pandas, Ray Data: ~85 MB and half a second a process) is imported when the job first runs.

@@ -15,11 +15,11 @@ linkage from products of cluster means, merges from union-find, Jaccard distance
 index over the sparse k-reciprocal encodings (only pairs that share a neighbour are stored).
 """
 
-from .buc import bottom_up_merge
-from .dbc import dispersion_merge
-from .jaccard import dbscan, kreciprocal_jaccard
-from .pul import inertia, kmeans, select_reliable
-from .ssl import reliable_neighbors
+from .._lazy import lazy_getattr
 
-__all__ = ["bottom_up_merge", "dispersion_merge", "inertia", "kmeans", "select_reliable", "reliable_neighbors",
-           "kreciprocal_jaccard", "dbscan"]
+# Imported on first use (torch and faiss come with them): the methods' modules name these at import, and
+# `ureid --help` lists the methods without paying for them.
+_EXPORTS = {"bottom_up_merge": "buc", "dispersion_merge": "dbc", "dbscan": "jaccard", "kreciprocal_jaccard": "jaccard",
+            "inertia": "pul", "kmeans": "pul", "select_reliable": "pul", "reliable_neighbors": "ssl"}
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -24,7 +24,6 @@ import numpy as np
 from pydantic import Field
 
 from .. import clustering
-from ..clustering._common import group_sums
 from . import register
 from .base import Method, Recipe, RunData, Settings, Targets, UpdateContext, Worker, l2_normalise, pair_precision
 
@@ -49,6 +48,8 @@ class ClusterContrastSettings(Settings):
 
 def cluster_centroids(features: np.ndarray, labels: np.ndarray, num_clusters: int) -> np.ndarray:
     """Mean feature of each cluster 0..C-1 (outliers, label -1, left out), in one pass: (C, d) float32."""
+    from ..clustering._common import group_sums
+
     keep = labels >= 0
     sums = group_sums(features, labels, num_clusters)  # the sums np.add.at would give, 20x faster
     counts = np.bincount(labels[keep], minlength=num_clusters).astype(np.float64)
