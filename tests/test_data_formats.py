@@ -294,6 +294,7 @@ def test_folder_reads_every_image_kind_and_names_the_files_it_does_not(tmp_path,
     (root / "notes.txt").write_text("field notes")
     (root / "sub" / "h.heic").write_bytes(b"not read")
     (root / ".DS_Store").write_bytes(b"\0")
+    (root / "sub" / "Thumbs.db").write_bytes(b"\0")
     with caplog.at_level(logging.WARNING):
         ds = load_dataset("folder", root)
     assert sorted(Path(r.path).relative_to(root).as_posix() for r in ds.train) == sorted(saved)
@@ -301,7 +302,7 @@ def test_folder_reads_every_image_kind_and_names_the_files_it_does_not(tmp_path,
     assert all(load_image(r.path).mode == "RGB" and load_image(r.path).size == (16, 32) for r in ds.train)
     warned = [m for m in caplog.messages if "are not read" in m]
     assert len(warned) == 1 and "2 file(s)" in warned[0] and ".heic 1, .txt 1" in warned[0], caplog.messages
-    assert ".DS_Store" not in warned[0]
+    assert ".DS_Store" not in warned[0] and "Thumbs.db" not in warned[0]
     caplog.clear()
     tracks = tmp_path / "tracks"
     for f in ["t1/f1.webp", "t1/f2.webp", "bounding_box_train_camstyle/readme.md"]:
@@ -310,6 +311,27 @@ def test_folder_reads_every_image_kind_and_names_the_files_it_does_not(tmp_path,
     with caplog.at_level(logging.WARNING):
         assert [len(r.paths) for r in load_dataset("tracklets", tracks).train] == [2]
     assert not [m for m in caplog.messages if "are not read" in m]
+
+
+def test_a_split_no_query_can_be_scored_on_is_refused_before_training(tmp_path):
+    """A labeled folder whose gallery holds no query's identity from another camera: every stage's evaluation
+    failed in the train workers (and Ray Train trained the stage again for each retry); the driver's read of
+    the data now refuses it. One query with a match is enough."""
+    from ureid.config import CONFIG_DIR, ConfigError, load_config
+    from ureid.methods import get_method
+    from ureid.runtime.experiment import load_run_data
+
+    root = tmp_path / "lab"
+    for f in ["train/1_c1_a.jpg", "train/1_c2_b.jpg", "query/5_c1_q.jpg", "query/6_c2_q.jpg",
+              "gallery/5_c1_g.jpg", "gallery/7_c2_g.jpg"]:
+        jpg(root / f)
+    cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", ["data.name=folder", f"data.root={root}",
+                                                    r"data.pattern=(?P<pid>\d+)_c(?P<camid>\d)"])
+    with pytest.raises(ConfigError, match=r"data: none of the 2 queries of folder at .* has a gallery image of its "
+                                          r"identity from another camera"):
+        load_run_data(cfg, get_method("buc"))
+    jpg(root / "gallery" / "6_c1_g.jpg")
+    assert len(load_run_data(cfg, get_method("buc")).query) == 2
 
 
 # ----------------------------------------------------------------------------- unreadable images

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ureid.evaluation import evaluate, pairwise_distance, re_ranking
+from ureid.evaluation import evaluate, pairwise_distance, re_ranking, valid_queries
 from ureid.evaluation.metrics import stable_argsort_rows
 from ureid.evaluation.reference import reference_evaluate, reference_re_ranking
 
@@ -298,3 +298,24 @@ def test_re_ranking_invalid_inputs(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         re_ranking(**args)
+
+
+def test_valid_queries_are_those_evaluate_scores():
+    """From the identities alone: a query counts when the gallery holds its identity from another camera
+    (identity -1 junk on both sides), as evaluate's skipped queries (NaN AP) say on random splits."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        q, g = int(rng.integers(1, 30)), int(rng.integers(1, 60))
+        qp, qc = rng.integers(-1, 6, q), rng.integers(0, 3, q)
+        gp, gc = rng.integers(-1, 6, g), rng.integers(0, 3, g)
+        got = valid_queries(qp, qc, gp, gc)
+        try:
+            want = ~np.isnan(evaluate(rng.random((q, g)), qp, gp, qc, gc)["ap_per_query"])
+        except ValueError:  # no valid query at all
+            want = np.zeros(q, dtype=bool)
+        assert np.array_equal(got, want)
+        seen.add((bool(want.any()), bool(want.all())))
+    assert seen == {(False, False), (True, False), (True, True)}  # none, some and every query valid
+    assert not valid_queries([3], [0], [], []).any() and not valid_queries([3], [0], [3, 3], [0, 0]).any()
+    assert valid_queries([3, -1], [0, 0], [3, -1], [1, 1]).tolist() == [True, False]

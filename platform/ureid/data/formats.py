@@ -77,10 +77,15 @@ def _list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     return sorted(p for p in it if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+# What file browsers leave in a folder of images (Windows' thumbnail cache ships with Market-1501).
+_OS_FILES = {"Thumbs.db", "desktop.ini"}
+
+
 def warn_unread(name: str, folder: Path) -> None:
     """Log the files in and below ``folder`` that the tree formats do not read (no image suffix), by suffix, with
     examples: a folder of ``.heic`` or ``.avif`` crops would otherwise train on what is left, unannounced. Hidden
-    files and folders (``.DS_Store``, ``.git``) and what ureid writes under the root are not counted."""
+    files and folders (``.DS_Store``, ``.git``), ``Thumbs.db`` and ``desktop.ini``, and what ureid writes under
+    the root are not counted."""
     from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
 
     by_suffix: dict[str, list[str]] = {}
@@ -88,7 +93,7 @@ def warn_unread(name: str, folder: Path) -> None:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and not (Path(top) == folder and d in (DEFAULT_FOLDER, STARGAN_FOLDER)))
         for n in sorted(names):
-            if not n.startswith(".") and Path(n).suffix.lower() not in IMAGE_SUFFIXES:
+            if not n.startswith(".") and n not in _OS_FILES and Path(n).suffix.lower() not in IMAGE_SUFFIXES:
                 by_suffix.setdefault(Path(n).suffix.lower() or "(none)", []).append(os.path.join(top, n))
     if by_suffix:
         count = sum(map(len, by_suffix.values()))

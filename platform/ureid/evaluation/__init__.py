@@ -3,8 +3,8 @@
 Pure numpy (torch tensors accepted): arrays in, arrays and dicts out.
 """
 
-from .metrics import AP_MODES, evaluate, nearest, nearest_by_distance, pairwise_distance
+from .metrics import AP_MODES, evaluate, nearest, nearest_by_distance, pairwise_distance, valid_queries
 from .rerank import re_ranking, re_ranking_features
 
 __all__ = ["AP_MODES", "evaluate", "nearest", "nearest_by_distance", "pairwise_distance", "re_ranking",
-           "re_ranking_features"]
+           "re_ranking_features", "valid_queries"]

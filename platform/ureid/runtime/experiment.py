@@ -32,14 +32,28 @@ def load_run_data(cfg: Config, method) -> RunData:
     """The run's samples: the configured dataset's splits, then what the method adds (read once, in the driver)."""
     ds = load_split_dataset(cfg.data)
     data = RunData(train=list(ds.train), query=list(ds.query), gallery=list(ds.gallery), num_real=len(ds.train))
+    _check_scorable("data", cfg.data, data.query, data.gallery)
     if cfg.schedule.validation is not None:
         val = load_split_dataset(cfg.schedule.validation)
         data.validation_query, data.validation_gallery = list(val.query), list(val.gallery)
+        _check_scorable("schedule.validation", cfg.schedule.validation, val.query, val.gallery)
     if not data.query and cfg.schedule.select == "oracle_map":
         raise ConfigError(f"schedule.select: 'oracle_map' keeps the stage of best test-set mAP, and {cfg.data.name} at "
                           f"{cfg.data.root!r} has no query/gallery with identities; use last, validation or "
                           "label_free:<score>")
     return method.load_data(cfg, data)
+
+
+def _check_scorable(key: str, data_cfg, query: list, gallery: list) -> None:
+    """A query/gallery split that no query can be scored on (none has a gallery image of its identity from
+    another camera) is refused here, before Ray: it failed every stage's evaluation in the train workers."""
+    from ..evaluation import valid_queries
+
+    if query and not valid_queries([r.pid for r in query], [r.camid for r in query],
+                                   [r.pid for r in gallery], [r.camid for r in gallery]).any():
+        raise ConfigError(f"{key}: none of the {len(query)} queries of {data_cfg.name} at {data_cfg.root!r} has a "
+                          f"gallery image of its identity from another camera, so no stage could be scored "
+                          f"(mAP, CMC); check the query/gallery split (and the pattern's pid and camid groups)")
 
 
 def _print_table(history: list[dict], selected: int | None, oracle: int | None, criterion: str | None = None) -> None:
