@@ -49,10 +49,14 @@ def test_pul_semi_supervised_adds_known_identities_each_iteration():
     assert len({int(x) for x in out.labels[known]}) == 4 and out.labels[known].min() >= 6
     plain = load_config(CONFIG_DIR / "pul_cpu.yaml", ["clustering.num_clusters=6", "clustering.threshold=1.0"])
     assert pul.known_identities(plain, 0, 0, np.unique(pids)).size == 0
+    # threshold 1 selects no sample here (none is its centre to the last bit): the known identities alone
+    assert np.array_equal(out.selected, known)
+    with pytest.raises(ValueError, match=r"no sample lies within clustering.threshold=1.0 \(cosine\) of its k-means "
+                                         r"centre \(6 clusters of 30 samples\): lower the threshold"):
+        pul.update(plain, feats, zeros, _ctx(len(pids)))
+    plain.clustering.threshold = 0.995
     out0 = pul.update(plain, feats, zeros, _ctx(len(pids)))
-    # threshold 1 selects (up to rounding) only the centres themselves; the known identities come on top
-    assert out0.labels.max() < 6 and out0.selected.sum() <= 6
-    assert np.array_equal(out.selected, known | out0.selected)
+    assert out0.labels.max() < 6 and 0 < out0.selected.sum() < len(pids)
     assert pul.diagnostics(plain, zeros, out0, pids) == {"selected_fraction": float(out0.selected.mean())}
 
 

@@ -169,6 +169,9 @@ class PUL(Method):
             labels = labels.copy()
             labels[is_known] = k + np.searchsorted(known, ctx.known_labels[is_known])
             selected = selected | is_known
+        if not selected.any():  # nothing to fine-tune on: refused here once, not in every train worker
+            raise ValueError(f"no sample lies within clustering.threshold={c.threshold} (cosine) of its k-means "
+                             f"centre ({k} clusters of {len(features)} samples): lower the threshold")
         return Targets(labels=labels, selected=selected)
 
     def diagnostics(self, cfg, old: Targets, new: Targets, truth: np.ndarray) -> dict[str, float]:
