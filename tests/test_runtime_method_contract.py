@@ -157,20 +157,35 @@ class NoClusterAtThisEps(PairUp):
         return super().update(cfg, features, targets, ctx)
 
 
-def test_a_label_update_that_fails_alike_every_time_is_not_trained_for_again(ray_cluster, tiny_root, tmp_path):
+class BatchTooLarge(NoClusterAtThisEps):
+    """Its training fails as a loader does when fewer samples than one batch are left: a ValueError raised in
+    the train workers (not in the store) that every restart would raise again."""
+
+    name = "toy_batch_too_large"
+
+    def update(self, cfg, features, targets, ctx):
+        return PairUp.update(self, cfg, features, targets, ctx)
+
+    def train_dataset(self, cfg, data, targets):
+        raise ValueError("4 training samples cannot fill one batch of 32")
+
+
+@pytest.mark.parametrize("toy", [NoClusterAtThisEps, BatchTooLarge])
+def test_an_error_that_comes_back_alike_is_not_trained_for_again(toy, ray_cluster, tiny_root, tmp_path):
     """Ray Train restarts the worker group after any worker error (ray.max_failures), and every restart trained
     the stage again only to meet the same error of the update: with the default 3 that was four trainings of
     the stage (measured on Cluster Contrast with a k1 above N), each printing the traceback. The store keeps
-    such an error, a restarted group asks first and stops, and the run ends with the update's own error."""
+    such an error, a restarted group asks first and stops, and the run ends with the update's own error. The
+    same for such an error raised in the train workers' own part of the stage (a loader refusing the data)."""
     spy = tmp_path / "spy"
     spy.mkdir()
-    method = NoClusterAtThisEps()
+    method = toy()
     method.spy = str(spy)
     register(method, replace=True)
     try:
         out = tmp_path / "out"
         config = tmp_path / "toy.yaml"
-        config.write_text(f"base: {CONFIG_DIR / 'cpu_base.yaml'}\nmethod: toy_no_cluster\n"
+        config.write_text(f"base: {CONFIG_DIR / 'cpu_base.yaml'}\nmethod: {toy.name}\n"
                           f"clustering: {{spy_dir: {spy}}}\n")
         cfg = load_config(config, [
             f"data.root={tiny_root}", "data.height=32", "data.width=16", "model.embedding_dim=32",
@@ -178,9 +193,13 @@ def test_a_label_update_that_fails_alike_every_time_is_not_trained_for_again(ray
             "train.max_batches_per_epoch=1", "ray.num_workers=2", "ray.cpus_per_worker=1", "ray.max_failures=2",
             f"output_dir={out}", f"tracking.tracking_uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test-toy-eps",
             "tracking.pictures=false", *[f"data.synthetic.{k}={v}" for k, v in TINY_SYNTH.items()]])
-        with pytest.raises(ValueError, match=r"stage 1's label update failed: ValueError: DBSCAN found no cluster "
-                                             r"at clustering.eps=0.1"):
+        said = {NoClusterAtThisEps: "LabelUpdateError: the label update after stage 0 failed: ValueError: DBSCAN "
+                                    "found no cluster at clustering.eps=0.1",
+                BatchTooLarge: "StageError: stage 0's training failed: ValueError: 4 training samples cannot fill "
+                               "one batch of 32"}[toy]
+        with pytest.raises(ValueError, match=re.escape(said.split(": ", 1)[1])) as info:
             run_experiment(cfg, quiet=True)
+        assert type(info.value).__name__ == said.split(":")[0]
     finally:
         METHODS.pop(method.name, None)
     for rank in (0, 1):  # stage 0 trained once, not once per restart (three attempts with max_failures=2)
@@ -188,7 +207,7 @@ def test_a_label_update_that_fails_alike_every_time_is_not_trained_for_again(ray
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("test-toy-eps").experiment_id])
     assert run.info.status == "FAILED"
-    assert "LabelUpdateError: stage 1's label update failed: ValueError: DBSCAN found no cluster" in run.data.tags["error"]
+    assert said in run.data.tags["error"]
 
 
 RUNTIME_PACKAGES = ("runtime", "tracking", "engine")

@@ -131,11 +131,12 @@ def _resume_point(job: Job) -> tuple[int, str | None]:
 @contextmanager
 def _store_errors_first(store):
     """A store that failed to start fails the workers that call it, after Ray Train's retries; then its own
-    error is the one raised (chained to the trainer's), not the trainer's wrapper of it. So is a label update
-    that failed with one of the store's ``DETERMINISTIC_ERRORS`` (:class:`.feature_store.LabelUpdateError`)."""
+    error is the one raised (chained to the trainer's), not the trainer's wrapper of it. So is a stage's label
+    update, training or evaluation that failed with one of the store's ``DETERMINISTIC_ERRORS``
+    (:class:`.feature_store.LabelUpdateError`, :class:`.feature_store.StageError`)."""
     import ray
 
-    from .feature_store import LabelUpdateError
+    from .feature_store import LabelUpdateError, StageError
 
     try:
         yield
@@ -146,10 +147,13 @@ def _store_errors_first(store):
             raise store_error from exc
         except Exception:  # the store answered late or oddly: it did not fail to start, the trainer's error stands
             failed = None
-        if failed is not None:  # a method's update failed in a way no retry changes: that is the run's error
-            which = "the first label update (before any training)" if failed[0] < 0 else \
-                f"stage {failed[0] + 1}'s label update"
-            raise LabelUpdateError(f"{which} failed: {failed[1]}") from exc
+        if failed is not None:  # a stage failed in a way no retry changes: that is the run's error
+            stage, what, error = failed
+            if what != "label update":
+                raise StageError(f"stage {stage}'s {what} failed: {error}") from exc
+            which = "the first label update (before any training)" if stage < 0 else \
+                f"the label update after stage {stage}"
+            raise LabelUpdateError(f"{which} failed: {error}") from exc
         raise
 
 

@@ -202,6 +202,11 @@ class LabelUpdateError(ValueError):
     :meth:`FeatureStore.update_failure`)."""
 
 
+class StageError(ValueError):
+    """A stage's training or evaluation failed with one of ``DETERMINISTIC_ERRORS`` in a train worker; the run
+    ends with it (see :meth:`FeatureStore.record_failure`)."""
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": UPDATE_ENV})
 class FeatureStore:
     def __init__(self, method, cfg, inputs: StoreInputs | str, world_size: int, state_dir: str, placement_group=None,
@@ -220,7 +225,7 @@ class FeatureStore:
         self.shard_dir = Path(state_dir) / "shards"
         self.shards: dict[int, dict[int, Path]] = {}  # stage -> rank -> its shard file
         self.results: dict[int, dict] = {}
-        self.failure: tuple[int, str] | None = None  # (stage, error) of a deterministic update failure, in memory
+        self.failure: tuple[int, str, str] | None = None  # (stage, what, error) of a deterministic failure
         if self.state_path.exists():  # restarted after a crash, or a resumed run: keep the finished updates
             self.results = pickle.loads(self.state_path.read_bytes())
         for stage, rank, path in self._shard_files():  # and the shards of an unfinished stage
@@ -231,12 +236,17 @@ class FeatureStore:
         self.device = update_device(cfg.ray)
         _load_update_libraries()
 
-    def update_failure(self) -> tuple[int, str] | None:
-        """(stage, error) of an update that failed with one of ``DETERMINISTIC_ERRORS`` in this store process,
-        or None. A restarted worker group asks before it trains the stage again, so such an error costs one
-        stage's training, not one per Ray Train retry; the driver ends the run with it
-        (:class:`LabelUpdateError`)."""
+    def update_failure(self) -> tuple[int, str, str] | None:
+        """(stage, what, error) of the first failure with one of ``DETERMINISTIC_ERRORS`` in this store process
+        (what: "label update", or "training" as :meth:`record_failure` was told), or None. A restarted worker
+        group asks before it trains the stage again, so such an error costs one stage's training, not one per
+        Ray Train retry; the driver ends the run with it (:class:`LabelUpdateError`, :class:`StageError`)."""
         return self.failure
+
+    def record_failure(self, stage: int, what: str, error: str) -> None:
+        """A train worker's deterministic error (see :meth:`update_failure`); the first one recorded stays."""
+        if self.failure is None:
+            self.failure = (stage, what, error)
 
     def pid(self) -> int:
         """The actor's process id (fault tests kill it)."""
@@ -333,7 +343,7 @@ class FeatureStore:
                     raise TypeError(f"{type(self.method).__name__}.update must return Targets, got "
                                     f"{type(new).__name__}")
             except DETERMINISTIC_ERRORS as exc:
-                self.failure = (stage, f"{type(exc).__name__}: {exc}")
+                self.failure = self.failure or (stage, "label update", f"{type(exc).__name__}: {exc}")
                 raise
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
                 "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0}),

@@ -12,6 +12,7 @@ import hashlib
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from ..engine.seeding import seed_everything
 from ..methods.base import Worker
-from .feature_store import PRE_STAGE
+from .feature_store import DETERMINISTIC_ERRORS, PRE_STAGE
 from .selection import Selection
 
 STATE_FILE = "state.pt"
@@ -71,6 +72,20 @@ def _load_state(config: dict) -> dict | None:
     if config.get("resume_from"):
         return torch.load(Path(config["resume_from"]) / STATE_FILE, map_location="cpu", weights_only=False)
     return None
+
+
+@contextmanager
+def _failing_alike(store, stage: int):
+    """A stage's training, evaluation or label update raising one of ``DETERMINISTIC_ERRORS`` (a setting that
+    does not fit the data) is recorded in the feature store before it fails the worker: Ray Train restarts
+    the worker group after any worker error, and the restarted group, asking the store first, stops instead
+    of training the stage again to meet it again. The store's own update errors are recorded by the store."""
+    try:
+        yield
+    except DETERMINISTIC_ERRORS as exc:
+        if not isinstance(exc, ray.exceptions.RayError):  # a failed store call: the store knows its own
+            ray.get(store.record_failure.remote(stage, "training", f"{type(exc).__name__}: {exc}"))
+        raise
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -134,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_stage, method_state, selection = state["stage"] + 1, state["method_state"], state["selection"]
         optimizer_state = state.get("optimizer")
         first_metrics = {}
-        log(f"continuing at stage {start_stage + 1}")
+        log(f"continuing at stage {start_stage}")
     else:
         start_stage, selection, optimizer_state = 0, Selection.from_schedule(cfg.schedule), None
         prepared = method.begin(worker)
@@ -152,72 +167,74 @@ def train_loop_per_worker(config: dict) -> None:
         return ray.get(store.update.remote(stage))
 
     failed = ray.get(store.update_failure.remote())
-    if failed is not None:  # a restart after a label update that would fail the same way: do not train for it
-        raise RuntimeError(f"a label update failed in an earlier attempt with {failed[1]}; not extracting or "
-                           f"training again to meet the same error")
+    if failed is not None:  # a restart after an error that would come back the same way: do not train for it
+        raise RuntimeError(f"stage {failed[0]}'s {failed[1]} failed in an earlier attempt with {failed[2]}; not "
+                           f"extracting or training again to meet the same error")
     targets = ray.get(store.targets_for.remote(start_stage))
     if targets is None:  # no initial targets: the first update runs on the prepared model's features
         targets = extract_and_update(PRE_STAGE)["targets"]
 
     for stage in range(start_stage, num_stages):
-        t0 = time.perf_counter()
-        stage_seed = cfg.seed * 1000 + stage
-        seed_everything(stage_seed)
-        method.start_stage(worker, stage, method_state)
-        loss_fn = method.build_loss(cfg, targets, n, net.feature_dim).to(device)
-        dataset = method.train_dataset(cfg, data, targets)
-        recipe = method.recipe(cfg, stage)
-        opt = method.build_optimizer(worker, loss_fn, recipe, stage,
-                                     optimizer_state if method.persistent_optimizer else None)
-        if relay is None:
-            log(f"stage {stage + 1}/{num_stages}: {targets.num_classes} classes, {recipe.epochs} epochs at lr {recipe.lr}")
-        losses = []
-        for epoch in range(recipe.epochs):
-            step_lr(opt, epoch, recipe.lr, recipe.lr_step)
-            loader = method.train_loader(worker, dataset, stage, epoch)
-            if relay is not None and epoch == 0:
-                batches = min(len(loader), cfg.train.max_batches_per_epoch or len(loader))
-                relay.push.remote(("start", stage, num_stages, recipe.epochs, batches))
-            out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
-                              log_every=log_every, max_batches=cfg.train.max_batches_per_epoch,
-                              sample_seed=stage_seed if cfg.train.per_sample_dropout else None)
-            losses.append(out["loss"])
-        train_time = time.perf_counter() - t0
-        if method.persistent_optimizer:
-            optimizer_state = opt.state_dict()
+        with _failing_alike(store, stage):  # an error no restart changes: kept, so a restart stops at once
+            t0 = time.perf_counter()
+            stage_seed = cfg.seed * 1000 + stage
+            seed_everything(stage_seed)
+            method.start_stage(worker, stage, method_state)
+            loss_fn = method.build_loss(cfg, targets, n, net.feature_dim).to(device)
+            dataset = method.train_dataset(cfg, data, targets)
+            recipe = method.recipe(cfg, stage)
+            opt = method.build_optimizer(worker, loss_fn, recipe, stage,
+                                         optimizer_state if method.persistent_optimizer else None)
+            if relay is None:
+                log(f"stage {stage} ({stage + 1}/{num_stages}): {targets.num_classes} classes, {recipe.epochs} "
+                    f"epochs at lr {recipe.lr}")
+            losses = []
+            for epoch in range(recipe.epochs):
+                step_lr(opt, epoch, recipe.lr, recipe.lr_step)
+                loader = method.train_loader(worker, dataset, stage, epoch)
+                if relay is not None and epoch == 0:
+                    batches = min(len(loader), cfg.train.max_batches_per_epoch or len(loader))
+                    relay.push.remote(("start", stage, num_stages, recipe.epochs, batches))
+                out = train_epoch(model, loss_fn, loader, opt, device=device, epoch=epoch, progress=progress,
+                                  log_every=log_every, max_batches=cfg.train.max_batches_per_epoch,
+                                  sample_seed=stage_seed if cfg.train.per_sample_dropout else None)
+                losses.append(out["loss"])
+            train_time = time.perf_counter() - t0
+            if method.persistent_optimizer:
+                optimizer_state = opt.state_dict()
 
-        # stages_done: the time axis of a sweep's scheduler (ASHA decides after every stage)
-        metrics = {"stage": stage, "stages_done": stage + 1, "loss": float(np.mean(losses)),
-                   "num_classes": targets.num_classes}
-        if data.query:
-            metrics.update(evaluate())
-        if data.validation_query:
-            metrics.update(validate())
-        if stage == 0:
-            metrics.update(first_metrics)
-        if hasattr(loss_fn, "memory"):  # lets the driver check that DDP replicas never drift
-            memory = loss_fn.memory.detach().cpu().numpy()
-            metrics["memory_checksum"] = hashlib.sha256(memory.tobytes()).hexdigest()
-        result = extract_and_update(stage)
-        targets = result["targets"]
-        metrics.update(result["info"])
-        metrics["train_time_s"] = train_time
-        metrics["stage_time_s"] = time.perf_counter() - t0
-        stop = selection.observe(stage, metrics)
-        metrics["selected_stage"] = selection.selected_stage
-        metrics["oracle_stage"] = selection.oracle_stage
-        if rank == 0:
-            shown = [f"{k} {metrics[k]:.1%}" for k in ("mAP", "rank1") if k in metrics]
-            criterion = cfg.schedule.criterion()  # what keeps a stage, when not the last one or mAP: shown too
-            if criterion and criterion[0] not in ("mAP", "rank1") and criterion[0] in metrics:
-                name, value = criterion[0], metrics[criterion[0]]
-                shown.append(f"{name} {value:.1%}" if name.endswith("mAP") else f"{name} {value:.4f}")
-            shown += [f"loss {metrics['loss']:.3f}", f"{metrics['num_classes']} classes -> {metrics['num_clusters']} clusters"]
-            line = f"stage {stage} ({stage + 1}/{num_stages}) done in {metrics['stage_time_s']:.0f}s: {', '.join(shown)}"
-            if relay is not None:
-                relay.push.remote(("end", f"[ureid] {line}"))
-            else:
-                log(line)
+            # stages_done: the time axis of a sweep's scheduler (ASHA decides after every stage)
+            metrics = {"stage": stage, "stages_done": stage + 1, "loss": float(np.mean(losses)),
+                       "num_classes": targets.num_classes}
+            if data.query:
+                metrics.update(evaluate())
+            if data.validation_query:
+                metrics.update(validate())
+            if stage == 0:
+                metrics.update(first_metrics)
+            if hasattr(loss_fn, "memory"):  # lets the driver check that DDP replicas never drift
+                memory = loss_fn.memory.detach().cpu().numpy()
+                metrics["memory_checksum"] = hashlib.sha256(memory.tobytes()).hexdigest()
+            result = extract_and_update(stage)
+            targets = result["targets"]
+            metrics.update(result["info"])
+            metrics["train_time_s"] = train_time
+            metrics["stage_time_s"] = time.perf_counter() - t0
+            stop = selection.observe(stage, metrics)
+            metrics["selected_stage"] = selection.selected_stage
+            metrics["oracle_stage"] = selection.oracle_stage
+            if rank == 0:
+                shown = [f"{k} {metrics[k]:.1%}" for k in ("mAP", "rank1") if k in metrics]
+                criterion = cfg.schedule.criterion()  # what keeps a stage, when not the last one or mAP: shown too
+                if criterion and criterion[0] not in ("mAP", "rank1") and criterion[0] in metrics:
+                    name, value = criterion[0], metrics[criterion[0]]
+                    shown.append(f"{name} {value:.1%}" if name.endswith("mAP") else f"{name} {value:.4f}")
+                shown += [f"loss {metrics['loss']:.3f}", f"{metrics['num_classes']} classes -> {metrics['num_clusters']} clusters"]
+                line = f"stage {stage} ({stage + 1}/{num_stages}) done in {metrics['stage_time_s']:.0f}s: {', '.join(shown)}"
+                if relay is not None:
+                    relay.push.remote(("end", f"[ureid] {line}"))
+                else:
+                    log(line)
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
