@@ -244,7 +244,8 @@ class FeatureStore:
         return self.failure
 
     def record_failure(self, stage: int, what: str, error: str) -> None:
-        """A train worker's deterministic error (see :meth:`update_failure`); the first one recorded stays."""
+        """A deterministic error of a train worker or of this store's update (see :meth:`update_failure`); the
+        first one recorded stays."""
         if self.failure is None:
             self.failure = (stage, what, error)
 
@@ -343,7 +344,7 @@ class FeatureStore:
                     raise TypeError(f"{type(self.method).__name__}.update must return Targets, got "
                                     f"{type(new).__name__}")
             except DETERMINISTIC_ERRORS as exc:
-                self.failure = self.failure or (stage, "label update", f"{type(exc).__name__}: {exc}")
+                self.record_failure(stage, "label update", f"{type(exc).__name__}: {exc}")
                 raise
         info = {"cluster_time_s": time.perf_counter() - start, "num_clusters": new.num_classes, "store_threads": threads,
                 "store_blas_threads": blas, **(blocks.stats() if blocks is not None else {"cluster_tasks": 0}),
