@@ -96,6 +96,18 @@ def test_unknown_top_level_section():
     assert "trian" in msg and "unknown key" in msg
 
 
+def test_a_misspelt_key_names_the_key_it_resembles():
+    """The closest key of the same section (a typo, or one word of a longer name); none when nothing is close,
+    and never a key of another section."""
+    assert "did you mean clustering.size_penalty?" in _err(["clustering.size_penalti=0.1"])
+    assert "did you mean train?" in _err(["trian.lr=0.1"])
+    assert "did you mean ray.num_workers?" in _err(["ray.num_worker=2"])
+    assert "did you mean tracking.tracking_uri?" in _err(["tracking.uri=sqlite:///m.db"])
+    msg = _err(["train.xyz=1"])
+    assert "train.xyz: unknown key" in msg and "did you mean" not in msg
+    assert "did you mean" not in _err(["train.merge_percent=0.1"])
+
+
 def test_wrong_type_is_named():
     msg = _err(["train.batch_size=sixteen"])
     assert "train.batch_size" in msg and "'sixteen'" in msg and "integer" in msg
@@ -218,6 +230,8 @@ def test_start_up_errors_say_what_is_wrong_and_make_nothing(tmp_path, capsys):
         load_run_config(tmp_path)
     with pytest.raises(ConfigError, match="--num-samples 0: a sweep needs at least one trial"):
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [f"output_dir={tmp_path / 'sweeps'}"], num_samples=0)
+    with pytest.raises(ConfigError, match="--max-concurrent 0: at least 1 trial at a time"):  # was the default
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [f"output_dir={tmp_path / 'sweeps'}"], max_concurrent=0)
     assert not (tmp_path / "sweeps").exists()
 
     tracking_cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]).tracking

@@ -149,6 +149,21 @@ def test_shipped_spaces_and_method_defaults_pass_the_check(space_file):
     check_space(base, *load_space(method))  # the method's own default space
 
 
+def test_a_misspelt_space_key_names_the_key_it_resembles():
+    from ureid.config import ConfigError, read_yaml
+    from ureid.runtime.tune import check_space
+
+    base = read_yaml(CONFIG_DIR / "buc_cpu.yaml")
+    space = {"clustering.merge_percnt": {"uniform": [0.05, 0.1]}, "clustring.merge_percent": {"grid": [0.1]},
+             "train.xyz": {"grid": [1]}}
+    with pytest.raises(ConfigError) as info:
+        check_space(base, space, "space.yaml")
+    lines = str(info.value).splitlines()
+    assert "clustering.merge_percnt: not a key of the buc config; did you mean clustering.merge_percent?" in lines[1]
+    assert lines[2].endswith("did you mean clustering?")
+    assert lines[3].endswith("train.xyz: not a key of the buc config")
+
+
 def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray_cluster, tiny_root, tmp_path):
     """The driver is a separate process on the same Ray (one Ray instance per machine, see conftest), killed
     with SIGKILL once the second trial has finished its first stage; ``--resume`` then continues that trial

@@ -18,7 +18,9 @@ checkout).
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -414,7 +416,7 @@ def load_gan_config(path: str | os.PathLike, overrides: list[str] | None = None)
     try:
         return GanConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join([f"invalid StarGAN configuration ({path}):", *_error_lines(exc)])) from None
+        raise ConfigError("\n".join([f"invalid StarGAN configuration ({path}):", *_error_lines(exc, model=GanConfig)])) from None
 
 
 def _settings_schema(method: str) -> type[MethodSettings]:
@@ -496,13 +498,41 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model a field's annotation holds (itself, or inside Optional/Union/Annotated), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _close_key(model: type[BaseModel] | None, loc: tuple, prefix: str) -> str:
+    """'; did you mean <key>?' for an unknown key one typo away from a key its section has, else ''."""
+    node = model
+    for part in loc[:-1]:
+        field = node.model_fields.get(part) if node is not None and isinstance(part, str) else None
+        node = _model_in(field.annotation) if field is not None else None
+    if node is None:
+        return ""
+    names, key = list(node.model_fields), str(loc[-1])
+    # a typo, or one word of a longer name (tracking.uri for tracking.tracking_uri)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75) \
+        or [name for name in names if key in name.split("_")][:1]
+    return f"; did you mean {prefix}{'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+
+
+def _error_lines(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = prefix + ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.endswith("Settings")))
+        parts = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Settings")))
+        loc = prefix + ".".join(map(str, parts))
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key (value {value!r}); check the spelling against the method's schema")
+            hint = _close_key(model, parts, prefix) or "; check the spelling against the method's schema"
+            lines.append(f"  {loc}: unknown key (value {value!r}){hint}")
         elif err["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
         else:
@@ -526,12 +556,12 @@ def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
         try:
             schema.model_validate(block)
         except ValidationError as exc:
-            lines += _error_lines(exc, "clustering.")
+            lines += _error_lines(exc, "clustering.", schema)
             data = {**data, "clustering": {}}
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        lines += _error_lines(exc)
+        lines += _error_lines(exc, model=Config)
     if not lines:
         return cfg
     raise ConfigError("\n".join([f"invalid configuration ({source}):", *lines]))

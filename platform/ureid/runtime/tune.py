@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import difflib
 import json
 import os
 import secrets
@@ -80,9 +81,13 @@ def check_space(base: dict, space: dict, source: str) -> None:
     known = validate(copy.deepcopy(base), source=source).to_dict()
     for key, spec in space.items():
         node = known
-        for part in key.split("."):
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
-                lines.append(f"  {key}: not a key of the {base.get('method')} config")
+                close = difflib.get_close_matches(part, list(node), n=1, cutoff=0.75) if isinstance(node, dict) \
+                    else []
+                hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])}?" if close else ""
+                lines.append(f"  {key}: not a key of the {base.get('method')} config{hint}")
                 break
             node = node[part]
         else:
@@ -268,6 +273,10 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     from .tasks import check_cluster_slots
 
     t0 = time.perf_counter()
+    if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
+                                       or max_concurrent < 1):
+        raise ConfigError(f"--max-concurrent {max_concurrent!r}: at least 1 trial at a time (leave it out for as "
+                          "many as the cluster's CPUs hold)")
     if resume:
         sweep_dir = Path(resume).expanduser().resolve()
         if not (sweep_dir / "sweep.json").is_file():
