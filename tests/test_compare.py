@@ -3,6 +3,7 @@ per-dataset tables (selected stage beside the oracle) and plots, logged as a com
 
 import csv
 
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -133,3 +134,17 @@ def test_runs_named_by_id_that_cannot_be_compared_are_named(tmp_path, capsys):
     assert "Traceback" not in err and not out.exists()
     files = compare(uri, out, run_ids=[good], log=False)
     assert "| buc |" in files["synthetic"][0].read_text()
+
+
+def test_an_experiment_of_no_comparable_run_says_what_it_holds(tmp_path):
+    """An experiment of failed and running runs said only "no finished ureid runs": now it counts them by why."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    for name in ("a", "b"):
+        failed = tracking.start_run(uri, "ureid", name, {"method": "buc"}, {"method": "buc", "dataset": "synthetic"})
+        tracking.finish_run(uri, failed, status="FAILED")
+    tracking.start_run(uri, "ureid", "c", {"method": "dbc"}, {"method": "dbc", "dataset": "synthetic"})
+    with pytest.raises(FileNotFoundError) as info:
+        compare(uri, tmp_path / "out", log=False)
+    assert str(info.value) == (f"no finished ureid runs in experiment 'ureid' at {uri} (3 runs there: "
+                               "2 FAILED, not finished; 1 RUNNING, not finished)")
+    assert not (tmp_path / "out").exists()

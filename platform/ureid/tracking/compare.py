@@ -9,6 +9,7 @@ it, the oracle-best stage by test-set mAP, which an unsupervised user could not 
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 from dataclasses import dataclass, field
@@ -58,6 +59,18 @@ def _not_comparable(run) -> str | None:
     if run.info.status not in ("FINISHED", "KILLED"):
         return f"{run.info.status}, not finished"
     return None
+
+
+def _what_is_there(uri: str, experiment: str | None) -> str:
+    """' (N runs there: ...)', why each run of the experiment is not compared, when it has any."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment or "ureid")
+    runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
+    if not runs:
+        return ""
+    why = collections.Counter(_not_comparable(run) for run in runs)
+    return f" ({len(runs)} run{'s' * (len(runs) > 1)} there: " \
+        + "; ".join(f"{count} {reason}" for reason, count in sorted(why.items())) + ")"
 
 
 def _named_runs(client, uri: str, run_ids: list[str]) -> list:
@@ -298,7 +311,8 @@ def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_id
     """Write the tables and plots per dataset into ``out_dir``; log them as a comparison run; return the files."""
     records = collect(uri, experiment, run_ids)
     if not records:
-        raise FileNotFoundError(f"no finished ureid runs in experiment {experiment or 'ureid'!r} at {uri}")
+        raise FileNotFoundError(f"no finished ureid runs in experiment {experiment or 'ureid'!r} at {uri}"
+                                f"{_what_is_there(uri, experiment)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     files: dict[str, list[Path]] = {}
