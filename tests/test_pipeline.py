@@ -264,6 +264,31 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
     with Image.open(tmp_path / "search.png") as img:
         assert img.size == picture_size(1, 2)
 
+    # `ureid export`: one .pt2 that torch alone runs (loaded here with torch.export, no ureid call), giving
+    # `ureid embed`'s features of images resized with PIL and made tensors by to_tensor, any batch size
+    import torch
+    from torchvision.transforms.functional import to_tensor
+
+    assert main(["export", run_dir, "--out", str(tmp_path / "model")]) == 0
+    assert f"wrote {tmp_path / 'model.pt2'}: buc stage {selected}" in capsys.readouterr().out
+    extra = {"ureid.json": ""}
+    program = torch.export.load(tmp_path / "model.pt2", extra_files=extra).module()
+    info = json.loads(extra["ureid.json"])
+    assert (info["method"], info["stage"], info["feature_dim"], info["video"]) == ("buc", selected, dim, False)
+    some = paths[:5]
+    x = torch.stack([to_tensor(Image.open(p).convert("RGB").resize((info["width"], info["height"]), Image.BILINEAR))
+                     for p in some])
+    with torch.no_grad():
+        exported = program(x).numpy()
+        one = program(x[:1]).numpy()
+    want = z["features"][[paths.index(p) for p in some]]
+    np.testing.assert_allclose(exported, want, atol=1e-5)
+    np.testing.assert_allclose(one, want[:1], atol=1e-5)
+    assert main(["export", run_dir, "--stage", "0", "--out", str(tmp_path / "s0.pt2")]) == 0
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.export.load(tmp_path / "s0.pt2").module()(x).numpy(),
+                                   s0["features"][[paths.index(p) for p in some]], atol=1e-5)
+
     (tmp_path / "notes.txt").write_text("x")
     for argv, says in [([str(tmp_path / "nope")], "no such file or folder"),
                        ([str(tmp_path / "notes.txt")], "not an image file"),
@@ -469,6 +494,24 @@ def test_video_buc_two_stages_on_ray_train(ray_cluster, tmp_path_factory):
     assert len(embedded) == count and {r.paths[0] for r in ds.query + ds.gallery} <= embedded  # + junk tracklets
     reported = next(h["mAP"] for h in summary["history"] if h["stage"] == stage)
     assert abs(_map_of(features, (ds.query, ds.gallery)) - reported) < 1e-6
+    # `ureid export` of a video run: a call takes one tracklet's frames and gives its feature, embed's
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    from ureid.embed import export_embedding
+    from ureid.engine.datasets import select_test_frames
+
+    exported, info = export_embedding(summary["run_dir"], out / "video.pt2")
+    program = torch.export.load(exported).module()
+    by_path = dict(zip(np.load(features)["paths"].tolist(), np.load(features)["features"]))
+    assert info["video"] and info["max_frames"] == 4
+    for r in ds.query[:3]:
+        frames = [r.paths[j] for j in select_test_frames(len(r.paths), info["max_frames"])]
+        x = torch.stack([to_tensor(Image.open(f).convert("RGB").resize((info["width"], info["height"]),
+                                                                     Image.BILINEAR)) for f in frames])
+        with torch.no_grad():
+            np.testing.assert_allclose(program(x).numpy()[0], by_path[r.paths[0]], atol=1e-5)
 
     # your own tracklets (`data.name=tracklets`): the training tracklets as bare folders of frames, no identity,
     # in the loader's order; the same losses and pseudo-labels as the labeled run, and label-free reports

@@ -229,6 +229,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ureid.embed import export_embedding
+
+    out, info = export_embedding(args.run_dir, args.out, stage=args.stage)
+    print(f"wrote {out}: {info['method']} stage {info['stage']} ({info['arch']}), {info['feature_dim']}-d unit "
+          f"features of {info['height']}x{info['width']} RGB {'frames (one tracklet a call)' if info['video'] else 'images'}"
+          f" in [0, 1]; load with torch.export.load (see its ureid.json)")
+    return 0
+
+
 class _Bars:
     """The bars of a command that embeds images and may re-rank: images embedded, then (re-ranking Market-1501's
     3,368 x 19,732 test images took 27 s on two cores) the rows of the re-ranking's passes in place of the finished
@@ -395,6 +405,16 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
                      "(default: %(default)s)")
     _add_model_options(emb)
     emb.set_defaults(func=_cmd_embed)
+    exp = sub.add_parser("export", help="a finished run's embedding as one torch.export file (.pt2) that runs "
+                         "with torch alone",
+                         description="Write a run's model (the stage it selected, or --stage) as a torch.export "
+                         "program: RGB images resized to the run's input size, as floats in [0, 1], in; the unit "
+                         "features `ureid embed` gives, out. It needs torch alone to run (no ureid); the file's "
+                         "ureid.json says what it takes and gives.")
+    exp.add_argument("run_dir")
+    exp.add_argument("--out", default="embedding.pt2", help="output .pt2 (default: %(default)s)")
+    exp.add_argument("--stage", type=int, default=None, help="a stage checkpoint (default: the stage the run selected)")
+    exp.set_defaults(func=_cmd_export)
     sea = sub.add_parser("search", help="a finished run's nearest gallery images for query images",
                          description="Rank gallery images (files, or folders read recursively) for each query image "
                          "by a run's embedding and distance, as its evaluation does; print them, and draw them with "
@@ -544,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ureid", description="Unsupervised person re-identification at cluster scale")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{data,run,tune,compare,visualize,embed,search,evaluate,camstyle}")
+                                metavar="{data,run,tune,compare,visualize,embed,export,search,evaluate,camstyle}")
     add_data_commands(sub)
     add_camstyle_commands(sub)
     add_run_commands(sub)

@@ -231,6 +231,85 @@ def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     return out, features.shape[0], features.shape[1], emb.stage
 
 
+# The extra file of an exported program that says what it takes and gives (read with torch.export.load's
+# extra_files, or any zip reader: a .pt2 is a zip archive).
+EXPORT_INFO = "ureid.json"
+
+
+def _exportable(net, video: bool):
+    """``net`` wrapped to take what a user can make with torch and PIL alone: RGB images resized to the run's
+    input size, as floats in [0, 1] (``to_tensor``); the ImageNet normalisation of the run's test transform
+    (:func:`~ureid.engine.datasets.build_transforms`) is inside. Gives unit rows: one per image, or for a video
+    run one per call, the mean of the frames' pooled features made unit (as ``extract_features`` then
+    ``Embedding.embed``)."""
+    import torch
+
+    from .engine.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+    class Exported(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1))
+
+        def forward(self, images):
+            pooled = self.net((images - self.mean) / self.std)["pooled"].float()
+            if video:
+                pooled = pooled.mean(0, keepdim=True)
+            return torch.nn.functional.normalize(pooled, dim=1, eps=1e-12)
+
+    return Exported().eval()
+
+
+def export_embedding(run_dir: str | Path, out: str | Path, stage: int | None = None) -> tuple[Path, dict]:
+    """``ureid export``: a run's embedding (the selected stage, or ``stage``) as one ``torch.export`` program
+    (``.pt2``) that runs with torch alone, no ureid and no config; returns (out, info). ``info`` (also the
+    file's ``ureid.json``) says what the program takes and gives::
+
+        import json, torch
+        from PIL import Image
+        from torchvision.transforms.functional import to_tensor
+
+        extra = {"ureid.json": ""}
+        model = torch.export.load("embedding.pt2", extra_files=extra).module()
+        info = json.loads(extra["ureid.json"])
+        size = (info["width"], info["height"])
+        x = torch.stack([to_tensor(Image.open(p).convert("RGB").resize(size, Image.BILINEAR)) for p in paths])
+        features = model(x)  # (len(paths), D) unit rows; compare by Euclidean distance
+
+    The features are ``ureid embed``'s (float32 rounding apart): the same resize (PIL's bilinear, which the
+    run's test transform applies) and normalisation. The batch size is free; for a video run a call takes the
+    frames of one tracklet (``ureid embed`` uses at most ``max_frames`` of them, evenly spaced) and gives its
+    one feature."""
+    import torch
+
+    emb = load_embedding(run_dir, stage)
+    cfg = emb.cfg
+    video = emb.video
+    module = _exportable(emb.model, video)
+    example = torch.rand(2, 3, cfg.data.height, cfg.data.width)
+    name = "frames" if video else "batch"
+    program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim(name, min=1)}})
+    with torch.no_grad():
+        dim = int(module(example).shape[1])
+    info = {"method": cfg.method, "run": emb.run_dir.name, "stage": emb.stage, "arch": cfg.model.arch,
+            "height": cfg.data.height, "width": cfg.data.width, "feature_dim": dim, "video": video,
+            "input": f"float32 ({'T' if video else 'B'}, 3, {cfg.data.height}, {cfg.data.width}) RGB in [0, 1]: "
+                     "PIL's bilinear resize to (width, height), then torchvision's to_tensor",
+            "output": ("(1, D) float32: the tracklet's unit feature (the mean of its frames' features, made unit)"
+                       if video else "(B, D) float32 unit rows"),
+            "distance": "Euclidean (squared) between unit rows, as the run's evaluation",
+            **({"max_frames": cfg.data.max_test_frames} if video else {}),
+            "torch": torch.__version__}
+    out = Path(out)
+    if out.suffix != ".pt2":
+        out = out.with_name(out.name + ".pt2")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, out, extra_files={EXPORT_INFO: json.dumps(info, indent=1)})
+    return out, info
+
+
 def evaluate_run(run_dir: str | Path, stage: int | None = None, data_format: str | None = None, root=None,
                  device: str = "cpu", batch_size: int | None = None, rerank: dict | None = None,
                  progress=None, rerank_progress=None, **load_options) -> dict:
