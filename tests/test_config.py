@@ -263,3 +263,36 @@ def test_resume_refuses_the_settings_it_would_ignore(tmp_path, capsys):
         assert main(argv) == 2, argv
         assert says in capsys.readouterr().err, argv
     assert list(tmp_path.iterdir()) == []
+
+
+def test_user_config_files_name_packaged_bases_and_errors_name_the_file(tmp_path, capsys):
+    """A user's own file with `base: [buc_cpu.yaml]` (or `buc_cpu`) inherits the packaged config (it looked only
+    next to the file); a YAML error names the file and line (it said "<unicode string>"); a config of another
+    method is refused as such before its settings meet the wrong schema; a section's unknown key lists the keys
+    the section has when none is close."""
+    from ureid.cli import main
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("base: [buc_cpu.yaml]\nclustering:\n  merge_percent: 0.3\n")
+    cfg = load_config(own, check_paths=False)
+    assert cfg.method == "buc" and cfg.clustering.merge_percent == 0.3
+    assert cfg.train.lr == load_config(CONFIG_DIR / "buc_cpu.yaml", check_paths=False).train.lr
+    own.write_text("base: buc_cpu\n")
+    assert load_config(own, check_paths=False).clustering.merge_percent == 0.1
+    (tmp_path / "buc_cpu.yaml").write_text("base: [buc.yaml]\nseed: 7\n")  # a file beside it comes first
+    assert load_config(tmp_path / "buc_cpu.yaml", check_paths=False).seed == 7
+    own.write_text("base: [buc_cpu.yaml]\n")
+    assert load_config(own, check_paths=False).seed == 7
+    own.write_text("base: [nope.yaml]\n")
+    with pytest.raises(ConfigError, match=rf"{own}: base 'nope.yaml' is neither next to it .* nor a packaged config"):
+        load_config(own)
+    own.write_text("base: [buc_cpu.yaml]\nclustering:\n  size_penalty: [0.1\n")
+    with pytest.raises(ConfigError, match=rf'{own}: not valid YAML: .*\n  in "{own}", line 3'):
+        load_config(own)
+    own.write_text("base: [buc_cpu.yaml]\nmethod: dbc\n")
+    assert main(["run", "buc", "--config", str(own)]) == 2
+    assert f"config method is 'dbc' ({own}) but this entry point runs 'buc'" in capsys.readouterr().err
+    msg = _err(["train.xyz=1"])
+    assert "train.xyz: unknown key (value 1); train has: batch_size, lr," in msg
+    assert "clustering.xyz: unknown key (value 1); buc's clustering has: merge_percent, size_penalty" in _err(
+        ["clustering.xyz=1"])

@@ -133,7 +133,7 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
             _refuse_config_on_resume(args, "run")
             cfg = load_run_config(args.resume, args.overrides)
         else:
-            cfg = load_config(args.config or CONFIG_DIR / f"{method}_cpu.yaml", args.overrides)
+            cfg = load_config(args.config or CONFIG_DIR / f"{method}_cpu.yaml", args.overrides, method=method)
         if cfg.method != method:
             raise ConfigError(f"config method is {cfg.method!r} but this entry point runs {method!r}")
     except ConfigError as exc:

@@ -459,7 +459,8 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
     if path in _seen:
         raise ConfigError(f"{path}: 'base' inheritance loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as stream:  # a file object: YAML's error marks name the file, not "<unicode string>"
+            data = yaml.safe_load(stream) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -467,8 +468,24 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
     parents = data.pop("base", None) or []
     merged: dict[str, Any] = {}
     for parent in [parents] if isinstance(parents, str) else parents:  # later parents win
-        merged = _deep_merge(merged, read_yaml(path.parent / parent, _seen + (path,)))
+        merged = _deep_merge(merged, read_yaml(_base_file(path, parent), _seen + (path,)))
     return _deep_merge(merged, data)
+
+
+def _base_file(path: Path, parent) -> Path:
+    """A ``base:`` entry of ``path``: a file next to it, else (a user's own file naming ``buc_cpu.yaml`` or
+    ``buc_cpu``) the packaged config of that name."""
+    if not isinstance(parent, (str, os.PathLike)) or not str(parent):
+        raise ConfigError(f"{path}: base: expected file names, got {parent!r}")
+    beside = path.parent / parent
+    if beside.is_file() or Path(parent).is_absolute():
+        return beside
+    for name in (str(parent), f"{parent}.yaml"):
+        if (CONFIG_DIR / name).is_file() and (CONFIG_DIR / name).resolve() != path:
+            return CONFIG_DIR / name
+    packaged = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"{path}: base {str(parent)!r} is neither next to it ({beside}) nor a packaged config "
+                      f"({packaged})")
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -509,8 +526,9 @@ def _model_in(annotation) -> type[BaseModel] | None:
     return None
 
 
-def _close_key(model: type[BaseModel] | None, loc: tuple, prefix: str) -> str:
-    """'; did you mean <key>?' for an unknown key one typo away from a key its section has, else ''."""
+def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple, prefix: str, label: str | None = None) -> str:
+    """For an unknown key: '; did you mean <key>?' when it is one typo (or one word) away from a key its
+    section has, else '; <section> has: <its keys>'; '' when the section is not a model's."""
     node = model
     for part in loc[:-1]:
         field = node.model_fields.get(part) if node is not None and isinstance(part, str) else None
@@ -521,17 +539,24 @@ def _close_key(model: type[BaseModel] | None, loc: tuple, prefix: str) -> str:
     # a typo, or one word of a longer name (tracking.uri for tracking.tracking_uri)
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.75) \
         or [name for name in names if key in name.split("_")][:1]
-    return f"; did you mean {prefix}{'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+    if close:
+        return f"; did you mean {prefix}{'.'.join(map(str, (*loc[:-1], close[0])))}?"
+    section = label or (prefix + ".".join(map(str, loc[:-1]))).rstrip(".") or "the top level"
+    return f"; {section} has: {', '.join(names)}"
 
 
-def _error_lines(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+def _error_lines(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None,
+                 label: str | None = None) -> list[str]:
+    """One line per error; ``model``: the schema validated (for the keys an unknown one is told apart from),
+    ``label``: how to name its top section in those hints."""
     lines = []
     for err in exc.errors():
         parts = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.endswith("Settings")))
         loc = prefix + ".".join(map(str, parts))
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            hint = _close_key(model, parts, prefix) or "; check the spelling against the method's schema"
+            hint = _unknown_key_hint(model, parts, prefix, label if len(parts) == 1 else None) \
+                or "; check the spelling against the method's schema"
             lines.append(f"  {loc}: unknown key (value {value!r}){hint}")
         elif err["type"] == "missing":
             lines.append(f"  {loc}: required key is missing")
@@ -556,7 +581,7 @@ def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
         try:
             schema.model_validate(block)
         except ValidationError as exc:
-            lines += _error_lines(exc, "clustering.", schema)
+            lines += _error_lines(exc, "clustering.", schema, label=f"{data['method']}'s clustering")
             data = {**data, "clustering": {}}
     try:
         cfg = Config.model_validate(data)
@@ -567,10 +592,14 @@ def validate(data: dict[str, Any], source: str = "<dict>") -> Config:
     raise ConfigError("\n".join([f"invalid configuration ({source}):", *lines]))
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check_paths: bool = True,
+                method: str | None = None) -> Config:
     """Load, merge and validate a config file plus dotted overrides; by default also check that the dataset
-    folders it names exist (the driver's one look at the file system)."""
+    folders it names exist (the driver's one look at the file system). ``method``: the method the caller
+    runs; a config of another is refused before its settings are checked against the wrong schema."""
     data = apply_overrides(read_yaml(path), overrides)
+    if method is not None and data.get("method", method) != method:
+        raise ConfigError(f"config method is {data['method']!r} ({path}) but this entry point runs {method!r}")
     cfg = validate(data, source=str(path))
     if check_paths:
         try:

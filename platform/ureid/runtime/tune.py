@@ -289,12 +289,12 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"--num-samples {num_samples!r}: a sweep needs at least one trial")
         base = apply_overrides(read_yaml(config), overrides)
+        if base.get("method", method_name) != method_name:  # before its settings meet the wrong schema
+            raise ConfigError(f"config method is {base['method']!r} ({config}) but the sweep is over {method_name!r}")
         cfg = validate(copy.deepcopy(base), source=str(config))
         if cfg.schedule.select == "last":  # a sweep needs a score to compare trials on
             base = _set(base, "schedule.select", cfg.schedule.objective)
             cfg = validate(copy.deepcopy(base), source=str(config))
-        if cfg.method != method_name:
-            raise ConfigError(f"config method is {cfg.method!r} but the sweep is over {method_name!r}")
         cfg.check_paths()
         method = get_method(method_name)
         space, source = load_space(method, space_file)
