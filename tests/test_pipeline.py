@@ -416,6 +416,13 @@ def test_an_unlabeled_folder_trains_as_its_labeled_copy_and_reports_label_free(m
                                          rf"images under .*fewer_crops, the run's stages trained on "
                                          rf"{len(list(own_crops.iterdir()))} under "):
         visualize_run(copied, root=fewer)
+    # a run stopped before it finished (no summary): drawn stage by stage, none marked selected
+    (copied / "summary.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has not finished .* --stage draws one of its checkpoints "
+                                                r"\(stages 0, 1\), `ureid run buc --resume "):
+        visualize_run(copied, root=own_crops)
+    assert visualize_run(copied, root=own_crops, stage=0) == [copied / "pictures" / "stage0" / "pseudo_identities.png",
+                                                              copied / "pictures" / "stage0" / "feature_map.png"]
     from ureid.embed import evaluate_run
     with pytest.raises(ValueError, match="has no query/gallery split to score"):
         evaluate_run(summary["run_dir"])

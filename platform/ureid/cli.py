@@ -390,7 +390,8 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     vis.add_argument("--num-queries", type=int, default=8)
     vis.add_argument("--seed", type=int, default=0)
     vis.add_argument("--stage", type=int, default=None,
-                     help="draw another stage than the selected one, into pictures/stage<N>/")
+                     help="draw another stage than the selected one (or a stage of a run that has not "
+                          "finished), into pictures/stage<N>/")
     vis.add_argument("--root", default=None,
                      help="the run's dataset at another folder (moved, or copied to this machine); default: "
                           "the data.root of the run's config.yaml")

@@ -36,9 +36,15 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     from .visualize import drawable_clusters, feature_maps, nearest_neighbours, pseudo_identities, ranked_lists
 
     run_dir = run_folder(run_dir)
-    if not (run_dir / "summary.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json): the pictures need its "
-                                f"selected stage; `ureid run <method> --resume {run_dir}` finishes it")
+    finished = (run_dir / "summary.json").is_file()
+    if not finished and stage is None:  # an unfinished run can still be drawn stage by stage
+        from .config import read_yaml
+        from .embed import _listing
+
+        method = read_yaml(run_dir / "config.yaml").get("method", "<method>")
+        raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json), so it has selected no "
+                                f"stage; --stage draws one of its checkpoints ({_listing(dict(stage_checkpoints(run_dir)))}), "
+                                f"`ureid run {method} --resume {run_dir}` finishes it")
     try:
         cfg = load_config(run_dir / "config.yaml", check_paths=root is None)
     except ValueError as exc:
@@ -50,10 +56,12 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
         if not Path(root).expanduser().is_dir():
             raise FileNotFoundError(f"--root {root}: no such folder (the run's {cfg.data.name} dataset)")
         cfg.data.root = str(Path(root).expanduser())
-    summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = dict(stage_checkpoints(run_dir))
     results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
-    kept = summary.get("selected_stage", summary.get("best_stage"))  # runs before schedule.select: best_stage
+    kept = None  # an unfinished run has selected none
+    if finished:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        kept = summary.get("selected_stage", summary.get("best_stage"))  # runs before schedule.select: best_stage
     selected = kept if stage is None else stage
     if selected not in checkpoints or selected not in results:
         have = sorted(set(checkpoints) & set(results))
