@@ -237,6 +237,24 @@ def test_folder_without_camid_and_with_splits(tmp_path):
     assert by_name(ds.train) == {"5_c2.jpg": (5, 0), "5_c10.jpg": (5, 1)}
 
 
+def test_folder_per_identity_from_a_pattern_with_a_slash(tmp_path):
+    """A folder per identity (the common layout of labeled crops of one's own): a pattern with a '/' is searched
+    in the path below the split folder; without one, in the file name as before (a folder name that looks
+    like an identity is never read by such a pattern)."""
+    for f in ["train/0007/cam1_a.jpg", "train/0007/cam2_b.jpg", "train/0012/sub/cam1_c.jpg", "query/0003/cam1_q.jpg",
+              "gallery/0003/cam2_g.jpg", "gallery/0004/cam1_g.jpg"]:
+        jpg(tmp_path / f)
+    ds = load_dataset("folder", tmp_path, pattern=r"^(?P<pid>\d+)/(?:.*/)?cam(?P<camid>\d)")
+    assert by_name(ds.train) == {"cam1_a.jpg": (7, 0), "cam2_b.jpg": (7, 1), "cam1_c.jpg": (12, 0)}
+    assert [(r.pid, r.camid) for r in ds.query] == [(3, 0)] and {r.pid for r in ds.gallery} == {3, 4}
+    assert {r.pid for r in load_dataset("folder", tmp_path / "train", pattern=r"(?P<pid>\d+)/").train} == {7, 12}
+    with pytest.raises(ValueError, match=r"no image under .* has a file name matching pattern .*\(e.g. 'cam1_a.jpg'\)"):
+        load_dataset("folder", tmp_path / "train", pattern=r"^(?P<pid>\d+)")
+    with pytest.raises(ValueError, match=r"no image under .* has a path below it matching pattern .*"
+                                         r"\(e.g. '0007/cam1_a.jpg'\)"):
+        load_dataset("folder", tmp_path / "train", pattern=r"^id(?P<pid>\d+)/")
+
+
 def test_folder_pattern_errors(tmp_path):
     jpg(tmp_path / "1_c1.jpg")
     with pytest.raises(ValueError, match=r"needs a named group \(\?P<pid>...\) and/or \(\?P<camid>"):

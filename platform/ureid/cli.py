@@ -459,7 +459,8 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
     from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS
 
     p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and/or "
-                   "(?P<camid>..), none: unlabeled images; tracklets format: regex with a (?P<camid>..) group searched "
+                   "(?P<camid>..) (with a '/': searched in the path below the folder, e.g. '(?P<pid>\\d+)/' for a "
+                   "folder per identity), none: unlabeled images; tracklets format: regex with a (?P<camid>..) group searched "
                    "in each tracklet's first frame's path below the root, none: one camera")
     p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
     p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)

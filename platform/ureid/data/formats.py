@@ -418,12 +418,14 @@ def _compile(name: str, pattern: str | None) -> re.Pattern | None:
 
 
 def load_folder(root, pattern: str | None = None) -> ReidDataset:
-    """Any tree of images: your own crops, unlabeled, or file names that carry the identity and camera.
+    r"""Any tree of images: your own crops, unlabeled, or file names that carry the identity and camera.
 
     ``pattern`` is a regular expression searched in each file name, with a named group ``pid`` (an
-    integer) and/or ``camid``; camera values (numbers or strings such as ``cam_a``) are mapped to 0..K-1
-    in sorted order, and without a ``camid`` group every image gets camera 0. Without a pattern, or
-    without a ``pid`` group, the images are unlabeled (identity :data:`UNKNOWN_PID`): the methods train on
+    integer) and/or ``camid``; a pattern with a ``/`` is searched in the path below the (split) folder
+    instead, for a folder per identity or camera (``r'(?P<pid>\d+)/'``, ``r'(?P<pid>\d+)/cam(?P<camid>\d)'``);
+    camera values (numbers or strings such as ``cam_a``) are mapped to 0..K-1 in sorted order, and without a
+    ``camid`` group every image gets camera 0. Without a pattern, or without a ``pid`` group, the images are
+    unlabeled (identity :data:`UNKNOWN_PID`): the methods train on
     them as they are, and the run reports only its label-free scores. With subfolders ``query/`` and
     ``gallery/`` (and optionally ``train/``) those become the splits, scored by identity, so they need a
     ``pid`` group; otherwise every image goes to train, except what ureid writes under the root itself
@@ -452,13 +454,14 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
 
     raw: dict[str, list[tuple[str, int, str | None]]] = {}
     unmatched: list[str] = []
+    in_path = regex is not None and "/" in pattern  # a folder per identity: the path below the split folder
     for split, d in split_dirs.items():
         raw[split] = []
         for p in images_below(d):
             if regex is None:
                 raw[split].append((str(p), UNKNOWN_PID, None))
                 continue
-            m = regex.search(p.name)
+            m = regex.search(p.relative_to(d).as_posix() if in_path else p.name)
             if m is None:
                 unmatched.append(str(p))
                 continue
@@ -477,7 +480,10 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     if not any(raw.values()):
         if regex is None:
             raise ValueError(f"folder: no image under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files in every subfolder)")
-        raise ValueError(f"folder: no image under {base} has a file name matching pattern {pattern!r}")
+        where = "a path below it" if in_path else "a file name"
+        d, example = next(((d, found[0]) for d in split_dirs.values() if (found := images_below(d))), (base, None))
+        seen = f" (e.g. {(example.relative_to(d).as_posix() if in_path else example.name)!r})" if example else ""
+        raise ValueError(f"folder: no image under {base} has {where} matching pattern {pattern!r}{seen}")
     _warn_unmatched("folder", "image(s)", unmatched, pattern)
 
     cam_index = _camera_index({c for recs in raw.values() for _, _, c in recs if c is not None})
