@@ -322,6 +322,12 @@ def test_folder_reads_every_image_kind_and_names_the_files_it_does_not(tmp_path,
     assert len(warned) == 1 and "2 file(s)" in warned[0] and ".heic 1, .txt 1" in warned[0], caplog.messages
     assert ".DS_Store" not in warned[0] and "Thumbs.db" not in warned[0]
     caplog.clear()
+    from ureid.embed import collect_inputs  # `ureid embed` / `search` of the same folder: the same warning
+
+    with caplog.at_level(logging.WARNING):
+        assert len(collect_inputs([root])) == len(saved)
+    assert [m for m in caplog.messages if "are not read" in m and ".heic 1, .txt 1" in m]
+    caplog.clear()
     tracks = tmp_path / "tracks"
     for f in ["t1/f1.webp", "t1/f2.webp", "bounding_box_train_camstyle/readme.md"]:
         (tracks / f).parent.mkdir(parents=True, exist_ok=True)
