@@ -233,9 +233,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ureid.embed import export_embedding
 
     out, info = export_embedding(args.run_dir, args.out, stage=args.stage)
+    takes = "frames (one tracklet a call)" if info["video"] else "images"
     print(f"wrote {out}: {info['method']} stage {info['stage']} ({info['arch']}), {info['feature_dim']}-d unit "
-          f"features of {info['height']}x{info['width']} RGB {'frames (one tracklet a call)' if info['video'] else 'images'}"
-          f" in [0, 1]; load with torch.export.load (see its ureid.json)")
+          f"features of {info['height']}x{info['width']} RGB {takes} in [0, 1]; load with torch.export.load (see "
+          f"its ureid.json)")
     return 0
 
 
@@ -460,8 +461,8 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and/or "
                    "(?P<camid>..) (with a '/': searched in the path below the folder, e.g. '(?P<pid>\\d+)/' for a "
-                   "folder per identity), none: unlabeled images; tracklets format: regex with a (?P<camid>..) group searched "
-                   "in each tracklet's first frame's path below the root, none: one camera")
+                   "folder per identity), none: unlabeled images; tracklets format: regex with a (?P<camid>..) group "
+                   "searched in each tracklet's first frame's path below the root, none: one camera")
     p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
     p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
 

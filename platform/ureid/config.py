@@ -416,7 +416,8 @@ def load_gan_config(path: str | os.PathLike, overrides: list[str] | None = None)
     try:
         return GanConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join([f"invalid StarGAN configuration ({path}):", *_error_lines(exc, model=GanConfig)])) from None
+        lines = _error_lines(exc, model=GanConfig)
+        raise ConfigError("\n".join([f"invalid StarGAN configuration ({path}):", *lines])) from None
 
 
 def _settings_schema(method: str) -> type[MethodSettings]:

@@ -42,9 +42,10 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
         from .embed import _listing
 
         method = read_yaml(run_dir / "config.yaml").get("method", "<method>")
+        have = _listing(dict(stage_checkpoints(run_dir)))
         raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json), so it has selected no "
-                                f"stage; --stage draws one of its checkpoints ({_listing(dict(stage_checkpoints(run_dir)))}), "
-                                f"`ureid run {method} --resume {run_dir}` finishes it")
+                                f"stage; --stage draws one of its checkpoints ({have}), `ureid run {method} --resume "
+                                f"{run_dir}` finishes it")
     try:
         cfg = load_config(run_dir / "config.yaml", check_paths=root is None)
     except ValueError as exc:
