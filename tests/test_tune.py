@@ -79,8 +79,8 @@ def test_sweep_with_asha_parent_child_runs_and_best_yaml(ray_cluster, tiny_root,
 
     space = tmp_path / "space.yaml"
     # Trials run one after the other (max_concurrent 1), so ASHA's decisions are deterministic: on this tiny
-    # set the stage-0 silhouettes come out 0.26 (mp 0.2) and 0.12 (0.1): the second trial falls below the
-    # rung's median and is stopped after its first stage. (Two trials: each costs a Ray Train fit.)
+    # set the stage-0 silhouette of mp 0.2 comes out above that of 0.1 (0.062 and 0.003 on 7 December): the
+    # second trial falls below the rung's median and is stopped after its first stage. (Two trials: each costs a Ray Train fit.)
     space.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.1]}\n")
     out = tmp_path / "out"
     summary = run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(space),
@@ -105,7 +105,12 @@ def test_sweep_with_asha_parent_child_runs_and_best_yaml(ray_cluster, tiny_root,
         assert steps == list(range(t["stages"]))
         assert "selected_at_stage" in child.data.metrics and "best_mAP" in child.data.metrics
         if t["status"] == "early_stopped":
-            assert t["stages"] == 1
+            # ASHA stopped it on its first result: the one result Tune processed. Ray Train hands results to
+            # Tune through a queue and trains on, so the stage in training when the stop lands can still be
+            # logged (CI, 7 December: Tune's result.json 1 line, the run's history 2 stages).
+            tune_results = (Path(summary["sweep_dir"]) / "tune" / "sweep" / t["trial"] / "result.json").read_text()
+            assert [json.loads(line)["stages_done"] for line in tune_results.splitlines()] == [1]
+            assert t["stages"] in (1, 2)
             assert child.info.status == "KILLED" and child.data.tags["ureid.early_stopped"] == "true"
         else:
             assert t["stages"] == 2 and child.info.status == "FINISHED"
