@@ -315,6 +315,9 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                   f"label-free score (lf_*) is in {job.history_path.name} and MLflow{hint}")
         criterion = cfg.schedule.criterion()
         _print_table(history, selected, oracle if labeled else None, criterion[0] if criterion else None)
+        run = job.run_dir
+        print(f"[ureid] its embedding: `ureid embed {run} IMAGES`, `ureid search {run} PROBE --gallery IMAGES`, "
+              f"`ureid export {run}`" + (f"; pictures in {pictures}" if pictures else ""))
     return summary
 
 
