@@ -527,6 +527,20 @@ def _model_in(annotation) -> type[BaseModel] | None:
     return None
 
 
+def close_key(key: str, names) -> str | None:
+    """The one of ``names`` an unknown ``key`` most likely meant: a typo away, or one word of a longer name
+    (``uri`` for ``tracking_uri``); None when none is close."""
+    names = list(names)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75) or [n for n in names if key in n.split("_")]
+    return close[0] if close else None
+
+
+def refuse_other_method(data: dict, method: str, source, runs: str) -> None:
+    """A config of another method than the caller's, refused before its settings meet the wrong schema."""
+    if data.get("method", method) != method:
+        raise ConfigError(f"config method is {data['method']!r} ({source}) but {runs} {method!r}")
+
+
 def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple, prefix: str, label: str | None = None) -> str:
     """For an unknown key: '; did you mean <key>?' when it is one typo (or one word) away from a key its
     section has, else '; <section> has: <its keys>'; '' when the section is not a model's."""
@@ -536,12 +550,10 @@ def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple, prefix: str, la
         node = _model_in(field.annotation) if field is not None else None
     if node is None:
         return ""
-    names, key = list(node.model_fields), str(loc[-1])
-    # a typo, or one word of a longer name (tracking.uri for tracking.tracking_uri)
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.75) \
-        or [name for name in names if key in name.split("_")][:1]
+    names = list(node.model_fields)
+    close = close_key(str(loc[-1]), names)
     if close:
-        return f"; did you mean {prefix}{'.'.join(map(str, (*loc[:-1], close[0])))}?"
+        return f"; did you mean {prefix}{'.'.join(map(str, (*loc[:-1], close)))}?"
     section = label or (prefix + ".".join(map(str, loc[:-1]))).rstrip(".") or "the top level"
     return f"; {section} has: {', '.join(names)}"
 
@@ -599,8 +611,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, che
     folders it names exist (the driver's one look at the file system). ``method``: the method the caller
     runs; a config of another is refused before its settings are checked against the wrong schema."""
     data = apply_overrides(read_yaml(path), overrides)
-    if method is not None and data.get("method", method) != method:
-        raise ConfigError(f"config method is {data['method']!r} ({path}) but this entry point runs {method!r}")
+    if method is not None:
+        refuse_other_method(data, method, path, "this entry point runs")
     cfg = validate(data, source=str(path))
     if check_paths:
         try:

@@ -76,10 +76,8 @@ def load_embedding(run_dir: str | Path, stage: int | None = None) -> Embedding:
     if stage is None:
         best = run_dir / "best_checkpoint" / "state.pt"
         if not best.is_file() or not (run_dir / "summary.json").is_file():
-            raise FileNotFoundError(f"{run_dir}: the run has not finished (no best_checkpoint/ or summary.json), "
-                                    f"so it has selected no stage; --stage picks one of its checkpoints "
-                                    f"({_listing(stages)}), or `ureid run {cfg.method} --resume {run_dir}` "
-                                    f"finishes it")
+            raise FileNotFoundError(unfinished(run_dir, cfg.method, stages, "best_checkpoint/ or summary.json",
+                                               "picks", "or "))
         summary = json.loads((run_dir / "summary.json").read_text())
         stage = int(summary.get("selected_stage", summary.get("best_stage")))
     else:
@@ -107,6 +105,12 @@ def stage_model(cfg, state_path: Path):
     net = get_method(cfg.method).build_model(cfg, weights="none")  # the checkpoint's weights replace any start
     net.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=False)["model"])
     return net.eval()
+
+
+def unfinished(run_dir: Path, method: str, stages: dict, missing: str, verb: str, joint: str = "") -> str:
+    """Why a command that needs a run's selected stage refuses a run that has not finished, and what to do."""
+    return (f"{run_dir}: the run has not finished (no {missing}), so it has selected no stage; --stage {verb} one "
+            f"of its checkpoints ({_listing(stages)}), {joint}`ureid run {method} --resume {run_dir}` finishes it")
 
 
 def _listing(stages: dict) -> str:
@@ -292,8 +296,7 @@ def export_embedding(run_dir: str | Path, out: str | Path, stage: int | None = N
     example = torch.rand(2, 3, cfg.data.height, cfg.data.width)
     name = "frames" if video else "batch"
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim(name, min=1)}})
-    with torch.no_grad():
-        dim = int(module(example).shape[1])
+    dim = int(emb.model.feature_dim)  # the pooled feature's size, as extract_features reads it
     info = {"method": cfg.method, "run": emb.run_dir.name, "stage": emb.stage, "arch": cfg.model.arch,
             "height": cfg.data.height, "width": cfg.data.width, "feature_dim": dim, "video": video,
             "input": f"float32 ({'T' if video else 'B'}, 3, {cfg.data.height}, {cfg.data.width}) RGB in [0, 1]: "

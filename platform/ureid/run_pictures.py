@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import load_config
-from .embed import run_folder, stage_model
+from .config import load_config, read_yaml
+from .embed import run_folder, stage_model, unfinished
 
 
 def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, records=None,
@@ -37,15 +37,10 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
 
     run_dir = run_folder(run_dir)
     finished = (run_dir / "summary.json").is_file()
+    checkpoints = dict(stage_checkpoints(run_dir))
     if not finished and stage is None:  # an unfinished run can still be drawn stage by stage
-        from .config import read_yaml
-        from .embed import _listing
-
         method = read_yaml(run_dir / "config.yaml").get("method", "<method>")
-        have = _listing(dict(stage_checkpoints(run_dir)))
-        raise FileNotFoundError(f"{run_dir}: the run has not finished (no summary.json), so it has selected no "
-                                f"stage; --stage draws one of its checkpoints ({have}), `ureid run {method} --resume "
-                                f"{run_dir}` finishes it")
+        raise FileNotFoundError(unfinished(run_dir, method, checkpoints, "summary.json", "draws"))
     try:
         cfg = load_config(run_dir / "config.yaml", check_paths=root is None)
     except ValueError as exc:
@@ -57,7 +52,6 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
         if not Path(root).expanduser().is_dir():
             raise FileNotFoundError(f"--root {root}: no such folder (the run's {cfg.data.name} dataset)")
         cfg.data.root = str(Path(root).expanduser())
-    checkpoints = dict(stage_checkpoints(run_dir))
     results = pickle.loads((run_dir / "feature_store" / "feature_store.pkl").read_bytes())
     kept = None  # an unfinished run has selected none
     if finished:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import difflib
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, apply_overrides, read_yaml, validate
+from ..config import ConfigError, apply_overrides, close_key, read_yaml, refuse_other_method, validate
 from .. import tracking
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -84,9 +83,8 @@ def check_space(base: dict, space: dict, source: str) -> None:
         parts = key.split(".")
         for depth, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
-                close = difflib.get_close_matches(part, list(node), n=1, cutoff=0.75) if isinstance(node, dict) \
-                    else []
-                hint = f"; did you mean {'.'.join([*parts[:depth], close[0]])}?" if close else ""
+                close = close_key(part, node) if isinstance(node, dict) else None
+                hint = f"; did you mean {'.'.join([*parts[:depth], close])}?" if close else ""
                 lines.append(f"  {key}: not a key of the {base.get('method')} config{hint}")
                 break
             node = node[part]
@@ -289,8 +287,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"--num-samples {num_samples!r}: a sweep needs at least one trial")
         base = apply_overrides(read_yaml(config), overrides)
-        if base.get("method", method_name) != method_name:  # before its settings meet the wrong schema
-            raise ConfigError(f"config method is {base['method']!r} ({config}) but the sweep is over {method_name!r}")
+        refuse_other_method(base, method_name, config, "the sweep is over")
         cfg = validate(copy.deepcopy(base), source=str(config))
         if cfg.schedule.select == "last":  # a sweep needs a score to compare trials on
             base = _set(base, "schedule.select", cfg.schedule.objective)
