@@ -478,3 +478,67 @@ def test_tracklets_cameras_from_a_path_pattern(tmp_path, caplog, capsys):
     from ureid.data.run_data import load_split_dataset
 
     assert [r.camid for r in load_split_dataset(cfg.data).train] == [1, 0, 0]
+
+
+def test_guess_format_reads_each_published_layout_and_the_refusal_says_it(tmp_path, capsys):
+    """A folder's format from its layout: `ureid data info` without --format, and the run's refusal to write the
+    synthetic default into a dataset whose data.name was left at the default."""
+    from ureid.cli import main
+    from ureid.config import DataConfig
+    from ureid.data.formats import guess_format
+    from ureid.data.run_data import ensure_synthetic
+
+    duke = tmp_path / "duke"
+    for split, n in (("bounding_box_train", "0001_c2_f0046182.jpg"), ("bounding_box_test", "0005_c1_f0000002.jpg"),
+                     ("query", "0005_c7_f0000004.jpg")):
+        jpg(duke / "DukeMTMC-reID" / split / n)
+    dv = tmp_path / "dv" / "DukeMTMC-VideoReID"
+    for split, rel in (("train", "0001/0001/0001_C6_F0001_X1.jpg"), ("query", "0005/0003/0005_C1_F0001_X1.jpg"),
+                       ("gallery", "0005/0004/0005_C3_F0001_X1.jpg")):
+        jpg(dv / split / rel)
+    jpg(tmp_path / "crops" / "a" / "x.png")
+    roots = {"market1501": market(tmp_path / "m" / "Market-1501-v15.09.15").parent, "dukemtmc": duke,
+             "msmt17": msmt(tmp_path / "ms"), "cuhk03": cuhk03(tmp_path / "c", "detected"), "mars": mars(tmp_path / "mars"),
+             "dukevideo": dv.parent, "folder": tmp_path / "crops"}
+    for name, root in roots.items():
+        guess = guess_format(root)
+        assert guess is not None and guess[0] == name, (name, guess)
+        load_dataset(name, root, cuhk03_protocol="detected")  # the guess reads
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("no image")
+    assert [guess_format(tmp_path / d) for d in ("empty", "text", "nope")] == [None, None, None]
+
+    capsys.readouterr()
+    assert main(["data", "info", "--root", str(duke)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("format dukemtmc, guessed from ") and "0001_c2_f0046182.jpg" in out and "train" in out
+    with pytest.raises(SystemExit, match=r"text holds no image; --format is one of cuhk03, "):
+        main(["data", "info", "--root", str(tmp_path / "text")])
+
+    # data.name left at 'synthetic' with data.root at a real dataset: refused, naming the format that reads it
+    with pytest.raises(FileExistsError, match=r"data.root=.*holds no synthetic dataset .*It looks like dukemtmc "
+                                              r"\(.*bounding_box_train/ .*\): --set data.name=dukemtmc"):
+        ensure_synthetic(DataConfig(root=str(duke)))
+    with pytest.raises(FileExistsError, match=r"It holds no image; to read a dataset, set data.name to its format"):
+        ensure_synthetic(DataConfig(root=str(tmp_path / "text")))
+    assert not (duke / "manifest.json").exists() and sorted(p.name for p in duke.iterdir()) == ["DukeMTMC-reID"]
+
+
+def test_a_run_says_what_it_trains_on():
+    """The run's data line, printed before the first stage: the format (a synthetic default written now says
+    so), the training set and its cameras, camstyle's fakes apart, and whether stages get an mAP."""
+    from ureid.config import CONFIG_DIR, load_config
+    from ureid.methods import RunData
+    from ureid.runtime.experiment import _data_line
+
+    cfg = load_config(CONFIG_DIR / "camstyle_cpu.yaml", ["data.root=/data/x"], check_paths=False)
+    real = [Record((f"{i}.jpg",), -1, i % 3) for i in range(1200)]
+    fakes = [Record((f"f{i}.jpg",), -1, 0, is_fake=True) for i in range(40)]
+    q = [Record(("q.jpg",), 1, 0)]
+    line = _data_line(cfg, RunData(train=real + fakes, query=q, gallery=q * 3, num_real=1200), generated=True)
+    assert line == ("data: synthetic (market1501 layout, generated now) at /data/x: 1,200 training images from 3 "
+                    "cameras (+40 camera-style fakes); 1 query, 3 gallery images (mAP per stage)")
+    video = load_config(CONFIG_DIR / "buc_video_cpu.yaml", ["data.name=tracklets", "data.root=/v"], check_paths=False)
+    line = _data_line(video, RunData(train=real[:1], query=[], gallery=[], num_real=1), generated=False)
+    assert line == "data: tracklets at /v: 1 training tracklet from 1 camera; no labeled query/gallery, so no mAP per stage"

@@ -367,6 +367,8 @@ def test_a_killed_driver_resumes_with_the_labels_of_an_uninterrupted_run(ray_clu
     assert "stage 1 (2/3)" in stage_lines[0] and "stage 2 (3/3)" in stage_lines[1], text
     assert "Reporting training result" not in text and "Checkpoint successfully created" not in text, text
     assert "RayTrainWorker" not in text, text  # nothing forwarded from the workers' stdout
+    assert re.search(r"^\[ureid\] data: synthetic \(market1501 layout\) at \S+: \d+ training images from \d cameras; "
+                     r"\d+ query, \d+ gallery images \(mAP per stage\)$", text, re.M), text
     assert (f"[ureid] its embedding: `ureid embed {run_dir} IMAGES`, `ureid search {run_dir} PROBE "
             f"--gallery IMAGES`, `ureid export {run_dir}`") in done.stdout.splitlines(), text  # no pictures here
     repeated = {line for line in lines if lines.count(line) > 1}

@@ -193,11 +193,13 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
     assert int(s0["stage"]) == 0 and not np.allclose(s0["features"], z["features"][:len(s0["features"])])
 
     # `ureid evaluate`: the run's own test split by default, or a dataset named by --format/--root (here the
-    # same folder, so the same numbers); the stage's reported mAP and rank-1 either way
+    # same folder, so the same numbers; --root alone: the format guessed from its layout, and said); the stage's
+    # reported mAP and rank-1 either way
     reported_rank1 = next(h["rank1"] for h in summary["history"] if h["stage"] == selected)
-    for extra in ([], ["--format", "market1501", "--root", str(tiny_root)]):
+    for extra in ([], ["--format", "market1501", "--root", str(tiny_root)], ["--root", str(tiny_root)]):
         assert main(["evaluate", run_dir, *extra]) == 0
         said = capsys.readouterr().out
+        assert said.startswith("format market1501, guessed from ") == (extra[:1] == ["--root"]), said
         assert f"buc, stage {selected}, on market1501 at {tiny_root}" in said
         assert f"mAP {100 * reported:.2f}%, rank-1 {100 * reported_rank1:.2f}%" in said, said
     assert main(["evaluate", run_dir, "--format", "mars", "--root", str(tiny_root)]) == 2

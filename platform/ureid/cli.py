@@ -52,10 +52,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _guessed_format(root: str, command: str) -> str:
+    """The format of the dataset at ``root`` for a command given no ``--format``, said on stdout."""
+    from ureid.data.formats import DATASETS, guess_format
+
+    guess = guess_format(root)
+    if guess is None:
+        what = "is not a folder" if not Path(root).expanduser().is_dir() else "holds no image"
+        raise SystemExit(f"ureid {command}: {root} {what}; --format is one of {', '.join(sorted(DATASETS))}")
+    print(f"format {guess[0]}, guessed from {guess[1]} (--format to read it as another)", flush=True)
+    return guess[0]
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from ureid.data.formats import load_dataset
 
     t0 = time.perf_counter()
+    if args.format is None:
+        args.format = _guessed_format(args.root, "data info")
     ds = load_dataset(args.format, args.root, pattern=args.pattern, cuhk03_protocol=args.cuhk03_protocol,
                       bad_images=args.bad_images, verify=False if args.no_verify else None)
     kind = "video (records are tracklets)" if ds.is_video else "image"
@@ -321,6 +335,8 @@ def _unit_interval(text: str) -> float:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ureid.embed import evaluate_run
 
+    if args.root is not None and args.format is None:
+        args.format = _guessed_format(args.root, "evaluate")
     extra = {"pattern": args.pattern, "cuhk03_protocol": args.cuhk03_protocol, "bad_images": args.bad_images} \
         if args.format else {}
     rerank = _rerank_settings(args)
@@ -436,11 +452,11 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("evaluate", help="mAP and CMC of a finished run on its own or another labeled dataset",
                         description="Score a run's model (the stage it selected, or --stage) on a query/gallery "
-                        "split with the run's evaluation protocol: its own dataset, or another one given by --format "
-                        "and --root (e.g. trained on Market-1501, tested on DukeMTMC-reID).")
+                        "split with the run's evaluation protocol: its own dataset, or another one at --root (its format "
+                        "guessed from its layout, or --format; e.g. trained on Market-1501, tested on DukeMTMC-reID).")
     ev.add_argument("run_dir")
-    ev.add_argument("--format", choices=sorted(DATASETS), help="another dataset's format (with --root)")
-    ev.add_argument("--root", help="another dataset's folder (with --format)")
+    ev.add_argument("--format", choices=sorted(DATASETS), help="another dataset's format (default with --root: guessed from its layout)")
+    ev.add_argument("--root", help="another dataset's folder")
     _add_rerank_options(ev, "also the scores after k-reciprocal re-ranking (Zhong et al., CVPR 2017), as papers "
                         "report them beside the plain ones")
     _add_dataset_options(ev)
@@ -490,7 +506,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_synth)
 
     i = dsub.add_parser("info", help="read a dataset folder and print its split summary")
-    i.add_argument("--format", required=True, choices=sorted(DATASETS))
+    i.add_argument("--format", default=None, choices=sorted(DATASETS),
+                   help="default: guessed from the folder's layout (the guess is printed)")
     i.add_argument("--root", required=True)
     _add_dataset_options(i)
     i.add_argument("--no-verify", action="store_true", help="do not open every image to check it is readable")

@@ -381,7 +381,8 @@ class StarGANSettings(_Strict):
     def _sizes(self):
         if self.decay_iterations > self.iterations:
             raise ValueError(f"gan.decay_iterations ({self.decay_iterations}) must be at most gan.iterations "
-                             f"({self.iterations})")
+                             f"({self.iterations}); StarGAN decays over the last half: --set "
+                             f"gan.decay_iterations={self.iterations // 2}")
         scale = 2 ** self.d_repeat_num
         if self.height % scale or self.width % scale or self.height % 4 or self.width % 4:
             raise ValueError(f"gan.height and gan.width must be multiples of 4 (the generator's two down-convs) "
@@ -575,7 +576,10 @@ def _error_lines(exc: ValidationError, prefix: str = "", model: type[BaseModel] 
             lines.append(f"  {loc}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {loc}: {msg} (got {value!r})" if loc else f"  {msg}")
+            # a section's own check (a model validator) gets the whole section as its input: its message names
+            # the keys and values, and the section's dump would bury it
+            lines.append(f"  {loc}: {msg}" if isinstance(value, dict) else
+                         f"  {loc}: {msg} (got {value!r})" if loc else f"  {msg}")
     return lines
 
 

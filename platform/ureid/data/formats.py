@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 CUHK03_PROTOCOLS = ("labeled", "detected")
+# The folders each dataset usually extracts to: a root may be that folder or its parent (see _resolve_root).
+_MARKET_ALIASES = ("Market-1501-v15.09.15", "market1501")
+_DUKE_ALIASES = ("DukeMTMC-reID", "dukemtmc-reid")
+_MSMT_ALIASES = ("MSMT17_V1", "MSMT17_V2", "msmt17")
+_CUHK03_ALIASES = ("cuhk03", "cuhk03_release")
+_MARS_ALIASES = ("mars", "MARS")
+_DUKEV_ALIASES = ("DukeMTMC-VideoReID", "dukemtmc-videoreid")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -205,12 +212,12 @@ def _market_style(name: str, root, regex: re.Pattern, example: str, aliases: tup
 
 def load_market1501(root) -> ReidDataset:
     """Market-1501 (Zheng et al., ICCV 2015): six cameras c1..c6 -> camid 0..5."""
-    return _market_style("market1501", root, _MARKET_RE, "0002_c1s1_000451_03.jpg", ("Market-1501-v15.09.15", "market1501"))
+    return _market_style("market1501", root, _MARKET_RE, "0002_c1s1_000451_03.jpg", _MARKET_ALIASES)
 
 
 def load_dukemtmc(root) -> ReidDataset:
     """DukeMTMC-reID (Zheng et al., ICCV 2017): eight cameras c1..c8 -> camid 0..7."""
-    return _market_style("dukemtmc", root, _DUKE_RE, "0001_c2_f0046182.jpg", ("DukeMTMC-reID", "dukemtmc-reid"))
+    return _market_style("dukemtmc", root, _DUKE_RE, "0001_c2_f0046182.jpg", _DUKE_ALIASES)
 
 
 # ----------------------------------------------------------------------------- MSMT17
@@ -225,7 +232,7 @@ def load_msmt17(root) -> ReidDataset:
     """
     example = "0000_000_01_0303morning_0015_0.jpg"
     layout = f"layout: list_train.txt, list_query.txt, list_gallery.txt (lines 'relpath pid'), train/, test/; files like {example}"
-    base = _resolve_root("msmt17", root, "list_train.txt", ("MSMT17_V1", "MSMT17_V2", "msmt17"), layout)
+    base = _resolve_root("msmt17", root, "list_train.txt", _MSMT_ALIASES, layout)
     img_dirs = [("train", "test"), ("mask_train_v2", "mask_test_v2")]
     train_dir, test_dir = next(((base / a, base / b) for a, b in img_dirs if (base / a).is_dir()), (base / "train", base / "test"))
     _require("msmt17", train_dir, layout, is_dir=True)
@@ -278,7 +285,7 @@ def load_cuhk03(root, protocol: str = "labeled") -> ReidDataset:
 
     split_name = f"cuhk03_new_protocol_config_{protocol}.mat"
     layout = f"new-protocol layout: images_{protocol}/ and {split_name}"
-    base = _resolve_root("cuhk03", root, split_name, ("cuhk03", "cuhk03_release"), layout)
+    base = _resolve_root("cuhk03", root, split_name, _CUHK03_ALIASES, layout)
     img_dir = _require("cuhk03", base / f"images_{protocol}", layout, is_dir=True)
     try:
         mat = loadmat(str(base / split_name))
@@ -320,7 +327,7 @@ def load_mars(root) -> ReidDataset:
 
     example = "0001C1T0001F001.jpg"
     layout = "layout: bbox_train/, bbox_test/, info/{train_name,test_name}.txt, info/tracks_{train,test}_info.mat, info/query_IDX.mat"
-    base = _resolve_root("mars", root, "info", ("mars", "MARS"), layout)
+    base = _resolve_root("mars", root, "info", _MARS_ALIASES, layout)
     info = base / "info"
     for d in ("bbox_train", "bbox_test"):
         _require("mars", base / d, layout, is_dir=True)
@@ -385,7 +392,7 @@ def load_dukevideo(root) -> ReidDataset:
     """
     example = "0001_C6_F0099_X30823.jpg"
     layout = f"layout: train/, query/, gallery/ each with <pid>/<tracklet>/ frame folders, frames like {example}"
-    base = _resolve_root("dukevideo", root, "train", ("DukeMTMC-VideoReID", "dukemtmc-videoreid"), layout)
+    base = _resolve_root("dukevideo", root, "train", _DUKEV_ALIASES, layout)
     ds = ReidDataset("dukevideo", str(base), is_video=True)
     for split in ("train", "query", "gallery"):
         split_dir = _require("dukevideo", base / split, layout, is_dir=True)
@@ -550,6 +557,46 @@ def load_tracklets(root, pattern: str | None = None) -> ReidDataset:
     index = _camera_index({c for _, c in cams})
     ds.train = [Record(frames, UNKNOWN_PID, index[c]) for frames, c in cams]
     return ds
+
+
+# ----------------------------------------------------------------------------- guessing
+def _first_image(folder: Path) -> Path | None:
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
+    return folder / names[0] if names else None
+
+
+def guess_format(root) -> tuple[str, str] | None:
+    """``(format, why)``: the dataset format whose layout ``root`` has (itself or its usual extracted folder in
+    it), by the marker each reader looks for first (``why`` names it); ``folder`` for any other tree holding
+    images; None when ``root`` is not a folder or holds no image. For messages and ``ureid data info``: a reader
+    still checks the whole layout."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return None
+
+    def base(marker: str, aliases: Iterable[str]) -> Path | None:
+        return next((d for d in (root, *(root / a for a in aliases)) if (d / marker).exists()), None)
+
+    if (b := base("bounding_box_train", _MARKET_ALIASES + _DUKE_ALIASES)) is not None and (b / "bounding_box_train").is_dir():
+        first = _first_image(b / "bounding_box_train")
+        for name, regex in (("market1501", _MARKET_RE), ("dukemtmc", _DUKE_RE)):
+            if first is not None and regex.fullmatch(first.name):
+                return name, f"{b / 'bounding_box_train'}/ with files like {first.name}"
+    if (b := base("list_train.txt", _MSMT_ALIASES)) is not None:
+        return "msmt17", f"{b / 'list_train.txt'}"
+    for protocol in CUHK03_PROTOCOLS:
+        mat = f"cuhk03_new_protocol_config_{protocol}.mat"
+        if (b := base(mat, _CUHK03_ALIASES)) is not None:
+            return "cuhk03", f"{b / mat}"
+    if (b := base("info", _MARS_ALIASES)) is not None and (b / "bbox_train").is_dir():
+        return "mars", f"{b / 'info'}/ and {b / 'bbox_train'}/"
+    if (b := base("train", _DUKEV_ALIASES)) is not None and (b / "query").is_dir() and (b / "gallery").is_dir():
+        return "dukevideo", f"{b}/ with train/, query/, gallery/"
+    for _, _, files in os.walk(root):
+        if any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
+            return "folder", f"images in {root}, in none of the published layouts"
+    return None
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -44,6 +44,21 @@ def load_run_data(cfg: Config, method) -> RunData:
     return method.load_data(cfg, data)
 
 
+def _data_line(cfg: Config, data: RunData, generated: bool) -> str:
+    """``data: market1501 at ROOT: 12,936 training images from 6 cameras; 3,368 query, 15,913 gallery``."""
+    d = cfg.data
+    name = f"synthetic ({'mars' if d.is_video else 'market1501'} layout{', generated now' if generated else ''})" \
+        if d.name == "synthetic" else d.name
+    unit = "tracklets" if d.is_video else "images"
+    cams = len({r.camid for r in data.train[:data.num_real]})
+    line = (f"data: {name} at {d.root}: {data.num_real:,} training {unit[:-1] if data.num_real == 1 else unit} from {cams} camera{'s' * (cams != 1)}"
+            + (f" (+{len(added):,} {'camera-style fakes' if all(r.is_fake for r in added) else 'the method adds'})"
+               if (added := data.train[data.num_real:]) else ""))
+    if data.query:
+        return line + f"; {len(data.query):,} query, {len(data.gallery):,} gallery {unit} (mAP per stage)"
+    return line + "; no labeled query/gallery, so no mAP per stage"
+
+
 def _check_scorable(key: str, data_cfg, query: list, gallery: list) -> None:
     """A query/gallery split that no query can be scored on (none has a gallery image of its identity from
     another camera) is refused here, before Ray: it failed every stage's evaluation in the train workers."""
@@ -213,10 +228,12 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     with job.failing_loudly(leave_status):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
         cfg.check_paths()
         method.prepare(cfg)
-        ensure_synthetic(cfg.data)
+        generated = ensure_synthetic(cfg.data)
         if cfg.schedule.validation is not None:
             ensure_synthetic(cfg.schedule.validation, "schedule.validation")
         data = load_run_data(cfg, method)  # fail here, in the driver, on a bad dataset
+        if not quiet:  # what it trains on, before the first stage's minutes: a wrong data.name shows here
+            print(f"[ureid] {_data_line(cfg, data, generated)}", flush=True)
         job.check_training_set(cfg.data.root, [r.paths for r in data.train[: data.num_real]])
         start_stage, resume_from = _resume_point(job)
         read_history(job.history_path, before=start_stage)
