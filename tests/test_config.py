@@ -145,6 +145,13 @@ def test_an_empty_path_or_name_is_refused(key, tmp_path, monkeypatch):
     assert f"{key}: empty; give a value (`--set key=$VAR` with VAR unset gives an empty one)" in msg, msg
 
 
+def test_a_batch_batchnorm_cannot_train_on_is_refused():
+    """train.batch_size=1 failed every run's first step in the workers ("Expected more than 1 value per channel")."""
+    assert ("train.batch_size: must be at least 2: it is each train worker's batch, and a BatchNorm layer in training "
+            "needs more than one sample (got 1)") in _err(["train.batch_size=1"])
+    assert load_config(CONFIG_DIR / "buc_cpu.yaml", ["train.batch_size=2"], check_paths=False).train.batch_size == 2
+
+
 def test_sgd_momentum_below_one():
     assert "train.momentum" in _err(["train.momentum=1"]) and load_config(
         CONFIG_DIR / "buc_cpu.yaml", ["train.momentum=0.99"], check_paths=False).train.momentum == 0.99

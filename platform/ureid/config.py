@@ -117,7 +117,7 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    batch_size: PosInt = 16
+    batch_size: PosInt = 16              # per train worker: the global batch is this times ray.num_workers
     lr: Annotated[float, Field(gt=0)] = 0.1
     backbone_lr_mult: NonNegFloat = 0.1
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -142,6 +142,14 @@ class TrainConfig(_Strict):
     # Dropout masks drawn per sample from (stage seed, epoch, step, sample index) instead of each rank's
     # generator: the mask a sample gets no longer depends on which worker processed it.
     per_sample_dropout: bool = False
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batchnorm_needs_two(cls, value: int) -> int:
+        if value < 2:  # else every stage's first step failed in the workers, deep in torch
+            raise ValueError(f"must be at least 2: it is each train worker's batch, and a BatchNorm "
+                             f"layer in training needs more than one sample")
+        return value
 
 
 class LossConfig(_Strict):
