@@ -153,16 +153,24 @@ def update_device(ray_cfg) -> str | None:
 
 
 def _load_update_libraries() -> None:
-    """Load, while the store starts, what every update loads on its first call: faiss (with its own OpenBLAS)
-    and threadpoolctl's scan of the loaded libraries. Otherwise a run's first update paid it inside its
-    ``cluster_time_s``, and so did every row of ``benchmarks/scaling.py`` (each a fresh store): 0.16 s and
-    7 ms in a fresh process here (2 cores), against a 2.8-3.3 s GEMM floor at N = 12,936. The store starts
-    while the trainer starts, so nobody waits for it."""
+    """Load, while the store starts, what every update loads on its first call: torch (the thread settings
+    and the torch paths), faiss (with its own OpenBLAS), the label-update modules (``ureid.clustering``'s,
+    scipy.sparse with them) and threadpoolctl's scan of the loaded libraries. Otherwise a run's first update
+    paid it inside its ``cluster_time_s``, and so did every row of ``benchmarks/scaling.py`` (each a fresh
+    store): torch 1.5 s, the Jaccard module 0.12-0.26 s, faiss 0.16 s and the scan 7 ms in a fresh process
+    here (2 cores), against a 2.2-3.3 s GEMM floor at N = 12,936. The store starts while the trainer starts,
+    so nobody waits for it."""
+    import importlib
+
+    import torch  # noqa: F401
     from threadpoolctl import threadpool_info
 
+    from .. import clustering
     from ..clustering._common import import_faiss
 
     import_faiss()
+    for module in sorted(set(clustering._EXPORTS.values())):
+        importlib.import_module(f"{clustering.__name__}.{module}")
     threadpool_info()
 
 
