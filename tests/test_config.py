@@ -240,6 +240,15 @@ def test_start_up_errors_say_what_is_wrong_and_make_nothing(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--max-concurrent 0: at least 1 trial at a time"):  # was the default
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [f"output_dir={tmp_path / 'sweeps'}"], max_concurrent=0)
     assert not (tmp_path / "sweeps").exists()
+    # --name: one new folder, checked before Ray (a used name failed after it with FileExistsError)
+    named = tmp_path / "named"
+    (named / "old").mkdir(parents=True)
+    (named / "old" / "sweep.json").write_text("{}")
+    for name, says in (("a/b", "--name 'a/b': the sweep's folder name in output_dir, without '/'"),
+                       ("old", rf"--name 'old': {named / 'old'} exists \(--resume {named / 'old'} continues it\)")):
+        with pytest.raises(ConfigError, match=says):
+            run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", [f"output_dir={named}"], name=name)
+    assert [p.name for p in named.iterdir()] == ["old"]
 
     tracking_cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]).tracking
     job = Job.start("buc", tmp_path / "runs", tracking_cfg, params={}, tags={})

@@ -258,6 +258,19 @@ def _trial_resources(ray_cfg):
     return tune.PlacementGroupFactory([{}, {"memory": 1.0}])
 
 
+def _check_name(name: str | None, output_dir: Path) -> None:
+    """``--name``: one new folder in ``output_dir`` (checked before Ray starts; it failed after, with
+    FileExistsError, for a name already used, and a name with a '/' made nested folders)."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"--name {name!r}: the sweep's folder name in output_dir, without '/'")
+    if (output_dir / name).exists():
+        how = (f"--resume {output_dir / name} continues it" if (output_dir / name / "sweep.json").is_file()
+               else "it is not a sweep")
+        raise ConfigError(f"--name {name!r}: {output_dir / name} exists ({how}); choose another --name")
+
+
 def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] | None = None, *,
               space_file: str | None = None, num_samples: int = 4, search: str = "random",
               scheduler: str = "asha", max_concurrent: int | None = None, name: str | None = None,
@@ -298,6 +311,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         check_space(base, space, source)  # before Ray starts
         _check_search(search, space)
         cfg = cfg.with_absolute_paths()
+        _check_name(name, Path(cfg.output_dir))
         base = _set(cfg.to_dict(), "tracking.tracking_uri",
                     tracking.resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir))
 
