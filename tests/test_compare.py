@@ -148,3 +148,24 @@ def test_an_experiment_of_no_comparable_run_says_what_it_holds(tmp_path):
     assert str(info.value) == (f"no finished ureid runs in experiment 'ureid' at {uri} (3 runs there: "
                                "2 FAILED, not finished; 1 RUNNING, not finished)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trial_stopped_before_its_first_stage_is_no_row(tmp_path):
+    """A sweep trial that ASHA (or a Ctrl-C) stopped before its first stage is KILLED with no metric: it made a
+    row of blanks (" of 0", "()", "0.0 min"); now it is left out, and named as such when asked for. A sweep's
+    name that is no file name (a '/', from before --name was checked) names its plot file safely."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tracking.start_run(uri, "cmp", "a/b", {"space": '{"clustering.size_penalty": {"uniform": [0, 0.01]}}',
+                                                   "objective": "lf_silhouette (max)"},
+                               {"ureid.kind": "sweep", "method": "buc"})
+    done = _run(uri, "buc", [0.01, 0.03], selected=1, parent=sweep, params={"clustering.size_penalty": 0.005})
+    stopped = tracking.start_run(uri, "cmp", "buc-run", {"method": "buc"}, {"method": "buc", "dataset": "synthetic"},
+                                 parent_run_id=sweep)
+    tracking.finish_run(uri, stopped, status="KILLED")
+    tracking.finish_run(uri, sweep)
+    files = compare(uri, tmp_path / "out", experiment="cmp", log=False)
+    rows = [line for line in files["synthetic"][0].read_text().splitlines() if line.startswith("| buc")]
+    assert len(rows) == 1 and "1 of 2" in rows[0], rows
+    with pytest.raises(ValueError, match=rf"{stopped} \(KILLED before its first stage\)"):
+        compare(uri, tmp_path / "out2", run_ids=[done, stopped], log=False)
+    assert [p.name for p in compare(uri, tmp_path / "out3", experiment="cmp", log=False)["sweeps"]] == ["sweep_a_b.png"]

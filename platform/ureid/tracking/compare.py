@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def _not_comparable(run) -> str | None:
         return f"a {kind or 'non-ureid'} run, not a method's{children}"
     if run.info.status not in ("FINISHED", "KILLED"):
         return f"{run.info.status}, not finished"
+    if not any(key in run.data.metrics for key in ("stages_done", *STAGE_KEYS)):
+        return f"{run.info.status} before its first stage"  # an ASHA stop that came first: a row of blanks
     return None
 
 
@@ -342,7 +345,9 @@ def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_id
         exp = client.get_experiment_by_name(experiment or "ureid")
         parents = client.search_runs([exp.experiment_id], filter_string="tags.`ureid.kind` = 'sweep'") if exp else []
         for p in parents:
-            plot = sweep_plot(uri, p.info.run_id, out_dir / f"sweep_{p.info.run_name}.png")
+            # a run name is anything MLflow took (a sweep --name once could hold a '/'): one file in out_dir
+            safe = re.sub(r"[^\w.-]", "_", p.info.run_name or p.info.run_id)
+            plot = sweep_plot(uri, p.info.run_id, out_dir / f"sweep_{safe}.png")
             if plot:
                 files.setdefault("sweeps", []).append(plot)
     if log:
