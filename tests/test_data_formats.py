@@ -489,8 +489,8 @@ def test_guess_format_reads_each_published_layout_and_the_refusal_says_it(tmp_pa
     from ureid.data.run_data import ensure_synthetic
 
     duke = tmp_path / "duke"
-    for split, n in (("bounding_box_train", "0001_c2_f0046182.jpg"), ("bounding_box_test", "0005_c1_f0000002.jpg"),
-                     ("query", "0005_c7_f0000004.jpg")):
+    for split, n in (("bounding_box_train", "0001_c2_f0046182.jpg"), ("bounding_box_train", "0001_c8_f0000001.jpg"),
+                     ("bounding_box_test", "0005_c1_f0000002.jpg"), ("query", "0005_c7_f0000004.jpg")):
         jpg(duke / "DukeMTMC-reID" / split / n)
     dv = tmp_path / "dv" / "DukeMTMC-VideoReID"
     for split, rel in (("train", "0001/0001/0001_C6_F0001_X1.jpg"), ("query", "0005/0003/0005_C1_F0001_X1.jpg"),
@@ -515,6 +515,12 @@ def test_guess_format_reads_each_published_layout_and_the_refusal_says_it(tmp_pa
     assert out.startswith("format dukemtmc, guessed from ") and "0001_c2_f0046182.jpg" in out and "train" in out
     with pytest.raises(SystemExit, match=r"text holds no image; --format is one of cuhk03, "):
         main(["data", "info", "--root", str(tmp_path / "text")])
+    # the camera-style commands guess among the layouts they read
+    assert main(["data", "camstyle", "--root", str(duke), "--out", str(tmp_path / "fakes")]) == 0
+    assert capsys.readouterr().out.startswith("format dukemtmc, guessed from ")
+    with pytest.raises(SystemExit, match=r"ureid data camstyle: .*mars looks like mars \(.*\); --format is one of "
+                                         r"dukemtmc, folder, market1501$"):
+        main(["data", "camstyle", "--root", str(roots["mars"])])
 
     # data.name left at 'synthetic' with data.root at a real dataset: refused, naming the format that reads it
     with pytest.raises(FileExistsError, match=r"data.root=.*holds no synthetic dataset .*It looks like dukemtmc "

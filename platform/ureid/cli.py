@@ -52,14 +52,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guessed_format(root: str, command: str) -> str:
-    """The format of the dataset at ``root`` for a command given no ``--format``, said on stdout."""
+# The formats the camera-style commands read: `ureid data camstyle` (the colour stand-in) and `ureid camstyle
+# generate` (StarGAN's fakes), whose fakes go beside the training images of these layouts.
+CAMSTYLE_FORMATS = ["dukemtmc", "folder", "market1501"]
+STARGAN_FORMATS = ["dukemtmc", "market1501", "msmt17"]
+
+
+def _guessed_format(root: str, command: str, allowed=None) -> str:
+    """The format of the dataset at ``root`` for a command given no ``--format`` (one of ``allowed``, default
+    any), said on stdout."""
     from ureid.data.formats import DATASETS, guess_format
 
+    allowed = sorted(allowed or DATASETS)
     guess = guess_format(root)
-    if guess is None:
-        what = "is not a folder" if not Path(root).expanduser().is_dir() else "holds no image"
-        raise SystemExit(f"ureid {command}: {root} {what}; --format is one of {', '.join(sorted(DATASETS))}")
+    if guess is None or guess[0] not in allowed:
+        what = ("is not a folder" if not Path(root).expanduser().is_dir() else "holds no image") if guess is None \
+            else f"looks like {guess[0]} ({guess[1]})"
+        raise SystemExit(f"ureid {command}: {root} {what}; --format is one of {', '.join(allowed)}")
     print(f"format {guess[0]}, guessed from {guess[1]} (--format to read it as another)", flush=True)
     return guess[0]
 
@@ -90,6 +99,8 @@ def _cmd_camstyle(args: argparse.Namespace) -> int:
     from ureid.data.formats import load_dataset
 
     t0 = time.perf_counter()
+    if args.format is None:
+        args.format = _guessed_format(args.root, "data camstyle", CAMSTYLE_FORMATS)
     ds = load_dataset(args.format, args.root, pattern=args.pattern, verify=False)
     out = args.out or default_fake_folder(ds.root)
     n = write_fakes(ds.train, out)
@@ -515,7 +526,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     c = dsub.add_parser("camstyle", help="write camera-style fakes with the colour-statistics stand-in for StarGAN")
     c.add_argument("--root", required=True, help="dataset folder (Market-1501 or DukeMTMC-reID layout, or a folder)")
-    c.add_argument("--format", default="market1501", choices=["market1501", "dukemtmc", "folder"])
+    c.add_argument("--format", default=None, choices=CAMSTYLE_FORMATS, help="default: guessed from the folder's layout")
     c.add_argument("--pattern", default=None, help="folder format: filename regex whose (?P<camid>..) group names "
                    "each image's camera")
     c.add_argument("--out", default=None, help="default: <root>/bounding_box_train_camstyle")
@@ -545,6 +556,8 @@ def _cmd_gan_generate(args: argparse.Namespace) -> int:
     from ureid.data.formats import load_dataset
     from ureid.runtime.stargan import generate_fakes, resolve_checkpoint
 
+    if args.format is None:
+        args.format = _guessed_format(args.data, "camstyle generate", STARGAN_FORMATS)
     ds = load_dataset(args.format, args.data, verify=False)
     out = args.out
     if out is None:
@@ -572,7 +585,7 @@ def add_camstyle_commands(sub: argparse._SubParsersAction) -> None:
     g = csub.add_parser("generate", help="write one fake per other camera for every training image (Ray tasks)")
     g.add_argument("--checkpoint", required=True, help="stargan.pt, a checkpoint folder, or a StarGAN run folder")
     g.add_argument("--data", required=True, help="dataset folder (Market-1501 layout)")
-    g.add_argument("--format", default="market1501", choices=["market1501", "dukemtmc", "msmt17"])
+    g.add_argument("--format", default=None, choices=STARGAN_FORMATS, help="default: guessed from the folder's layout")
     g.add_argument("--out", default=None, help="default: <data>/camstyle_stargan/<checkpoint hash>/fakes")
     g.add_argument("--threads", type=int, default=None, help="torch threads per task (default: the GAN config's)")
     g.add_argument("--address", default=None, help="Ray cluster to join (default: start a local one)")
