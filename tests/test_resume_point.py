@@ -4,6 +4,7 @@ without metrics; that stage runs again), and a history line cut short by a kill 
 runs on the training set the run started on."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,47 @@ def test_a_resume_runs_on_the_training_set_the_run_started_on(tmp_path):
         resumed().check_training_set(str(tmp_path / "e"), moved[:4])
     with pytest.raises(ValueError, match=r"\(as many, but other files or another order\)"):
         resumed().check_training_set(str(tmp_path / "e"), moved[::-1])
+
+
+def test_a_run_in_use_is_not_resumed_beside_it(tmp_path):
+    """--resume of a run whose driver still runs it (another terminal, a second job submit) trained the same
+    stages into the same checkpoints and MLflow run beside it: the run folder is locked while a driver holds
+    it, the second is refused before it touches anything (with the holder named, also from another process),
+    and the lock goes with the block, or with the holder's death (the kernel drops it; a SIGKILLed driver's
+    run resumes: tests/test_faults.py)."""
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from ureid.runtime.job import RunInUse
+
+    from ureid.config import CONFIG_DIR, load_config, save_config
+
+    cfg = load_config(CONFIG_DIR / "buc_cpu.yaml", [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'out'}",
+                                                    f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    tracking_cfg = cfg.tracking
+    job = Job.start("buc", tmp_path / "out", tracking_cfg, params={}, tags={},
+                    write_config=lambda d: save_config(cfg, d / "config.yaml"))
+    run_dir = job.run_dir
+    with job.failing_loudly():
+        with pytest.raises(RunInUse, match=rf"{run_dir} is in use: pid {os.getpid()} on .* since .*Stop that one "
+                                           rf"first .*then --resume {run_dir}"):
+            Job.reopen(run_dir)
+        # experiments/buc.py (what `ray job submit` runs): one error line, as `ureid run` (it printed a traceback)
+        script = Path(__file__).resolve().parents[1] / "experiments" / "buc.py"
+        other = subprocess.run([sys.executable, str(script), "--resume", str(run_dir)],
+                               capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        assert other.returncode == 2 and other.stderr.startswith(f"ureid: error: {run_dir} is in use: pid {os.getpid()}"), \
+            other.stderr[-2000:]
+        assert "Traceback" not in other.stderr
+        assert "Started a local Ray instance" not in other.stdout + other.stderr
+        assert json.loads((run_dir / "run.json").read_text())["attempts"] == 1  # nothing touched
+        assert MlflowClient(tracking_cfg.tracking_uri).get_run(job.run_id).info.status == "RUNNING"
+        job.finish()
+    again = Job.reopen(run_dir)  # the block ended: the lock went with it
+    assert again.attempt == 2
+    again.release()

@@ -145,6 +145,14 @@ def _refuse_config_on_resume(args: argparse.Namespace, what: str) -> None:
                           f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input or situation raises (a bad layout or argument, a missing file, a run another process
+    drives): one clear line, no traceback. Evaluated when an error is matched, so the import costs nothing."""
+    from ureid.runtime.job import RunInUse
+
+    return ValueError, OSError, RunInUse
+
+
 def run_entry_point(method: str | None = None, argv: list[str] | None = None, prog: str | None = None) -> int:
     """``experiments/<method>.py`` and ``ureid run <method>``: load the config, then run or resume."""
     from ureid.config import CONFIG_DIR, ConfigError, load_config
@@ -171,7 +179,11 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
         return 0
     from ureid.runtime.experiment import run_experiment
 
-    run_experiment(cfg, resume=args.resume, verbose=args.verbose)
+    try:  # experiments/<method>.py comes here without main(): the same one line for a user's error
+        run_experiment(cfg, resume=args.resume, verbose=args.verbose)
+    except _user_errors() as exc:
+        print(f"ureid: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -215,6 +227,9 @@ def tune_entry_point(argv: list[str] | None = None, prog: str = "ureid tune") ->
                   scheduler=args.scheduler, max_concurrent=args.max_concurrent, name=args.name, resume=args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except _user_errors() as exc:  # experiments/sweep.py comes here without main()
+        print(f"ureid: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -613,8 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         # the reader went away (`ureid run buc --print-config | head`): no error line, and none at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        # user errors (bad layout, bad argument): one clear line, no traceback
+    except _user_errors() as e:
         print(f"ureid: error: {e}", file=sys.stderr)
         return 2
 

@@ -22,11 +22,13 @@ import os
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 from .. import tracking
+
+log = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.jsonl"
 
@@ -290,6 +292,44 @@ def training_set_mismatch(before: dict, now: dict) -> str | None:
                    else "")
 
 
+# The file a driver holds a lock on while it runs a job (Job.start / Job.reopen until failing_loudly's block ends).
+LOCK_FILE = ".lock"
+
+
+class RunInUse(RuntimeError):
+    """Another live process drives this run folder."""
+
+
+def _hold(run_dir: Path) -> IO | None:
+    """An exclusive lock on ``run_dir``'s LOCK_FILE, kept while the returned file stays open. The kernel drops it
+    when the holder dies, SIGKILL included, so a killed driver never leaves a stale lock. Without it a
+    ``--resume`` started while the run still ran (another terminal, a second `ray job submit`) trained the same
+    stages into the same checkpoints and MLflow run beside it. None on a file system without locks (some FUSE
+    mounts): the run goes on unguarded."""
+    import fcntl
+    import socket
+
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunInUse(f"{run_dir} is in use: {holder} runs it. Stop that one first (Ctrl-C, or `ray job stop`), "
+                       f"then --resume {run_dir}") from None
+    except OSError as exc:
+        log.warning("cannot lock %s (%s): nothing stops a second process from running it at the same time",
+                    run_dir / LOCK_FILE, exc)
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
 @dataclass
 class Job:
     run_dir: Path
@@ -297,6 +337,7 @@ class Job:
     run_id: str
     attempt: int = 1
     training_set: dict | None = None  # what check_training_set recorded: a resume must run on the same
+    lock: IO | None = field(default=None, repr=False, compare=False)  # see _hold
 
     @property
     def resumed(self) -> bool:
@@ -316,10 +357,11 @@ class Job:
         run_dir = Path(output_dir).expanduser().resolve() / f"{kind}-{stamp}-{secrets.token_hex(3)}"
         uri = tracking.resolve_tracking_uri(tracking_cfg.tracking_uri, output_dir)  # a dead server: no folder
         run_dir.mkdir(parents=True)
+        lock = _hold(run_dir)
         config_path = write_config(run_dir) if write_config else None
         run_id = tracking.start_run(uri, tracking_cfg.experiment, tracking_cfg.run_name or run_dir.name, params,
                                     tags, artifact=config_path, parent_run_id=parent_run_id)
-        job = cls(run_dir, uri, run_id)
+        job = cls(run_dir, uri, run_id, lock=lock)
         job._write_info()
         return job
 
@@ -329,8 +371,10 @@ class Job:
         run_dir = Path(run_dir).expanduser().resolve()
         if not (run_dir / "run.json").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: not a ureid run folder (no run.json)")
+        lock = _hold(run_dir)  # before anything is touched: the MLflow run's status, run.json
         info = json.loads((run_dir / "run.json").read_text())
-        job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1, info.get("training_set"))
+        job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1, info.get("training_set"),
+                  lock=lock)
         tracking.reopen_run(job.tracking_uri, job.run_id)
         job._write_info()
         return job
@@ -367,7 +411,7 @@ class Job:
     def failing_loudly(self, leave_status: bool = False):
         """Mark the MLflow run FAILED with the error when the block raises (checkpoints stay). With
         ``leave_status`` the error is raised on and the status left to the caller (a sweep trial: the sweep
-        marks it KILLED or FAILED from Tune's verdict)."""
+        marks it KILLED or FAILED from Tune's verdict). The run folder's lock is let go when the block ends."""
         try:
             yield self
         except BaseException as exc:
@@ -381,6 +425,14 @@ class Job:
             how = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
             print(f"[ureid] run {how}: {tracking.failure_text(exc)}\n[ureid] {kept}", flush=True)
             raise
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (a later --resume may take it)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def fit(self, train_fn: Callable[[dict], None], loop_config: dict, ray_cfg, callbacks: Sequence = (),
             verbose: bool = False):
