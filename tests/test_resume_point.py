@@ -98,4 +98,12 @@ def test_a_run_in_use_is_not_resumed_beside_it(tmp_path):
         job.finish()
     again = Job.reopen(run_dir)  # the block ended: the lock went with it
     assert again.attempt == 2
-    again.release()
+    # a sweep trial resumed after its driver died waits for the dead driver's trial process to let go
+    import threading
+    import time
+
+    threading.Timer(1.0, again.release).start()
+    start = time.monotonic()
+    waited = Job.reopen(run_dir, lock_wait_s=30.0)
+    assert 0.9 <= time.monotonic() - start < 30 and waited.attempt == 3
+    waited.release()

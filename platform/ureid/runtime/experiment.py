@@ -218,7 +218,9 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                   f"--set schedule.max_stages=N (or the method's own stage count) with --resume.")
         return finished
     if resume:
-        job = Job.reopen(resume)
+        # a sweep trial (leave_status) resumed after its sweep's driver died: the dead driver's trial process,
+        # which holds the run's lock, may still be being reaped for a few seconds
+        job = Job.reopen(resume, lock_wait_s=60.0 if leave_status else 0.0)
     else:
         job = Job.start(cfg.method, cfg.output_dir, cfg.tracking, params=cfg.to_dict(),
                         tags={"method": cfg.method, "dataset": cfg.data.name,

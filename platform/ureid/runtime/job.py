@@ -300,18 +300,27 @@ class RunInUse(RuntimeError):
     """Another live process drives this run folder."""
 
 
-def _hold(run_dir: Path) -> IO | None:
+def _hold(run_dir: Path, wait_s: float = 0.0) -> IO | None:
     """An exclusive lock on ``run_dir``'s LOCK_FILE, kept while the returned file stays open. The kernel drops it
     when the holder dies, SIGKILL included, so a killed driver never leaves a stale lock. Without it a
     ``--resume`` started while the run still ran (another terminal, a second `ray job submit`) trained the same
     stages into the same checkpoints and MLflow run beside it. None on a file system without locks (some FUSE
-    mounts): the run goes on unguarded."""
+    mounts): the run goes on unguarded. ``wait_s``: how long a held lock is waited for (a sweep trial resumed
+    after its sweep's driver died: the trial process of the dead driver may take seconds to be reaped)."""
     import fcntl
     import socket
 
     f = open(run_dir / LOCK_FILE, "a+")
+    deadline = time.monotonic() + wait_s
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
@@ -366,12 +375,13 @@ class Job:
         return job
 
     @classmethod
-    def reopen(cls, run_dir: str | os.PathLike) -> "Job":
-        """The job of an earlier attempt, to continue it: its MLflow run goes back to RUNNING."""
+    def reopen(cls, run_dir: str | os.PathLike, lock_wait_s: float = 0.0) -> "Job":
+        """The job of an earlier attempt, to continue it: its MLflow run goes back to RUNNING. ``lock_wait_s``:
+        how long to wait for another process to let go of the run (see ``_hold``) before refusing."""
         run_dir = Path(run_dir).expanduser().resolve()
         if not (run_dir / "run.json").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: not a ureid run folder (no run.json)")
-        lock = _hold(run_dir)  # before anything is touched: the MLflow run's status, run.json
+        lock = _hold(run_dir, lock_wait_s)  # before anything is touched: the MLflow run's status, run.json
         info = json.loads((run_dir / "run.json").read_text())
         job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1, info.get("training_set"),
                   lock=lock)
