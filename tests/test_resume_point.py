@@ -107,3 +107,20 @@ def test_a_run_in_use_is_not_resumed_beside_it(tmp_path):
     waited = Job.reopen(run_dir, lock_wait_s=30.0)
     assert 0.9 <= time.monotonic() - start < 30 and waited.attempt == 3
     waited.release()
+
+
+def test_a_sweep_in_use_is_not_resumed_beside_it(tmp_path):
+    """`ureid tune --resume` of a sweep whose driver still runs restored the same Tune state and ran its trials
+    a second time beside it: refused before Ray starts, naming the holder."""
+    import os
+
+    from ureid.runtime.job import RunInUse, _hold
+    from ureid.runtime.tune import run_sweep
+
+    (tmp_path / "sweep.json").write_text("{}")
+    held = _hold(tmp_path)
+    try:
+        with pytest.raises(RunInUse, match=rf"{tmp_path} is in use: pid {os.getpid()} on "):
+            run_sweep(None, "buc", resume=str(tmp_path), quiet=True)
+    finally:
+        held.close()

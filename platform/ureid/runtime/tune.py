@@ -280,7 +280,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     from ray import tune
 
     from ..methods import get_method
-    from .job import check_worker_group, ensure_ray
+    from .job import _hold, check_worker_group, ensure_ray
     from .tasks import check_cluster_slots
 
     t0 = time.perf_counter()
@@ -292,6 +292,8 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         sweep_dir = Path(resume).expanduser().resolve()
         if not (sweep_dir / "sweep.json").is_file():
             raise FileNotFoundError(f"--resume {sweep_dir}: not a ureid sweep folder (no sweep.json)")
+        if (probe := _hold(sweep_dir)) is not None:  # a sweep still running: refused before Ray starts
+            probe.close()
         info = json.loads((sweep_dir / "sweep.json").read_text())
         base, space = info["base"], info["space"]
     else:
@@ -328,67 +330,75 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     if stops_trials:
         check_state_api()
 
-    if resume:
-        tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
-    else:
-        sweep_id = secrets.token_hex(3)
-        label = name or f"sweep-{method_name}-{time.strftime('%Y%m%d-%H%M%S')}-{sweep_id}"
-        sweep_dir = Path(cfg.output_dir) / label
-        sweep_dir.mkdir(parents=True)
-        uri = cfg.tracking.tracking_uri
-        objective, mode = _objective(cfg.schedule.select)
-        params = {"space": json.dumps(space), "search": search, "scheduler": scheduler, "num_samples": num_samples,
-                  "objective": f"{objective} ({mode})", "config": str(config)}
-        parent = tracking.start_run(uri, cfg.tracking.experiment, label, params,
-                                    {"ureid.sweep_id": sweep_id, "method": method_name, "dataset": cfg.data.name,
-                                     "ureid.kind": "sweep"})
-        info = {"base": base, "space": space, "search": search, "scheduler": scheduler, "num_samples": num_samples,
-                "sweep_id": sweep_id, "name": label, "parent_run_id": parent, "tracking_uri": uri,
-                "objective": objective, "mode": mode, "method": method_name}
-        (sweep_dir / "sweep.json").write_text(json.dumps(info, indent=1))
-    print(f"[ureid] sweep folder {sweep_dir}\n[ureid] MLflow parent run {info['parent_run_id']} at "
-          f"{info['tracking_uri']}", flush=True)
-
-    get_method(info["method"]).prepare(cfg)  # once, here: what every trial needs (camstyle's StarGAN and fakes)
-    trainable = tune.with_resources(
-        partial(_trial, base=info["base"], sweep_dir=str(sweep_dir), parent_run_id=info["parent_run_id"]),
-        _trial_resources(cfg.ray))
+    # One driver per sweep folder (see job._hold): a second --resume beside a running sweep restored the same
+    # Tune state and ran its trials again; taken before anything is touched, let go when the sweep ends.
+    lock = _hold(sweep_dir) if resume else None
     try:
         if resume:
-            tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable,
-                                       resume_unfinished=True, resume_errored=True)
+            tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
         else:
-            sched = None
-            if stops_trials:
-                from ray.tune.schedulers import ASHAScheduler
+            sweep_id = secrets.token_hex(3)
+            label = name or f"sweep-{method_name}-{time.strftime('%Y%m%d-%H%M%S')}-{sweep_id}"
+            sweep_dir = Path(cfg.output_dir) / label
+            sweep_dir.mkdir(parents=True)
+            lock = _hold(sweep_dir)
+            uri = cfg.tracking.tracking_uri
+            objective, mode = _objective(cfg.schedule.select)
+            params = {"space": json.dumps(space), "search": search, "scheduler": scheduler, "num_samples": num_samples,
+                      "objective": f"{objective} ({mode})", "config": str(config)}
+            parent = tracking.start_run(uri, cfg.tracking.experiment, label, params,
+                                        {"ureid.sweep_id": sweep_id, "method": method_name, "dataset": cfg.data.name,
+                                         "ureid.kind": "sweep"})
+            info = {"base": base, "space": space, "search": search, "scheduler": scheduler, "num_samples": num_samples,
+                    "sweep_id": sweep_id, "name": label, "parent_run_id": parent, "tracking_uri": uri,
+                    "objective": objective, "mode": mode, "method": method_name}
+            (sweep_dir / "sweep.json").write_text(json.dumps(info, indent=1))
+        print(f"[ureid] sweep folder {sweep_dir}\n[ureid] MLflow parent run {info['parent_run_id']} at "
+              f"{info['tracking_uri']}", flush=True)
 
-                # time_attr counts finished stages. No rung sits on the last stage (max_t = stages - 1, and
-                # stop_last_trials=False past it): a trial that gets there finishes its run (summary,
-                # artifacts, MLflow status) instead of being killed after its last report.
-                sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages - 1, grace_period=1,
-                                      reduction_factor=2, stop_last_trials=False)
-            concurrent = max_concurrent or _max_concurrent(cfg.ray)
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_domains(info["space"]) if search != "grid" else tune_domains(_as_grid(info["space"])),
-                tune_config=tune.TuneConfig(
-                    metric=info["objective"], mode=info["mode"], scheduler=sched,
-                    search_alg=_searcher(search, cfg.seed, concurrent, paper_point(info["base"], info["space"])),
-                    num_samples=num_samples if search != "grid" else 1,
-                    max_concurrent_trials=concurrent if search == "optuna" else None,
-                    trial_name_creator=partial(trial_name, info["sweep_id"]),
-                    trial_dirname_creator=partial(trial_name, info["sweep_id"]),
-                ),
-                run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0),
-            )
-        grid = tuner.fit()
-    except BaseException as exc:
-        tracking.finish_run(info["tracking_uri"], info["parent_run_id"], error=exc)
-        raise
-    summary = _finish(sweep_dir, info, grid, num_stages, time.perf_counter() - t0)
-    if not quiet:
-        print(_table(summary))
-    return summary
+        get_method(info["method"]).prepare(cfg)  # once, here: what every trial needs (camstyle's StarGAN and fakes)
+        trainable = tune.with_resources(
+            partial(_trial, base=info["base"], sweep_dir=str(sweep_dir), parent_run_id=info["parent_run_id"]),
+            _trial_resources(cfg.ray))
+        try:
+            if resume:
+                tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable,
+                                           resume_unfinished=True, resume_errored=True)
+            else:
+                sched = None
+                if stops_trials:
+                    from ray.tune.schedulers import ASHAScheduler
+
+                    # time_attr counts finished stages. No rung sits on the last stage (max_t = stages - 1, and
+                    # stop_last_trials=False past it): a trial that gets there finishes its run (summary,
+                    # artifacts, MLflow status) instead of being killed after its last report.
+                    sched = ASHAScheduler(time_attr="stages_done", max_t=num_stages - 1, grace_period=1,
+                                          reduction_factor=2, stop_last_trials=False)
+                concurrent = max_concurrent or _max_concurrent(cfg.ray)
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=tune_domains(info["space"]) if search != "grid" else tune_domains(_as_grid(info["space"])),
+                    tune_config=tune.TuneConfig(
+                        metric=info["objective"], mode=info["mode"], scheduler=sched,
+                        search_alg=_searcher(search, cfg.seed, concurrent, paper_point(info["base"], info["space"])),
+                        num_samples=num_samples if search != "grid" else 1,
+                        max_concurrent_trials=concurrent if search == "optuna" else None,
+                        trial_name_creator=partial(trial_name, info["sweep_id"]),
+                        trial_dirname_creator=partial(trial_name, info["sweep_id"]),
+                    ),
+                    run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0),
+                )
+            grid = tuner.fit()
+        except BaseException as exc:
+            tracking.finish_run(info["tracking_uri"], info["parent_run_id"], error=exc)
+            raise
+        summary = _finish(sweep_dir, info, grid, num_stages, time.perf_counter() - t0)
+        if not quiet:
+            print(_table(summary))
+        return summary
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _n0_for_stage_count(cfg):
