@@ -157,6 +157,20 @@ def test_sgd_momentum_below_one():
         CONFIG_DIR / "buc_cpu.yaml", ["train.momentum=0.99"], check_paths=False).train.momentum == 0.99
 
 
+def test_runs_inside_a_folder_dataset_are_refused(tmp_path, monkeypatch):
+    """`cd ~/crops; ureid run buc --set data.name=folder --set data.root=.` wrote runs/ (pictures/*.png) inside the
+    tree the folder format reads whole: the next run trained on them as crops."""
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    monkeypatch.chdir(crops)
+    msg = _err(["data.name=folder", "data.root=."])
+    assert ("output_dir: 'runs' is inside data.root '.', and the folder format reads every image below its root"
+            in msg and f"--set output_dir={tmp_path / 'ureid-runs'}" in msg), msg
+    assert "output_dir" in _err(["data.name=tracklets", f"data.root={tmp_path}", f"output_dir={crops / 'out'}"])
+    for ok in ([f"output_dir={tmp_path / 'runs'}"], ["data.name=market1501", f"output_dir={crops / 'runs'}"]):
+        load_config(CONFIG_DIR / "buc_cpu.yaml", ["data.name=folder", "data.root=.", *ok])  # beside it; or a layout
+
+
 def test_missing_dataset_root(tmp_path):
     missing = tmp_path / "nowhere"
     msg = _err(["data.name=market1501", f"data.root={missing}"])

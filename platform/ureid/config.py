@@ -321,8 +321,18 @@ class Config(_Strict):
         return self.model_dump(mode="json")
 
     def check_paths(self) -> None:
-        """Every dataset folder the config names exists (run once, in the driver)."""
+        """Every dataset folder the config names exists (run once, in the driver), and no run writes into a
+        tree the folder formats read whole."""
+        from .data.formats import PATTERN_FORMATS
+
         self.data.check_paths("data")
+        if self.data.name in PATTERN_FORMATS:
+            root, out = Path(self.data.root).expanduser().resolve(), Path(self.output_dir).expanduser().resolve()
+            if out.is_relative_to(root):
+                raise ConfigError(f"output_dir: {self.output_dir!r} is inside data.root {self.data.root!r}, and the "
+                                  f"{self.data.name} format reads every image below its root: the next run would "
+                                  f"train on this one's pictures (pictures/*.png) as crops. Put output_dir outside "
+                                  f"it, e.g. --set output_dir={root.parent / 'ureid-runs'}")
         if self.schedule.validation is not None:
             self.schedule.validation.check_paths("schedule.validation")
         for name, value in self.clustering:
