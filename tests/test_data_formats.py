@@ -548,3 +548,20 @@ def test_a_run_says_what_it_trains_on():
     video = load_config(CONFIG_DIR / "buc_video_cpu.yaml", ["data.name=tracklets", "data.root=/v"], check_paths=False)
     line = _data_line(video, RunData(train=real[:1], query=[], gallery=[], num_real=1), generated=False)
     assert line == "data: tracklets at /v: 1 training tracklet from 1 camera; no labeled query/gallery, so no mAP per stage"
+
+
+def test_hidden_files_and_folders_are_not_crops(tmp_path, caplog):
+    """macOS leaves `._name.jpg` resource forks beside every image copied to a FAT/exFAT drive, Jupyter
+    `.ipynb_checkpoints/` folders: a folder of crops read them as images (a `._x.jpg` failed the run as
+    unreadable). Hidden files and folders are left out, as they already were from the unread-file warning;
+    the images and the warning come from one walk of the tree."""
+    root = tmp_path / "crops"
+    jpg(root / "cam1" / "a.jpg")
+    jpg(root / "b.png")
+    (root / "cam1" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    jpg(root / ".ipynb_checkpoints" / "b-checkpoint.png")
+    (root / "notes.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="ureid.data.formats"):
+        ds = load_dataset("folder", root)
+    assert sorted(Path(r.path).relative_to(root).as_posix() for r in ds.train) == ["b.png", "cam1/a.jpg"]
+    assert "1 file(s) under" in caplog.text and "notes.txt" in caplog.text and "._a" not in caplog.text

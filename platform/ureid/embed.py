@@ -123,7 +123,7 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
     For a video run a folder's frames make one tracklet per folder that directly holds them (DukeMTMC-VideoReID's
     ``<pid>/<tracklet>/``), or per MARS tracklet name (``0001C1T0002F003.jpg``: several to a folder), frames in
     name order; a file is a tracklet of one frame. Errors name the path."""
-    from .data.formats import images_below, tracklets_below, warn_unread
+    from .data.formats import scan_below, tracklets_below, warn_unread
     from .data.records import Record
 
     if isinstance(inputs, (str, Path)):
@@ -132,12 +132,12 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            warn_unread("images", path)  # other files are named, as a dataset folder's are
-            images = images_below(path)
+            images, unread = scan_below(path)
+            warn_unread("images", path, unread)  # other files are named, as a dataset folder's are
             if not images:
                 raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it or below")
             if video:
-                records += [Record(frames, -1, -1) for frames in tracklets_below(path)]
+                records += [Record(frames, -1, -1) for frames in tracklets_below(path, images)]
             else:
                 records += [Record((str(p),), -1, -1) for p in images]
         elif path.is_file():

@@ -78,30 +78,45 @@ def _require(name: str, path: Path, layout: str, *, is_dir: bool) -> Path:
     return path
 
 
-def _list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
+def _list_images(folder: Path) -> list[Path]:
     """Image files in ``folder``, sorted so that record order never depends on the file system."""
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 # What file browsers leave in a folder of images (Windows' thumbnail cache ships with Market-1501).
 _OS_FILES = {"Thumbs.db", "desktop.ini"}
 
 
-def warn_unread(name: str, folder: Path) -> None:
-    """Log the files in and below ``folder`` that the tree formats do not read (no image suffix), by suffix, with
-    examples: a folder of ``.heic`` or ``.avif`` crops would otherwise train on what is left, unannounced. Hidden
-    files and folders (``.DS_Store``, ``.git``), ``Thumbs.db`` and ``desktop.ini``, and what ureid writes under
-    the root are not counted."""
+def scan_below(folder: Path) -> tuple[list[Path], dict[str, list[str]]]:
+    """One walk of ``folder`` and its subfolders: the images (by suffix, in path order) and the other files by
+    suffix (for :func:`warn_unread`). Hidden files and folders (``.DS_Store``, ``.git``, macOS's ``._x.jpg``
+    resource forks, ``.ipynb_checkpoints``), ``Thumbs.db`` and ``desktop.ini``, what ureid writes under the root
+    (camstyle's ``bounding_box_train_camstyle/`` and ``camstyle_stargan/`` at its top) and symlinked folders
+    are left out. (Hidden images were read, and a ``._x.jpg`` failed the run as an unreadable image.)"""
     from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
 
-    by_suffix: dict[str, list[str]] = {}
+    images: list[Path] = []
+    unread: dict[str, list[str]] = {}
     for top, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and not (Path(top) == folder and d in (DEFAULT_FOLDER, STARGAN_FOLDER)))
         for n in sorted(names):
-            if not n.startswith(".") and n not in _OS_FILES and Path(n).suffix.lower() not in IMAGE_SUFFIXES:
-                by_suffix.setdefault(Path(n).suffix.lower() or "(none)", []).append(os.path.join(top, n))
+            if n.startswith(".") or n in _OS_FILES:
+                continue
+            suffix = Path(n).suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                if os.path.isfile(os.path.join(top, n)):  # not a broken link
+                    images.append(Path(top) / n)
+            else:
+                unread.setdefault(suffix or "(none)", []).append(os.path.join(top, n))
+    return sorted(images), unread
+
+
+def warn_unread(name: str, folder: Path, unread: dict[str, list[str]] | None = None) -> None:
+    """Log the files in and below ``folder`` that the tree formats do not read (no image suffix), by suffix, with
+    examples: a folder of ``.heic`` or ``.avif`` crops would otherwise train on what is left, unannounced.
+    ``unread``: :func:`scan_below`'s, when the caller walked the folder already."""
+    by_suffix = scan_below(folder)[1] if unread is None else unread
     if by_suffix:
         count = sum(map(len, by_suffix.values()))
         kinds = ", ".join(f"{k} {len(v)}" for k, v in sorted(by_suffix.items(), key=lambda kv: (-len(kv[1]), kv[0])))
@@ -111,24 +126,22 @@ def warn_unread(name: str, folder: Path) -> None:
 
 
 def images_below(folder: Path) -> list[Path]:
-    """Every image in and below ``folder``, in path order, except what ureid writes under a dataset root (camstyle's
-    ``bounding_box_train_camstyle/`` and ``camstyle_stargan/`` at its top): a user's folder of crops, read whole."""
-    from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
-
-    generated = {folder / DEFAULT_FOLDER, folder / STARGAN_FOLDER}
-    return [p for p in _list_images(folder, recursive=True) if not generated.intersection(p.parents)]
+    """Every image in and below ``folder``, in path order (see :func:`scan_below` for what is left out): a user's
+    folder of crops, read whole."""
+    return scan_below(folder)[0]
 
 
 # MARS names frames <pid>C<cam>T<tracklet>F<frame>.jpg, several tracklets to a folder
 _MARS_FRAME = re.compile(r"^(.+T\d{4})F\d{3}$")
 
 
-def tracklets_below(folder: Path) -> list[tuple[str, ...]]:
-    """The tracklets in and below ``folder`` (:func:`images_below`'s frames): one per folder that directly holds
-    frames (DukeMTMC-VideoReID's ``<pid>/<tracklet>/``, a tracker's output), or per MARS tracklet name in it
-    (``0001C1T0002F003.jpg``: several to a folder); frames in name order, tracklets in path order."""
+def tracklets_below(folder: Path, images: list[Path] | None = None) -> list[tuple[str, ...]]:
+    """The tracklets in and below ``folder`` (:func:`images_below`'s frames, or ``images`` when the caller has
+    them): one per folder that directly holds frames (DukeMTMC-VideoReID's ``<pid>/<tracklet>/``, a tracker's
+    output), or per MARS tracklet name in it (``0001C1T0002F003.jpg``: several to a folder); frames in name
+    order, tracklets in path order."""
     tracklets: dict[tuple[Path, str], list[str]] = {}
-    for p in images_below(folder):
+    for p in images_below(folder) if images is None else images:
         mars = _MARS_FRAME.match(p.stem)
         tracklets.setdefault((p.parent, mars.group(1) if mars else ""), []).append(str(p))
     return [tuple(frames) for _, frames in sorted(tracklets.items())]
@@ -462,9 +475,10 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     raw: dict[str, list[tuple[str, int, str | None]]] = {}
     unmatched: list[str] = []
     in_path = regex is not None and "/" in pattern  # a folder per identity: the path below the split folder
+    scans = {split: scan_below(d) for split, d in split_dirs.items()}  # one walk each: images and the rest
     for split, d in split_dirs.items():
         raw[split] = []
-        for p in images_below(d):
+        for p in scans[split][0]:
             if regex is None:
                 raw[split].append((str(p), UNKNOWN_PID, None))
                 continue
@@ -482,13 +496,13 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
             if "camid" in regex.groupindex and cam is None:
                 raise ValueError(f"folder: file {p}: group camid of pattern {pattern!r} did not match")
             raw[split].append((str(p), pid, cam))
-    for d in split_dirs.values():  # before a refusal for want of images: the files there may be why
-        warn_unread("folder", d)
+    for split, d in split_dirs.items():  # before a refusal for want of images: the files there may be why
+        warn_unread("folder", d, scans[split][1])
     if not any(raw.values()):
         if regex is None:
             raise ValueError(f"folder: no image under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files in every subfolder)")
         where = "a path below it" if in_path else "a file name"
-        d, example = next(((d, found[0]) for d in split_dirs.values() if (found := images_below(d))), (base, None))
+        d, example = next(((split_dirs[s], found[0]) for s, (found, _) in scans.items() if found), (base, None))
         seen = f" (e.g. {(example.relative_to(d).as_posix() if in_path else example.name)!r})" if example else ""
         raise ValueError(f"folder: no image under {base} has {where} matching pattern {pattern!r}{seen}")
     _warn_unmatched("folder", "image(s)", unmatched, pattern)
@@ -533,8 +547,9 @@ def load_tracklets(root, pattern: str | None = None) -> ReidDataset:
     base = Path(root).expanduser()
     if not base.is_dir():
         raise FileNotFoundError(f"tracklets: dataset root {base} is not a folder")
-    found = tracklets_below(base)
-    warn_unread("tracklets", base)
+    images, unread = scan_below(base)
+    found = tracklets_below(base, images)
+    warn_unread("tracklets", base, unread)
     if not found:
         raise ValueError(f"tracklets: no frame under {base} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} files "
                          "in every subfolder; one tracklet per folder of frames)")
