@@ -565,3 +565,9 @@ def test_hidden_files_and_folders_are_not_crops(tmp_path, caplog):
         ds = load_dataset("folder", root)
     assert sorted(Path(r.path).relative_to(root).as_posix() for r in ds.train) == ["b.png", "cam1/a.jpg"]
     assert "1 file(s) under" in caplog.text and "notes.txt" in caplog.text and "._a" not in caplog.text
+    # a camera folder linked in from elsewhere (shared storage) is read; a link back up the tree ends
+    jpg(tmp_path / "shared" / "cam2" / "c.jpg")
+    (root / "cam2").symlink_to(tmp_path / "shared" / "cam2")
+    (root / "cam1" / "up").symlink_to(root)
+    ds = load_dataset("folder", root)
+    assert [Path(r.path).relative_to(root).as_posix() for r in ds.train] == ["b.png", "cam1/a.jpg", "cam2/c.jpg"]

@@ -90,14 +90,22 @@ _OS_FILES = {"Thumbs.db", "desktop.ini"}
 def scan_below(folder: Path) -> tuple[list[Path], dict[str, list[str]]]:
     """One walk of ``folder`` and its subfolders: the images (by suffix, in path order) and the other files by
     suffix (for :func:`warn_unread`). Hidden files and folders (``.DS_Store``, ``.git``, macOS's ``._x.jpg``
-    resource forks, ``.ipynb_checkpoints``), ``Thumbs.db`` and ``desktop.ini``, what ureid writes under the root
-    (camstyle's ``bounding_box_train_camstyle/`` and ``camstyle_stargan/`` at its top) and symlinked folders
-    are left out. (Hidden images were read, and a ``._x.jpg`` failed the run as an unreadable image.)"""
+    resource forks, ``.ipynb_checkpoints``), ``Thumbs.db`` and ``desktop.ini`` and what ureid writes under the
+    root (camstyle's ``bounding_box_train_camstyle/`` and ``camstyle_stargan/`` at its top) are left out.
+    (Hidden images were read, and a ``._x.jpg`` failed the run as an unreadable image.) Symlinked folders are
+    followed, as torchvision's ImageFolder does (a crops folder linking cameras from shared storage read nothing
+    of them), each real folder once, so a link back up the tree ends."""
     from .camstyle import DEFAULT_FOLDER, STARGAN_FOLDER
 
     images: list[Path] = []
     unread: dict[str, list[str]] = {}
-    for top, dirs, names in os.walk(folder):
+    seen: set[str] = set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link to a folder already read (or to one of its parents)
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and not (Path(top) == folder and d in (DEFAULT_FOLDER, STARGAN_FOLDER)))
         for n in sorted(names):
