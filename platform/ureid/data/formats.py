@@ -583,12 +583,6 @@ def load_tracklets(root, pattern: str | None = None) -> ReidDataset:
 
 
 # ----------------------------------------------------------------------------- guessing
-def _first_image(folder: Path) -> Path | None:
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
-    return folder / names[0] if names else None
-
-
 def guess_format(root) -> tuple[str, str] | None:
     """``(format, why)``: the dataset format whose layout ``root`` has (itself or its usual extracted folder in
     it), by the marker each reader looks for first (``why`` names it); ``folder`` for any other tree holding
@@ -602,7 +596,7 @@ def guess_format(root) -> tuple[str, str] | None:
         return next((d for d in (root, *(root / a for a in aliases)) if (d / marker).exists()), None)
 
     if (b := base("bounding_box_train", _MARKET_ALIASES + _DUKE_ALIASES)) is not None and (b / "bounding_box_train").is_dir():
-        first = _first_image(b / "bounding_box_train")
+        first = next(iter(_list_images(b / "bounding_box_train")), None)
         for name, regex in (("market1501", _MARKET_RE), ("dukemtmc", _DUKE_RE)):
             if first is not None and regex.fullmatch(first.name):
                 return name, f"{b / 'bounding_box_train'}/ with files like {first.name}"

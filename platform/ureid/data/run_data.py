@@ -21,12 +21,12 @@ def ensure_synthetic(data: DataConfig, key: str = "data") -> bool:
 
     root = Path(data.root).expanduser()
     before = synthetic.read_manifest(root)
-    if before is None and root.is_dir() and any(root.iterdir()):
-        raise FileExistsError(f"{key}.root={data.root!r} holds no synthetic dataset (no {synthetic.MANIFEST}) and "
-                              f"{key}.name is 'synthetic' (the default), which writes one there: refusing to write "
-                              f"into a folder that is not empty. {_read_as_is(root, key)}")
     try:
         synthetic.generate(data.root, **data.synthetic)
+    except synthetic.NotSynthetic:
+        raise FileExistsError(f"{key}.root={data.root!r} holds no synthetic dataset (no {synthetic.MANIFEST}) and "
+                              f"{key}.name is 'synthetic' (the default), which writes one there: refusing to write "
+                              f"into a folder that is not empty. {_read_as_is(root, key)}") from None
     except synthetic.OtherParameters as exc:
         if not exc.diff:
             raise

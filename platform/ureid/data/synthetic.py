@@ -1055,6 +1055,14 @@ def make_params(**kw) -> Params:
     return p
 
 
+class NotSynthetic(FileExistsError):
+    """A folder that is not empty holds no synthetic dataset (no manifest): the generator will not write into it."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        super().__init__(f"{out} is not empty and holds no {MANIFEST}: refusing to write a synthetic dataset into it")
+
+
 class OtherParameters(FileExistsError):
     """A folder holds a synthetic dataset generated with other parameters; ``diff``: name -> (old, new)."""
 
@@ -1125,7 +1133,7 @@ def generate(
         return out
     if out.exists() and any(out.iterdir()):
         if existing is None:
-            raise FileExistsError(f"{out} is not empty and holds no {MANIFEST}: refusing to write a synthetic dataset into it")
+            raise NotSynthetic(out)
         stale = existing.get("generator") == wanted["generator"] and existing.get("version") != GENERATOR_VERSION and _same_params(existing, wanted)
         if stale:
             log.warning("%s was written by synthetic generator version %s; regenerating it with version %s", out, existing.get("version"), GENERATOR_VERSION)

@@ -51,7 +51,8 @@ def _data_line(cfg: Config, data: RunData, generated: bool) -> str:
         if d.name == "synthetic" else d.name
     unit = "tracklets" if d.is_video else "images"
     cams = len({r.camid for r in data.train[:data.num_real]})
-    line = (f"data: {name} at {d.root}: {data.num_real:,} training {unit[:-1] if data.num_real == 1 else unit} from {cams} camera{'s' * (cams != 1)}"
+    line = (f"data: {name} at {d.root}: {data.num_real:,} training {unit[:-1] if data.num_real == 1 else unit} "
+            f"from {cams} camera{'s' * (cams != 1)}"
             + (f" (+{len(added):,} {'camera-style fakes' if all(r.is_fake for r in added) else 'the method adds'})"
                if (added := data.train[data.num_real:]) else ""))
     if data.query:
