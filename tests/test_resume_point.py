@@ -114,11 +114,11 @@ def test_a_sweep_in_use_is_not_resumed_beside_it(tmp_path):
     a second time beside it: refused before Ray starts, naming the holder."""
     import os
 
-    from ureid.runtime.job import RunInUse, _hold
+    from ureid.runtime.job import RunInUse, hold_folder
     from ureid.runtime.tune import run_sweep
 
     (tmp_path / "sweep.json").write_text("{}")
-    held = _hold(tmp_path)
+    held = hold_folder(tmp_path)
     try:
         with pytest.raises(RunInUse, match=rf"{tmp_path} is in use: pid {os.getpid()} on "):
             run_sweep(None, "buc", resume=str(tmp_path), quiet=True)

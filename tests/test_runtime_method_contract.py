@@ -202,8 +202,13 @@ def test_an_error_that_comes_back_alike_is_not_trained_for_again(toy, ray_cluste
         assert type(info.value).__name__ == said.split(":")[0]
     finally:
         METHODS.pop(method.name, None)
-    for rank in (0, 1):  # stage 0 trained once, not once per restart (two attempts with max_failures=1)
-        assert (spy / f"trained_rank{rank}.txt").read_text().split() == ["0"]
+    # stage 0 trained once, not once per restart (two attempts with max_failures=1). The update's error comes
+    # after a barrier, so both ranks trained; a loader's error can end the group before the other rank began
+    # its stage (seen once in CI), so there only the failing rank is sure to have written.
+    trained = {rank: (spy / f"trained_rank{rank}.txt").read_text().split()
+               for rank in (0, 1) if (spy / f"trained_rank{rank}.txt").exists()}
+    assert set(trained) == {0, 1} if toy is NoClusterAtThisEps else trained
+    assert all(stages == ["0"] for stages in trained.values()), trained
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("test-toy-eps").experiment_id])
     assert run.info.status == "FAILED"

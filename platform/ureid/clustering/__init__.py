@@ -23,3 +23,5 @@ _EXPORTS = {"bottom_up_merge": "buc", "dispersion_merge": "dbc", "dbscan": "jacc
             "inertia": "pul", "kmeans": "pul", "select_reliable": "pul", "reliable_neighbors": "ssl"}
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
+# the submodules behind them, for a process that wants all of them loaded before it is timed (the feature store)
+MODULES = tuple(f"{__name__}.{m}" for m in sorted(set(_EXPORTS.values())))

@@ -169,8 +169,8 @@ def _load_update_libraries() -> None:
     from ..clustering._common import import_faiss
 
     import_faiss()
-    for module in sorted(set(clustering._EXPORTS.values())):
-        importlib.import_module(f"{clustering.__name__}.{module}")
+    for module in clustering.MODULES:
+        importlib.import_module(module)
     threadpool_info()
 
 

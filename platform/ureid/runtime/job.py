@@ -300,7 +300,7 @@ class RunInUse(RuntimeError):
     """Another live process drives this run folder."""
 
 
-def _hold(run_dir: Path, wait_s: float = 0.0) -> IO | None:
+def hold_folder(run_dir: Path, wait_s: float = 0.0) -> IO | None:
     """An exclusive lock on ``run_dir``'s LOCK_FILE, kept while the returned file stays open. The kernel drops it
     when the holder dies, SIGKILL included, so a killed driver never leaves a stale lock. Without it a
     ``--resume`` started while the run still ran (another terminal, a second `ray job submit`) trained the same
@@ -346,7 +346,7 @@ class Job:
     run_id: str
     attempt: int = 1
     training_set: dict | None = None  # what check_training_set recorded: a resume must run on the same
-    lock: IO | None = field(default=None, repr=False, compare=False)  # see _hold
+    lock: IO | None = field(default=None, repr=False, compare=False)  # see hold_folder
 
     @property
     def resumed(self) -> bool:
@@ -366,7 +366,7 @@ class Job:
         run_dir = Path(output_dir).expanduser().resolve() / f"{kind}-{stamp}-{secrets.token_hex(3)}"
         uri = tracking.resolve_tracking_uri(tracking_cfg.tracking_uri, output_dir)  # a dead server: no folder
         run_dir.mkdir(parents=True)
-        lock = _hold(run_dir)
+        lock = hold_folder(run_dir)
         config_path = write_config(run_dir) if write_config else None
         run_id = tracking.start_run(uri, tracking_cfg.experiment, tracking_cfg.run_name or run_dir.name, params,
                                     tags, artifact=config_path, parent_run_id=parent_run_id)
@@ -377,11 +377,11 @@ class Job:
     @classmethod
     def reopen(cls, run_dir: str | os.PathLike, lock_wait_s: float = 0.0) -> "Job":
         """The job of an earlier attempt, to continue it: its MLflow run goes back to RUNNING. ``lock_wait_s``:
-        how long to wait for another process to let go of the run (see ``_hold``) before refusing."""
+        how long to wait for another process to let go of the run (see ``hold_folder``) before refusing."""
         run_dir = Path(run_dir).expanduser().resolve()
         if not (run_dir / "run.json").is_file():
             raise FileNotFoundError(f"--resume {run_dir}: not a ureid run folder (no run.json)")
-        lock = _hold(run_dir, lock_wait_s)  # before anything is touched: the MLflow run's status, run.json
+        lock = hold_folder(run_dir, lock_wait_s)  # before anything is touched: the MLflow run's status, run.json
         info = json.loads((run_dir / "run.json").read_text())
         job = cls(run_dir, info["tracking_uri"], info["run_id"], info.get("attempts", 1) + 1, info.get("training_set"),
                   lock=lock)

@@ -280,7 +280,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     from ray import tune
 
     from ..methods import get_method
-    from .job import _hold, check_worker_group, ensure_ray
+    from .job import check_worker_group, ensure_ray, hold_folder
     from .tasks import check_cluster_slots
 
     t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         sweep_dir = Path(resume).expanduser().resolve()
         if not (sweep_dir / "sweep.json").is_file():
             raise FileNotFoundError(f"--resume {sweep_dir}: not a ureid sweep folder (no sweep.json)")
-        if (probe := _hold(sweep_dir)) is not None:  # a sweep still running: refused before Ray starts
+        if (probe := hold_folder(sweep_dir)) is not None:  # a sweep still running: refused before Ray starts
             probe.close()
         info = json.loads((sweep_dir / "sweep.json").read_text())
         base, space = info["base"], info["space"]
@@ -330,9 +330,9 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     if stops_trials:
         check_state_api()
 
-    # One driver per sweep folder (see job._hold): a second --resume beside a running sweep restored the same
+    # One driver per sweep folder (see job.hold_folder): a second --resume beside a running sweep restored the same
     # Tune state and ran its trials again; taken before anything is touched, let go when the sweep ends.
-    lock = _hold(sweep_dir) if resume else None
+    lock = hold_folder(sweep_dir) if resume else None
     try:
         if resume:
             tracking.reopen_run(info["tracking_uri"], info["parent_run_id"])
@@ -341,7 +341,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
             label = name or f"sweep-{method_name}-{time.strftime('%Y%m%d-%H%M%S')}-{sweep_id}"
             sweep_dir = Path(cfg.output_dir) / label
             sweep_dir.mkdir(parents=True)
-            lock = _hold(sweep_dir)
+            lock = hold_folder(sweep_dir)
             uri = cfg.tracking.tracking_uri
             objective, mode = _objective(cfg.schedule.select)
             params = {"space": json.dumps(space), "search": search, "scheduler": scheduler, "num_samples": num_samples,
