@@ -34,6 +34,26 @@ def test_console_script_and_entry_point_help():
     assert "method: ssl" in out.stdout
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["export", "RUN", "--output", "m.pt2"], "ureid export: error: unrecognized arguments: --output m.pt2"),
+    (["data", "info", "--root", "D", "--bogus"], "ureid data info: error: unrecognized arguments: --bogus"),
+    (["camstyle", "train", "--nope"],
+     "ureid camstyle train: error: unrecognized arguments: --nope"),
+    (["compare", "--nope"], "ureid compare: error: unrecognized arguments: --nope"),
+])
+def test_an_unknown_option_is_reported_with_its_commands_usage(argv, said, capsys):
+    """`ureid export RUN --output X` showed the top level's usage (the command list), which does not name the
+    option meant (--out); the error now comes with the usage of the command it was given to."""
+    from ureid.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.startswith(f"usage: {said.split(':')[0]} [-h]"), err
+    assert err.rstrip().endswith(said), err
+
+
 @pytest.mark.parametrize("argv, usage", [
     (["run", "--help"], "usage: ureid run [-h]"),
     (["run", "-h"], "usage: ureid run [-h]"),

@@ -616,11 +616,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_camstyle_commands(sub)
     add_run_commands(sub)
+    _name_each_parser(parser)
     return parser
 
 
+def _name_each_parser(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser as the ``_parser`` default of its own arguments: the deepest one used wins, so
+    an unknown option is reported with that command's usage (``ureid export RUN --output X`` showed the top
+    level's usage, which does not name export's options)."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _name_each_parser(child)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
