@@ -46,6 +46,32 @@ def test_plain_stream_gets_exactly_one_line_per_stage():
     assert len(lines) == len(set(lines))
 
 
+def test_plain_stream_says_where_a_long_stage_stands_every_heartbeat(monkeypatch):
+    """A stage on real data trains for many minutes; a log (`ray job logs`, a file) got nothing between its
+    stage lines. Without bars a line of progress comes every ``heartbeat`` seconds, none for a repeated event."""
+    clock = iter(range(0, 10_000, 50))  # every call to the clock: 50 s later
+    monkeypatch.setattr("ureid.progress.time.perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    progress = StageProgress(out, heartbeat=100, prefix="[ureid] ")
+    _drive(progress)
+    lines = out.getvalue().splitlines()
+    beats = [line for line in lines if line not in STAGE_LINES]
+    assert [line for line in lines if line in STAGE_LINES] == STAGE_LINES
+    # start at t=0; updates at 50, 100, ... : one line every second update, i.e. batches 2, 4, 6, 8 of a stage
+    assert beats[:4] == [
+        "[ureid] stage 0 (1/3): epoch 1/2, batch 2/4 (25% of its training), loss 5.9000, 1m40s in, about 5m00s of "
+        "training left",
+        "[ureid] stage 0 (1/3): epoch 1/2, batch 4/4 (50% of its training), loss 5.7000, 3m20s in, about 3m20s of "
+        "training left",
+        "[ureid] stage 0 (1/3): epoch 2/2, batch 2/4 (75% of its training), loss 5.5000, 5m00s in, about 1m40s of "
+        "training left",
+        "[ureid] stage 0 (1/3): epoch 2/2, batch 4/4 (100% of its training), loss 5.3000, 6m40s in"]
+    assert len(beats) == 12 and len(set(lines)) == len(lines)  # the repeated last event said nothing
+    quiet = io.StringIO()
+    _drive(StageProgress(quiet, heartbeat=None))
+    assert quiet.getvalue().splitlines() == STAGE_LINES
+
+
 def test_tty_draws_bars_then_leaves_only_stage_lines():
     out = FakeTTY()
     progress = StageProgress(out, mininterval=0)

@@ -9,8 +9,10 @@ Fed from events (the driver receives them from the training workers)::
     progress.end_stage("stage 0: mAP 4.0% rank-1 3.8% (812 clusters, 95 s)")
 
 On a terminal the bar redraws in place and disappears when the stage ends, leaving only the stage line. When
-the stream is not a TTY (CI logs, files) no bar is drawn at all - a redrawn bar would leave every redraw in
-the log - and the output is exactly one line per finished stage. Messages that must stay visible while a bar
+the stream is not a TTY (CI logs, files, `ray job logs`) no bar is drawn at all - a redrawn bar would leave
+every redraw in the log - and the output is one line per finished stage, plus, in a stage that runs longer
+than ``heartbeat`` seconds, one line of where it stands every ``heartbeat`` seconds (a stage on real data runs
+for many minutes, and a log silent that long reads as a hung job). Messages that must stay visible while a bar
 is shown (warnings, errors) go through :meth:`StageProgress.write`, which keeps the bar intact.
 """
 
@@ -36,16 +38,21 @@ class StageProgress:
         tty: draw bars (``True``) or print plain lines only (``False``); default: ``stream.isatty()``.
         mininterval: least seconds between two redraws of a bar (tqdm's ``mininterval``).
         elapsed: append the stage's wall time to its line, e.g. ``"... [1m35s]"``.
+        heartbeat: without bars, least seconds between two lines of a stage's progress (None: none).
+        prefix: put before those lines (the stage lines come whole from the caller).
     """
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None, mininterval: float = 0.5,
-                 elapsed: bool = False):
+                 elapsed: bool = False, heartbeat: float | None = 120.0, prefix: str = ""):
         self.stream = sys.stderr if stream is None else stream
         self.tty = _isatty(self.stream) if tty is None else bool(tty)
         self.mininterval, self.elapsed = mininterval, elapsed
+        self.heartbeat, self.prefix = heartbeat, prefix
         self._bar = None
         self._stage = None
         self._t0 = 0.0
+        self._said_at = 0.0
+        self._done = 0
 
     @property
     def in_stage(self) -> bool:
@@ -60,7 +67,8 @@ class StageProgress:
         if self._stage is not None:
             self._close_bar()  # a stage that never ended (e.g. a retry): drop its bar without a line
         self._stage = dict(stage=stage, num_stages=num_stages, epochs=epochs, batches=batches_per_epoch)
-        self._t0 = time.perf_counter()
+        self._t0 = self._said_at = time.perf_counter()
+        self._done = 0
         if self.tty:
             from tqdm import tqdm
 
@@ -74,6 +82,7 @@ class StageProgress:
         if self._stage is None:
             raise RuntimeError("update() before start_stage()")
         if self._bar is None:
+            self._beat(epoch, batch, loss)
             return
         done = min(epoch * self._stage["batches"] + batch + 1, self._bar.total)
         postfix = {"epoch": f"{epoch + 1}/{self._stage['epochs']}"}
@@ -82,6 +91,27 @@ class StageProgress:
         self._bar.set_postfix(postfix, refresh=False)
         if done > self._bar.n:  # events may arrive out of order or repeat; the bar only moves forward
             self._bar.update(done - self._bar.n)
+
+    def _beat(self, epoch: int, batch: int, loss: float | None) -> None:
+        """Without a bar: a line of where the stage stands, once ``heartbeat`` seconds have passed since the
+        stage began or since the last such line, and only when it moved on (events may repeat)."""
+        st = self._stage
+        total = st["epochs"] * st["batches"]
+        done = min(epoch * st["batches"] + batch + 1, total)
+        now = time.perf_counter()
+        if self.heartbeat is None or done <= self._done or now - self._said_at < self.heartbeat:
+            return
+        self._done, self._said_at = done, now
+        took = now - self._t0
+        line = (f"{self.prefix}stage {st['stage']} ({st['stage'] + 1}/{st['num_stages']}): epoch {epoch + 1}/"
+                f"{st['epochs']}, batch {batch + 1}/{st['batches']} ({done / max(total, 1):.0%} of its training)")
+        if loss is not None:
+            line += f", loss {loss:.4f}"
+        line += f", {_fmt_seconds(took)} in"
+        if done < total:
+            line += f", about {_fmt_seconds(took * (total - done) / done)} of training left"
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def end_stage(self, summary_line: str) -> None:
         """The current stage is over: remove its bar and print ``summary_line`` once."""

@@ -40,7 +40,8 @@ class DriverProgress:
 
     def __init__(self, relay, stream=None, interval: float = 0.25, tty: bool | None = None):
         self.relay, self.interval = relay, interval
-        self.view = StageProgress(sys.stderr if stream is None else stream, tty=tty, elapsed=False)
+        self.view = StageProgress(sys.stderr if stream is None else stream, tty=tty, elapsed=False,
+                                  prefix="[ureid] ")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="ureid-progress", daemon=True)
 
