@@ -94,6 +94,7 @@ def test_sweep_with_asha_parent_child_runs_and_best_yaml(ray_cluster, tiny_root,
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["ureid.kind"] == "sweep"
+    assert parent.data.params["num_samples"] == "2"  # a grid's trial count: its points
     assert f"best_{summary['objective']}" in parent.data.metrics
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -262,6 +263,11 @@ def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     with pytest.raises(ConfigError, match="--search grid: clustering.size_penalty is a loguniform range; a grid "
                                           "needs choice or grid lists"):
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="grid")
+    file.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
+    # Tune would run the grid that many times over, each copy repeating the first (one seed): refused
+    with pytest.raises(ConfigError, match="--num-samples 4 with --search grid: a grid runs each of its points once"):
+        run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="grid",
+                  num_samples=4)
     with pytest.raises(ConfigError, match="--search 'bayes': allowed: random, grid, optuna"):
         run_sweep(CONFIG_DIR / "buc_cpu.yaml", "buc", _overrides(tiny_root, out), space_file=str(file), search="bayes")
     assert not list(out.glob("sweep-*")), "nothing may be created for a refused sweep"

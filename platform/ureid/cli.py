@@ -197,9 +197,14 @@ def build_tune_parser(prog: str = "ureid tune") -> argparse.ArgumentParser:
     p.add_argument("method", choices=_method_names())
     p.add_argument("--config", help="base config of every trial (default: <method>_cpu.yaml from the package)")
     p.add_argument("--space", help="YAML file with a 'space:' block of dotted keys (default: the method's own)")
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--search", choices=["random", "grid", "optuna"], default="random")
-    p.add_argument("--scheduler", choices=["asha", "none"], default="asha")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="trials a random or optuna search draws (default 4); a grid runs each point once")
+    p.add_argument("--search", choices=["random", "grid", "optuna"], default="random",
+                   help="random draws from the space, grid runs every combination of its lists, optuna (TPE) "
+                        "starts from the config's own values (default: random)")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="asha",
+                   help="asha stops the worse half of the trials at each rung of stages; none runs every trial "
+                        "to its end (default: asha)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="default: as many trials as the cluster's CPUs hold (workers x cpus_per_worker each)")
     p.add_argument("--name", help="sweep folder name (default: sweep-<method>-<time>-<id>)")

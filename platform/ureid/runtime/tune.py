@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import secrets
 import time
@@ -272,10 +273,11 @@ def _check_name(name: str | None, output_dir: Path) -> None:
 
 
 def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] | None = None, *,
-              space_file: str | None = None, num_samples: int = 4, search: str = "random",
+              space_file: str | None = None, num_samples: int | None = None, search: str = "random",
               scheduler: str = "asha", max_concurrent: int | None = None, name: str | None = None,
               resume: str | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) a sweep; returns its summary (also in sweep.json)."""
+    """Run (or resume) a sweep; returns its summary (also in sweep.json). ``num_samples``: trials drawn by a
+    random or Optuna search (default 4); a grid runs each of its points once and takes no count."""
     import ray
     from ray import tune
 
@@ -299,6 +301,12 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     else:
         if scheduler not in ("asha", "none"):
             raise ConfigError(f"--scheduler {scheduler!r}: allowed: asha, none")
+        if search == "grid" and num_samples is not None:
+            # Tune would run the grid num_samples times over; with one seed the copies repeat each other
+            raise ConfigError(f"--num-samples {num_samples!r} with --search grid: a grid runs each of its points "
+                              "once (as many trials as points); leave --num-samples out")
+        if num_samples is None:
+            num_samples = 4
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"--num-samples {num_samples!r}: a sweep needs at least one trial")
         base = apply_overrides(read_yaml(config), overrides)
@@ -312,6 +320,8 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         space, source = load_space(method, space_file)
         check_space(base, space, source)  # before Ray starts
         _check_search(search, space)
+        if search == "grid":  # the trial count, as MLflow's params and sweep.json record it
+            num_samples = math.prod(len(spec["grid"]) for spec in _as_grid(space).values())
         cfg = cfg.with_absolute_paths()
         _check_name(name, Path(cfg.output_dir))
         base = _set(cfg.to_dict(), "tracking.tracking_uri",
@@ -381,7 +391,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                     tune_config=tune.TuneConfig(
                         metric=info["objective"], mode=info["mode"], scheduler=sched,
                         search_alg=_searcher(search, cfg.seed, concurrent, paper_point(info["base"], info["space"])),
-                        num_samples=num_samples if search != "grid" else 1,
+                        num_samples=num_samples if search != "grid" else 1,  # a grid: each point once
                         max_concurrent_trials=concurrent if search == "optuna" else None,
                         trial_name_creator=partial(trial_name, info["sweep_id"]),
                         trial_dirname_creator=partial(trial_name, info["sweep_id"]),
