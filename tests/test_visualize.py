@@ -102,6 +102,25 @@ def test_feature_map_single_panel(tmp_path):
     assert out["points"][0].shape == (36, 2)
 
 
+def test_feature_map_colours_no_two_clusters_alike():
+    """A palette cycled over hundreds of pseudo-classes gave unrelated clusters one colour (two of them read
+    as one large cluster): the 40 largest clusters get a colour each, singletons and the rest grey."""
+    # 60 clusters of sizes 61, 60, ..., 2 (label 100 + i: i + 2 points), then 30 singletons and 5 unassigned
+    labels = np.concatenate([np.full(61 - i, 100 + i) for i in range(60)] + [np.arange(30), np.full(5, -1)])
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(labels.size)]
+    colours, shown = vis._colours(labels)
+    assert shown == 40
+    grey = (colours == np.asarray(vis._OTHER)).all(axis=1)
+    coloured = set(np.unique(labels[~grey]).tolist())
+    assert coloured == set(range(100, 140))  # the 40 largest
+    assert len({tuple(colours[labels == c][0]) for c in coloured}) == 40  # a colour each
+    for c in coloured:
+        assert (colours[labels == c] == colours[labels == c][0]).all()
+    few, shown = vis._colours(np.array([3, 3, 7, 7, 7, 9]))
+    assert shown == 2 and (few[5] == vis._OTHER).all() and not (few[0] == few[2]).all()
+
+
 def test_feature_maps_two_panels_max_points_and_determinism(tmp_path):
     x0, y0 = _blobs(seed=0)
     xk, yk = _blobs(seed=1)

@@ -106,7 +106,6 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
     panels = []
     for st, feats in train_features.items():
         labels = results[st]["targets"].labels[: len(train)]
-        panels.append((feats, labels, f"after stage {st}: {np.unique(labels).size} pseudo-classes"
-                                      + (" (selected)" if st == kept else "")))
+        panels.append((feats, labels, f"after stage {st}" + (" (selected)" if st == kept else "")))
     feature_maps(panels, out / "feature_map.png", seed=seed)
     return [first, out / "feature_map.png"]

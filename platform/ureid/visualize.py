@@ -244,22 +244,36 @@ def _embed_2d(features: np.ndarray, seed: int, normalise: bool) -> np.ndarray:
                 method=method).fit_transform(x)
 
 
-def _colours(labels: np.ndarray) -> np.ndarray:
-    """RGBA per point: a qualitative palette by label (cycled), grey for label -1 (no cluster)."""
+# Light grey: the points of the clusters left without a colour of their own, and of none (label -1).
+_OTHER = (0.75, 0.75, 0.75, 0.6)
+
+
+def _colours(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """RGBA per point and how many clusters got a colour: each of the largest clusters (by points drawn, ties
+    to the lower label) a colour of its own from a 40-colour qualitative palette, every other point light grey.
+    A palette cycled over hundreds of pseudo-classes gave unrelated clusters one colour, so that two of them
+    read as one large cluster."""
     from matplotlib import colormaps
 
     palette = np.concatenate([colormaps["tab20"](np.arange(20)), colormaps["tab20b"](np.arange(20))])
-    uniq, inv = np.unique(labels, return_inverse=True)
-    out = palette[inv % len(palette)]
-    out[labels < 0] = (0.6, 0.6, 0.6, 0.5)
-    return out
+    out = np.tile(np.asarray(_OTHER), (labels.size, 1))
+    uniq, inv, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    counts[uniq < 0] = 0
+    largest = np.lexsort((uniq, -counts))[:len(palette)]  # by size, then label
+    largest = largest[counts[largest] >= 2]  # a singleton has no cluster to show
+    colour_of = np.full(uniq.size, -1)
+    colour_of[largest] = np.arange(largest.size)
+    coloured = colour_of[inv] >= 0
+    out[coloured] = palette[colour_of[inv][coloured]]
+    return out, int(largest.size)
 
 
 def feature_maps(panels: Sequence[tuple], out_png: str | os.PathLike, seed: int = 0, max_points: int = 2000,
                  normalise: bool = True, panel_inches: float = 5.0, dpi: int = 100) -> dict:
     """Write t-SNE maps side by side to ``out_png``, one panel per ``(features, labels, title)``.
 
-    ``features`` (N, D) and ``labels`` (N,) (pseudo-labels; -1 = unassigned, drawn grey). Each panel keeps
+    ``features`` (N, D) and ``labels`` (N,) (pseudo-labels; -1 = unassigned). The 40 largest clusters of a
+    panel each get a colour of their own, other points are grey (see ``_colours``). Each panel keeps
     at most ``max_points`` points, drawn with ``seed``; t-SNE is seeded with ``seed`` too, so the picture is
     reproducible. Features are L2-normalised first unless ``normalise=False``. The PNG is
     ``len(panels) * panel_inches * dpi`` by ``panel_inches * dpi`` pixels.
@@ -286,9 +300,16 @@ def feature_maps(panels: Sequence[tuple], out_png: str | os.PathLike, seed: int 
         xy = _embed_2d(features[idx], seed, normalise)
         lab = labels[idx]
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.scatter(xy[:, 0], xy[:, 1], c=_colours(lab), s=8, linewidths=0)
+        colours, shown = _colours(lab)
+        grey = (colours == np.asarray(_OTHER)).all(axis=1)
+        ax.scatter(xy[grey, 0], xy[grey, 1], c=colours[grey], s=6, linewidths=0)  # under the coloured ones
+        ax.scatter(xy[~grey, 0], xy[~grey, 1], c=colours[~grey], s=8, linewidths=0)
         n_clusters = np.unique(lab[lab >= 0]).size
-        ax.set_title(f"{title}\n{idx.size} points, {n_clusters} clusters", fontsize=10)
+        drawn = f"{idx.size} points" if idx.size == features.shape[0] else \
+            f"{idx.size} of {features.shape[0]} points"
+        legend = f"colour: the {shown} largest, grey: the rest" if 0 < shown < n_clusters else \
+            "grey: no cluster of two" if shown == 0 else "a colour each"
+        ax.set_title(f"{title}\n{drawn}, {n_clusters} clusters ({legend})", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         points.append(xy)
