@@ -65,6 +65,17 @@ def test_ranked_lists_file_size_and_protocol(gallery_setup, tmp_path):
             assert inside[0] == inside[1] == inside[2] and inside not in (vis.GREEN, vis.RED)
         assert im.getpixel(vis.cell_origin(r, 0, **geom)) == vis.QUERY_FRAME
     assert out["matches"].any() and (~out["matches"]).any()  # both colours are exercised
+    # each query's AP, as the run's evaluation computes it, written on the query's image
+    from ureid.evaluation import evaluate
+
+    scored = evaluate(dist, q_pids, g_pids, q_cams, g_cams)["ap_per_query"]
+    np.testing.assert_array_equal(out["ap"], scored[out["queries"]])
+    for r in range(4):
+        x, y = vis.cell_origin(r, 0, **geom)
+        bottom = np.asarray(im.crop((x + 3, y + 3 + 32 - 2, x + 3 + 16, y + 3 + 32)))
+        assert (bottom == 0).all(axis=2).mean() > 0.5  # the caption's black band
+        right = vis.cell_origin(r, 1, **geom)
+        assert im.getpixel((right[0], right[1] + 3 + 31)) == (vis.GREEN if out["matches"][r, 0] else vis.RED)
 
 
 def test_ranked_lists_deterministic_for_a_seed_and_fills_short_lists(gallery_setup, tmp_path):
@@ -171,6 +182,15 @@ def test_pseudo_identities_nearest_the_mean_first_and_frames(gallery_setup, tmp_
         assert px[x, y] == vis.MEMBER
         x, y = vis.cell_origin(0, 3, **geom)
         assert px[x, y] == vis.EMPTY
+    # each row's first image carries its cluster's size: a black band with white text at its bottom
+    big = dict(height=128, width=64, border=5, spacing=6, query_gap=30)
+    out = vis.pseudo_identities(paths, labels, feats, tmp_path / "c.png", num_clusters=8, members=5, **big)
+    with Image.open(out["path"]) as img:
+        for r, col in ((0, 0), (2, 0), (2, 1)):
+            x, y = vis.cell_origin(r, col, **big)
+            band = np.asarray(img.convert("RGB").crop((x + 5, y + 5 + 128 - 12, x + 5 + 64, y + 5 + 128)))
+            text = (band > 200).all(axis=2).sum()
+            assert (text > 20 and (band == 0).all(axis=2).sum() > 300) == (col == 0), (r, col, text)
     pids = np.array([7, 7, 8, 5, 5, 0, 0, 0, 4, 4, 4, 6])  # row 3: 11 is not the majority's 4
     out = vis.pseudo_identities(paths, labels, feats, tmp_path / "q.png", num_clusters=3, members=5, seed=1,
                                 pids=pids, **geom)

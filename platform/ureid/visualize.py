@@ -44,12 +44,13 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
     Rows are ``num_queries`` queries drawn with ``seed`` (among those with pid >= 0, in query order); each row
     is the query (black frame), a gap, then its ``topk`` nearest valid gallery images by ``distances``
     (shape (num query, num gallery), smaller = closer; ties keep gallery order), framed ``GREEN`` for
-    the query's identity and ``RED`` otherwise. Images are resized to ``height`` x ``width``, framed by
+    the query's identity and ``RED`` otherwise; the query's image carries its AP (the run's protocol and
+    trapezoid AP, :func:`ureid.evaluation.evaluate`). Images are resized to ``height`` x ``width``, framed by
     ``border`` pixels, ``spacing`` pixels apart, with ``spacing`` pixels of margin around the picture.
 
     Returns ``dict(path, size=(W, H), queries=indices, gallery=(n, topk) gallery indices or -1,
-    matches=(n, topk) bool)``; cell ``(r, j)`` (``j = 0`` the query, ``1..topk`` the ranks) has its top-left
-    frame corner at :func:`cell_origin`.
+    matches=(n, topk) bool, ap=(n,) float, NaN for a query without a match in another camera)``; cell
+    ``(r, j)`` (``j = 0`` the query, ``1..topk`` the ranks) has its top-left frame corner at :func:`cell_origin`.
     """
     qp, qc = np.asarray(query_pids), np.asarray(query_cams)
     gp, gc = np.asarray(gallery_pids), np.asarray(gallery_cams)
@@ -75,12 +76,19 @@ def ranked_lists(query_paths: Sequence[str | os.PathLike], query_pids, query_cam
         ranked[r, : keep.size] = keep
         matches[r, : keep.size] = gp[keep] == qp[q]
 
-    rows = [[(query_paths[q], QUERY_FRAME)]
+    from .evaluation import evaluate, valid_queries
+
+    aps = np.full(n, np.nan)
+    scored = valid_queries(qp[queries], qc[queries], gp, gc)
+    if scored.any():
+        aps[scored] = evaluate(dist[queries[scored]], qp[queries[scored]], gp, qc[queries[scored]], gc)["ap_per_query"]
+    said = ["no match" if np.isnan(ap) else f"AP {ap:.{0 if ap >= 0.1 else 1}%}" for ap in aps]
+    rows = [[(query_paths[q], QUERY_FRAME, said[r])]
             + [(None, EMPTY) if g < 0 else (gallery_paths[g], GREEN if m else RED) for g, m in zip(ranked[r], matches[r])]
             for r, q in enumerate(queries)]
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
     out_png, size = _draw_rows(rows, out_png, **geom)
-    return {"path": out_png, "size": size, "queries": queries, "gallery": ranked, "matches": matches}
+    return {"path": out_png, "size": size, "queries": queries, "gallery": ranked, "matches": matches, "ap": aps}
 
 
 def drawable_clusters(labels) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +106,10 @@ def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_
 
     Rows are ``num_clusters`` pseudo-labels drawn with ``seed`` among those with two or more samples (labels < 0,
     a density clustering's outliers, are none); each row is the member nearest the cluster's mean feature (black
-    frame), a gap, then the next ``members`` nearest (ties keep sample order). With ``pids`` (ground truth, for a
-    labeled dataset) a member is framed green when it shows the row's most frequent identity and red when not;
-    without, grey. The geometry is :func:`ranked_lists`' (``cell_origin``, ``picture_size``).
+    frame, captioned with the cluster's size), a gap, then the next ``members`` nearest (ties keep sample
+    order). With ``pids`` (ground truth, for a labeled dataset) a member is framed green when it shows the row's
+    most frequent identity and red when not; without, grey. The geometry is :func:`ranked_lists`'
+    (``cell_origin``, ``picture_size``).
 
     Returns ``dict(path, size=(W, H), clusters=labels drawn, cells=(n, m + 1) sample indices or -1)``, ``m`` =
     ``members`` or fewer when no drawn cluster has that many more samples.
@@ -132,8 +141,9 @@ def pseudo_identities(paths: Sequence[str | os.PathLike], labels, features, out_
             major = ids[np.argmax(n)]
             frames.append([GREEN if pids[i] == major else RED for i in order])
 
-    rows = [[(None, EMPTY) if i < 0 else (paths[i], QUERY_FRAME if j == 0 else frames[r][j])
-             for j, i in enumerate(cells[r])] for r in range(len(drawn))]
+    sizes = dict(zip(candidates[pick].tolist(), counts[pick].tolist()))
+    rows = [[(None, EMPTY) if i < 0 else (paths[i], QUERY_FRAME, f"{sizes[label]} imgs") if j == 0
+             else (paths[i], frames[r][j]) for j, i in enumerate(cells[r])] for r, label in enumerate(drawn)]
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
     out_png, size = _draw_rows(rows, out_png, **geom)
     return {"path": out_png, "size": size, "clusters": drawn, "cells": cells}
@@ -184,22 +194,29 @@ def search_results(query_paths: Sequence[str | os.PathLike], gallery_paths: Sequ
 
 
 def _draw_rows(rows: list[list[tuple]], out_png, **geom) -> tuple[Path, tuple[int, int]]:
-    """Rows of ``(image path or None, frame colour)`` cells, the first of each set apart by the query gap,
-    resized to the geometry's cell and written as a PNG: the drawing every picture here shares."""
-    from PIL import Image
+    """Rows of ``(image path or None, frame colour[, caption])`` cells, the first of each set apart by the query
+    gap, resized to the geometry's cell and written as a PNG: the drawing every picture here shares. A caption
+    is written white on a black band across the bottom of its image (the geometry stays the same)."""
+    from PIL import Image, ImageDraw
 
     height, width, border = geom["height"], geom["width"], geom["border"]
     size = picture_size(len(rows), max(len(r) for r in rows) - 1, **geom)
     canvas = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
     cell = (width + 2 * border, height + 2 * border)
     for r, row in enumerate(rows):
-        for j, (path, colour) in enumerate(row):
+        for j, (path, colour, *caption) in enumerate(row):
             origin = cell_origin(r, j, **geom)
             canvas.paste(Image.new("RGB", cell, colour), origin)
             if path is not None:
                 with Image.open(path) as im:
                     canvas.paste(im.convert("RGB").resize((width, height), Image.BILINEAR),
                                  (origin[0] + border, origin[1] + border))
+            if caption and caption[0]:  # drawn on a band of the image's width: clipped there, never on a neighbour
+                _, top, _, low = draw.textbbox((0, 0), caption[0])
+                band = Image.new("RGB", (width, min(height, low - top + 4)), (0, 0, 0))
+                ImageDraw.Draw(band).text((2, 2 - top), caption[0], fill=(255, 255, 255))
+                canvas.paste(band, (origin[0] + border, origin[1] + border + height - band.height))
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png, format="PNG")
