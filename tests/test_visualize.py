@@ -234,3 +234,21 @@ def test_nearest_neighbours_within_one_set(gallery_setup, tmp_path):
     assert frames == [vis.GREEN if pids[i] == pids[q] else vis.RED for i in out["cells"][0]]
     with pytest.raises(ValueError, match="one entry per sample"):
         vis.nearest_neighbours(paths[:3], feats, tmp_path / "x.png")
+
+
+def test_search_results_write_each_distance_on_its_image(gallery_setup, tmp_path):
+    q_paths, _, _, g_paths, _, _, _ = gallery_setup
+    indices = np.array([[3, 1, -1], [0, 2, 4]])
+    distances = np.array([[0.5, 0.75, np.inf], [0.1, 0.2, 0.3]])
+    out = vis.search_results(q_paths[:2], g_paths, indices, tmp_path / "s.png", distances=distances)
+    plain = vis.search_results(q_paths[:2], g_paths, indices, tmp_path / "p.png")
+    with Image.open(out["path"]) as a, Image.open(plain["path"]) as b:
+        a, b = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+    for r in range(2):
+        for j in range(4):
+            x, y = vis.cell_origin(r, j)
+            band = (slice(y + 5 + 128 - 12, y + 5 + 128), slice(x + 5, x + 5 + 64))
+            captioned = j > 0 and indices[r, j - 1] >= 0
+            assert (a[band] != b[band]).any() == captioned, (r, j)
+    with pytest.raises(ValueError, match="one distance per cell"):
+        vis.search_results(q_paths[:2], g_paths, indices, tmp_path / "x.png", distances=distances[:, :2])

@@ -339,7 +339,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.picture:
         from ureid.visualize import search_results
 
-        print(f"wrote {search_results(r['queries'], r['gallery'], r['indices'], args.picture)['path']}")
+        drawn = search_results(r["queries"], r["gallery"], r["indices"], args.picture, distances=r["distances"])
+        print(f"wrote {drawn['path']}")
     return 0
 
 

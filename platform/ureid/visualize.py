@@ -180,12 +180,19 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
 
 
 def search_results(query_paths: Sequence[str | os.PathLike], gallery_paths: Sequence[str | os.PathLike], indices,
-                   out_png: str | os.PathLike, *, height: int = 128, width: int = 64, border: int = 5,
-                   spacing: int = 6, query_gap: int = 30) -> dict:
+                   out_png: str | os.PathLike, distances=None, *, height: int = 128, width: int = 64,
+                   border: int = 5, spacing: int = 6, query_gap: int = 30) -> dict:
     """Write the picture of a search (``ureid search``): each query (black frame), a gap, then the gallery images
-    ``indices`` names in order (grey frames; -1 an empty cell). Returns ``dict(path, size=(W, H))``."""
-    rows = [[(query_paths[r], QUERY_FRAME)] + [(None, EMPTY) if g < 0 else (gallery_paths[g], MEMBER) for g in row]
-            for r, row in enumerate(np.asarray(indices))]
+    ``indices`` names in order (grey frames; -1 an empty cell), each with its distance written on it when
+    ``distances`` (the shape of ``indices``) is given. Returns ``dict(path, size=(W, H))``."""
+    indices = np.asarray(indices)
+    said = np.full(indices.shape, "", dtype=object) if distances is None else \
+        np.vectorize(lambda d: f"{d:.3f}", otypes=[object])(np.asarray(distances, dtype=np.float64))
+    if said.shape != indices.shape:
+        raise ValueError(f"distances has shape {said.shape}, indices {indices.shape}: one distance per cell")
+    rows = [[(query_paths[r], QUERY_FRAME)] + [(None, EMPTY) if g < 0 else (gallery_paths[g], MEMBER, said[r, j])
+                                               for j, g in enumerate(row)]
+            for r, row in enumerate(indices)]
     if not rows:
         raise ValueError("no query to draw")
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
