@@ -224,6 +224,10 @@ def test_nearest_neighbours_within_one_set(gallery_setup, tmp_path):
     with Image.open(out["path"]) as img:
         assert img.size == vis.picture_size(12, 3, **geom)
         assert img.convert("RGB").getpixel(vis.cell_origin(0, 1, **geom)) == vis.MEMBER
+        for j, black in ((0, False), (1, True), (3, True)):  # each neighbour's distance on a black band
+            x, y = vis.cell_origin(0, j, **geom)
+            band = np.asarray(img.convert("RGB").crop((x + 3, y + 3 + 30, x + 3 + 16, y + 3 + 32)))
+            assert ((band == 0).all(axis=2).mean() > 0.5) == black, j
     pids = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2])
     out = vis.nearest_neighbours(paths, feats, tmp_path / "m.png", num_queries=1, topk=20, seed=4, pids=pids, **geom)
     assert out["cells"].shape == (1, 11)  # every other image, no more

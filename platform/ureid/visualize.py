@@ -156,9 +156,9 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
 
     Rows are ``num_queries`` images drawn with ``seed``; each is the image (black frame), a gap, then its
     ``topk`` nearest other images by squared Euclidean distance of ``features`` (the evaluation's
-    ``nearest``; ties keep sample order),
-    framed grey, or with ``pids`` green for the same identity and red for another. For pseudo-labels that keep
-    every image a class of its own (SSL), in place of :func:`pseudo_identities`.
+    ``nearest``; ties keep sample order), each with its distance written on it, framed grey, or with ``pids``
+    green for the same identity and red for another. For pseudo-labels that keep every image a class of its
+    own (SSL), in place of :func:`pseudo_identities`.
 
     Returns ``dict(path, size=(W, H), queries=indices, cells=(n, topk) sample indices)``.
     """
@@ -171,9 +171,10 @@ def nearest_neighbours(paths: Sequence[str | os.PathLike], features, out_png: st
         raise ValueError(f"need two or more images and num_queries, topk > 0; got {len(feats)}, {num_queries}, {topk}")
     topk = min(topk, len(feats) - 1)
     queries = _sample(len(feats), num_queries, seed)
-    cells, _ = nearest(feats[queries], feats, topk, skip=queries)
-    rows = [[(paths[q], QUERY_FRAME)] + [(paths[i], MEMBER if pids is None else GREEN if pids[i] == pids[q] else RED)
-                                          for i in cells[r]] for r, q in enumerate(queries)]
+    cells, dist = nearest(feats[queries], feats, topk, skip=queries)
+    rows = [[(paths[q], QUERY_FRAME)] + [(paths[i], MEMBER if pids is None else GREEN if pids[i] == pids[q] else RED,
+                                          f"{d:.3f}") for i, d in zip(cells[r], dist[r])]
+            for r, q in enumerate(queries)]
     geom = dict(height=height, width=width, border=border, spacing=spacing, query_gap=query_gap)
     out_png, size = _draw_rows(rows, out_png, **geom)
     return {"path": out_png, "size": size, "queries": queries, "cells": cells}
