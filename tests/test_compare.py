@@ -169,3 +169,26 @@ def test_a_trial_stopped_before_its_first_stage_is_no_row(tmp_path):
     with pytest.raises(ValueError, match=rf"{stopped} \(KILLED before its first stage\)"):
         compare(uri, tmp_path / "out2", run_ids=[done, stopped], log=False)
     assert [p.name for p in compare(uri, tmp_path / "out3", experiment="cmp", log=False)["sweeps"]] == ["sweep_a_b.png"]
+
+
+def test_a_sweep_over_words_is_plotted_at_one_tick_each(tmp_path):
+    """DBC's own space sweeps `clustering.update` over 'stage' and 'merge': the sweep plot took float('stage')
+    and failed, and with it `ureid compare` of any experiment holding such a sweep."""
+    from ureid.tracking.compare import _axis_positions, sweep_plot
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    space = '{"clustering.update": {"choice": ["stage", "merge"]}, "clustering.merge_percent": {"choice": [0.05, 0.1]}}'
+    parent = tracking.start_run(uri, "cmp", "sweep-dbc", {"space": space, "objective": "lf_silhouette (max)"},
+                                {"ureid.kind": "sweep", "method": "dbc"})
+    for i, (update, mp) in enumerate((("merge", 0.05), ("stage", 0.1), ("merge", 0.1))):
+        _run(uri, "dbc", [0.01, 0.02 + i / 100], selected=1, parent=parent,
+             params={"clustering.update": update, "clustering.merge_percent": mp})
+    tracking.finish_run(uri, parent)
+    png = sweep_plot(uri, parent, tmp_path / "sweep.png")
+    with Image.open(png) as img:
+        assert img.size[0] > 600
+    assert _axis_positions(["stage", "merge"], ["merge", "stage", "merge"]) == {"stage": 0, "merge": 1}
+    assert _axis_positions([True, False], ["False"]) == {"False": 1}
+    assert _axis_positions([0.05, 0.1], ["0.1", "0.05"]) == {"0.1": 0.1, "0.05": 0.05}
+    files = compare(uri, tmp_path / "out", experiment="cmp", log=False)
+    assert [p.name for p in files["sweeps"]] == ["sweep_sweep-dbc.png"]

@@ -258,20 +258,41 @@ def _plot_stages(records: list[RunRecord], key: str, ylabel: str, path: Path, pe
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for r in records:
+    # a marker and a line style per run, drawn smaller each time: runs with the same values (BUC and DBC's
+    # first stages, say) stay visible one over the other instead of the later one hiding the earlier
+    markers, styles = "osD^vP*X", ["-", "--", "-.", ":"]
+    for i, r in enumerate(records):
         series = sorted(r.stages.get(key, {}).items())
         if series:
-            ax.plot([s for s, _ in series], [100 * v if percent else v for _, v in series], "o-",
-                    label=f"{r.method} ({r.name})" if len(records) > 8 else r.method, markersize=3)
+            ax.plot([s for s, _ in series], [100 * v if percent else v for _, v in series],
+                    marker=markers[i % len(markers)], linestyle=styles[i // len(markers) % len(styles)],
+                    markersize=max(2.0, 7.0 - 0.6 * i),
+                    label=f"{r.method} ({r.name})" if len(records) > 8 else r.method)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # stages are whole numbers
     ax.set_xlabel("stage")
     ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} per stage, {records[0].dataset}" if records else ylabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _axis_positions(listed: list, values: list[str]) -> dict:
+    """Where each logged parameter value (MLflow keeps them as text) sits on a sweep plot's x axis: the number
+    itself when every value is one; otherwise each value at 0, 1, ... in the order of the space's list, then
+    in order of appearance (a choice of words, e.g. DBC's ``update``: ``float('stage')`` failed the plot and
+    with it ``ureid compare`` of any experiment holding such a sweep)."""
+    try:
+        return {v: float(v) for v in values}
+    except ValueError:
+        order = list(dict.fromkeys([str(v) for v in listed] + values))
+        return {v: i for i, v in enumerate(order) if v in values}
 
 
 def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
@@ -291,17 +312,19 @@ def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(space), figsize=(4 * len(space), 3.5), dpi=100, squeeze=False)
     for ax, key in zip(axes[0], space):
-        for c in children:
-            y = c.data.metrics.get(f"selected_{objective}")
-            if y is None or key not in c.data.params:
-                continue
-            stopped = c.data.tags.get("ureid.early_stopped") == "true"
-            ax.scatter(float(c.data.params[key]), y, marker="x" if stopped else "o",
-                       color="tab:red" if stopped else "tab:blue")
+        kind, args = next(iter(space[key].items()))
+        shown = [(c.data.params[key], y, c.data.tags.get("ureid.early_stopped") == "true") for c in children
+                 if (y := c.data.metrics.get(f"selected_{objective}")) is not None and key in c.data.params]
+        at = _axis_positions(args if kind in ("choice", "grid") else [], [value for value, _, _ in shown])
+        for value, y, stopped in shown:
+            ax.scatter(at[value], y, marker="x" if stopped else "o", color="tab:red" if stopped else "tab:blue")
+        if not all(isinstance(x, float) for x in at.values()):  # words (DBC's update): one tick each
+            ax.set_xticks(list(at.values()), list(at))
+            ax.set_xlim(-0.5, max(at.values()) + 0.5)
+        elif kind == "loguniform":
+            ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(f"selected {objective}")
-        if next(iter(space[key])) == "loguniform":
-            ax.set_xscale("log")
     fig.suptitle("sweep: o finished, x stopped by ASHA")
     fig.tight_layout()
     fig.savefig(path)
