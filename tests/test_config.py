@@ -322,6 +322,17 @@ def test_user_config_files_name_packaged_bases_and_errors_name_the_file(tmp_path
     own.write_text("base: [buc_cpu.yaml]\nmethod: dbc\n")
     assert main(["run", "buc", "--config", str(own)]) == 2
     assert f"config method is 'dbc' ({own}) but this entry point runs 'buc'" in capsys.readouterr().err
+    own.write_text("base: [buc_cpu.yaml]\nmethod: bucc\n")  # a typo is not "another method"
+    assert main(["run", "buc", "--config", str(own)]) == 2
+    assert f"config method 'bucc' ({own}) is not a method; did you mean 'buc'?" in capsys.readouterr().err
+    own.write_text("train:\n  lr: 0.01\n")  # meant as a change to the preset, read as a whole config
+    with pytest.raises(ConfigError, match=rf"method: required key is missing\n.*\n  \({own} has no 'base:' key, so "
+                                          r"it is read as a whole config; .* start it with 'base: buc_cpu.yaml'\)"):
+        load_config(own, method="buc")
+    own.write_text("base: [buc_cpu.yaml]\ntrain:\n  lr: fast\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(own, method="buc")
+    assert "base:" not in str(info.value)  # the hint only where the file has no base
     msg = _err(["train.xyz=1"])
     assert "train.xyz: unknown key (value 1); train has: batch_size, lr," in msg
     assert "clustering.xyz: unknown key (value 1); buc's clustering has: merge_percent, size_penalty" in _err(

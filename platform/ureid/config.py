@@ -557,6 +557,12 @@ def close_key(key: str, names) -> str | None:
 def refuse_other_method(data: dict, method: str, source, runs: str) -> None:
     """A config of another method than the caller's, refused before its settings meet the wrong schema."""
     if data.get("method", method) != method:
+        from .methods import METHODS
+
+        if data["method"] not in METHODS:  # a typo, not another method: say so rather than "runs buc"
+            close = close_key(str(data["method"]), list(METHODS))
+            raise ConfigError(f"config method {data['method']!r} ({source}) is not a method"
+                              + (f"; did you mean {close!r}?" if close else f"; allowed: {', '.join(sorted(METHODS))}"))
         raise ConfigError(f"config method is {data['method']!r} ({source}) but {runs} {method!r}")
 
 
@@ -635,13 +641,30 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, che
     data = apply_overrides(read_yaml(path), overrides)
     if method is not None:
         refuse_other_method(data, method, path, "this entry point runs")
-    cfg = validate(data, source=str(path))
+    try:
+        cfg = validate(data, source=str(path))
+    except ConfigError as exc:
+        if "required key is missing" in str(exc) and "base" not in _own_keys(path):
+            # a file meant as a few changes to the preset is taken whole: say how to build on the preset
+            preset = f"{method}_cpu.yaml" if method else "<method>_cpu.yaml"
+            raise ConfigError(f"{exc}\n  ({path} has no 'base:' key, so it is read as a whole config; to change a "
+                              f"few keys of a preset, start it with 'base: {preset}')") from None
+        raise
     if check_paths:
         try:
             cfg.check_paths()
         except ConfigError as exc:
             raise ConfigError(f"invalid configuration ({path}):\n  {exc}") from None
     return cfg
+
+
+def _own_keys(path: str | os.PathLike) -> set:
+    """The top-level keys a config file itself writes (before its base's are merged in)."""
+    try:
+        own = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return set()
+    return set(own) if isinstance(own, dict) else set()
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
