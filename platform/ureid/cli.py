@@ -436,8 +436,10 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     vis = sub.add_parser("visualize", help="ranked lists (pseudo-identities without a query set) and a t-SNE "
                                            "feature map of a finished run")
     vis.add_argument("run_dir")
-    vis.add_argument("--num-queries", type=int, default=8)
-    vis.add_argument("--seed", type=int, default=0)
+    vis.add_argument("--num-queries", type=int, default=8,
+                     help="rows: queries (or pseudo-identities, or images) drawn (default: %(default)s)")
+    vis.add_argument("--seed", type=int, default=0, help="which rows are drawn, and the t-SNE's start "
+                     "(default: %(default)s)")
     vis.add_argument("--stage", type=int, default=None,
                      help="draw another stage than the selected one (or a stage of a run that has not "
                           "finished), into pictures/stage<N>/")
@@ -511,7 +513,8 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
                    "(?P<camid>..) (with a '/': searched in the path below the folder, e.g. '(?P<pid>\\d+)/' for a "
                    "folder per identity), none: unlabeled images; tracklets format: regex with a (?P<camid>..) group "
                    "searched in each tracklet's first frame's path below the root, none: one camera")
-    p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS)
+    p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS,
+                   help="CUHK03's hand-drawn (labeled) or detector (detected) boxes (default: %(default)s)")
     p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
 
 
@@ -523,14 +526,17 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
 
     s = dsub.add_parser("synth", help="write a synthetic re-ID dataset (Market-1501 layout, or MARS with --video)")
     s.add_argument("--out", required=True, help="output folder (reused if it holds the same parameters)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-train-ids", type=int, default=80)
-    s.add_argument("--num-test-ids", type=int, default=80)
-    s.add_argument("--num-cameras", type=int, default=6)
+    s.add_argument("--seed", type=int, default=0, help="fixes every identity and image (default: %(default)s)")
+    s.add_argument("--num-train-ids", type=int, default=80,
+                   help="identities of the training split (default: %(default)s)")
+    s.add_argument("--num-test-ids", type=int, default=80,
+                   help="identities of query and gallery, none shared with training (default: %(default)s)")
+    s.add_argument("--num-cameras", type=int, default=6, help="cameras, each its own colour response and "
+                   "optics (default: %(default)s)")
     s.add_argument("--num-distractors", type=int, default=None, help="pid-0 images (tracklets with --video); default 250 (30)")
     s.add_argument("--num-junk", type=int, default=None, help="pid -1 images (tracklets with --video); default 100 (12)")
-    s.add_argument("--height", type=int, default=128)
-    s.add_argument("--width", type=int, default=64)
+    s.add_argument("--height", type=int, default=128, help="image height in pixels (default: %(default)s)")
+    s.add_argument("--width", type=int, default=64, help="image width in pixels (default: %(default)s)")
     s.add_argument("--video", action="store_true", help="write tracklets in the MARS layout")
     s.add_argument("--camera-strength", type=float, default=1.0,
                    help="0..1: how far each camera's colour response and optics move from neutral (default 1)")
@@ -540,7 +546,7 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("info", help="read a dataset folder and print its split summary")
     i.add_argument("--format", default=None, choices=sorted(DATASETS),
                    help="default: guessed from the folder's layout (the guess is printed)")
-    i.add_argument("--root", required=True)
+    i.add_argument("--root", required=True, help="the dataset folder")
     _add_dataset_options(i)
     i.add_argument("--no-verify", action="store_true", help="do not open every image to check it is readable")
     i.set_defaults(func=_cmd_info)
