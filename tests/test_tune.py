@@ -443,3 +443,21 @@ def test_a_trial_leaves_its_failure_status_to_the_sweep(tmp_path):
     assert stopped.info.status == "KILLED" and stopped.data.tags["ureid.early_stopped"] == "true"
     assert failed.info.status == "FAILED" and "bad merge" in failed.data.tags["error"]
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_the_sweeps_table_says_what_each_trial_tried():
+    """The table printed at a sweep's end gave each trial's status and score but not its values: the reader had
+    to open trials.csv to learn which merge_percent scored best."""
+    from ureid.runtime.tune import _table
+
+    summary = {"objective": "lf_silhouette", "mode": "max", "sweep_dir": "/x/sweep-dbc", "wall_time_s": 300.0,
+               "space_keys": ["clustering.merge_percent", "clustering.update"], "best": {"trial": "abc-1"},
+               "trials": [{"trial": f"abc-{i}", "status": status, "clustering.merge_percent": mp,
+                           "clustering.update": update, "stages": stages, "lf_silhouette": score,
+                           "selected_mAP": "", "oracle_mAP": ""}
+                          for i, (status, mp, update, stages, score) in enumerate(
+                              [("early_stopped", 0.123456, "stage", 1, 0.01), ("finished", 0.1, "merge", 4, 0.05)])]}
+    lines = _table(summary).splitlines()
+    assert "merge_percent=0.1235  update=stage  stages 1  lf_silhouette 0.0100" in lines[1], lines
+    assert "merge_percent=0.1  update=merge  stages 4  lf_silhouette 0.0500" in lines[2], lines
+    assert lines[3] == "[ureid] best trial abc-1: /x/sweep-dbc/best.yaml"

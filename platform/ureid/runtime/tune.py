@@ -563,7 +563,7 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
     tracking.finish_run(uri, info["parent_run_id"])
     summary = {"sweep_dir": str(sweep_dir), "parent_run_id": info["parent_run_id"], "tracking_uri": uri,
                "objective": objective, "mode": mode, "trials": rows, "best": best, "wall_time_s": wall_time,
-               "num_stages": num_stages}
+               "num_stages": num_stages, "space_keys": list(info["space"])}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
@@ -574,7 +574,10 @@ def _table(summary: dict) -> str:
              f"{summary['wall_time_s'] / 60:.1f} min, objective {objective} ({summary['mode']})"]
     for r in summary["trials"]:
         score = f"{r[objective]:.4f}" if r[objective] != "" else "-"
-        line = f"  {r['trial']:<24} {r['status']:<14} stages {r['stages']}  {objective} {score}"
+        # what was tried: the swept keys by their last part (merge_percent=0.15), as trials.csv has them whole
+        tried = "  ".join(f"{key.rsplit('.', 1)[-1]}={r[key]:.4g}" if isinstance(r[key], float) else
+                          f"{key.rsplit('.', 1)[-1]}={r[key]}" for key in summary.get("space_keys", ()) if key in r)
+        line = f"  {r['trial']:<24} {r['status']:<14} {tried}  stages {r['stages']}  {objective} {score}"
         if r["selected_mAP"] != "" or r["oracle_mAP"] != "":
             line += (f"  selected mAP {r['selected_mAP'] if r['selected_mAP'] == '' else format(r['selected_mAP'], '.1%')}"
                      f"  (oracle {r['oracle_mAP'] if r['oracle_mAP'] == '' else format(r['oracle_mAP'], '.1%')})")
