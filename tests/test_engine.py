@@ -229,7 +229,7 @@ def test_train_epoch_overfits_tiny_problem(images, loss_name):
         assert max(losses[-3:]) < min(losses[:3]), losses
     assert len(seen) == 10 and seen[-1]["epoch"] == 9 and seen[-1]["loss"] == pytest.approx(losses[-1])
     res = train_epoch(model, loss_fn, make_loader(ds, 2, shuffle=True, seed=0, epoch=0), opt, max_batches=1)
-    assert res["batches"] == 1
+    assert res["batches"] == 1 and res["samples"] == 2  # what the stage loop's train_samples_per_s counts
 
 
 def test_train_epoch_on_tracklets(tracklets):

@@ -78,9 +78,10 @@ def test_method_two_stages_on_ray_train(method, ray_cluster, tiny_root, fakes, t
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == method and run.data.tags["dataset"] == "synthetic"
     assert run.data.params["clustering." + next(iter(tiny_cfg(method, tiny_root, "x").clustering.model_dump()))]
-    for key in ("mAP", "rank1", "rank5", "rank10", "num_clusters", "loss", "stage_time_s"):
+    for key in ("mAP", "rank1", "rank5", "rank10", "num_clusters", "loss", "stage_time_s", "train_samples_per_s"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == [0, 1], (key, steps)
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "train_samples_per_s"))
     for m in client.get_metric_history(run.info.run_id, "mAP"):
         assert 0.0 <= m.value <= 1.0
     for key in ("lf_silhouette", "lf_snd", "lf_nmi_previous", "selected_stage", "oracle_stage"):

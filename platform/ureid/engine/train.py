@@ -66,7 +66,8 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
 
     Each step: forward (:func:`forward_batch`), ``loss_fn(outputs, targets, indices)``, backward (which also
     updates memory tables), step. ``progress`` (if given) receives ``dict(epoch, batch, loss, mean_loss)``
-    every ``log_every`` batches and after the last one. Returns ``dict(loss=mean loss, batches, time_s)``.
+    every ``log_every`` batches and after the last one. Returns ``dict(loss=mean loss, batches, samples, time_s)``
+(``samples``: this process's images or tracklets trained on).
     ``sample_seed`` (not None): dropout masks drawn per sample from ``(sample_seed, epoch, step, index)``
     (``ureid.models.invariance.SampleDropout``), the same for any number of workers.
     """
@@ -75,7 +76,7 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
     model.train()
     loss_fn.train()
     start = time.perf_counter()
-    total, n = 0.0, 0
+    total, n, samples = 0.0, 0, 0
     info = None
     for batch in loader:
         if max_batches is not None and n >= max_batches:
@@ -102,6 +103,7 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
         optimizer.step()
         total += loss.item()
         n += 1
+        samples += images.shape[0]
         info = {"epoch": epoch, "batch": n, "loss": loss.item(), "mean_loss": total / n}
         if log_every and n % log_every == 0:
             if progress is not None:
@@ -112,7 +114,7 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
         set_sample_keys((model, loss_fn), None)
     if progress is not None and info is not None and not (log_every and n % log_every == 0):
         progress(info)
-    return {"loss": total / max(n, 1), "batches": n, "time_s": time.perf_counter() - start}
+    return {"loss": total / max(n, 1), "batches": n, "samples": samples, "time_s": time.perf_counter() - start}
 
 
 def build_optimizer(model: nn.Module, extra_params=None, lr: float = 0.1, backbone_lr_mult: float = 0.1,

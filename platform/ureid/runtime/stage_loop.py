@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
             if relay is None:
                 log(f"stage {stage} ({stage + 1}/{num_stages}): {targets.num_classes} classes, {recipe.epochs} "
                     f"epochs at lr {recipe.lr}")
-            losses = []
+            losses, samples, loop_time = [], 0, 0.0
             for epoch in range(recipe.epochs):
                 step_lr(opt, epoch, recipe.lr, recipe.lr_step)
                 loader = method.train_loader(worker, dataset, stage, epoch)
@@ -199,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   log_every=log_every, max_batches=cfg.train.max_batches_per_epoch,
                                   sample_seed=stage_seed if cfg.train.per_sample_dropout else None)
                 losses.append(out["loss"])
+                samples, loop_time = samples + out["samples"], loop_time + out["time_s"]
             train_time = time.perf_counter() - t0
             if method.persistent_optimizer:
                 optimizer_state = opt.state_dict()
@@ -219,6 +220,9 @@ def train_loop_per_worker(config: dict) -> None:
             targets = result["targets"]
             metrics.update(result["info"])
             metrics["train_time_s"] = train_time
+            # every worker trains on as many samples (the sampler pads the shards), so rank 0's count x world;
+            # the training loops' own time, without building the loss and the loader
+            metrics["train_samples_per_s"] = samples * world / max(loop_time, 1e-9)
             metrics["stage_time_s"] = time.perf_counter() - t0
             stop = selection.observe(stage, metrics)
             metrics["selected_stage"] = selection.selected_stage
