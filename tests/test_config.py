@@ -193,8 +193,15 @@ def test_validation_itself_never_touches_the_file_system(tmp_path):
     with pytest.raises(ConfigError, match="data.root"):
         again.check_paths()
     cfg.data.name = "synthetic"
-    with pytest.raises(ConfigError, match="clustering.source.root"):
+    with pytest.raises(ConfigError, match="clustering.source.root") as info:
         cfg.check_paths()
+    # typed, with the key: `ureid visualize` offers --root (data.root's stand-in) for data.root alone
+    from ureid.config import DatasetMissing
+
+    assert isinstance(info.value, DatasetMissing) and info.value.key == "clustering.source"
+    with pytest.raises(DatasetMissing) as info:
+        load_config(CONFIG_DIR / "buc_cpu.yaml", ["data.name=market1501", f"data.root={missing}"])
+    assert info.value.key == "data" and str(info.value).startswith("invalid configuration (")
 
 
 def test_unknown_method_and_choice():

@@ -51,6 +51,14 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key, the value and what is allowed."""
 
 
+class DatasetMissing(ConfigError):
+    """A dataset folder a config names (``key``.root: data, schedule.validation, clustering.source) is not there."""
+
+    def __init__(self, message: str, key: str = "data"):
+        super().__init__(message)
+        self.key = key
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
 
@@ -97,7 +105,8 @@ class DataConfig(_Strict):
                 raise ConfigError(f"{key}.root: {self.root!r} is a file, not a dataset folder ({key}.name={self.name!r})"
                                   + ("; extract the archive and give the folder it makes"
                                      if root.suffix.lower() in (".zip", ".tar", ".gz", ".tgz", ".rar", ".7z") else ""))
-            raise ConfigError(f"{key}.root: dataset folder {self.root!r} does not exist ({key}.name={self.name!r})")
+            raise DatasetMissing(f"{key}.root: dataset folder {self.root!r} does not exist ({key}.name={self.name!r})",
+                                 key)
 
     @property
     def is_video(self) -> bool:
@@ -653,6 +662,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, che
     if check_paths:
         try:
             cfg.check_paths()
+        except DatasetMissing as exc:
+            raise DatasetMissing(f"invalid configuration ({path}):\n  {exc}", exc.key) from None
         except ConfigError as exc:
             raise ConfigError(f"invalid configuration ({path}):\n  {exc}") from None
     return cfg

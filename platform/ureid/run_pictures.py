@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import load_config, read_yaml
+from .config import DatasetMissing, load_config, read_yaml
 from .embed import run_folder, stage_model, unfinished
 
 
@@ -43,8 +43,8 @@ def visualize_run(run_dir: str | Path, num_queries: int = 8, seed: int = 0, reco
         raise FileNotFoundError(unfinished(run_dir, method, checkpoints, "summary.json", "draws"))
     try:
         cfg = load_config(run_dir / "config.yaml", check_paths=root is None)
-    except ValueError as exc:
-        if "does not exist" not in str(exc):
+    except DatasetMissing as exc:
+        if exc.key != "data":  # --root stands for data.root alone
             raise
         raise FileNotFoundError(f"{exc}; if the dataset was moved or the run copied from another machine, "
                                 f"`ureid visualize {run_dir} --root DIR` reads it there") from None
