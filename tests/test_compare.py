@@ -192,3 +192,21 @@ def test_a_sweep_over_words_is_plotted_at_one_tick_each(tmp_path):
     assert _axis_positions([0.05, 0.1], ["0.1", "0.05"]) == {"0.1": 0.1, "0.05": 0.05}
     files = compare(uri, tmp_path / "out", experiment="cmp", log=False)
     assert [p.name for p in files["sweeps"]] == ["sweep_sweep-dbc.png"]
+
+
+def test_every_run_is_read_past_one_page_of_search_results(tmp_path, monkeypatch):
+    """One search_runs call returns at most max_results runs (MLflow's default 1,000; compare asked for 5,000)
+    and says nothing of the rest: an experiment past that lost runs from the comparison silently."""
+    import functools
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    made = {_run(uri, method, [0.01 * (i + 1)], selected=0)
+            for i, method in enumerate(["buc", "dbc", "ssl", "pul", "buc"])}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cmp").experiment_id
+    assert len(client.search_runs([exp], max_results=2)) == 2  # what a single call gives
+    assert {r.info.run_id for r in tracking.all_runs(client, [exp], page=2)} == made
+    monkeypatch.setattr("ureid.tracking.compare.all_runs", functools.partial(tracking.all_runs, page=2))
+    from ureid.tracking.compare import collect
+
+    assert {r.run_id for r in collect(uri, "cmp")} == made

@@ -170,6 +170,19 @@ def finish_run(uri: str, run_id: str, error: BaseException | None = None, status
         client.set_terminated(run_id, status=status or "FINISHED")
 
 
+def all_runs(client, experiment_ids: list[str], filter_string: str = "", page: int = 1000) -> list:
+    """Every run of ``experiment_ids`` that ``filter_string`` matches, page by page: one ``search_runs`` call
+    returns at most ``max_results`` (1,000 by default) and leaves the rest unsaid, so an experiment grown past
+    that (a year of sweeps) lost runs from the comparison without a word."""
+    runs, token = [], None
+    while True:
+        batch = client.search_runs(experiment_ids, filter_string=filter_string, max_results=page, page_token=token)
+        runs.extend(batch)
+        token = batch.token
+        if not token:
+            return runs
+
+
 def child_runs(uri: str, parent_run_id: str, status: str | None = None) -> list[str]:
     """The ids of a parent run's children (optionally only those in ``status``)."""
     client = _client(uri)
@@ -177,7 +190,7 @@ def child_runs(uri: str, parent_run_id: str, status: str | None = None) -> list[
     query = f"tags.mlflow.parentRunId = '{parent_run_id}'"
     if status:
         query += f" and attributes.status = '{status}'"
-    return [r.info.run_id for r in client.search_runs([parent.info.experiment_id], filter_string=query, max_results=10000)]
+    return [r.info.run_id for r in all_runs(client, [parent.info.experiment_id], query)]
 
 
 def log_artifacts(uri: str, run_id: str, paths: dict[str, Path]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DEFAULT_SCORE, LABEL_FREE_SCORES
-from . import _client, log_artifacts, start_run, finish_run
+from . import _client, all_runs, finish_run, log_artifacts, start_run
 
 SCORE_DIRECTION = {k: 1 if higher else -1 for k, higher in LABEL_FREE_SCORES.items()}  # +1: higher is better
 STAGE_KEYS = ("mAP", "rank1", "rank5", "rank10", "rerank_mAP", "num_clusters", "stage_time_s", *SCORE_DIRECTION)
@@ -68,7 +68,7 @@ def _what_is_there(uri: str, experiment: str | None) -> str:
     """' (N runs there: ...)', why each run of the experiment is not compared, when it has any."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment or "ureid")
-    runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
+    runs = all_runs(client, [exp.experiment_id]) if exp is not None else []
     if not runs:
         return ""
     why = collections.Counter(_not_comparable(run) for run in runs)
@@ -113,7 +113,7 @@ def collect(uri: str, experiment: str | None = None, run_ids: list[str] | None =
             there = sorted(e.name for e in client.search_experiments() if e.name != "Default")
             raise FileNotFoundError(f"no MLflow experiment {name!r} at {uri} (experiments there: "
                                     f"{', '.join(map(repr, there)) or 'none'}; --experiment picks one)")
-        runs = client.search_runs([exp.experiment_id], max_results=5000)
+        runs = all_runs(client, [exp.experiment_id])
     records = []
     for run in runs:
         if _not_comparable(run):
@@ -306,8 +306,7 @@ def sweep_plot(uri: str, parent_run_id: str, path: Path) -> Path | None:
     parent = client.get_run(parent_run_id)
     space = json.loads(parent.data.params.get("space", "{}"))
     objective = parent.data.params.get("objective", "").split(" ")[0]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    children = all_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     if not space or not children:
         return None
     fig, axes = plt.subplots(1, len(space), figsize=(4 * len(space), 3.5), dpi=100, squeeze=False)
@@ -366,7 +365,7 @@ def compare(uri: str, out_dir: str | Path, experiment: str | None = None, run_id
     client = _client(uri)
     if experiment is not None or not run_ids:
         exp = client.get_experiment_by_name(experiment or "ureid")
-        parents = client.search_runs([exp.experiment_id], filter_string="tags.`ureid.kind` = 'sweep'") if exp else []
+        parents = all_runs(client, [exp.experiment_id], "tags.`ureid.kind` = 'sweep'") if exp else []
         for p in parents:
             # a run name is anything MLflow took (a sweep --name once could hold a '/'): one file in out_dir
             safe = re.sub(r"[^\w.-]", "_", p.info.run_name or p.info.run_id)
