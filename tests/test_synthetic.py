@@ -281,6 +281,8 @@ def test_cli_synth_and_info(tmp_path, capsys):
         total, cameras = map(int, re.search(rf"{split}\s+(\d+) records.* (\d+) cameras", out).groups())
         counts = re.search(rf"{split}\s+per camera: (.*)", out).group(1).split(", ")
         assert len(counts) == cameras and sum(int(c.split(": ")[1]) for c in counts) == total, out
+        names = [c.split(": ")[0] for c in counts]  # as the files name them, c1..c6 (not camid 0..5)
+        assert all(re.fullmatch(r"c[1-6]", n) for n in names) and names == sorted(names), out
     assert main(["data", "info", "--format", "mars", "--root", str(tmp_path / "s")]) == 2
     assert "mars: expected" in capsys.readouterr().err
 

@@ -90,7 +90,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for split in ("train", "query", "gallery"):
         cams = Counter(r.camid for r in getattr(ds, split))
         if cams:
-            print(f"  {split:<8}per camera: " + ", ".join(f"{c}: {cams[c]}" for c in sorted(cams)))
+            print(f"  {split:<8}per camera: " + ", ".join(f"{ds.camera_name(c)}: {cams[c]}" for c in sorted(cams)))
     return 0
 
 

@@ -516,7 +516,7 @@ def load_folder(root, pattern: str | None = None) -> ReidDataset:
     _warn_unmatched("folder", "image(s)", unmatched, pattern)
 
     cam_index = _camera_index({c for recs in raw.values() for _, _, c in recs if c is not None})
-    ds = ReidDataset("folder", str(base))
+    ds = ReidDataset("folder", str(base), camera_names=list(cam_index) or None)
     for split, recs in raw.items():
         setattr(ds, split, [Record((p,), pid, cam_index[c] if c is not None else 0) for p, pid, c in recs])
     return ds
@@ -579,6 +579,7 @@ def load_tracklets(root, pattern: str | None = None) -> ReidDataset:
     _warn_unmatched("tracklets", "tracklet(s)", unmatched, pattern)
     index = _camera_index({c for _, c in cams})
     ds.train = [Record(frames, UNKNOWN_PID, index[c]) for frames, c in cams]
+    ds.camera_names = list(index)
     return ds
 
 

@@ -45,6 +45,12 @@ class ReidDataset:
     query: list[Record] = field(default_factory=list)
     gallery: list[Record] = field(default_factory=list)
     is_video: bool = False
+    # camid -> the camera as the data names it, where a reader numbered values of its own (a pattern's camid
+    # group: '3', 'cam_a'); None for the fixed layouts, whose c1..cN are camid 0..N-1
+    camera_names: list[str] | None = None
+
+    def camera_name(self, camid: int) -> str:
+        return self.camera_names[camid] if self.camera_names is not None else f"c{camid + 1}"
 
     def summary(self) -> str:
         def stats(recs: list[Record]) -> str:
