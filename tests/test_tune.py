@@ -213,6 +213,13 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
     second = next(n for n, h in before.items() if len(h) == 1)
     first_dir = next((sweep_dir / "trials" / first).glob("*/run.json")).parent
     stamp = (first_dir / "summary.json").stat().st_mtime
+    # what the driver said while it lived: one trial at a time, so the first had ended before the second began
+    said = [line for line in (tmp_path / "driver.log").read_text().splitlines() if line.startswith("[ureid] trial")]
+    assert said[:4] == [f"[ureid] trial {first} started: merge_percent=0.2",
+                        *[f"[ureid] trial {first}: stage {s} ({s + 1}/2) done, lf_silhouette "
+                          f"{before[first][s]['lf_silhouette']:.4f}" for s in (0, 1)],
+                        f"[ureid] trial {first} finished"], said
+    assert said[4] == f"[ureid] trial {second} started: merge_percent=0.3", said
 
     summary = run_sweep(None, "buc", resume=str(sweep_dir), quiet=True)
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray import tune
 
 from ..config import ConfigError, apply_overrides, close_key, read_yaml, refuse_other_method, validate
 from .. import tracking
@@ -111,8 +112,6 @@ def check_space(base: dict, space: dict, source: str) -> None:
 
 
 def tune_domains(space: dict) -> dict:
-    from ray import tune
-
     make = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
             "randint": lambda a: tune.randint(*a), "choice": tune.choice, "grid": tune.grid_search}
     return {key: make[kind](args) for key, spec in space.items() for kind, args in spec.items()}
@@ -129,6 +128,44 @@ def trial_name(sweep_id: str, trial) -> str:
     return f"{sweep_id}-{int(trial.experiment_tag.split('_', 1)[0]):05d}"
 
 
+def _tried(params: dict) -> str:
+    """A trial's values, each swept key by its last part: ``merge_percent=0.15  size_penalty=0.0042``."""
+    return "  ".join(f"{key.rsplit('.', 1)[-1]}={value:.4g}" if isinstance(value, float) else
+                     f"{key.rsplit('.', 1)[-1]}={value}" for key, value in params.items())
+
+
+class SweepProgress(tune.Callback):
+    """Prints a line as each trial starts, finishes a stage, ends or fails. The trials run quietly (their stage
+    lines would interleave), and a sweep of eight trials on two cores said nothing for its twenty minutes
+    between the folder's line and the final table. A module-level class holding plain values only: Tune
+    keeps its callbacks in the sweep's saved state, which --resume unpickles."""
+
+    def __init__(self, objective: str, num_stages: int):
+        self.objective, self.num_stages = objective, num_stages
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"[ureid] {text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(f"trial {trial} started: {_tried(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "stages_done" in result:
+            score = result.get(self.objective)
+            said = f", {self.objective} {score:.4f}" if isinstance(score, (int, float)) else ""
+            self._say(f"trial {trial}: stage {result['stages_done'] - 1} ({result['stages_done']}/{self.num_stages}) "
+                      f"done{said}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = (trial.last_result or {}).get("stages_done", 0)
+        how = "finished" if done >= self.num_stages else f"stopped after {done} of {self.num_stages} stages (ASHA)"
+        self._say(f"trial {trial} {how}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(f"trial {trial} failed (its error: in the table at the end, trials.csv and its MLflow run)")
+
+
 def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> None:
     """One trial's run. It never writes its own failure status (``leave_status``): the sweep's :func:`_finish`
     does, from Tune's verdict (KILLED for a trial the scheduler stopped, FAILED with Tune's error for one that
@@ -138,7 +175,6 @@ def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> N
     marked an early-stopped trial FAILED: its store's ActorDiedError). Its dying process can still run after
     Ray reports the actor dead, so a FAILED it wrote after :func:`_finish`'s KILLED won. With one writer the
     order no longer matters."""
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .experiment import run_experiment
@@ -248,8 +284,6 @@ def _trial_resources(ray_cfg):
     tasks run (:class:`.tasks.RayBlockMap`) and, with ``ray.store_gpus``, the store holding its GPU share
     (``feature_store.STORE_BUNDLE``). Without clustering tasks or a GPU share, Tune still needs one non-empty
     bundle: one byte of memory."""
-    from ray import tune
-
     from .tasks import SLOT
 
     if ray_cfg.store_gpus > 0:
@@ -279,7 +313,6 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
     """Run (or resume) a sweep; returns its summary (also in sweep.json). ``num_samples``: trials drawn by a
     random or Optuna search (default 4); a grid runs each of its points once and takes no count."""
     import ray
-    from ray import tune
 
     from ..methods import get_method
     from .job import check_worker_group, ensure_ray, hold_folder
@@ -396,7 +429,8 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                         trial_name_creator=partial(trial_name, info["sweep_id"]),
                         trial_dirname_creator=partial(trial_name, info["sweep_id"]),
                     ),
-                    run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0),
+                    run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0,
+                                              callbacks=[] if quiet else [SweepProgress(info["objective"], num_stages)]),
                 )
             grid = tuner.fit()
         except BaseException as exc:
@@ -575,8 +609,7 @@ def _table(summary: dict) -> str:
     for r in summary["trials"]:
         score = f"{r[objective]:.4f}" if r[objective] != "" else "-"
         # what was tried: the swept keys by their last part (merge_percent=0.15), as trials.csv has them whole
-        tried = "  ".join(f"{key.rsplit('.', 1)[-1]}={r[key]:.4g}" if isinstance(r[key], float) else
-                          f"{key.rsplit('.', 1)[-1]}={r[key]}" for key in summary.get("space_keys", ()) if key in r)
+        tried = _tried({key: r[key] for key in summary.get("space_keys", ()) if key in r})
         line = f"  {r['trial']:<24} {r['status']:<14} {tried}  stages {r['stages']}  {objective} {score}"
         if r["selected_mAP"] != "" or r["oracle_mAP"] != "":
             line += (f"  selected mAP {r['selected_mAP'] if r['selected_mAP'] == '' else format(r['selected_mAP'], '.1%')}"
