@@ -597,7 +597,7 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
     tracking.finish_run(uri, info["parent_run_id"])
     summary = {"sweep_dir": str(sweep_dir), "parent_run_id": info["parent_run_id"], "tracking_uri": uri,
                "objective": objective, "mode": mode, "trials": rows, "best": best, "wall_time_s": wall_time,
-               "num_stages": num_stages, "space_keys": list(info["space"])}
+               "num_stages": num_stages, "space_keys": list(info.get("space", {}))}
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
