@@ -200,7 +200,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
     ``leave_status``: a failure does not mark the run FAILED, the caller writes its status (a sweep trial, see
     ``Job.failing_loudly``). Unless ``quiet`` or ``verbose``, the driver draws the workers' progress (a bar
     per stage, a line per finished stage, :mod:`.progress`); ``verbose`` shows the workers' own lines and Ray
-    Train's INFO output instead."""
+    Train's INFO output instead; ``quiet`` alone prints nothing, in the driver or the workers (a sweep's trials:
+    the sweep says what they do, :class:`.tune.SweepProgress`)."""
     import ray
 
     from .callbacks import HistoryCallback, MlflowStageCallback, read_history
@@ -227,7 +228,8 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                         tags={"method": cfg.method, "dataset": cfg.data.name,
                               "ureid.setting": _setting(cfg, method), "ureid.selection": cfg.schedule.select},
                         write_config=lambda d: save_config(cfg, d / "config.yaml"), parent_run_id=parent_run_id)
-    job.announce()
+    if not quiet:
+        job.announce()
     with job.failing_loudly(leave_status):  # a failure anywhere below marks the MLflow run FAILED, checkpoints stay
         cfg.check_paths()
         method.prepare(cfg)
@@ -279,6 +281,7 @@ def run_experiment(cfg: Config, *, resume: str | os.PathLike | None = None, quie
                     "cfg": cfg, "method": method, "data": data, "num_stages": num_stages,
                     "store_name": "feature_store", "namespace": namespace, "resume_from": resume_from,
                     "threads": max(1, int(cfg.ray.cpus_per_worker)), "relay": relay, "verbose": verbose,
+                    "silent": quiet and not verbose,
                 }, cfg.ray, callbacks=[MlflowStageCallback(job.tracking_uri, job.run_id),
                                        HistoryCallback(job.history_path), *callbacks], verbose=verbose)
             final = ray.get(store.latest_targets.remote())

@@ -114,10 +114,14 @@ def train_loop_per_worker(config: dict) -> None:
     relay = config.get("relay") if rank == 0 else None
     log_every = 1 if relay is not None else int(config.get("log_every", 20))
 
+    # A quiet run (a sweep's trial, a test) prints nothing from its workers: a sweep's trials forwarded every
+    # epoch line of every trial, each prefixed with its worker's pid, among the sweep's own lines.
+    silent = bool(config.get("silent"))
+
     def log(msg: str) -> None:
         if relay is not None:
             relay.push.remote(("line", f"[ureid] {msg}"))
-        else:
+        elif not silent:
             log_line(rank, msg)
 
     def progress(info: dict) -> None:
