@@ -66,8 +66,8 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, loader: Iterable, optimize
 
     Each step: forward (:func:`forward_batch`), ``loss_fn(outputs, targets, indices)``, backward (which also
     updates memory tables), step. ``progress`` (if given) receives ``dict(epoch, batch, loss, mean_loss)``
-    every ``log_every`` batches and after the last one. Returns ``dict(loss=mean loss, batches, samples, time_s)``
-(``samples``: this process's images or tracklets trained on).
+    every ``log_every`` batches and after the last one. Returns ``dict(loss=mean loss, batches, samples,
+    time_s)`` (``samples``: this process's images or tracklets trained on).
     ``sample_seed`` (not None): dropout masks drawn per sample from ``(sample_seed, epoch, step, index)``
     (``ureid.models.invariance.SampleDropout``), the same for any number of workers.
     """
