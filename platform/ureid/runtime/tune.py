@@ -135,10 +135,10 @@ def _tried(params: dict) -> str:
 
 
 class SweepProgress(tune.Callback):
-    """Prints a line as each trial starts, finishes a stage, ends or fails. The trials run quietly (their stage
-    lines would interleave), and a sweep of eight trials on two cores said nothing for its twenty minutes
-    between the folder's line and the final table. A module-level class holding plain values only: Tune
-    keeps its callbacks in the sweep's saved state, which --resume unpickles."""
+    """Prints a line as each trial starts, finishes a stage, ends or fails: a sweep's own account of its
+    trials, which run quietly (their workers' epoch and stage lines, each prefixed by Ray with the worker's
+    pid, came through interleaved across trials). A module-level class holding plain values only: Tune keeps
+    its callbacks in the sweep's saved state, which --resume unpickles."""
 
     def __init__(self, objective: str, num_stages: int):
         self.objective, self.num_stages = objective, num_stages
