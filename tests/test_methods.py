@@ -184,3 +184,17 @@ def test_merge_schedules_end_before_the_clusters_run_out(method):
     stages = {n: get_method(method).num_stages(cfg, RunData(train=[], query=[], gallery=[], num_real=n))
               for n in (5, 9, 10, 625, 12936)}
     assert stages == {5: 4, 9: 8, 10: 9, 625: 9, 12936: 9}
+
+
+def test_ssl_loss_takes_read_only_neighbours_without_a_warning():
+    """The store's targets reach the workers read-only (Ray's object store): a tensor over them made torch warn
+    ("The given NumPy array is not writable") on every worker at SSL's stage 1."""
+    import warnings
+
+    cfg = load_config(CONFIG_DIR / "ssl_cpu.yaml")
+    neighbors = np.array([[1, 2], [0, 2], [0, 1]])
+    neighbors.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = get_method("ssl").build_loss(cfg, Targets(labels=np.arange(3), neighbors=neighbors), 3, 16)
+    assert torch.equal(loss.neighbors.cpu(), torch.from_numpy(neighbors.copy()))

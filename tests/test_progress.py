@@ -72,6 +72,65 @@ def test_plain_stream_says_where_a_long_stage_stands_every_heartbeat(monkeypatch
     assert quiet.getvalue().splitlines() == STAGE_LINES
 
 
+def _drive_phases(progress: StageProgress) -> None:
+    """A stage's life after its training, as the driver receives it: the starting features clustered before
+    stage 0, then training, evaluation (query, then gallery), extraction and the label update."""
+    progress.phase("updating the labels")
+    for _ in range(3):
+        progress.tick()
+    progress.start_stage(0, num_stages=2, epochs=1, batches_per_epoch=2)
+    progress.update(0, 0, loss=6.0)
+    progress.update(0, 1, loss=5.0)
+    progress.phase("evaluating (query, then gallery images)")
+    for done in (4, 8):
+        progress.items(done, 8)
+    progress.update(0, 1, loss=5.0)  # a late batch event: the training is over, nothing drawn or said
+    for done in (10, 20):
+        progress.items(done, 20)  # the gallery
+    progress.phase("extracting the training features")
+    progress.items(30, 30)
+    progress.phase("updating the labels")
+    for _ in range(3):
+        progress.tick()
+    progress.end_stage(STAGE_LINES[0])
+    progress.tick()  # between stages: nothing
+
+
+def test_plain_stream_says_what_a_stage_does_after_its_training(monkeypatch):
+    """Evaluation, feature extraction and the label update run for minutes on real data after the last
+    batch, where the log said nothing: the heartbeat goes on through them, counting images where there are,
+    and where there are none (the update) the driver's ticks keep it going."""
+    clock = iter(range(0, 10_000, 50))
+    monkeypatch.setattr("ureid.progress.time.perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    _drive_phases(StageProgress(out, heartbeat=100, prefix="[ureid] "))
+    # the clock moves 50 s per reading, each call below reads it once: a line when 100 s have passed since
+    # the last one (the late batch event reads nothing)
+    assert out.getvalue().splitlines() == [
+        "[ureid] before the first stage: updating the labels, 1m40s so far",
+        "[ureid] stage 0 (1/2): epoch 1/1, batch 2/2 (100% of its training), loss 5.0000, 1m40s in",
+        "[ureid] stage 0 (1/2): evaluating (query, then gallery images), 4/8 images, 50s so far",
+        "[ureid] stage 0 (1/2): evaluating (query, then gallery images), 10/20 images, 2m30s so far",
+        "[ureid] stage 0 (1/2): extracting the training features, 30/30 images, 50s so far",
+        "[ureid] stage 0 (1/2): updating the labels, 50s so far",
+        "[ureid] stage 0 (1/2): updating the labels, 2m30s so far",
+        STAGE_LINES[0]]
+    quiet = io.StringIO()
+    _drive_phases(StageProgress(quiet, heartbeat=None))
+    assert quiet.getvalue().splitlines() == [STAGE_LINES[0]]
+
+
+def test_tty_draws_a_bar_for_each_phase_and_leaves_only_the_stage_line():
+    out = FakeTTY()
+    _drive_phases(StageProgress(out, mininterval=0))
+    raw = out.getvalue()
+    assert "stage 0 (1/2), evaluating (query, then gallery images)" in raw and "8/8" in raw and "20/20" in raw
+    assert "10/8" not in raw and "stage 0 (1/2), extracting the training features" in raw and "30/30" in raw
+    assert re.search(r"stage 0 \(1/2\), updating the labels: \d\d:\d\d", raw)  # the seconds, no count
+    assert "before the first stage, updating the labels" in raw
+    assert _screen_lines(raw) == [STAGE_LINES[0]]
+
+
 def test_tty_draws_bars_then_leaves_only_stage_lines():
     out = FakeTTY()
     progress = StageProgress(out, mininterval=0)

@@ -12,8 +12,11 @@ On a terminal the bar redraws in place and disappears when the stage ends, leavi
 the stream is not a TTY (CI logs, files, `ray job logs`) no bar is drawn at all - a redrawn bar would leave
 every redraw in the log - and the output is one line per finished stage, plus, in a stage that runs longer
 than ``heartbeat`` seconds, one line of where it stands every ``heartbeat`` seconds (a stage on real data runs
-for many minutes, and a log silent that long reads as a hung job). Messages that must stay visible while a bar
-is shown (warnings, errors) go through :meth:`StageProgress.write`, which keeps the bar intact.
+for many minutes, and a log silent that long reads as a hung job). After its training a stage evaluates,
+extracts features and updates its labels (:meth:`StageProgress.phase`): a bar of images, or of the seconds
+spent where nothing is counted, on a terminal; the same heartbeat lines in a log. Messages that must stay
+visible while a bar is shown (warnings, errors) go through :meth:`StageProgress.write`, which keeps the bar
+intact.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class StageProgress:
         self._t0 = 0.0
         self._said_at = 0.0
         self._done = 0
+        self._phase = None  # after the training: dict(name, done, total, t0), see phase()
 
     @property
     def in_stage(self) -> bool:
@@ -64,9 +68,9 @@ class StageProgress:
         """A stage of ``epochs`` epochs of ``batches_per_epoch`` batches begins (``stage`` counts from 0)."""
         if epochs < 0 or batches_per_epoch < 0:
             raise ValueError(f"epochs and batches_per_epoch must be >= 0, got {epochs}, {batches_per_epoch}")
-        if self._stage is not None:
-            self._close_bar()  # a stage that never ended (e.g. a retry): drop its bar without a line
+        self._close_bar()  # a stage that never ended (a retry), or the work before the first: no line for it
         self._stage = dict(stage=stage, num_stages=num_stages, epochs=epochs, batches=batches_per_epoch)
+        self._phase = None
         self._t0 = self._said_at = time.perf_counter()
         self._done = 0
         if self.tty:
@@ -81,6 +85,8 @@ class StageProgress:
         """Batch ``batch`` (from 0) of epoch ``epoch`` (from 0) of the current stage is done, with its loss."""
         if self._stage is None:
             raise RuntimeError("update() before start_stage()")
+        if self._phase is not None:  # a late event of the training, which is over
+            return
         if self._bar is None:
             self._beat(epoch, batch, loss)
             return
@@ -113,11 +119,74 @@ class StageProgress:
         self.stream.write(line + "\n")
         self.stream.flush()
 
+    def phase(self, name: str) -> None:
+        """The current stage's training is over and ``name`` begins (``"evaluating"``, ``"updating the
+        labels"``; also before the first stage, where a run clusters its starting features). Its images are
+        counted by :meth:`items` where it reports them; :meth:`tick` keeps time where it does not."""
+        self._close_bar()
+        now = time.perf_counter()
+        self._phase = dict(name=name, done=0, total=None, t0=now)
+        if self._stage is None:  # the run's first output: its heartbeat counts from here
+            self._said_at = now
+        if self.tty:
+            from tqdm import tqdm
+
+            # no count yet: the seconds spent, redrawn by tick()
+            self._bar = tqdm(total=None, desc=f"{self._where()}, {name}", file=self.stream, leave=False,
+                             dynamic_ncols=True, bar_format="{desc}: {elapsed}")
+
+    def items(self, done: int, total: int) -> None:
+        """``done`` of ``total`` images of the current phase are through; a count that restarts or changes its
+        total is the phase's next set (the gallery after the queries)."""
+        ph = self._phase
+        if ph is None:
+            return
+        fresh = ph["total"] != total or done < ph["done"]
+        ph["done"], ph["total"] = done, total
+        if not self.tty:
+            self._phase_beat()
+            return
+        if fresh:
+            from tqdm import tqdm
+
+            self._close_bar()
+            self._bar = tqdm(total=total, desc=f"{self._where()}, {ph['name']}", unit="img", file=self.stream,
+                             leave=False, dynamic_ncols=True, mininterval=self.mininterval)
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+
+    def tick(self) -> None:
+        """Time passes (the driver calls it a few times a second): in a phase, a terminal's clock is redrawn and
+        a log gets its heartbeat line, even where nothing is counted (a label update runs for minutes)."""
+        if self._phase is None:
+            return
+        if not self.tty:
+            self._phase_beat()
+        elif self._bar is not None and self._phase["total"] is None:
+            self._bar.refresh()
+
+    def _where(self) -> str:
+        st = self._stage
+        return "before the first stage" if st is None else f"stage {st['stage']} ({st['stage'] + 1}/{st['num_stages']})"
+
+    def _phase_beat(self) -> None:
+        """Without a bar: a line of the phase once ``heartbeat`` seconds have passed since the last line."""
+        now = time.perf_counter()
+        if self.heartbeat is None or now - self._said_at < self.heartbeat:
+            return
+        self._said_at = now
+        ph = self._phase
+        line = f"{self.prefix}{self._where()}: {ph['name']}"
+        if ph["total"]:
+            line += f", {ph['done']}/{ph['total']} images"
+        self.stream.write(f"{line}, {_fmt_seconds(now - ph['t0'])} so far\n")
+        self.stream.flush()
+
     def end_stage(self, summary_line: str) -> None:
         """The current stage is over: remove its bar and print ``summary_line`` once."""
         took = time.perf_counter() - self._t0
         self._close_bar()
-        self._stage = None
+        self._stage = self._phase = None
         line = summary_line.rstrip("\n")
         if self.elapsed:
             line += f" [{_fmt_seconds(took)}]"
@@ -136,7 +205,7 @@ class StageProgress:
 
     def close(self) -> None:
         self._close_bar()
-        self._stage = None
+        self._stage = self._phase = None
 
     def __enter__(self) -> "StageProgress":
         return self

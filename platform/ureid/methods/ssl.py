@@ -43,14 +43,12 @@ class SSL(Method):
         return cfg.clustering.num_stages
 
     def build_loss(self, cfg, targets: Targets, num_samples: int, feature_dim: int):
-        import torch
-
         from ..models.losses import SoftenedMemoryLoss
 
         loss = SoftenedMemoryLoss(cfg.model.embedding_dim, num_samples, temperature=cfg.loss.temperature,
                                   soft_weight=cfg.clustering.soft_weight)
         if targets.neighbors is not None:
-            loss.set_neighbors(torch.as_tensor(targets.neighbors))
+            loss.set_neighbors(targets.neighbors)
         return loss
 
     def update(self, cfg, features, targets: Targets, ctx: UpdateContext) -> Targets:

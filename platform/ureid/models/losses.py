@@ -307,6 +307,8 @@ class SoftenedMemoryLoss(_ResizableMemory):
         if neighbors is None:
             self.neighbors = None
             return
+        if not isinstance(neighbors, torch.Tensor):  # a copy: a read-only array (the store's, through Ray's
+            neighbors = np.array(neighbors, dtype=np.int64)  # object store) made torch warn on every worker
         nb = torch.as_tensor(neighbors, dtype=torch.long, device=self.memory.device)
         n = self.num_samples
         if nb.ndim != 2 or nb.shape[0] != n or nb.shape[1] == 0:

@@ -9,7 +9,8 @@ lines themselves and no relay is used.
 
 Events are tuples, sent fire-and-forget (an actor runs one caller's calls in order):
 ``("start", stage, num_stages, epochs, batches_per_epoch)``, ``("batch", epoch, batch, loss)``,
-``("line", text)`` (a message between bars), ``("end", text)`` (the stage's one line).
+``("phase", name)`` (the training is over, e.g. the evaluation begins), ``("items", done, total)`` (images of
+the phase through), ``("line", text)`` (a message between bars), ``("end", text)`` (the stage's one line).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class DriverProgress:
     def _pump(self) -> None:
         while not self._stop.wait(self.interval):
             self._apply_all()
+            self.view.tick()
 
     def _apply_all(self) -> None:
         try:
@@ -72,6 +74,10 @@ class DriverProgress:
             elif kind == "batch":
                 if self.view.in_stage:  # PUL's source pre-training reports batches outside any stage
                     self.view.update(*args)
+            elif kind == "phase":
+                self.view.phase(*args)
+            elif kind == "items":
+                self.view.items(*args)
             elif kind == "end":
                 self.view.end_stage(args[0])
             else:

@@ -130,16 +130,28 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             log(f"  epoch {info['epoch'] + 1} batch {info['batch']} loss {info['mean_loss']:.4f}")
 
+    def phase(name: str):
+        """What rank 0 does after a stage's training, for the driver's display: a progress(done, total) of
+        its images, or None (nothing to show: no relay, another rank)."""
+        if relay is None:
+            return None
+        relay.push.remote(("phase", name))
+        return lambda done, total: relay.push.remote(("items", done, total))
+
     def evaluate() -> dict:
         rerank = {} if cfg.train.eval_rerank else None
-        scores = None if rank else evaluate_model(model, data.query, data.gallery, device, rerank=rerank,
-                                                  **cfg.extract_options())
+        scores = None
+        if rank == 0:
+            scores = evaluate_model(model, data.query, data.gallery, device, rerank=rerank,
+                                    progress=phase("evaluating (query, then gallery images)"),
+                                    **cfg.extract_options())
         return _broadcast(scores, rank, world)
 
     def validate() -> dict:  # another labeled dataset than the target (schedule.validation)
         scores = None
         if rank == 0:
             scores = evaluate_model(model, data.validation_query, data.validation_gallery, device,
+                                    progress=phase("validating (query, then gallery images)"),
                                     **cfg.extract_options())
         return {f"val_{k}": v for k, v in _broadcast(scores, rank, world).items()}
 
@@ -165,8 +177,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     def extract_and_update(stage: int) -> dict:
         feats = extract_features(net, [data.train[i] for i in shard], device=device, parts=parts,
+                                 progress=phase("extracting the training features" if world == 1 else
+                                                f"extracting the training features (1 of {world} shards)"),
                                  **cfg.extract_options())
         ray.get(store.put.remote(stage, rank, shard, feats["pooled"], feats.get("parts")))
+        phase("updating the labels")
         _barrier(world)
         return ray.get(store.update.remote(stage))
 
