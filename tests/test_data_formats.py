@@ -514,6 +514,14 @@ def test_guess_format_reads_each_published_layout_and_the_refusal_says_it(tmp_pa
     assert main(["data", "info", "--root", str(duke)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("format dukemtmc, guessed from ") and "0001_c2_f0046182.jpg" in out and "train" in out
+    assert main(["data", "info", str(duke)]) == 0  # the folder as the positional argument reads the same
+    timing = re.compile(r"read in \S+ s")
+    assert timing.sub("", capsys.readouterr().out) == timing.sub("", out)
+    for argv, said in ((["data", "info"], "the dataset folder is required: ureid data info DIR"),
+                       (["data", "info", str(duke), "--root", str(tmp_path / "m")], "two dataset folders")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert said in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"text holds no image; --format is one of cuhk03, "):
         main(["data", "info", "--root", str(tmp_path / "text")])
     # the camera-style commands guess among the layouts they read

@@ -77,6 +77,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from ureid.data.formats import load_dataset
 
     t0 = time.perf_counter()
+    if args.folder is None and args.root is None:
+        args._parser.error("the dataset folder is required: ureid data info DIR (or --root DIR)")
+    if args.folder is not None and args.root is not None and Path(args.folder).resolve() != Path(args.root).resolve():
+        args._parser.error(f"two dataset folders, {args.folder} and --root {args.root}: give one")
+    args.root = args.root if args.root is not None else args.folder
     if args.format is None:
         args.format = _guessed_format(args.root, "data info")
     ds = load_dataset(args.format, args.root, pattern=args.pattern, cuhk03_protocol=args.cuhk03_protocol,
@@ -546,7 +551,8 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     i = dsub.add_parser("info", help="read a dataset folder and print its split summary")
     i.add_argument("--format", default=None, choices=sorted(DATASETS),
                    help="default: guessed from the folder's layout (the guess is printed)")
-    i.add_argument("--root", required=True, help="the dataset folder")
+    i.add_argument("folder", nargs="?", default=None, help="the dataset folder (or --root)")
+    i.add_argument("--root", default=None, help="the dataset folder, as the positional argument")
     _add_dataset_options(i)
     i.add_argument("--no-verify", action="store_true", help="do not open every image to check it is readable")
     i.set_defaults(func=_cmd_info)
