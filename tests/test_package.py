@@ -54,6 +54,23 @@ def test_an_unknown_option_is_reported_with_its_commands_usage(argv, said, capsy
     assert err.rstrip().endswith(said), err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["run", "buc", "--set", "clustering.merge_percent=1.5"], "invalid configuration ("),
+    (["tune", "buc", "--set", "clustering.merge_percent=1.5"], "invalid configuration ("),
+    (["camstyle", "train", "--set", "nope=1"], "invalid StarGAN configuration ("),
+    (["compare", "--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri http://127.0.0.1:9: no MLflow server"),
+])
+def test_every_entry_point_says_a_users_error_alike(argv, said, capsys):
+    """One prefix, one line of cause, exit status 2: a bad config said `error:` where a bad layout or a locked
+    run said `ureid: error:` (experiments/<method>.py and sweep.py reach the same handlers without main())."""
+    from ureid.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ureid: error: {said}"), err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, usage", [
     (["run", "--help"], "usage: ureid run [-h]"),
     (["run", "-h"], "usage: ureid run [-h]"),

@@ -120,15 +120,16 @@ def test_feature_map_colours_no_two_clusters_alike():
     labels = np.concatenate([np.full(61 - i, 100 + i) for i in range(60)] + [np.arange(30), np.full(5, -1)])
     rng = np.random.default_rng(0)
     labels = labels[rng.permutation(labels.size)]
-    colours, shown = vis._colours(labels)
+    colours, mask, shown = vis._colours(labels)
     assert shown == 40
     grey = (colours == np.asarray(vis._OTHER)).all(axis=1)
+    assert (mask == ~grey).all()  # the mask the map draws the grey points from
     coloured = set(np.unique(labels[~grey]).tolist())
     assert coloured == set(range(100, 140))  # the 40 largest
     assert len({tuple(colours[labels == c][0]) for c in coloured}) == 40  # a colour each
     for c in coloured:
         assert (colours[labels == c] == colours[labels == c][0]).all()
-    few, shown = vis._colours(np.array([3, 3, 7, 7, 7, 9]))
+    few, _, shown = vis._colours(np.array([3, 3, 7, 7, 7, 9]))
     assert shown == 2 and (few[5] == vis._OTHER).all() and not (few[0] == few[2]).all()
 
 

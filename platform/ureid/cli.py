@@ -150,6 +150,14 @@ def _refuse_config_on_resume(args: argparse.Namespace, what: str) -> None:
                           f"{Path(args.resume) / 'config.yaml'}; change one of its keys with --set KEY=VALUE")
 
 
+def _error(message) -> int:
+    """A user's error (a bad config, layout or argument, a missing file, a run another process drives): one line
+    on stderr, no traceback, and argparse's exit status for a usage error. Every entry point says it alike:
+    ``experiments/<method>.py`` and ``experiments/sweep.py`` come to theirs without :func:`main`."""
+    print(f"ureid: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input or situation raises (a bad layout or argument, a missing file, a run another process
     drives): one clear line, no traceback. Evaluated when an error is matched, so the import costs nothing."""
@@ -175,8 +183,7 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
         if cfg.method != method:
             raise ConfigError(f"config method is {cfg.method!r} but this entry point runs {method!r}")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     if args.print_config:
         import yaml
 
@@ -184,11 +191,10 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
         return 0
     from ureid.runtime.experiment import run_experiment
 
-    try:  # experiments/<method>.py comes here without main(): the same one line for a user's error
+    try:
         run_experiment(cfg, resume=args.resume, verbose=args.verbose)
     except _user_errors() as exc:
-        print(f"ureid: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     return 0
 
 
@@ -235,12 +241,8 @@ def tune_entry_point(argv: list[str] | None = None, prog: str = "ureid tune") ->
         run_sweep(args.config or CONFIG_DIR / f"{args.method}_cpu.yaml", args.method, args.overrides,
                   space_file=args.space, num_samples=args.num_samples, search=args.search,
                   scheduler=args.scheduler, max_concurrent=args.max_concurrent, name=args.name, resume=args.resume)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except _user_errors() as exc:  # experiments/sweep.py comes here without main()
-        print(f"ureid: error: {exc}", file=sys.stderr)
-        return 2
+    except _user_errors() as exc:  # a ConfigError is a ValueError
+        return _error(exc)
     return 0
 
 
@@ -256,8 +258,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         uri = resolve_tracking_uri(args.tracking_uri, "runs", create=False)  # a server that does not answer: seconds, not minutes
     except ConfigError as exc:
-        print(f"error: {str(exc).replace('tracking.tracking_uri=', '--tracking-uri ', 1)}", file=sys.stderr)
-        return 2
+        return _error(str(exc).replace('tracking.tracking_uri=', '--tracking-uri ', 1))
     files = compare(uri, args.out, experiment=args.experiment, run_ids=args.runs or None, score=args.score)
     for dataset, paths in files.items():
         for path in paths:
@@ -577,8 +578,7 @@ def _cmd_gan_train(args: argparse.Namespace) -> int:
         else:
             gcfg = load_gan_config(args.config or CONFIG_DIR / "stargan_cpu.yaml", args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     train_stargan(gcfg, resume=args.resume, verbose=args.verbose)
     return 0
 
@@ -662,8 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except _user_errors() as e:
-        print(f"ureid: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
 
 
 if __name__ == "__main__":

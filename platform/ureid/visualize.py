@@ -273,8 +273,8 @@ def _embed_2d(features: np.ndarray, seed: int, normalise: bool) -> np.ndarray:
 _OTHER = (0.75, 0.75, 0.75, 0.6)
 
 
-def _colours(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """RGBA per point and how many clusters got a colour: each of the largest clusters (by points drawn, ties
+def _colours(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """RGBA per point, which points got a colour of their cluster's, and how many clusters did: each of the largest clusters (by points drawn, ties
     to the lower label) a colour of its own from a 40-colour qualitative palette, every other point light grey.
     A palette cycled over hundreds of pseudo-classes gave unrelated clusters one colour, so that two of them
     read as one large cluster."""
@@ -290,7 +290,7 @@ def _colours(labels: np.ndarray) -> tuple[np.ndarray, int]:
     colour_of[largest] = np.arange(largest.size)
     coloured = colour_of[inv] >= 0
     out[coloured] = palette[colour_of[inv][coloured]]
-    return out, int(largest.size)
+    return out, coloured, int(largest.size)
 
 
 def feature_maps(panels: Sequence[tuple], out_png: str | os.PathLike, seed: int = 0, max_points: int = 2000,
@@ -325,8 +325,8 @@ def feature_maps(panels: Sequence[tuple], out_png: str | os.PathLike, seed: int 
         xy = _embed_2d(features[idx], seed, normalise)
         lab = labels[idx]
         ax = fig.add_subplot(1, len(panels), i + 1)
-        colours, shown = _colours(lab)
-        grey = (colours == np.asarray(_OTHER)).all(axis=1)
+        colours, coloured, shown = _colours(lab)
+        grey = ~coloured
         ax.scatter(xy[grey, 0], xy[grey, 1], c=colours[grey], s=6, linewidths=0)  # under the coloured ones
         ax.scatter(xy[~grey, 0], xy[~grey, 1], c=colours[~grey], s=8, linewidths=0)
         n_clusters = np.unique(lab[lab >= 0]).size
