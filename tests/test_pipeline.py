@@ -264,6 +264,12 @@ def test_embed_gives_the_runs_own_features_of_any_images(ray_cluster, tiny_root,
                  "--picture", str(tmp_path / "search.png")]) == 0
     said = capsys.readouterr().out
     assert f"buc, stage {selected}: the 2 nearest of" in said and said.count("\n    1  ") == 1, said
+    assert "gallery items for the query (" in said and "asked for more" not in said
+    gallery = len(list((tiny_root / "bounding_box_test").iterdir()))
+    assert main(["search", run_dir, *queries, "--gallery", str(tiny_root / "bounding_box_test"), "--top", "999"]) == 0
+    said = capsys.readouterr().out
+    assert f"the {gallery} nearest of {gallery} gallery items for each of {len(queries)} queries (" in said, said
+    assert "; --top 999 asked for more than the gallery holds" in said
     with Image.open(tmp_path / "search.png") as img:
         assert img.size == picture_size(1, 2)
 

@@ -335,8 +335,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, progress=bars.embedding, rerank=rerank, rerank_progress=bars.rerank)
     how = "squared distance of unit features, 0 to 4" if rerank is None else \
         f"k-reciprocal re-ranked distance, k1 {args.rerank_k1}, k2 {args.rerank_k2}, lambda {args.rerank_lambda:g}"
-    print(f"{r['method']}, stage {r['stage']}: the {r['indices'].shape[1]} nearest of {len(r['gallery'])} gallery "
-          f"items for each of {len(r['queries'])} queries ({how})")
+    nq, top = len(r["queries"]), r["indices"].shape[1]
+    each = "for the query" if nq == 1 else f"for each of {nq} queries"
+    print(f"{r['method']}, stage {r['stage']}: the {top} nearest of {len(r['gallery'])} gallery items {each} ({how})"
+          + (f"; --top {args.top} asked for more than the gallery holds" if args.top > top else ""))
     for query, row, dist in zip(r["queries"], r["indices"], r["distances"]):
         print(query)
         for rank, (g, d) in enumerate(zip(row, dist), 1):
