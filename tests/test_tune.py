@@ -217,6 +217,9 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
     log = (tmp_path / "driver.log").read_text()
     # the trials' workers print nothing (every epoch line of every trial came through, each with its pid)
     assert "batch" not in log and "RayTrainWorker" not in log and "[ureid] run folder" not in log, log
+    # nor does Tune: its configuration box, "View detailed results here" and TensorBoard lines came before
+    assert "Configuration for experiment" not in log and "View detailed results" not in log, log
+    assert "tensorboard" not in log.lower(), log
     said = [line for line in log.splitlines() if line.startswith("[ureid] trial")]
     assert said[:4] == [f"[ureid] trial {first} started: merge_percent=0.2",
                         *[f"[ureid] trial {first}: stage {s} ({s + 1}/2) done, lf_silhouette "
@@ -224,8 +227,16 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
                         f"[ureid] trial {first} finished"], said
     assert said[4] == f"[ureid] trial {second} started: merge_percent=0.3", said
 
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ and "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     summary = run_sweep(None, "buc", resume=str(sweep_dir), quiet=True)
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    # Tune's settings were the sweep's alone: the driver's environment is as it was
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ and "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+    # Tune's JSON and CSV records of each trial are kept; no TensorBoard files (the metrics are in MLflow)
+    tune_dirs = [d for d in (sweep_dir / "tune" / "sweep").iterdir() if d.is_dir()]
+    assert len(tune_dirs) == 2 and all((d / "result.json").is_file() and (d / "progress.csv").is_file()
+                                       for d in tune_dirs), tune_dirs
+    assert not list((sweep_dir / "tune").rglob("events.out.tfevents*"))
     after = histories()
     assert after[first] == before[first] and (first_dir / "summary.json").stat().st_mtime == stamp
     assert json.loads((first_dir / "run.json").read_text())["attempts"] == 1, "the finished trial ran again"

@@ -16,9 +16,11 @@ stage, and the best trial is the one whose selected stage scores best on it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
+import logging
 import math
 import os
 import secrets
@@ -164,6 +166,34 @@ class SweepProgress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._say(f"trial {trial} failed (its error: in the table at the end, trials.csv and its MLflow run)")
+
+
+# Tune's own output while a sweep runs, which SweepProgress and the final table replace: the legacy output
+# engine prints nothing at verbose=0 (Ray 2.60's new one printed a configuration box and "View detailed results
+# here" / TensorBoard lines anyway), and no TensorBoard logger is added beside the JSON and CSV ones that the
+# sweep's trial folders keep (it warned "NaN or Inf found in input tensor" for a label-free score a stage could
+# not compute; the metrics are in MLflow).
+_QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+@contextlib.contextmanager
+def _tune_output_off():
+    """:data:`_QUIET_TUNE` in the driver's environment and Tune's INFO log lines off ("Wrote the latest version
+    of all result files ..."), while Tune runs; as before afterwards."""
+    saved = {key: os.environ.get(key) for key in _QUIET_TUNE}
+    log = logging.getLogger("ray.tune")
+    level = log.level
+    os.environ.update(_QUIET_TUNE)
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _trial(params: dict, *, base: dict, sweep_dir: str, parent_run_id: str) -> None:
@@ -403,6 +433,8 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
         trainable = tune.with_resources(
             partial(_trial, base=info["base"], sweep_dir=str(sweep_dir), parent_run_id=info["parent_run_id"]),
             _trial_resources(cfg.ray))
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
         try:
             if resume:
                 tuner = tune.Tuner.restore(str(sweep_dir / "tune" / "sweep"), trainable=trainable,
@@ -430,9 +462,11 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                         trial_dirname_creator=partial(trial_name, info["sweep_id"]),
                     ),
                     run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0,
-                                              callbacks=[] if quiet else [SweepProgress(info["objective"], num_stages)]),
+                                              callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]
+                                              + ([] if quiet else [SweepProgress(info["objective"], num_stages)])),
                 )
-            grid = tuner.fit()
+            with _tune_output_off():
+                grid = tuner.fit()
         except BaseException as exc:
             tracking.finish_run(info["tracking_uri"], info["parent_run_id"], error=exc)
             raise
