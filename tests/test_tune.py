@@ -253,6 +253,57 @@ def test_a_sweep_whose_driver_died_resumes_without_rerunning_finished_trials(ray
     assert (sweep_dir / "best.yaml").is_file()
 
 
+def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root, tmp_path):
+    """Tune turns a Ctrl-C into a graceful stop and returns from fit() as from a finished sweep (every trial
+    TERMINATED in its results): the sweep wrote its summary, best.yaml and a FINISHED parent for trials that
+    had not run, and Tune's hint named its Python API. Now: exit status 130, the way on with --resume, the
+    parent FAILED with the reason, the stopped trial's run KILLED, nothing written as if done; --resume
+    finishes both trials."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    space = tmp_path / "space.yaml"
+    space.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
+    out = tmp_path / "out"
+    sets = [*_overrides(tiny_root, out), "train.stage_epochs=15", f"ray.address={ray.get_runtime_context().gcs_address}"]
+    cmd = [sys.executable, "-m", "ureid.cli", "tune", "buc", "--space", str(space), "--search", "grid",
+           "--scheduler", "none", "--max-concurrent", "1", "--name", "stopped",
+           *[a for s in sets for a in ("--set", s)]]
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    sweep_dir = out / "stopped"
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        if any(h.read_text().count("\n") >= 1 for h in sweep_dir.glob("trials/*/*/history.jsonl")):
+            break  # the first trial's first stage is done: its second trains for seconds
+        time.sleep(0.1)
+    assert driver.poll() is None, log_path.read_text()
+    os.kill(driver.pid, signal.SIGINT)
+    assert driver.wait(timeout=120) == 130, log_path.read_text()
+    log = log_path.read_text()
+    assert f"[ureid] sweep stopped (Ctrl-C) with 1 of 2 trials started; Tune saved its state. Continue it with: " \
+           f"ureid tune buc --resume {sweep_dir}" in log, log
+    assert "Tuner.restore" not in log and "Traceback" not in log, log
+    assert not (sweep_dir / "summary.json").exists() and not (sweep_dir / "best.yaml").exists()
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    client = MlflowClient(info["tracking_uri"])
+    parent = client.get_run(info["parent_run_id"])
+    assert parent.info.status == "FAILED" and "Ctrl-C in the sweep's driver" in parent.data.tags["error"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [c.info.status for c in children] == ["KILLED"]
+
+    summary = run_sweep(None, "buc", resume=str(sweep_dir), quiet=True)
+    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
+
+
 def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
     """The searcher a sweep builds for ``--search optuna``: its first suggestion is the paper point, later
     ones are Optuna's own samples. (Its trials through Tune and Ray Train: Cluster Contrast's sweep test.) A
@@ -482,3 +533,26 @@ def test_the_sweeps_table_says_what_each_trial_tried():
     assert "merge_percent=0.1235  update=stage  stages 1  lf_silhouette 0.0100" in lines[1], lines
     assert "merge_percent=0.1  update=merge  stages 4  lf_silhouette 0.0500" in lines[2], lines
     assert lines[3] == "[ureid] best trial abc-1: /x/sweep-dbc/best.yaml"
+
+
+def test_sweep_progress_takes_a_trials_end_from_its_own_folder(tmp_path, capsys):
+    """A trial resumed after its last stage (the driver stopped between the stage's end and its report to
+    Tune) finishes without reporting again: Tune's last result says 1 of 2 stages, and the line said
+    "stopped after 1 of 2 stages (ASHA)" for a trial the table calls finished."""
+    from ureid.runtime.tune import SweepProgress
+
+    class Trial:
+        last_result = {"stages_done": 1}
+
+        def __str__(self):
+            return "abc-00000"
+
+    run = tmp_path / "trials" / "abc-00000" / "buc-1"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    progress = SweepProgress("lf_silhouette", 2, str(tmp_path))
+    progress.on_trial_complete(0, [], Trial())
+    (run / "summary.json").write_text("{}")
+    progress.on_trial_complete(0, [], Trial())
+    assert capsys.readouterr().out.splitlines() == ["[ureid] trial abc-00000 stopped after 1 of 2 stages (ASHA)",
+                                                    "[ureid] trial abc-00000 finished"]

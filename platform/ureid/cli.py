@@ -243,6 +243,10 @@ def tune_entry_point(argv: list[str] | None = None, prog: str = "ureid tune") ->
                   scheduler=args.scheduler, max_concurrent=args.max_concurrent, name=args.name, resume=args.resume)
     except _user_errors() as exc:  # a ConfigError is a ValueError
         return _error(exc)
+    except KeyboardInterrupt as exc:  # a stopped sweep's (with words) said what was saved and how to go on
+        if not exc.args:
+            print("ureid: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import secrets
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -142,8 +144,8 @@ class SweepProgress(tune.Callback):
     pid, came through interleaved across trials). A module-level class holding plain values only: Tune keeps
     its callbacks in the sweep's saved state, which --resume unpickles."""
 
-    def __init__(self, objective: str, num_stages: int):
-        self.objective, self.num_stages = objective, num_stages
+    def __init__(self, objective: str, num_stages: int, sweep_dir: str | None = None):
+        self.objective, self.num_stages, self.sweep_dir = objective, num_stages, sweep_dir
 
     @staticmethod
     def _say(text: str) -> None:
@@ -161,11 +163,53 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("stages_done", 0)
-        how = "finished" if done >= self.num_stages else f"stopped after {done} of {self.num_stages} stages (ASHA)"
+        # The trial's own folder knows best: a trial resumed after its last stage (the sweep's driver stopped
+        # between the stage's end and its report to Tune) finishes without reporting again.
+        run = _latest_run(Path(self.sweep_dir) / "trials" / str(trial)) if getattr(self, "sweep_dir", None) else None
+        finished = done >= self.num_stages or (run is not None and (run / "summary.json").is_file())
+        how = "finished" if finished else f"stopped after {done} of {self.num_stages} stages (ASHA)"
         self._say(f"trial {trial} {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._say(f"trial {trial} failed (its error: in the table at the end, trials.csv and its MLflow run)")
+
+
+# Set while a sweep's driver stops on Ctrl-C (see _NotesCtrlC).
+_STOPPED = threading.Event()
+
+
+class _NotesCtrlC(tune.Callback):
+    """Notes a Ctrl-C of the sweep's driver. Tune turns it into a graceful stop (its state saved, the running
+    trials left RUNNING there, so that --resume continues them) and returns from ``fit()`` as from a finished
+    sweep, every trial TERMINATED in its results: without this note the sweep wrote its summary, best.yaml and
+    a FINISHED parent run for what had not run. Tune installs its SIGINT handler when ``fit()`` starts and
+    sets its callbacks up after that; ``setup`` wraps that handler. Holds nothing: Tune pickles its callbacks
+    into the state --resume restores."""
+
+    def setup(self, **info):
+        _STOPPED.clear()
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or not callable(tune_handler):
+            return
+
+        def noted(sig, frame):
+            _STOPPED.set()
+            print("[ureid] Ctrl-C: the sweep stops once Tune has saved its state (Ctrl-C again skips that)",
+                  flush=True)
+            tune_handler(sig, frame)  # Tune's: stop, and put the handler from before fit() back
+
+        signal.signal(signal.SIGINT, noted)
+
+
+class _NoTuneRestoreHint(logging.Filter):
+    """Tune's own lines on a Ctrl-C ("Stop signal received ...", "Resume experiment with: Tuner.restore(...)")
+    name its Python API; the sweep says how to continue with ``ureid tune --resume`` instead. After the stop,
+    its "Failed to fetch metrics" lines name the trials that never started."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Stop signal received") or "Tuner.restore(" in text
+                    or (_STOPPED.is_set() and text.startswith("Failed to fetch metrics")))
 
 
 # Tune's own output while a sweep runs, which SweepProgress and the final table replace: the legacy output
@@ -183,11 +227,17 @@ def _tune_output_off():
     saved = {key: os.environ.get(key) for key in _QUIET_TUNE}
     log = logging.getLogger("ray.tune")
     level = log.level
+    hint = _NoTuneRestoreHint()
+    filtered = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
     os.environ.update(_QUIET_TUNE)
     log.setLevel(logging.WARNING)
+    for logger in filtered:
+        logger.addFilter(hint)
     try:
         yield
     finally:
+        for logger in filtered:
+            logger.removeFilter(hint)
         log.setLevel(level)
         for key, value in saved.items():
             if value is None:
@@ -462,11 +512,22 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                         trial_dirname_creator=partial(trial_name, info["sweep_id"]),
                     ),
                     run_config=tune.RunConfig(name="sweep", storage_path=str(sweep_dir / "tune"), verbose=0,
-                                              callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]
-                                              + ([] if quiet else [SweepProgress(info["objective"], num_stages)])),
+                                              callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), _NotesCtrlC()]
+                                              + ([] if quiet else [SweepProgress(info["objective"], num_stages,
+                                                                                 str(sweep_dir))])),
                 )
             with _tune_output_off():
                 grid = tuner.fit()
+            if _STOPPED.is_set():
+                runs = _trial_runs(sweep_dir)
+                for run in runs.values():  # stopped with the sweep; --resume reopens them
+                    if not (run / "summary.json").is_file():
+                        tracking.finish_run(info["tracking_uri"], json.loads((run / "run.json").read_text())["run_id"],
+                                            status="KILLED")
+                started = f"{len(runs)} of {info['num_samples']} trials started"
+                print(f"[ureid] sweep stopped (Ctrl-C) with {started}; Tune saved its state. Continue it with: "
+                      f"ureid tune {info['method']} --resume {sweep_dir}", flush=True)
+                raise KeyboardInterrupt(f"Ctrl-C in the sweep's driver, {started}")
         except BaseException as exc:
             tracking.finish_run(info["tracking_uri"], info["parent_run_id"], error=exc)
             raise
