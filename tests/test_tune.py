@@ -257,7 +257,7 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root,
     """Tune turns a Ctrl-C into a graceful stop and returns from fit() as from a finished sweep (every trial
     TERMINATED in its results): the sweep wrote its summary, best.yaml and a FINISHED parent for trials that
     had not run, and Tune's hint named its Python API. Now: exit status 130, the way on with --resume, the
-    parent FAILED with the reason, the stopped trial's run KILLED, nothing written as if done; --resume
+    parent and the stopped trial's run FAILED with the reason, nothing written as if done; --resume
     finishes both trials."""
     import os
     import signal
@@ -297,11 +297,15 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root,
     assert parent.info.status == "FAILED" and "Ctrl-C in the sweep's driver" in parent.data.tags["error"]
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert [c.info.status for c in children] == ["KILLED"]
+    # not KILLED, which is an ASHA stop that `ureid compare` reads as a finished trial's
+    assert [c.info.status for c in children] == ["FAILED"] and "stopped with its sweep" in children[0].data.tags["error"]
 
     summary = run_sweep(None, "buc", resume=str(sweep_dir), quiet=True)
     assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]  # the stopped one reopened
 
 
 def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):

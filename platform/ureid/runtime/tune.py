@@ -520,10 +520,11 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                 grid = tuner.fit()
             if _STOPPED.is_set():
                 runs = _trial_runs(sweep_dir)
-                for run in runs.values():  # stopped with the sweep; --resume reopens them
-                    if not (run / "summary.json").is_file():
+                for run in runs.values():  # stopped with the sweep: FAILED (KILLED is a scheduler's stop, which
+                    if not (run / "summary.json").is_file():  # compare reads), until --resume reopens them
                         tracking.finish_run(info["tracking_uri"], json.loads((run / "run.json").read_text())["run_id"],
-                                            status="KILLED")
+                                            error=KeyboardInterrupt(f"stopped with its sweep (Ctrl-C); ureid tune "
+                                                                    f"{info['method']} --resume {sweep_dir} continues it"))
                 started = f"{len(runs)} of {info['num_samples']} trials started"
                 print(f"[ureid] sweep stopped (Ctrl-C) with {started}; Tune saved its state. Continue it with: "
                       f"ureid tune {info['method']} --resume {sweep_dir}", flush=True)
