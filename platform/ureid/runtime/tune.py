@@ -520,8 +520,10 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                 grid = tuner.fit()
             if _STOPPED.is_set():
                 runs = _trial_runs(sweep_dir)
-                for run in runs.values():  # stopped with the sweep: FAILED (KILLED is a scheduler's stop, which
-                    if not (run / "summary.json").is_file():  # compare reads), until --resume reopens them
+                # the trials stopped with the sweep: FAILED until --resume reopens them (KILLED is a scheduler's
+                # stop, which compare reads as a trial's end; _finish sets every status when the sweep ends)
+                for run in runs.values():
+                    if not (run / "summary.json").is_file():
                         tracking.finish_run(info["tracking_uri"], json.loads((run / "run.json").read_text())["run_id"],
                                             error=KeyboardInterrupt(f"stopped with its sweep (Ctrl-C); ureid tune "
                                                                     f"{info['method']} --resume {sweep_dir} continues it"))
