@@ -374,6 +374,25 @@ def test_bad_image_fail_names_path_and_skip_warns(tmp_path, caplog):
         load_dataset("market1501", root, bad_images="ignore")
 
 
+def test_embed_and_search_inputs_name_an_unreadable_image_first_or_skip_it(tmp_path, caplog):
+    """`ureid embed` / `search` of a folder with a broken file failed where the loader met it, after embedding
+    what came before (a large gallery: minutes); now before anything is embedded, or it is left out."""
+    from ureid.embed import collect_inputs
+
+    good = [jpg(tmp_path / "g" / f"{i}.jpg") for i in range(2)]
+    bad = tmp_path / "g" / "sub" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8 truncated garbage")
+    with pytest.raises(OSError, match=f"unreadable image {bad} .*--bad-images skip for .*`embed` and `search`"):
+        collect_inputs([tmp_path / "g"], bad_images="fail")
+    with caplog.at_level(logging.WARNING):
+        kept = collect_inputs([tmp_path / "g"], bad_images="skip")
+    assert [r.path for r in kept] == [str(p) for p in good] and str(bad) in caplog.text
+    assert len(collect_inputs([tmp_path / "g"])) == 3  # the Python API's default: not opened here
+    with pytest.raises(ValueError, match="no readable image in"):
+        collect_inputs([bad], bad_images="skip")
+
+
 def test_verify_images_drops_bad_frames_of_tracklets(tmp_path, caplog):
     good = [str(jpg(tmp_path / f"f{i}.jpg")) for i in range(2)]
     bad = tmp_path / "f9.jpg"

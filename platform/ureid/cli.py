@@ -279,7 +279,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     with ItemsBar("embedding") as bar:  # a terminal only
         out, n, dim, stage = embed_to_file(args.run_dir, args.images, args.out, stage=args.stage,
-                                           device=args.device, batch_size=args.batch_size, progress=bar)
+                                           device=args.device, batch_size=args.batch_size, progress=bar,
+                                           bad_images=args.bad_images)
     print(f"wrote {out}: {n} x {dim} features of stage {stage}")
     return 0
 
@@ -336,7 +337,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     rerank = _rerank_settings(args)
     with _Bars() as bars:
         r = search(args.run_dir, args.queries, args.gallery, top=args.top, stage=args.stage, device=args.device,
-                   batch_size=args.batch_size, progress=bars.embedding, rerank=rerank, rerank_progress=bars.rerank)
+                   batch_size=args.batch_size, progress=bars.embedding, rerank=rerank, rerank_progress=bars.rerank,
+                   bad_images=args.bad_images)
     how = "squared distance of unit features, 0 to 4" if rerank is None else \
         f"k-reciprocal re-ranked distance, k1 {args.rerank_k1}, k2 {args.rerank_k2}, lambda {args.rerank_lambda:g}"
     nq, top = len(r["queries"]), r["indices"].shape[1]
@@ -468,6 +470,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--out", default="features.npz", help="output .npz: features (N, D), paths, stage, method "
                      "(default: %(default)s)")
     _add_model_options(emb)
+    _add_bad_images(emb)
     emb.set_defaults(func=_cmd_embed)
     exp = sub.add_parser("export", help="a finished run's embedding as one torch.export file (.pt2) that runs "
                          "with torch alone",
@@ -493,6 +496,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
                         "the queries and the whole gallery: its time grows with (Q + G)^2 (Market-1501's "
                         "3,368 + 19,732: 27 s on two cores)")
     _add_model_options(sea)
+    _add_bad_images(sea)
     sea.set_defaults(func=_cmd_search)
     from ureid.data.formats import DATASETS
 
@@ -519,7 +523,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_dataset_options(p: argparse.ArgumentParser) -> None:
     """How a dataset folder is read beyond its format and root (``ureid data info``, ``ureid evaluate``)."""
-    from ureid.data.formats import BAD_IMAGE_POLICIES, CUHK03_PROTOCOLS
+    from ureid.data.formats import CUHK03_PROTOCOLS
 
     p.add_argument("--pattern", default=None, help="folder format: filename regex with groups (?P<pid>..) and/or "
                    "(?P<camid>..) (with a '/': searched in the path below the folder, e.g. '(?P<pid>\\d+)/' for a "
@@ -527,7 +531,15 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
                    "searched in each tracklet's first frame's path below the root, none: one camera")
     p.add_argument("--cuhk03-protocol", default="labeled", choices=CUHK03_PROTOCOLS,
                    help="CUHK03's hand-drawn (labeled) or detector (detected) boxes (default: %(default)s)")
-    p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES)
+    _add_bad_images(p)
+
+
+def _add_bad_images(p: argparse.ArgumentParser) -> None:
+    from ureid.data.formats import BAD_IMAGE_POLICIES
+
+    p.add_argument("--bad-images", default="fail", choices=BAD_IMAGE_POLICIES,
+                   help="an image that does not open: fail names it before anything is computed, skip leaves it "
+                        "out and names it in a warning (default: %(default)s)")
 
 
 def add_data_commands(sub: argparse._SubParsersAction) -> None:

@@ -117,13 +117,16 @@ def _listing(stages: dict) -> str:
     return "stages " + ", ".join(map(str, sorted(stages))) if stages else "no stage checkpoints"
 
 
-def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
+def collect_inputs(inputs: Sequence[str | Path], video: bool = False, bad_images: str | None = None):
     """Records of the images named: a file is one image; a folder, every image in it and below, in path order
     (camstyle's fakes and StarGAN under it left out, as the ``folder`` format does).
     For a video run a folder's frames make one tracklet per folder that directly holds them (DukeMTMC-VideoReID's
     ``<pid>/<tracklet>/``), or per MARS tracklet name (``0001C1T0002F003.jpg``: several to a folder), frames in
-    name order; a file is a tracklet of one frame. Errors name the path."""
-    from .data.formats import scan_below, tracklets_below, warn_unread
+    name order; a file is a tracklet of one frame. Errors name the path. ``bad_images``: every image opened
+    first (:func:`~ureid.data.formats.verify_images`): ``"fail"`` names an unreadable one before anything is
+    embedded (it failed the embedding where the loader met it), ``"skip"`` leaves it out with a warning;
+    ``None``: not checked."""
+    from .data.formats import scan_below, tracklets_below, verify_images, warn_unread
     from .data.records import Record
 
     if isinstance(inputs, (str, Path)):
@@ -148,12 +151,16 @@ def collect_inputs(inputs: Sequence[str | Path], video: bool = False):
             raise FileNotFoundError(f"{path}: no such file or folder")
     if not records:
         raise ValueError("no images given")
+    if bad_images is not None:
+        records = verify_images(records, bad_images)
+        if not records:
+            raise ValueError(f"no readable image in {', '.join(str(i) for i in inputs)}")
     return records
 
 
 def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence[str | Path], top: int = 10,
            stage: int | None = None, device: str = "cpu", batch_size: int | None = None, progress=None,
-           rerank: dict | None = None, rerank_progress=None) -> dict:
+           rerank: dict | None = None, rerank_progress=None, bad_images: str | None = "fail") -> dict:
     """``ureid search``: the ``top`` gallery images (or tracklets) nearest each query under a run's embedding,
     by the run's own distance (squared Euclidean of unit features), ties in gallery order; a query's own
     file in the gallery is skipped. A gallery item ending in ``.npz`` is a ``ureid embed`` file of the same run
@@ -164,11 +171,11 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
     ``rerank``: rank by the k-reciprocal re-ranked distances instead (a dict of
     :func:`~ureid.evaluation.re_ranking_features`' settings, ``{}`` for the paper's), computed over the
     queries and the whole gallery: two (Q + G)^2 products and a (Q, G) float32 matrix; ``rerank_progress`` is
-    its ``progress``."""
+    its ``progress``. ``bad_images``: see :func:`collect_inputs`."""
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
     emb = load_embedding(run_dir, stage)
-    q_recs = collect_inputs(queries, emb.video)
+    q_recs = collect_inputs(queries, emb.video, bad_images)
     q = emb.embed(q_recs, device, batch_size, progress=progress)
     items = [gallery] if isinstance(gallery, (str, Path)) else list(gallery)
     images = [g for g in items if not str(g).endswith(".npz")]
@@ -179,7 +186,7 @@ def search(run_dir: str | Path, queries: Sequence[str | Path], gallery: Sequence
         g_paths += [str(p) for p in z["paths"]]
         g_frames += [None] * len(z["paths"])  # frame counts are not stored: the first frame alone says "its own"
     if images or not g_parts:
-        g_recs = collect_inputs(images, emb.video)
+        g_recs = collect_inputs(images, emb.video, bad_images)
         g_parts.append(emb.embed(g_recs, device, batch_size, progress=progress))
         g_paths += [r.paths[0] for r in g_recs]
         g_frames += [len(r.paths) for r in g_recs]
@@ -219,12 +226,13 @@ def _embedded(path: Path, emb: Embedding) -> dict:
 
 
 def embed_to_file(run_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, stage: int | None = None,
-                  device: str = "cpu", batch_size: int | None = None, progress=None) -> tuple[Path, int, int, int]:
+                  device: str = "cpu", batch_size: int | None = None, progress=None,
+                  bad_images: str | None = "fail") -> tuple[Path, int, int, int]:
     """``ureid embed``: write ``out`` (.npz) with ``features`` (N, D) float32 unit rows, ``paths`` (N,) (a
     tracklet's first frame), ``stage``, ``method`` and ``run`` (the run folder's name); return (out, N, D,
-    stage). ``ureid search`` takes such a file as its gallery."""
+    stage). ``ureid search`` takes such a file as its gallery. ``bad_images``: see :func:`collect_inputs`."""
     emb = load_embedding(run_dir, stage)
-    records = collect_inputs(inputs, emb.video)
+    records = collect_inputs(inputs, emb.video, bad_images)
     features = emb.embed(records, device, batch_size, progress=progress)
     names = [r.paths[0] for r in records]
     out = Path(out)

@@ -188,7 +188,8 @@ def verify_images(records: list[Record], bad_images: str = "fail") -> list[Recor
                 good.append(p)
             elif bad_images == "fail":
                 raise OSError(f"unreadable image {p} (data.bad_images=skip in a config or --set, --bad-images skip for "
-                              f"`ureid data info` and `ureid evaluate`, drops unreadable images and names them)")
+                              f"`ureid data info`, `evaluate`, `embed` and `search`, drops unreadable images and "
+                              f"names them)")
             else:
                 bad.append(p)
         if len(good) == len(rec.paths):
