@@ -256,3 +256,16 @@ def test_rays_opt_out_advice_is_dropped_and_its_auth_off_warning_kept():
     finally:
         logger.removeHandler(handler)
         logger.removeFilter(job._NO_OPT_OUT_ADVICE)
+
+
+def test_an_output_dir_that_cannot_be_made_names_the_key(tmp_path, capsys):
+    """`--set output_dir=/proc/x` said only "[Errno 2] No such file or directory: '/proc/x'"."""
+    from ureid.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for value, why in ((afile, "a file of that name is there"), (afile / "sub", "Not a directory")):
+        for command in (["run", "buc"], ["tune", "buc"]):
+            assert main([*command, "--set", f"output_dir={value}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"ureid: error: output_dir={value}: cannot make the folder {value} ({why})"), err

@@ -365,7 +365,7 @@ class Job:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(output_dir).expanduser().resolve() / f"{kind}-{stamp}-{secrets.token_hex(3)}"
         uri = tracking.resolve_tracking_uri(tracking_cfg.tracking_uri, output_dir)  # a dead server: no folder
-        run_dir.mkdir(parents=True)
+        tracking.make_folder(run_dir, "output_dir", output_dir, exist_ok=False)
         lock = hold_folder(run_dir)
         config_path = write_config(run_dir) if write_config else None
         run_id = tracking.start_run(uri, tracking_cfg.experiment, tracking_cfg.run_name or run_dir.name, params,

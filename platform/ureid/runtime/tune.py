@@ -463,7 +463,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
             sweep_id = secrets.token_hex(3)
             label = name or f"sweep-{method_name}-{time.strftime('%Y%m%d-%H%M%S')}-{sweep_id}"
             sweep_dir = Path(cfg.output_dir) / label
-            sweep_dir.mkdir(parents=True)
+            tracking.make_folder(sweep_dir, "output_dir", cfg.output_dir, exist_ok=False)
             lock = hold_folder(sweep_dir)
             uri = cfg.tracking.tracking_uri
             objective, mode = _objective(cfg.schedule.select)

@@ -25,8 +25,20 @@ def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | os.PathLike
             return uri
     path = Path(output_dir).expanduser().resolve() / DEFAULT_DB
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent, "output_dir", output_dir)
     return f"sqlite:///{path}"
+
+
+def make_folder(path: Path, key: str, value, exist_ok: bool = True) -> None:
+    """``path.mkdir(parents=True)``, an error naming the config key it comes from (a bare "[Errno 2] No such
+    file or directory: '/proc/x'" named neither the key nor what was being made)."""
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) and path.is_dir():
+            raise  # a folder of that name, where a new one was asked for: the caller's to say
+        why = "a file of that name is there" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+        raise OSError(f"{key}={value}: cannot make the folder {path} ({why})") from exc
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
