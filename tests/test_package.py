@@ -59,6 +59,11 @@ def test_an_unknown_option_is_reported_with_its_commands_usage(argv, said, capsy
     (["tune", "buc", "--set", "clustering.merge_percent=1.5"], "invalid configuration ("),
     (["camstyle", "train", "--set", "nope=1"], "invalid StarGAN configuration ("),
     (["compare", "--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri http://127.0.0.1:9: no MLflow server"),
+    # MLflow's own refusal (a traceback): a folder is its file store, and a SQLite file's folder it cannot make
+    (["run", "buc", "--set", "tracking.tracking_uri=/nonexistent/mlruns"],
+     "tracking.tracking_uri=/nonexistent/mlruns: a folder, MLflow's file store, which mlflow 3."),
+    (["tune", "buc", "--set", "tracking.tracking_uri=sqlite:////proc/x/m.db"],
+     "tracking.tracking_uri=sqlite:////proc/x/m.db: cannot make the folder /proc/x (No such file or directory)"),
 ])
 def test_every_entry_point_says_a_users_error_alike(argv, said, capsys):
     """One prefix, one line of cause, exit status 2: a bad config said `error:` where a bad layout or a locked

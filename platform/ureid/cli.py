@@ -161,9 +161,11 @@ def _error(message) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input or situation raises (a bad layout or argument, a missing file, a run another process
     drives): one clear line, no traceback. Evaluated when an error is matched, so the import costs nothing."""
+    from mlflow.exceptions import MlflowException
+
     from ureid.runtime.job import RunInUse
 
-    return ValueError, OSError, RunInUse
+    return ValueError, OSError, RunInUse, MlflowException  # MLflow's: a server that refuses the user, say
 
 
 def run_entry_point(method: str | None = None, argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -19,14 +19,36 @@ DEFAULT_DB = "mlflow.db"
 def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | os.PathLike, create: bool = True) -> str:
     """Config value, else ``$MLFLOW_TRACKING_URI``, else a local SQLite file in the output folder (the folder
     made unless ``create`` is false: a reader makes nothing). A server URI must answer (:func:`check_server`)."""
-    for uri in (tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")):
+    for uri, key in ((tracking_uri, "tracking.tracking_uri"), (os.environ.get("MLFLOW_TRACKING_URI"),
+                                                             "$MLFLOW_TRACKING_URI")):
         if uri:
             check_server(uri)
+            _check_local_store(uri, key, create)
             return uri
     path = Path(output_dir).expanduser().resolve() / DEFAULT_DB
     if create:
         make_folder(path.parent, "output_dir", output_dir)
     return f"sqlite:///{path}"
+
+
+def _check_local_store(uri: str, key: str, create: bool) -> None:
+    """A store on this machine that MLflow would refuse or fail on with a traceback: a folder (its file store,
+    which MLflow 3.x refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``), or a SQLite file whose folder cannot be
+    made; the error names ``key``."""
+    from urllib.parse import urlsplit
+
+    from ..config import ConfigError
+
+    scheme = urlsplit(uri).scheme
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+        from importlib.metadata import version
+
+        folder = uri[len("file://"):] if scheme == "file" else uri
+        raise ConfigError(f"{key}={uri}: a folder, MLflow's file store, which mlflow {version('mlflow')} refuses "
+                          f"(maintenance mode; MLFLOW_ALLOW_FILE_STORE=true allows it): use a SQLite file, "
+                          f"sqlite:///{Path(folder).expanduser().resolve()}.db, or a server, http://HOST:PORT")
+    if scheme == "sqlite" and create and uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        make_folder(Path(uri[len("sqlite:///"):]).expanduser().parent, key, uri)
 
 
 def make_folder(path: Path, key: str, value, exist_ok: bool = True) -> None:
