@@ -108,6 +108,15 @@ def test_a_misspelt_key_names_the_key_it_resembles():
     assert "did you mean" not in _err(["train.merge_percent=0.1"])
 
 
+def test_a_misspelt_choice_names_the_choice_it_resembles():
+    """A value of a fixed list (a dataset format, DBC's update mode) a typo away from one of them."""
+    msg = _err(["data.name=market"])
+    assert "data.name: Input should be 'synthetic', 'market1501'" in msg
+    assert "; did you mean 'market1501'? (got 'market')" in msg
+    assert "did you mean 'merge'? (got 'merg')" in _err(["clustering.update=merg"], CONFIG_DIR / "dbc.yaml")
+    assert "did you mean" not in _err(["data.name=xyz"])
+
+
 def test_wrong_type_is_named():
     msg = _err(["train.batch_size=sixteen"])
     assert "train.batch_size" in msg and "'sixteen'" in msg and "integer" in msg

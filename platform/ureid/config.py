@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -609,6 +610,10 @@ def _error_lines(exc: ValidationError, prefix: str = "", model: type[BaseModel] 
             lines.append(f"  {loc}: required key is missing")
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "literal_error" and isinstance(value, str):  # data.name=market: one of a list
+                close = close_key(value, re.findall(r"'([^']*)'", err["msg"]))  # "Input should be 'a', 'b' or 'c'"
+                if close is not None:
+                    msg += f"; did you mean {close!r}?"
             # a section's own check (a model validator) gets the whole section as its input: its message names
             # the keys and values, and the section's dump would bury it
             lines.append(f"  {loc}: {msg}" if isinstance(value, dict) else
