@@ -131,6 +131,28 @@ def test_tty_draws_a_bar_for_each_phase_and_leaves_only_the_stage_line():
     assert _screen_lines(raw) == [STAGE_LINES[0]]
 
 
+def test_a_labelled_job_of_iterations_gets_its_own_bar_and_lines(monkeypatch):
+    """StarGAN's training: one "stage" of iterations, named, with its losses; from where a resumed job stands."""
+    out = FakeTTY()
+    progress = StageProgress(out, mininterval=0)
+    progress.start_stage(0, 1, 1, 100, label="StarGAN")
+    progress.update(0, 49)  # resumed at iteration 50
+    progress.update(0, 59, None, {"d_loss": 1.75, "g_loss": 5.64})
+    progress.close()
+    raw = out.getvalue()
+    assert "StarGAN:  60%" in raw and "60/100" in raw and "it/s" in raw and "d_loss=1.7500, g_loss=5.6400" in raw
+    assert "epoch" not in raw and "stage 0" not in raw and _screen_lines(raw) == []
+    clock = iter(range(0, 10_000, 50))
+    monkeypatch.setattr("ureid.progress.time.perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    progress = StageProgress(log, heartbeat=100, prefix="[ureid] ")
+    progress.start_stage(0, 1, 1, 100, label="StarGAN")
+    for done in (10, 20, 30):
+        progress.update(0, done - 1, None, {"d_loss": 2.0, "g_loss": 6.0})
+    assert log.getvalue().splitlines() == [
+        "[ureid] StarGAN: iteration 20/100 (20%), d_loss 2.0000, g_loss 6.0000, 1m40s in, about 6m40s of it left"]
+
+
 def test_tty_draws_bars_then_leaves_only_stage_lines():
     out = FakeTTY()
     progress = StageProgress(out, mininterval=0)

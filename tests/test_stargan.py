@@ -295,9 +295,10 @@ def test_generation_skips_what_exists_and_gives_the_same_bytes(stargan, tiny_roo
     assert other["tasks"] == -(-len(train) // 4) and _files(tmp_path / "elsewhere") == before
 
 
-def test_resume_continues_at_the_saved_iteration_with_the_uninterrupted_weights(stargan, tmp_path):
+def test_resume_continues_at_the_saved_iteration_with_the_uninterrupted_weights(stargan, tmp_path, capfd):
     """A run that lost everything after its iteration-5 checkpoint, resumed: it restarts at 5 (3 more reports)
-    and ends with the generator of the run that never stopped."""
+    and ends with the generator of the run that never stopped. Not quiet: its workers' lines come through the
+    driver's progress display, not as a line per log step prefixed with a worker's pid."""
     from ureid.runtime.stargan import LOSSES_FILE, train_stargan
 
     copy = tmp_path / "interrupted"
@@ -307,8 +308,13 @@ def test_resume_continues_at_the_saved_iteration_with_the_uninterrupted_weights(
     lines = (copy / LOSSES_FILE).read_text().splitlines()
     (copy / LOSSES_FILE).write_text("".join(f"{line}\n" for line in lines if json.loads(line)["iteration"] <= 5))
     (copy / "stargan.pt").unlink()
-    summary = train_stargan(stargan["gcfg"], resume=copy, quiet=True)
+    capfd.readouterr()
+    summary = train_stargan(stargan["gcfg"], resume=copy)
     assert summary["iterations"] == 10
+    said = "".join(capfd.readouterr())
+    assert "\n[ureid] StarGAN resumed at iteration 5\n" in f"\n{said}", said  # relayed, no worker's prefix
+    assert "StarGAN iteration" not in said and "RayTrainWorker" not in said and "progress display" not in said, said
+    assert "[ureid] StarGAN over 6 cameras" in said
     assert [json.loads(line)["iteration"] for line in (copy / LOSSES_FILE).read_text().splitlines()] == [2, 4, 5, 6, 8, 10]
     resumed = torch.load(copy / "stargan.pt", weights_only=False)["G"]
     full = torch.load(stargan["cache"] / "stargan.pt", weights_only=False)["G"]

@@ -64,12 +64,15 @@ class StageProgress:
         return self._stage is not None
 
     # -- events --------------------------------------------------------------------------------------
-    def start_stage(self, stage: int, num_stages: int, epochs: int, batches_per_epoch: int) -> None:
-        """A stage of ``epochs`` epochs of ``batches_per_epoch`` batches begins (``stage`` counts from 0)."""
+    def start_stage(self, stage: int, num_stages: int, epochs: int, batches_per_epoch: int,
+                    label: str | None = None) -> None:
+        """A stage of ``epochs`` epochs of ``batches_per_epoch`` batches begins (``stage`` counts from 0).
+        ``label``: a job of iterations, not a stage of a run (``"StarGAN"``: one epoch of ``batches_per_epoch``
+        iterations), named so in the bar and the lines."""
         if epochs < 0 or batches_per_epoch < 0:
             raise ValueError(f"epochs and batches_per_epoch must be >= 0, got {epochs}, {batches_per_epoch}")
         self._close_bar()  # a stage that never ended (a retry), or the work before the first: no line for it
-        self._stage = dict(stage=stage, num_stages=num_stages, epochs=epochs, batches=batches_per_epoch)
+        self._stage = dict(stage=stage, num_stages=num_stages, epochs=epochs, batches=batches_per_epoch, label=label)
         self._phase = None
         self._t0 = self._said_at = time.perf_counter()
         self._done = 0
@@ -77,28 +80,31 @@ class StageProgress:
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=epochs * batches_per_epoch, desc=f"stage {stage} ({stage + 1}/{num_stages})",
-                unit="batch", file=self.stream, leave=False, dynamic_ncols=True, mininterval=self.mininterval,
+                total=epochs * batches_per_epoch, desc=self._where(), unit="it" if label else "batch",
+                file=self.stream, leave=False, dynamic_ncols=True, mininterval=self.mininterval,
+                miniters=1,  # events come irregularly (StarGAN's every log step): tqdm's own guess skipped some
             )
 
-    def update(self, epoch: int, batch: int, loss: float | None = None) -> None:
-        """Batch ``batch`` (from 0) of epoch ``epoch`` (from 0) of the current stage is done, with its loss."""
+    def update(self, epoch: int, batch: int, loss: float | None = None, shown: dict | None = None) -> None:
+        """Batch ``batch`` (from 0) of epoch ``epoch`` (from 0) of the current stage is done, with its loss;
+        ``shown``: other values to show beside it (``{"g_loss": 5.6}``)."""
         if self._stage is None:
             raise RuntimeError("update() before start_stage()")
         if self._phase is not None:  # a late event of the training, which is over
             return
         if self._bar is None:
-            self._beat(epoch, batch, loss)
+            self._beat(epoch, batch, loss, shown)
             return
         done = min(epoch * self._stage["batches"] + batch + 1, self._bar.total)
-        postfix = {"epoch": f"{epoch + 1}/{self._stage['epochs']}"}
+        postfix = {} if self._stage["label"] else {"epoch": f"{epoch + 1}/{self._stage['epochs']}"}
         if loss is not None:
             postfix["loss"] = f"{loss:.4f}"
+        postfix.update({name: f"{value:.4f}" for name, value in (shown or {}).items()})
         self._bar.set_postfix(postfix, refresh=False)
         if done > self._bar.n:  # events may arrive out of order or repeat; the bar only moves forward
             self._bar.update(done - self._bar.n)
 
-    def _beat(self, epoch: int, batch: int, loss: float | None) -> None:
+    def _beat(self, epoch: int, batch: int, loss: float | None, shown: dict | None = None) -> None:
         """Without a bar: a line of where the stage stands, once ``heartbeat`` seconds have passed since the
         stage began or since the last such line, and only when it moved on (events may repeat)."""
         st = self._stage
@@ -109,13 +115,17 @@ class StageProgress:
             return
         self._done, self._said_at = done, now
         took = now - self._t0
-        line = (f"{self.prefix}stage {st['stage']} ({st['stage'] + 1}/{st['num_stages']}): epoch {epoch + 1}/"
-                f"{st['epochs']}, batch {batch + 1}/{st['batches']} ({done / max(total, 1):.0%} of its training)")
+        if st["label"]:
+            line = f"{self.prefix}{st['label']}: iteration {done}/{total} ({done / max(total, 1):.0%})"
+        else:
+            line = (f"{self.prefix}{self._where()}: epoch {epoch + 1}/{st['epochs']}, batch {batch + 1}/"
+                    f"{st['batches']} ({done / max(total, 1):.0%} of its training)")
         if loss is not None:
             line += f", loss {loss:.4f}"
+        line += "".join(f", {name} {value:.4f}" for name, value in (shown or {}).items())
         line += f", {_fmt_seconds(took)} in"
         if done < total:
-            line += f", about {_fmt_seconds(took * (total - done) / done)} of training left"
+            line += f", about {_fmt_seconds(took * (total - done) / done)} of {'it' if st['label'] else 'training'} left"
         self.stream.write(line + "\n")
         self.stream.flush()
 
@@ -151,7 +161,7 @@ class StageProgress:
 
             self._close_bar()
             self._bar = tqdm(total=total, desc=f"{self._where()}, {ph['name']}", unit="img", file=self.stream,
-                             leave=False, dynamic_ncols=True, mininterval=self.mininterval)
+                             leave=False, dynamic_ncols=True, mininterval=self.mininterval, miniters=1)
         if done > self._bar.n:
             self._bar.update(done - self._bar.n)
 
@@ -167,7 +177,9 @@ class StageProgress:
 
     def _where(self) -> str:
         st = self._stage
-        return "before the first stage" if st is None else f"stage {st['stage']} ({st['stage'] + 1}/{st['num_stages']})"
+        if st is None:
+            return "before the first stage"
+        return st["label"] or f"stage {st['stage']} ({st['stage'] + 1}/{st['num_stages']})"
 
     def _phase_beat(self) -> None:
         """Without a bar: a line of the phase once ``heartbeat`` seconds have passed since the last line."""

@@ -27,7 +27,9 @@ def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker of a StarGAN job. ``config``: ``gan`` (the validated block), ``paths`` and
     ``domains`` (each training image's camera as a domain index ``0..c_dim-1``), ``cameras`` (the dataset
     camera id of each domain), ``seed``, ``threads``, ``resume_from`` (a checkpoint folder of an earlier
-    attempt, or None), ``verbose``."""
+    attempt, or None), ``verbose``, ``relay`` (a :class:`~ureid.runtime.progress.ProgressRelay`, or None): rank 0
+    sends it the job's progress (a bar of iterations on the driver's terminal) instead of printing a line per
+    log step, each prefixed by Ray with the worker's pid."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -35,6 +37,14 @@ def train_loop_per_worker(config: dict) -> None:
     if not config.get("verbose"):
         quiet_ray_train_worker()
     gan, seed = config["gan"], int(config["seed"])
+    relay = config.get("relay") if ray.train.get_context().get_world_rank() == 0 else None
+
+    def say(msg: str) -> None:
+        if relay is not None:
+            relay.push.remote(("line", f"[ureid] {msg}"))
+        else:
+            log_line(ray.train.get_context().get_world_rank(), msg)
+
     torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -59,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
         g_opt.load_state_dict(state["g_opt"])
         d_opt.load_state_dict(state["d_opt"])
         start = int(state["iteration"])
-        log_line(rank, f"StarGAN resumed at iteration {start}")
+        say(f"StarGAN resumed at iteration {start}")
     g = ray.train.torch.prepare_model(g, move_to_device=device)
     d = ray.train.torch.prepare_model(d, move_to_device=device)
     bank = ImageBank(list(config["paths"]), gan)
@@ -72,6 +82,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
+    if relay is not None:  # one "stage" of iterations, from where a resumed job stands
+        relay.push.remote(("start", 0, 1, 1, gan.iterations, "StarGAN"),
+                          *((("batch", 0, start - 1, None),) if start else ()))
     t_log = time.perf_counter()
     for it in range(start, gan.iterations):
         rng = np.random.default_rng((seed, it, rank))
@@ -135,6 +148,11 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CHECKPOINT_PREFIX}_{done:07d}")
         else:
             ray.train.report(metrics)
-        log_line(rank, f"StarGAN iteration {done}/{gan.iterations}  d_loss {metrics.get('d_loss', 0):.3f}  "
-                   f"g_loss {metrics.get('g_loss', float('nan')):.3f}  rec {metrics.get('g_rec', float('nan')):.3f}  "
-                   f"{metrics['iterations_per_s']:.1f} it/s")
+        if relay is not None:
+            shown = {"d_loss": metrics.get("d_loss"), "g_loss": metrics.get("g_loss"), "rec": metrics.get("g_rec")}
+            relay.push.remote(("batch", 0, done - 1, None, {k: v for k, v in shown.items() if v is not None}))
+        else:
+            log_line(rank, f"StarGAN iteration {done}/{gan.iterations}  d_loss {metrics.get('d_loss', 0):.3f}  "
+                       f"g_loss {metrics.get('g_loss', float('nan')):.3f}  rec {metrics.get('g_rec', float('nan')):.3f}  "
+                       f"{metrics['iterations_per_s']:.1f} it/s")
+

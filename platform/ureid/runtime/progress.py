@@ -8,7 +8,8 @@ report, every checkpoint path). Those stay available with ``--verbose``, where t
 lines themselves and no relay is used.
 
 Events are tuples, sent fire-and-forget (an actor runs one caller's calls in order):
-``("start", stage, num_stages, epochs, batches_per_epoch)``, ``("batch", epoch, batch, loss)``,
+``("start", stage, num_stages, epochs, batches_per_epoch[, label])`` (a label: a job of iterations, StarGAN's),
+``("batch", epoch, batch, loss[, shown])`` (shown: other values by name),
 ``("phase", name)`` (the training is over, e.g. the evaluation begins), ``("items", done, total)`` (images of
 the phase through), ``("line", text)`` (a message between bars), ``("end", text)`` (the stage's one line).
 """

@@ -17,6 +17,7 @@ GAN setting that changes the generator, so another config trains another GAN and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -94,6 +95,7 @@ def train_stargan(gcfg: GanConfig, *, resume: str | Path | None = None, verbose:
     written to the run folder's ``summary.json`` (``model``: the exported generator)."""
     from ..data.run_data import ensure_synthetic
     from .gan_loop import train_loop_per_worker
+    from .progress import DriverProgress, ProgressRelay
 
     t0 = time.perf_counter()
     gcfg = gcfg.with_absolute_paths()
@@ -119,11 +121,15 @@ def train_stargan(gcfg: GanConfig, *, resume: str | Path | None = None, verbose:
         resume_from = str(done[-1][1]) if done else None
         if not (done and done[-1][0] >= gcfg.gan.iterations):  # trained to the end: only the export runs again
             ensure_ray(gcfg.ray, job.tracking_uri)
-            job.fit(train_loop_per_worker, {
-                "gan": gcfg.gan, "paths": [r.path for r in records], "domains": domains.tolist(),
-                "cameras": cameras, "seed": gcfg.seed, "threads": max(1, int(gcfg.ray.cpus_per_worker)),
-                "resume_from": resume_from, "verbose": verbose,
-            }, gcfg.ray, callbacks=[GanReportCallback(job.tracking_uri, job.run_id, str(job.run_dir))], verbose=verbose)
+            # as a method's run: the workers' progress drawn by the driver (runtime/progress.py)
+            relay = None if quiet or verbose else ProgressRelay.remote()
+            with DriverProgress(relay) if relay is not None else contextlib.nullcontext():
+                job.fit(train_loop_per_worker, {
+                    "gan": gcfg.gan, "paths": [r.path for r in records], "domains": domains.tolist(),
+                    "cameras": cameras, "seed": gcfg.seed, "threads": max(1, int(gcfg.ray.cpus_per_worker)),
+                    "resume_from": resume_from, "verbose": verbose, "relay": relay,
+                }, gcfg.ray, callbacks=[GanReportCallback(job.tracking_uri, job.run_id, str(job.run_dir))],
+                    verbose=verbose)
         last_iter, last = job.checkpoints(GAN_FILE, CHECKPOINT_PREFIX)[-1]
         model = export_generator(last, job.run_dir / MODEL_FILE)
         if (last / SAMPLES_FILE).is_file():
