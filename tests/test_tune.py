@@ -534,8 +534,9 @@ def test_the_sweeps_table_says_what_each_trial_tried():
                           for i, (status, mp, update, stages, score) in enumerate(
                               [("early_stopped", 0.123456, "stage", 1, 0.01), ("finished", 0.1, "merge", 4, 0.05)])]}
     lines = _table(summary).splitlines()
-    assert "merge_percent=0.1235  update=stage  stages 1  lf_silhouette 0.0100" in lines[1], lines
-    assert "merge_percent=0.1  update=merge  stages 4  lf_silhouette 0.0500" in lines[2], lines
+    # columns as wide as their widest value, so that the stages and scores line up
+    assert lines[1] == "  abc-0  early_stopped  merge_percent=0.1235  update=stage  stages 1  lf_silhouette 0.0100"
+    assert lines[2] == "  abc-1  finished       merge_percent=0.1  update=merge     stages 4  lf_silhouette 0.0500"
     assert lines[3] == "[ureid] best trial abc-1: /x/sweep-dbc/best.yaml"
 
 

@@ -704,11 +704,13 @@ def _table(summary: dict) -> str:
     objective = summary["objective"]
     lines = [f"[ureid] sweep {summary['sweep_dir']}: {len(summary['trials'])} trials in "
              f"{summary['wall_time_s'] / 60:.1f} min, objective {objective} ({summary['mode']})"]
-    for r in summary["trials"]:
+    # what was tried: the swept keys by their last part (merge_percent=0.15), as trials.csv has them whole
+    tried = [_tried({key: r[key] for key in summary.get("space_keys", ()) if key in r}) for r in summary["trials"]]
+    name_w = max((len(r["trial"]) for r in summary["trials"]), default=0)  # columns as wide as their values
+    tried_w = max(map(len, tried), default=0)
+    for r, values in zip(summary["trials"], tried):
         score = f"{r[objective]:.4f}" if r[objective] != "" else "-"
-        # what was tried: the swept keys by their last part (merge_percent=0.15), as trials.csv has them whole
-        tried = _tried({key: r[key] for key in summary.get("space_keys", ()) if key in r})
-        line = f"  {r['trial']:<24} {r['status']:<14} {tried}  stages {r['stages']}  {objective} {score}"
+        line = f"  {r['trial']:<{name_w}}  {r['status']:<13}  {values:<{tried_w}}  stages {r['stages']}  {objective} {score}"
         if r["selected_mAP"] != "" or r["oracle_mAP"] != "":
             line += (f"  selected mAP {r['selected_mAP'] if r['selected_mAP'] == '' else format(r['selected_mAP'], '.1%')}"
                      f"  (oracle {r['oracle_mAP'] if r['oracle_mAP'] == '' else format(r['oracle_mAP'], '.1%')})")
