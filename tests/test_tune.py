@@ -258,7 +258,7 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root,
     TERMINATED in its results): the sweep wrote its summary, best.yaml and a FINISHED parent for trials that
     had not run, and Tune's hint named its Python API. Now: exit status 130, the way on with --resume, the
     parent and the stopped trial's run FAILED with the reason, nothing written as if done; --resume
-    finishes both trials."""
+    finishes the trial (one: the driver-died test above covers the trials after it)."""
     import os
     import signal
     import subprocess
@@ -268,7 +268,7 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root,
     import ray
 
     space = tmp_path / "space.yaml"
-    space.write_text("space:\n  clustering.merge_percent: {grid: [0.2, 0.3]}\n")
+    space.write_text("space:\n  clustering.merge_percent: {grid: [0.2]}\n")
     out = tmp_path / "out"
     sets = [*_overrides(tiny_root, out), "train.stage_epochs=15", f"ray.address={ray.get_runtime_context().gcs_address}"]
     cmd = [sys.executable, "-m", "ureid.cli", "tune", "buc", "--space", str(space), "--search", "grid",
@@ -287,7 +287,7 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root,
     os.kill(driver.pid, signal.SIGINT)
     assert driver.wait(timeout=120) == 130, log_path.read_text()
     log = log_path.read_text()
-    assert f"[ureid] sweep stopped (Ctrl-C) with 1 of 2 trials started; Tune saved its state. Continue it with: " \
+    assert f"[ureid] sweep stopped (Ctrl-C) with 1 of 1 trials started; Tune saved its state. Continue it with: " \
            f"ureid tune buc --resume {sweep_dir}" in log, log
     assert "Tuner.restore" not in log and "Traceback" not in log, log
     assert not (sweep_dir / "summary.json").exists() and not (sweep_dir / "best.yaml").exists()
@@ -301,11 +301,11 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resumes(ray_cluster, tiny_root,
     assert [c.info.status for c in children] == ["FAILED"] and "stopped with its sweep" in children[0].data.tags["error"]
 
     summary = run_sweep(None, "buc", resume=str(sweep_dir), quiet=True)
-    assert [t["status"] for t in summary["trials"]] == ["finished", "finished"]
+    assert [t["status"] for t in summary["trials"]] == ["finished"]
     assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]  # the stopped one reopened
+    assert [c.info.status for c in children] == ["FINISHED"]  # the stopped one reopened
 
 
 def test_optuna_starts_from_the_paper_defaults(tmp_path, tiny_root):
