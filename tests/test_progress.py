@@ -138,10 +138,13 @@ def test_a_labelled_job_of_iterations_gets_its_own_bar_and_lines(monkeypatch):
     progress.start_stage(0, 1, 1, 100, label="StarGAN")
     progress.update(0, 49)  # resumed at iteration 50
     progress.update(0, 59, None, {"d_loss": 1.75, "g_loss": 5.64})
+    # what follows such a job in a run (PUL's source pre-training, then its model's evaluation) is not the job's
+    progress.phase("evaluating (query, then gallery images)")
     progress.close()
     raw = out.getvalue()
     assert "StarGAN:  60%" in raw and "60/100" in raw and "it/s" in raw and "d_loss=1.7500, g_loss=5.6400" in raw
     assert "epoch" not in raw and "stage 0" not in raw and _screen_lines(raw) == []
+    assert "before the first stage, evaluating" in raw and "StarGAN, evaluating" not in raw
     clock = iter(range(0, 10_000, 50))
     monkeypatch.setattr("ureid.progress.time.perf_counter", lambda: next(clock))
     log = io.StringIO()

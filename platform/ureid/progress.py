@@ -142,7 +142,7 @@ class StageProgress:
             from tqdm import tqdm
 
             # no count yet: the seconds spent, redrawn by tick()
-            self._bar = tqdm(total=None, desc=f"{self._where()}, {name}", file=self.stream, leave=False,
+            self._bar = tqdm(total=None, desc=f"{self._where(phase=True)}, {name}", file=self.stream, leave=False,
                              dynamic_ncols=True, bar_format="{desc}: {elapsed}")
 
     def items(self, done: int, total: int) -> None:
@@ -160,7 +160,7 @@ class StageProgress:
             from tqdm import tqdm
 
             self._close_bar()
-            self._bar = tqdm(total=total, desc=f"{self._where()}, {ph['name']}", unit="img", file=self.stream,
+            self._bar = tqdm(total=total, desc=f"{self._where(phase=True)}, {ph['name']}", unit="img", file=self.stream,
                              leave=False, dynamic_ncols=True, mininterval=self.mininterval, miniters=1)
         if done > self._bar.n:
             self._bar.update(done - self._bar.n)
@@ -175,9 +175,11 @@ class StageProgress:
         elif self._bar is not None and self._phase["total"] is None:
             self._bar.refresh()
 
-    def _where(self) -> str:
+    def _where(self, phase: bool = False) -> str:
+        """The stage, or the labelled job; for a phase, a labelled job's (PUL's source pre-training: the
+        evaluation and clustering after it belong to the first stage) is "before the first stage"."""
         st = self._stage
-        if st is None:
+        if st is None or (phase and st["label"]):
             return "before the first stage"
         return st["label"] or f"stage {st['stage']} ({st['stage'] + 1}/{st['num_stages']})"
 
@@ -188,7 +190,7 @@ class StageProgress:
             return
         self._said_at = now
         ph = self._phase
-        line = f"{self.prefix}{self._where()}: {ph['name']}"
+        line = f"{self.prefix}{self._where(phase=True)}: {ph['name']}"
         if ph["total"]:
             line += f", {ph['done']}/{ph['total']} images"
         self.stream.write(f"{line}, {_fmt_seconds(now - ph['t0'])} so far\n")

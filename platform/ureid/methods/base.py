@@ -134,6 +134,9 @@ class Worker:
     progress: Callable[[dict], None]      # train_epoch's progress callback
     log_every: int                        # batches between progress calls
     evaluate: Callable[[], dict]          # mAP/rank-k on query/gallery, the same numbers on every rank
+    # announce(label, epochs, batches_per_epoch): training outside the stages (PUL's source pre-training) shown
+    # on the driver as a bar named label, fed by ``progress``; nothing where the driver draws no progress
+    announce: Callable[[str, int, int], None] = lambda label, epochs, batches: None
 
     @property
     def net(self):

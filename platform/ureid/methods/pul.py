@@ -125,6 +125,9 @@ class PUL(Method):
             loader = make_loader(ds, cfg.train.batch_size, shuffle=True, seed=cfg.seed, epoch=1000 + epoch,
                                  num_workers=cfg.data.num_workers, rank=worker.rank, world_size=worker.world_size,
                                  drop_last=True)
+            if epoch == 0:
+                worker.announce("pre-training on the source", epochs,
+                                min(len(loader), cfg.train.max_batches_per_epoch or len(loader)))
             out = train_epoch(worker.model, head, loader, opt, device=worker.device, epoch=epoch,
                               progress=worker.progress, log_every=worker.log_every,
                               max_batches=cfg.train.max_batches_per_epoch)

@@ -155,8 +155,12 @@ def train_loop_per_worker(config: dict) -> None:
                                     **cfg.extract_options())
         return {f"val_{k}": v for k, v in _broadcast(scores, rank, world).items()}
 
+    def announce(label: str, epochs: int, batches: int) -> None:
+        if relay is not None:
+            relay.push.remote(("start", 0, 1, epochs, batches, label))
+
     worker = Worker(cfg=cfg, model=model, device=device, rank=rank, world_size=world, data=data, log=log,
-                    progress=progress, log_every=log_every, evaluate=evaluate)
+                    progress=progress, log_every=log_every, evaluate=evaluate, announce=announce)
     net = worker.net
 
     state = _load_state(config)
