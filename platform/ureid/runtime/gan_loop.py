@@ -37,17 +37,16 @@ def train_loop_per_worker(config: dict) -> None:
     if not config.get("verbose"):
         quiet_ray_train_worker()
     gan, seed = config["gan"], int(config["seed"])
-    relay = config.get("relay") if ray.train.get_context().get_world_rank() == 0 else None
+    torch.set_num_threads(int(config["threads"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    relay = config.get("relay") if rank == 0 else None
 
     def say(msg: str) -> None:
         if relay is not None:
             relay.push.remote(("line", f"[ureid] {msg}"))
         else:
-            log_line(ray.train.get_context().get_world_rank(), msg)
-
-    torch.set_num_threads(int(config["threads"]))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+            log_line(rank, msg)
     device = ray.train.torch.get_device()
     domains = np.asarray(config["domains"], dtype=np.int64)
     c_dim = len(config["cameras"])
@@ -155,4 +154,3 @@ def train_loop_per_worker(config: dict) -> None:
             log_line(rank, f"StarGAN iteration {done}/{gan.iterations}  d_loss {metrics.get('d_loss', 0):.3f}  "
                        f"g_loss {metrics.get('g_loss', float('nan')):.3f}  rec {metrics.get('g_rec', float('nan')):.3f}  "
                        f"{metrics['iterations_per_s']:.1f} it/s")
-
