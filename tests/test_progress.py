@@ -191,7 +191,7 @@ def test_elapsed_suffix_and_errors():
 
 def test_items_bar_on_a_terminal_only_and_one_per_set():
     """``ItemsBar`` (ureid embed / search / evaluate): a bar of images on a terminal, erased when closed; a new
-    set (the gallery after the queries) gets a bar of its own; nothing at all on a plain stream."""
+    set (the gallery after the queries) gets a bar of its own; nothing on a plain stream for a short job."""
     out = FakeTTY()
     with ItemsBar("embedding", out, mininterval=0) as bar:
         for done in (3, 6, 8):
@@ -205,4 +205,16 @@ def test_items_bar_on_a_terminal_only_and_one_per_set():
     with ItemsBar("embedding", plain) as bar:
         bar(8, 8)
     assert plain.getvalue() == ""
+
+
+def test_items_bar_in_a_log_says_where_it_stands_every_heartbeat(monkeypatch):
+    """A large gallery embeds for many minutes; a log (a batch job's) got nothing until the end."""
+    clock = iter(range(0, 10_000, 50))
+    monkeypatch.setattr("ureid.progress.time.perf_counter", lambda: next(clock))
+    plain = io.StringIO()
+    with ItemsBar("embedding", plain, heartbeat=100) as bar:
+        for done in range(64, 64 * 6, 64):
+            bar(done, 19732)
+    assert plain.getvalue().splitlines() == ["[ureid] embedding: 192/19732 images, 1m40s so far",
+                                             "[ureid] embedding: 320/19732 images, 3m20s so far"]
 

@@ -245,19 +245,23 @@ def _fmt_seconds(s: float) -> str:
 
 
 class ItemsBar:
-    """A bar over ``total`` items (images embedded, say) on ``stream`` when it is a terminal, nothing otherwise
-    (the module's rule: no redrawn bar in a log). Call it as ``progress(done, total)`` (what
-    ``engine.extract.extract_features`` takes); :meth:`close` removes it. A context manager."""
+    """A bar over ``total`` items (images embedded, say) on ``stream`` when it is a terminal; without one (the
+    module's rule: no redrawn bar in a log), a line every ``heartbeat`` seconds of where it stands (a large
+    gallery embeds for many minutes). Call it as ``progress(done, total)`` (what
+    ``engine.extract.extract_features`` takes); :meth:`close` removes the bar. A context manager."""
 
     def __init__(self, desc: str, stream: TextIO | None = None, tty: bool | None = None, unit: str = "img",
-                 mininterval: float = 0.5):
+                 mininterval: float = 0.5, heartbeat: float | None = 120.0, prefix: str = "[ureid] "):
         self.stream = sys.stderr if stream is None else stream
         self.tty = _isatty(self.stream) if tty is None else bool(tty)
         self.desc, self.unit, self.mininterval = desc, unit, mininterval
+        self.heartbeat, self.prefix = heartbeat, prefix
         self._bar = None
+        self._t0 = self._said_at = None
 
     def __call__(self, done: int, total: int) -> None:
         if not self.tty:
+            self._beat(done, total)
             return
         if self._bar is not None and (total != self._bar.total or done < self._bar.n):
             self.close()  # the next set (the gallery after the queries): a bar of its own
@@ -267,6 +271,17 @@ class ItemsBar:
             self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=self.stream, leave=False,
                              mininterval=self.mininterval, miniters=1, dynamic_ncols=True)
         self._bar.update(done - self._bar.n)
+
+    def _beat(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = self._said_at = now
+        if self.heartbeat is None or now - self._said_at < self.heartbeat:
+            return
+        self._said_at = now
+        noun = {"img": "images"}.get(self.unit, f"{self.unit}s")
+        self.stream.write(f"{self.prefix}{self.desc}: {done}/{total} {noun}, {_fmt_seconds(now - self._t0)} so far\n")
+        self.stream.flush()
 
     def close(self) -> None:
         if self._bar is not None:
