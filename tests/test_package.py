@@ -274,3 +274,18 @@ def test_an_output_dir_that_cannot_be_made_names_the_key(tmp_path, capsys):
             assert main([*command, "--set", f"output_dir={value}"]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"ureid: error: output_dir={value}: cannot make the folder {value} ({why})"), err
+
+
+def test_a_run_stopped_with_ctrl_c_exits_130(monkeypatch, capsys):
+    """After Ctrl-C, Ray Train aborts the run and its driver ends in SystemExit(1): `ureid run` exited 1, as a
+    failure, where a stopped sweep exits 130. The run itself says it stopped and how to continue
+    (Job.failing_loudly; seen with a real Ctrl-C by hand); here the entry point's status for what it raises."""
+    import ureid.runtime.experiment as experiment
+    from ureid.cli import main
+
+    for raised in (SystemExit(1), KeyboardInterrupt()):
+        def stopped(*args, raised=raised, **kwargs):
+            raise raised
+        monkeypatch.setattr(experiment, "run_experiment", stopped)
+        assert main(["run", "buc"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

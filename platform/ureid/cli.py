@@ -197,6 +197,10 @@ def run_entry_point(method: str | None = None, argv: list[str] | None = None, pr
         run_experiment(cfg, resume=args.resume, verbose=args.verbose)
     except _user_errors() as exc:
         return _error(exc)
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train aborts the run and its driver ends in SystemExit(1) (a traceback-free exit 1 before);
+        # the run has said it stopped and how to go on (Job.failing_loudly): the status of an interrupted command
+        return 130
     return 0
 
 
