@@ -283,7 +283,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     from ureid.progress import ItemsBar
 
-    with ItemsBar("embedding") as bar:  # a terminal only
+    with ItemsBar("embedding") as bar:  # a bar on a terminal, a line every two minutes in a log
         out, n, dim, stage = embed_to_file(args.run_dir, args.images, args.out, stage=args.stage,
                                            device=args.device, batch_size=args.batch_size, progress=bar,
                                            bad_images=args.bad_images)
@@ -305,7 +305,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 class _Bars:
     """The bars of a command that embeds images and may re-rank: images embedded, then (re-ranking Market-1501's
     3,368 x 19,732 test images took 27 s on two cores) the rows of the re-ranking's passes in place of the finished
-    embedding bar. Terminals only (``ItemsBar``)."""
+    embedding bar. Bars on a terminal, a line every two minutes of a long one in a log (``ItemsBar``)."""
 
     def __enter__(self) -> "_Bars":
         from ureid.progress import ItemsBar

@@ -274,8 +274,9 @@ _OTHER = (0.75, 0.75, 0.75, 0.6)
 
 
 def _colours(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """RGBA per point, which points got a colour of their cluster's, and how many clusters did: each of the largest clusters (by points drawn, ties
-    to the lower label) a colour of its own from a 40-colour qualitative palette, every other point light grey.
+    """RGBA per point, which points got their cluster's colour, and how many clusters did: each of the largest
+    clusters (by points drawn, ties to the lower label) a colour of its own from a 40-colour qualitative palette,
+    every other point light grey.
     A palette cycled over hundreds of pseudo-classes gave unrelated clusters one colour, so that two of them
     read as one large cluster."""
     from matplotlib import colormaps
@@ -326,9 +327,8 @@ def feature_maps(panels: Sequence[tuple], out_png: str | os.PathLike, seed: int 
         lab = labels[idx]
         ax = fig.add_subplot(1, len(panels), i + 1)
         colours, coloured, shown = _colours(lab)
-        grey = ~coloured
-        ax.scatter(xy[grey, 0], xy[grey, 1], c=colours[grey], s=6, linewidths=0)  # under the coloured ones
-        ax.scatter(xy[~grey, 0], xy[~grey, 1], c=colours[~grey], s=8, linewidths=0)
+        ax.scatter(xy[~coloured, 0], xy[~coloured, 1], c=colours[~coloured], s=6, linewidths=0)  # the grey, under
+        ax.scatter(xy[coloured, 0], xy[coloured, 1], c=colours[coloured], s=8, linewidths=0)
         n_clusters = np.unique(lab[lab >= 0]).size
         drawn = f"{idx.size} points" if idx.size == features.shape[0] else \
             f"{idx.size} of {features.shape[0]} points"

@@ -47,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
             relay.push.remote(("line", f"[ureid] {msg}"))
         else:
             log_line(rank, msg)
+
     device = ray.train.torch.get_device()
     domains = np.asarray(config["domains"], dtype=np.int64)
     c_dim = len(config["cameras"])

@@ -524,7 +524,7 @@ def run_sweep(config: str | os.PathLike, method_name: str, overrides: list[str] 
                 # stop, which compare reads as a trial's end; _finish sets every status when the sweep ends)
                 for run in runs.values():
                     if not (run / "summary.json").is_file():
-                        tracking.finish_run(info["tracking_uri"], json.loads((run / "run.json").read_text())["run_id"],
+                        tracking.finish_run(info["tracking_uri"], _run_id(run),
                                             error=KeyboardInterrupt(f"stopped with its sweep (Ctrl-C); ureid tune "
                                                                     f"{info['method']} --resume {sweep_dir} continues it"))
                 started = f"{len(runs)} of {info['num_samples']} trials started"
@@ -620,6 +620,11 @@ def _searcher(search: str, seed: int, concurrent: int, first: dict | None = None
     raise ConfigError(f"--search {search!r}: allowed: {', '.join(SEARCHES)}")
 
 
+def _run_id(run_dir: Path) -> str:
+    """The MLflow run of a trial's run folder."""
+    return json.loads((run_dir / "run.json").read_text())["run_id"]
+
+
 def _trial_runs(sweep_dir: Path) -> dict[str, Path]:
     """Trial name -> its run folder."""
     return {d.name: run for d in sorted((sweep_dir / "trials").glob("*/")) if (run := _latest_run(d))}
@@ -636,7 +641,7 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
         name = Path(result.path).name
         run_dir = runs.get(name)
         history = read_history(run_dir / "history.jsonl") if run_dir else []
-        run_id = json.loads((run_dir / "run.json").read_text())["run_id"] if run_dir else None
+        run_id = _run_id(run_dir) if run_dir else None
         finished = run_dir is not None and (run_dir / "summary.json").is_file()
         if result.error is not None:
             status = "failed"
@@ -686,7 +691,7 @@ def _finish(sweep_dir: Path, info: dict, grid, num_stages: int, wall_time: float
         tracking.set_tags(uri, info["parent_run_id"], {"ureid.best_trial": best["trial"]})
     # A child left RUNNING belongs to no trial of the grid any more (a driver died before its run folder was
     # written): say so instead of leaving it RUNNING for ever.
-    known = {json.loads((r / "run.json").read_text())["run_id"] for r in runs.values()}
+    known = {_run_id(r) for r in runs.values()}
     for run_id in tracking.child_runs(uri, info["parent_run_id"], status="RUNNING"):
         if run_id not in known:
             tracking.finish_run(uri, run_id, error=RuntimeError("orphaned: the sweep's driver died during this trial"))
